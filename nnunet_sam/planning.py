@@ -1,0 +1,95 @@
+"""The SAM patch rule: from an nnU-Net configuration to the patch, SAM input size and query count.
+
+Rule (applied when the configuration in the plans has no ``nnunet_sam`` block):
+
+* depth D = min(planned patch depth, ``max_depth``) for 3D configurations, 1 for 2d ones;
+* in-plane size P = ``tile * k`` with k = ceil(max(planned in-plane size) / tile) clipped to
+  [1, ``max_tiles``], where ``tile = patch_size * window_size`` of the backbone (224 px for SAM's ViTs):
+  square, a whole number of attention windows (no window padding), as close to the plan as allowed;
+* SAM input size = P unless the trainer fixes ``sam_input_size``;
+* queries N = max(8, ceil(1.5 * C)) with C classes including background, unless the trainer fixes it.
+
+A plans file whose configuration already holds an ``nnunet_sam`` block (for example a copy of the plans
+edited by hand and passed with ``-p``) overrides the rule field by field; the block written into the plans
+saved with the model is what ``nnUNetv2_predict`` rebuilds the network from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from nnunet_sam.backbones.sam_vit import BackboneSpec
+
+PLANS_KEY = "nnunet_sam"
+
+
+class PatchError(ValueError):
+    """A patch, input size or query count that the backbone or the dataset cannot work with."""
+
+
+@dataclass(frozen=True)
+class PatchRule:
+    max_depth: int = 8
+    max_tiles: int = 1
+
+
+def default_num_queries(num_classes: int) -> int:
+    """Queries for C classes (background included): more than C, 8 at least (public ACDC: 8, AMOS: 24)."""
+    return max(8, math.ceil(1.5 * num_classes))
+
+
+def derive_patch(planned: Sequence[int], spec: BackboneSpec, rule: PatchRule) -> list[int]:
+    """SAM patch [D, P, P] (3D) or [P, P] (2d) from nnU-Net's planned patch."""
+    inplane = max(int(planned[-1]), int(planned[-2]))
+    tiles = min(max(1, math.ceil(inplane / spec.tile)), rule.max_tiles)
+    size = tiles * spec.tile
+    if len(planned) == 2:
+        return [size, size]
+    return [max(1, min(int(planned[0]), rule.max_depth)), size, size]
+
+
+def check_settings(record: dict, spec: BackboneSpec, num_classes: int) -> None:
+    """Raise PatchError if the record's patch, input size or query count cannot work."""
+    patch = list(record["patch_size"])
+    fix = "Fix the nnunet_sam block of the plans or remove it to use the automatic rule."
+    if len(patch) not in (2, 3) or any(int(s) < 1 for s in patch):
+        raise PatchError(f"Patch {patch} is neither a 2D [P, P] nor a 3D [D, P, P] patch. {fix}")
+    if patch[-1] != patch[-2]:
+        raise PatchError(f"SAM needs a square in-plane patch, got {patch[-2]}x{patch[-1]}. {fix}")
+    size = int(record["sam_input_size"])
+    for name, value in (("in-plane patch", patch[-1]), ("SAM input size", size)):
+        if value % spec.patch_size != 0 or value < 2 * spec.patch_size:
+            raise PatchError(
+                f"The {name} {value} does not fit the {spec.name} backbone: it must be a multiple of its "
+                f"{spec.patch_size} px patches and at least {2 * spec.patch_size} px "
+                f"(multiples of {spec.tile} px avoid window padding). {fix}"
+            )
+    if int(record["num_queries"]) < num_classes:
+        raise PatchError(
+            f"The dataset has {num_classes} classes (background included) but only {record['num_queries']} "
+            f"queries: every class of a slice needs its own query. Set num_queries >= {num_classes} (a trainer "
+            f"subclass attribute `num_queries`, or 'num_queries' in the nnunet_sam block of the plans)."
+        )
+
+
+def sam_settings(
+    configuration: dict,
+    spec: BackboneSpec,
+    rule: PatchRule,
+    num_classes: int,
+    num_queries: int | None = None,
+    sam_input_size: int | None = None,
+) -> dict:
+    """The ``nnunet_sam`` block for one plans configuration: user block fields first, then the rule."""
+    user = dict(configuration.get(PLANS_KEY) or {})
+    patch = [int(s) for s in user.get("patch_size") or derive_patch(configuration["patch_size"], spec, rule)]
+    record = {
+        "backbone": spec.name,
+        "patch_size": patch,
+        "sam_input_size": int(user.get("sam_input_size") or sam_input_size or patch[-1]),
+        "num_queries": int(user.get("num_queries") or num_queries or default_num_queries(num_classes)),
+    }
+    check_settings(record, spec, num_classes)
+    return record

@@ -1,0 +1,75 @@
+"""Depth-aware adapters mix neighbouring slices of one volume only, on the unpartitioned token grid."""
+
+from __future__ import annotations
+
+import torch
+
+from nnunet_sam.backbones.sam_vit import build_sam, get_backbone
+from nnunet_sam.blocks.adapters import Adapter
+from nnunet_sam.blocks.injection import EncoderAdditions
+
+
+def _randomise(module: torch.nn.Module) -> None:
+    torch.manual_seed(1)
+    for p in module.parameters():
+        p.data.normal_(0, 0.5)
+
+
+def test_adapters_start_as_identity():
+    x = torch.randn(6, 4, 4, 16)
+    for kind in ("vanilla", "dmlp", "dconv"):
+        torch.testing.assert_close(Adapter(16, kind, depth=3)(x, 3), x)
+        assert torch.count_nonzero(Adapter(16, kind, depth=3, skip=False)(x, 3)) == 0
+
+
+def test_dconv_adapter_mixes_only_neighbouring_slices_of_one_volume():
+    volumes, depth = 2, 5
+    adapter = Adapter(8, "dconv", depth)
+    _randomise(adapter)
+    x = torch.randn(volumes * depth, 6, 6, 8)
+    y = x.clone()
+    y[2, 3, 3] += 1.0  # volume 0, slice 2, token (3, 3)
+    diff = (adapter(y, depth) - adapter(x, depth)).abs().sum(-1).view(volumes, depth, 6, 6) > 0
+    assert diff[0, 1:4, 2:5, 2:5].all(), "the 3x3x3 neighbourhood must change"
+    assert not diff[1].any(), "another volume of the batch changed"
+    assert not diff[0, [0, 4]].any(), "slices two away changed"
+    assert not diff[0, :, [0, 1, 5]].any() and not diff[0, :, :, [0, 1, 5]].any(), "far tokens changed"
+
+
+def test_dmlp_adapter_mixes_slices_of_one_volume_at_the_same_position():
+    volumes, depth = 3, 4
+    adapter = Adapter(8, "dmlp", depth)
+    _randomise(adapter)
+    x = torch.randn(volumes * depth, 7, 8)  # decoder tokens: (rows, tokens, C)
+    y = x.clone()
+    y[depth + 1, 2] += 1.0  # volume 1, slice 1, token 2
+    diff = (adapter(y, depth) - adapter(x, depth)).abs().sum(-1).view(volumes, depth, 7) > 0
+    assert diff[1, :, 2].all(), "every slice of the volume must see the change"
+    assert not diff[[0, 2]].any(), "other volumes changed"
+    assert not diff[1, :, [0, 1, 3, 4, 5, 6]].any(), "other token positions changed"
+
+
+def test_encoder_block_depth_mixing_uses_unpartitioned_grid():
+    """In a windowed block a change in one window of slice d reaches slice d+1 near that window only.
+
+    A depth adapter applied to window-partitioned tokens (the public MaskSAM code) mixes windows of one
+    slice or slices of other volumes instead; both show up here.
+    """
+    spec = get_backbone("tiny")
+    encoder = build_sam(spec, 64).image_encoder  # 8x8 tokens, 4x4 windows -> 4 windows per slice
+    block = encoder.blocks[0]
+    assert block.window_size == 4
+    volumes, depth = 2, 4
+    additions = EncoderAdditions(spec.embed_dim, spec.depth, depth, kind="dconv")
+    _randomise(additions)
+    x = torch.randn(volumes * depth, 8, 8, spec.embed_dim)
+    y = x.clone()
+    y[1, 0, 0] += 1.0  # volume 0, slice 1, token (0, 0) in the top-left window
+    with torch.no_grad():
+        diff = (additions._block(0, block, y) - additions._block(0, block, x)).abs().sum(-1) > 1e-6
+    diff = diff.view(volumes, depth, 8, 8)
+    assert diff[0, 1, :4, :4].all(), "the attention window of the changed token"
+    assert diff[0, 0].any() and diff[0, 2].any(), "neighbouring slices must be mixed"
+    assert not diff[1].any(), "another volume of the batch changed"
+    assert not diff[0, 1, 6:, 6:].any(), "a far window of the same slice changed"
+    assert not diff[0, 0, 6:, 6:].any() and not diff[0, 2, 6:, 6:].any(), "far windows of neighbouring slices"

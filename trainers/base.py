@@ -1,0 +1,180 @@
+"""Shared nnU-Net trainer for SAM-based networks: patch rule, checkpoint loading, frozen-weight optimiser.
+
+Method trainers subclass :class:`SAMTrainer` and provide ``build_network(record, in_channels, num_classes)``
+plus ``_build_loss``; backbone variants only change class attributes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import autocast, nn
+from torch._dynamo import OptimizedModule
+
+from nnunet_sam.backbones.checkpoints import find_checkpoint, load_checkpoint, resize_to_input
+from nnunet_sam.backbones.sam_vit import get_backbone
+from nnunet_sam.planning import PLANS_KEY, PatchRule, sam_settings
+
+
+class UnsupportedDatasetError(ValueError):
+    """The dataset uses a label feature that the SAM trainers do not support yet."""
+
+
+class SAMTrainer(nnUNetTrainer):
+    """Base of all SAM trainers. Configure subclasses through these class attributes only."""
+
+    backbone: str = "vit_b"
+    max_depth: int = 8  # slices per patch (see nnunet_sam.planning)
+    max_tiles: int = 1  # in-plane patch = max_tiles attention windows at most (224 px each for SAM ViTs)
+    sam_input_size: int | None = None  # None: the in-plane patch size
+    num_queries: int | None = None  # None: max(8, ceil(1.5 * classes))
+    # Schedule overrides (None keeps nnU-Net's 1000 epochs x 250 training / 50 validation iterations).
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    val_iterations_per_epoch: int | None = None
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ) -> None:
+        # Everything that can fail is checked before nnU-Net creates the output folder.
+        label_manager = PlansManager(plans).get_label_manager(dataset_json)
+        if label_manager.has_regions:
+            raise UnsupportedDatasetError(
+                f"{type(self).__name__} does not support region-based training (dataset.json labels with lists "
+                "of label values) yet. Use one integer per label in dataset.json."
+            )
+        if label_manager.has_ignore_label:
+            raise UnsupportedDatasetError(
+                f"{type(self).__name__} does not support an ignore label yet (dataset.json label 'ignore'). "
+                "Remove it from dataset.json, or train a stock nnU-Net trainer on this dataset."
+            )
+        spec = get_backbone(self.backbone)
+        plans = copy.deepcopy(plans)
+        config = plans["configurations"][configuration]
+        if "inherits_from" in config and "patch_size" not in config:
+            config["patch_size"] = PlansManager(plans).get_configuration(configuration).patch_size
+        record = sam_settings(
+            config,
+            spec,
+            PatchRule(self.max_depth, self.max_tiles),
+            label_manager.num_segmentation_heads,
+            self.num_queries,
+            self.sam_input_size,
+        )
+        planned_patch = list(config["patch_size"])
+        config["patch_size"] = record["patch_size"]
+        config[PLANS_KEY] = record
+        checkpoint_path = find_checkpoint(spec, required=spec.requires_checkpoint)
+        sam_state = load_checkpoint(checkpoint_path, spec) if checkpoint_path is not None else None
+
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False
+        self.num_epochs = self.epochs or self.num_epochs
+        self.num_iterations_per_epoch = self.iterations_per_epoch or self.num_iterations_per_epoch
+        self.num_val_iterations_per_epoch = self.val_iterations_per_epoch or self.num_val_iterations_per_epoch
+        self.sam_record = record
+        self._sam_state = sam_state
+        self._sam_checkpoint_path = checkpoint_path
+        self._weights_from_nnunet_checkpoint = False
+        self.print_to_log_file(
+            f"{type(self).__name__}: backbone {spec.name}, nnU-Net patch {planned_patch} -> SAM patch "
+            f"{record['patch_size']}, SAM input {record['sam_input_size']} px "
+            f"({record['sam_input_size'] // spec.patch_size}x{record['sam_input_size'] // spec.patch_size} tokens), "
+            f"{record['num_queries']} queries, SAM weights: {checkpoint_path or 'random (no checkpoint)'}"
+        )
+
+    # ---- network ---------------------------------------------------------------------------------------
+    @classmethod
+    def build_network(cls, record: dict, num_input_channels: int, num_output_channels: int) -> nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def build_network_architecture(
+        cls,
+        plans_manager: PlansManager,
+        configuration_manager: ConfigurationManager,
+        num_input_channels: int,
+        num_output_channels: int,
+        enable_deep_supervision: bool = False,
+    ) -> nn.Module:
+        """Rebuild the network from the ``nnunet_sam`` block of the plans (also used by nnUNetv2_predict)."""
+        record = configuration_manager.configuration.get(PLANS_KEY)
+        if record is None:
+            raise RuntimeError(
+                f"The plans of this model have no '{PLANS_KEY}' block, so it was not trained with an "
+                f"nnunet-sam trainer; {cls.__name__} cannot rebuild its network."
+            )
+        return cls.build_network(record, num_input_channels, num_output_channels)
+
+    def _plain_network(self) -> nn.Module:
+        net = self.network.module if self.is_ddp else self.network
+        return net._orig_mod if isinstance(net, OptimizedModule) else net
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        """SAM networks have a single full-resolution output."""
+
+    def _get_deep_supervision_scales(self):
+        return None
+
+    def _do_i_compile(self) -> bool:
+        # Off unless requested: the folded-depth SAM graph recompiles per patch shape and gains little on top
+        # of SAM's fused attention; nnUNet_compile=t turns it on (nnU-Net's own rules for CPU/mps still apply).
+        requested = os.environ.get("nnUNet_compile", "f").lower() in ("true", "1", "t")
+        return requested and super()._do_i_compile()
+
+    # ---- weights and optimiser ---------------------------------------------------------------------------
+    def initialize(self) -> None:
+        super().initialize()
+        net = self._plain_network()
+        if self._sam_state is not None and not self._weights_from_nnunet_checkpoint:
+            state = resize_to_input(self._sam_state, get_backbone(self.backbone), self.sam_record["sam_input_size"])
+            net.sam.load_state_dict(state, strict=True)
+            self.print_to_log_file(f"Loaded SAM weights from {self._sam_checkpoint_path}")
+        self._sam_state = None  # free the memory; nnU-Net checkpoints hold every weight from now on
+        trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
+        self.print_to_log_file(f"Parameters: {trainable:,} trainable, {frozen:,} frozen")
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        self._weights_from_nnunet_checkpoint = True  # every SAM weight comes from the nnU-Net checkpoint
+        super().load_checkpoint(filename_or_checkpoint)
+
+    def configure_optimizers(self):
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(
+            params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True
+        )
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    # ---- validation ----------------------------------------------------------------------------------------
+    def validation_step(self, batch: dict) -> dict:
+        """Set loss on all outputs plus nnU-Net's online pseudo-Dice on the semantic map."""
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            outputs = self.network(data, return_all=True)
+            loss = self.loss(outputs, target)
+        semantic = outputs["semantic"]
+        axes = [0] + list(range(2, semantic.ndim))
+        onehot = torch.zeros(semantic.shape, device=semantic.device, dtype=torch.float16)
+        onehot.scatter_(1, semantic.argmax(1)[:, None], 1)
+        tp, fp, fn, _ = get_tp_fp_fn_tn(onehot, target, axes=axes, mask=None)
+        return {
+            "loss": loss.detach().cpu().numpy(),
+            "tp_hard": tp.detach().cpu().numpy()[1:],
+            "fp_hard": fp.detach().cpu().numpy()[1:],
+            "fn_hard": fn.detach().cpu().numpy()[1:],
+        }
+
