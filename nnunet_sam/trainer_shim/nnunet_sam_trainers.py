@@ -1,0 +1,25 @@
+"""Shim module for nnU-Net's ``nnUNet_extTrainer`` lookup.
+
+nnU-Net imports every module of this folder as a top-level module and drops it from ``sys.modules``
+afterwards, so classes *defined* here could not be pickled. This module therefore only re-exports the
+trainers from the installed package, where their ``__module__`` (``nnunet_sam.trainers.*``) stays
+importable under both ``fork`` and ``spawn``. Keep this folder free of other modules and of ``__init__.py``.
+"""
+
+from nnunet_sam.trainers.masksam import (
+    MaskSAMTrainer,
+    MaskSAMTrainer_MedSAM,
+    MaskSAMTrainer_tiny,
+    MaskSAMTrainer_tiny_demo,
+    MaskSAMTrainer_vith,
+    MaskSAMTrainer_vitl,
+)
+
+__all__ = [
+    "MaskSAMTrainer",
+    "MaskSAMTrainer_vitl",
+    "MaskSAMTrainer_vith",
+    "MaskSAMTrainer_MedSAM",
+    "MaskSAMTrainer_tiny",
+    "MaskSAMTrainer_tiny_demo",
+]

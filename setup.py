@@ -1,0 +1,133 @@
+"""Packaging for nnunet-sam.
+
+Layout: ``nnunet_sam/`` is the library; the repo-root folders ``trainers/``, ``network_architectures/`` and
+``dataset_conversion/`` are installed as ``nnunet_sam.trainers`` etc. (never as generic top-level names).
+
+Start-up hook: ``nnunet_sam_register.pth`` (repo root) is installed into the site-packages root by the
+``build_pth`` build sub-command, for ``pip install .`` (wheel: copied into ``build_lib``) and for
+``pip install -e .`` (editable wheel: written straight into the unpacked wheel, i.e. the ``install``
+command's ``install_lib``). It imports ``nnunet_sam._register``, which appends the trainer shim folder to
+``nnUNet_extTrainer`` so that ``nnUNetv2_train ... -tr MaskSAMTrainer`` works without configuration.
+"""
+
+import os
+import re
+
+from setuptools import Command, find_packages, setup
+from setuptools.command.build import build as _build
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PTH_NAME = "nnunet_sam_register.pth"  # must sort after setuptools' "__editable__.*.pth" ('_' < 'n')
+
+# repo-root folder -> package name inside the nnunet_sam namespace
+MAPPED_FOLDERS = {
+    "trainers": "nnunet_sam.trainers",
+    "network_architectures": "nnunet_sam.network_architectures",
+    "dataset_conversion": "nnunet_sam.dataset_conversion",
+}
+
+
+def _read_version() -> str:
+    with open(os.path.join(HERE, "nnunet_sam", "__init__.py"), encoding="utf-8") as f:
+        match = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', f.read(), re.M)
+    if match is None:
+        raise RuntimeError("__version__ not found in nnunet_sam/__init__.py")
+    return match.group(1)
+
+
+def _read_readme() -> str:
+    path = os.path.join(HERE, "README.md")
+    if not os.path.isfile(path):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _packages_and_dirs():
+    packages = find_packages(where=HERE, include=["nnunet_sam", "nnunet_sam.*"])
+    package_dir = {}
+    for folder, namespace in MAPPED_FOLDERS.items():
+        if not os.path.isdir(os.path.join(HERE, folder)):
+            continue  # e.g. not written yet: git does not keep empty folders
+        package_dir[namespace] = folder
+        packages.append(namespace)
+        # subpackages resolve through the parent's package_dir entry
+        packages += [f"{namespace}.{p}" for p in find_packages(where=os.path.join(HERE, folder))]
+    return sorted(set(packages)), package_dir
+
+
+class build_pth(Command):
+    """Put the start-up hook ``nnunet_sam_register.pth`` into the root of the (editable) wheel."""
+
+    description = "install the nnunet_sam start-up hook (.pth) into the site-packages root"
+    user_options = []
+
+    def initialize_options(self):
+        self.build_lib = None
+        self.editable_mode = False  # set to True by setuptools' editable_wheel
+        self._outputs = []
+
+    def finalize_options(self):
+        self.set_undefined_options("build", ("build_lib", "build_lib"))
+
+    def run(self):
+        if self.editable_mode:
+            # editable_wheel discards build_lib (lenient mode); its install command's install_lib is the
+            # unpacked wheel directory, whose content lands in site-packages.
+            target_dir = self.get_finalized_command("install").install_lib
+        else:
+            target_dir = self.build_lib
+        self.mkpath(target_dir)
+        target = os.path.join(target_dir, PTH_NAME)
+        self.copy_file(os.path.join(HERE, PTH_NAME), target)
+        self._outputs = [target]
+
+    def get_outputs(self):
+        return [] if self.editable_mode else list(self._outputs)
+
+    def get_source_files(self):
+        return [PTH_NAME]  # picked up by sdist
+
+
+class build(_build):
+    sub_commands = _build.sub_commands + [("build_pth", None)]
+
+
+_packages, _package_dir = _packages_and_dirs()
+
+setup(
+    name="nnunet-sam",
+    version=_read_version(),
+    description="nnU-Net v2 extension with SAM-based trainers (MaskSAM and friends)",
+    long_description=_read_readme(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=_packages,
+    package_dir=_package_dir,
+    package_data={"nnunet_sam": ["trainer_shim/*.py"]},
+    include_package_data=False,
+    zip_safe=False,
+    install_requires=[
+        "nnunetv2>=2.8.1,<2.9",
+        "torch>=2.1",
+        "segment-anything>=1.0",
+        "batchgenerators>=0.25",
+        "SimpleITK>=2.2",
+        "dynamic-network-architectures>=0.3",
+        "scipy>=1.10",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest>=7", "ruff>=0.5"]},
+    entry_points={
+        "console_scripts": [
+            "nnunet_sam_phantom=nnunet_sam.phantoms:main",
+            "nnunet_sam_demo=nnunet_sam.demo:main",
+        ]
+    },
+    cmdclass={"build": build, "build_pth": build_pth},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Topic :: Scientific/Engineering :: Medical Science Apps.",
+    ],
+)
