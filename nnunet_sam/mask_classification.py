@@ -1,0 +1,150 @@
+"""Mask classification: label maps <-> sets of class-labelled binary masks.
+
+MaskSAM (and MaskFormer before it) predicts, for every 2D slice, a set of N (class distribution, binary
+mask) pairs instead of per-pixel class scores. This module holds the conversions around that formulation:
+
+- ``segments_from_labels``: the "dataset mapping" that turns a multi-class label map into one binary mask,
+  class id and bounding box per class present in the slice (background, label 0, counts as a class).
+- ``boxes_from_masks``: the project's single, vectorised box-from-mask utility.
+- ``semantic_log_probs``: the inverse direction for inference; combines the N query predictions into
+  per-class log-probabilities that nnU-Net's predictor can argmax / softmax like any other network output.
+
+Box convention everywhere: normalised ``(x1, y1, x2, y2)`` with x along W and y along H,
+``x1 = min column / W``, ``x2 = (max column + 1) / W`` and likewise for y with rows, so a mask covering the
+whole slice has the box ``(0, 0, 1, 1)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Context manager that disables autocast on ``device`` (used to keep numerics in float32)."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # device types without autocast support (e.g. "meta")
+        return contextlib.nullcontext()
+
+
+def boxes_from_masks(masks: Tensor, threshold: float = 0.5) -> tuple[Tensor, Tensor]:
+    """Bounding boxes of the foreground ``masks > threshold``.
+
+    Arguments:
+      masks (Tensor): (..., H, W) masks of any dtype (bool, integer, float, half) on any device. A bool
+        tensor is used as the foreground directly; pass ``threshold=0`` for mask logits.
+      threshold (float): foreground threshold for non-bool inputs.
+
+    Returns:
+      boxes (Tensor): (..., 4) float32 boxes ``(x1, y1, x2, y2)`` in [0, 1] (see the module docstring for
+        the convention). Empty masks give the box ``(0, 0, 0, 0)``.
+      nonempty (Tensor): (...) bool, False where the mask has no foreground pixel.
+    """
+    assert masks.dim() >= 2, f"masks must have shape (..., H, W), got {tuple(masks.shape)}"
+    height, width = masks.shape[-2:]
+    assert height > 0 and width > 0, f"masks must have non-zero spatial size, got {tuple(masks.shape)}"
+    foreground = masks if masks.dtype == torch.bool else masks > threshold
+    rows = foreground.any(dim=-1)  # (..., H)
+    cols = foreground.any(dim=-2)  # (..., W)
+    nonempty = rows.any(dim=-1)
+
+    row_idx = torch.arange(height, device=masks.device)
+    col_idx = torch.arange(width, device=masks.device)
+    y1 = torch.where(rows, row_idx, height).amin(dim=-1)
+    y2 = torch.where(rows, row_idx, -1).amax(dim=-1) + 1
+    x1 = torch.where(cols, col_idx, width).amin(dim=-1)
+    x2 = torch.where(cols, col_idx, -1).amax(dim=-1) + 1
+
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=masks.device)
+    boxes = torch.stack([x1, y1, x2, y2], dim=-1).to(torch.float32) / scale
+    boxes = torch.where(nonempty.unsqueeze(-1), boxes, torch.zeros((), device=masks.device))
+    return boxes, nonempty
+
+
+def _labels_to_long(labels: Tensor, num_classes: int) -> Tensor:
+    """Validate a label map with values in 0..num_classes-1 and return it as int64."""
+    if labels.is_floating_point():
+        if not bool(torch.all(labels == labels.round())):
+            raise ValueError("labels must hold integer class ids, found non-integer values")
+        labels = labels.round()
+    labels = labels.long()
+    if labels.numel() > 0:
+        lo, hi = torch.aminmax(labels)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"labels must lie in 0..{num_classes - 1} (num_classes={num_classes}), found values in "
+                f"{lo}..{hi}; nnU-Net ignore labels and region-based training are not supported"
+            )
+    return labels
+
+
+def segment_masks_from_labels(labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Like ``segments_from_labels`` but returns bool masks (saves memory); also returns the int64 labels.
+
+    Returns:
+      masks (Tensor): (S, C, H, W) bool.
+      boxes (Tensor): (S, C, 4) float32, zeros for absent classes.
+      present (Tensor): (S, C) bool.
+    """
+    assert labels.dim() == 3, f"labels must have shape (S, H, W), got {tuple(labels.shape)}"
+    assert num_classes >= 1, f"num_classes must be >= 1, got {num_classes}"
+    labels = _labels_to_long(labels, num_classes)
+    classes = torch.arange(num_classes, device=labels.device)
+    masks = labels.unsqueeze(1) == classes.view(1, num_classes, 1, 1)  # (S, C, H, W)
+    boxes, present = boxes_from_masks(masks)
+    return masks, boxes, present
+
+
+def segments_from_labels(labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Dataset mapping: multi-class label maps -> per-class binary masks, presence flags and boxes.
+
+    Every slice is an independent set of ground-truth segments: one per class present in it (background,
+    label 0, is a class like any other).
+
+    Arguments:
+      labels (Tensor): (S, H, W) integer (or integer-valued float) label maps with values 0..C-1.
+      num_classes (int): C, the number of classes including background.
+
+    Returns:
+      masks (Tensor): (S, C, H, W) float32 0/1, ``masks[s, c] = labels[s] == c`` (all zero if c is absent).
+      present (Tensor): (S, C) bool, whether class c occurs in slice s.
+      boxes (Tensor): (S, C, 4) float32 normalised boxes ``(x1, y1, x2, y2)``; zeros for absent classes.
+
+    Raises:
+      ValueError: if labels contain values outside 0..C-1 or non-integer values.
+    """
+    masks, boxes, present = segment_masks_from_labels(labels, num_classes)
+    return masks.to(torch.float32), present, boxes
+
+
+def semantic_log_probs(class_logits: Tensor, mask_logits: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-class log-probabilities from N (class, mask) query predictions.
+
+    The semantic score of class c is ``s_c = sum_n softmax(class_logits)_n[c] * sigmoid(mask_logits_n)``
+    for the C real classes (the "no object" column is dropped). ``p_c = (s_c + eps) / sum_c' (s_c' + eps)``,
+    so a pixel no query covers gets uniform probabilities, ``argmax`` gives the label map and
+    ``softmax(output) == p``. Always computed in float32 (autocast is disabled inside).
+
+    Arguments:
+      class_logits (Tensor): (B, D, N, C + 1) class logits, index C = "no object".
+      mask_logits (Tensor): (B, D, N, H, W) mask logits.
+      eps (float): added to every class score before normalising.
+
+    Returns:
+      (Tensor): (B, C, D, H, W) float32 log-probabilities.
+    """
+    assert class_logits.dim() == 4, f"class_logits must have shape (B, D, N, C + 1), got {tuple(class_logits.shape)}"
+    assert mask_logits.dim() == 5, f"mask_logits must have shape (B, D, N, H, W), got {tuple(mask_logits.shape)}"
+    assert class_logits.shape[:3] == mask_logits.shape[:3], (
+        f"class_logits {tuple(class_logits.shape)} and mask_logits {tuple(mask_logits.shape)} disagree on (B, D, N)"
+    )
+    assert class_logits.shape[-1] >= 2, "class_logits need at least one class plus the no-object class"
+    with no_autocast(mask_logits.device):
+        class_probs = class_logits.float().softmax(dim=-1)[..., :-1]  # (B, D, N, C)
+        mask_probs = mask_logits.float().sigmoid()  # (B, D, N, H, W)
+        scores = torch.einsum("bdnc,bdnhw->bcdhw", class_probs, mask_probs) + eps
+        return scores.log() - scores.sum(dim=1, keepdim=True).log()
