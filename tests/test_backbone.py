@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+
 import pytest
 import torch
 from sam_testing import write_standin_checkpoint, write_tiny_checkpoint
@@ -51,7 +52,7 @@ def test_vit_b_loads_strictly_and_equals_stock_encoder_at_init(vit_b_checkpoint,
     assert not result.missing_keys and not result.unexpected_keys
 
     stock = build_sam(spec, size).image_encoder
-    stock.load_state_dict({k[len("image_encoder."):]: v for k, v in resized.items() if k.startswith("image_encoder.")})
+    stock.load_state_dict({k[len("image_encoder.") :]: v for k, v in resized.items() if k.startswith("image_encoder.")})
     assert isinstance(stock, ImageEncoderViT)
     x = torch.randn(depth, 3, size, size)
     with torch.no_grad():
@@ -81,8 +82,9 @@ def test_resize_interpolates_position_tables():
         assert out[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape == expected
     # a constant table stays constant (interpolation, not cropping or zero padding)
     const = {**state, "image_encoder.pos_embed": torch.full((1, 64, 64, 768), 0.5)}
-    torch.testing.assert_close(resize_to_input(const, spec, 224)["image_encoder.pos_embed"],
-                               torch.full((1, 14, 14, 768), 0.5))
+    torch.testing.assert_close(
+        resize_to_input(const, spec, 224)["image_encoder.pos_embed"], torch.full((1, 14, 14, 768), 0.5)
+    )
 
 
 def test_missing_env_var_and_file(monkeypatch, tmp_path):

@@ -10,13 +10,14 @@ import copy
 import os
 
 import torch
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
 from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel
 
 from nnunet_sam.backbones.checkpoints import find_checkpoint, load_checkpoint, resize_to_input
 from nnunet_sam.backbones.sam_vit import get_backbone
@@ -119,7 +120,7 @@ class SAMTrainer(nnUNetTrainer):
         return cls.build_network(record, num_input_channels, num_output_channels)
 
     def _plain_network(self) -> nn.Module:
-        net = self.network.module if self.is_ddp else self.network
+        net = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
         return net._orig_mod if isinstance(net, OptimizedModule) else net
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
@@ -152,6 +153,10 @@ class SAMTrainer(nnUNetTrainer):
         super().load_checkpoint(filename_or_checkpoint)
 
     def configure_optimizers(self):
+        if self._sam_checkpoint_path is None:
+            # No pretrained weights (tiny backbone without sam_tiny.pth): frozen random SAM weights would teach
+            # the adapters nothing, so they train too. With a checkpoint SAM stays frozen, as in the papers.
+            self._plain_network().sam.requires_grad_(True)
         params = [p for p in self.network.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(
             params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True
@@ -177,4 +182,3 @@ class SAMTrainer(nnUNetTrainer):
             "fp_hard": fp.detach().cpu().numpy()[1:],
             "fn_hard": fn.detach().cpu().numpy()[1:],
         }
-

@@ -84,9 +84,7 @@ def load_checkpoint(path: str | Path, spec: BackboneSpec) -> dict[str, torch.Ten
     wrong = sorted(k for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k])
     if missing or unexpected or wrong:
         found = _identify(state_dict)
-        if found != spec.name and found != "an unknown model" and not (
-            {found, spec.name} == {"vit_b", "medsam"}
-        ):
+        if found != spec.name and found != "an unknown model" and not ({found, spec.name} == {"vit_b", "medsam"}):
             raise CheckpointError(
                 f"The checkpoint {path} holds {found} weights, but the trainer uses the {spec.name} backbone. "
                 f"Use the trainer variant for {found} or provide '{spec.checkpoint_file}'."

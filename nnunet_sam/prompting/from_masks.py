@@ -11,9 +11,7 @@ from nnunet_sam.mask_classification import boxes_from_masks
 BoxSource = Literal["mask", "learned", "mean"]
 
 
-def box_prompts(
-    learned: torch.Tensor | None, mask_logits: torch.Tensor, source: BoxSource = "mean"
-) -> torch.Tensor:
+def box_prompts(learned: torch.Tensor | None, mask_logits: torch.Tensor, source: BoxSource = "mean") -> torch.Tensor:
     """Normalised box prompts (..., 4) from learned boxes (..., 4) and mask logits (..., H, W).
 
     ``mask``: bounding box of ``sigmoid(mask) > 0.5``; ``learned``: the learned box; ``mean``: the average of

@@ -31,7 +31,13 @@ class FeaturePyramidDecoder(nn.Module):
     """
 
     def __init__(
-        self, embed_dim: int, neck_dim: int, num_features: int, patch_size: int, width: int = 256, min_width: int = 16
+        self,
+        embed_dim: int,
+        neck_dim: int,
+        num_features: int,
+        patch_size: int,
+        width: int = 256,
+        min_width: int = 16,
     ) -> None:
         super().__init__()
         num_levels = int(math.log2(patch_size))
