@@ -1,0 +1,114 @@
+"""MaskSAM network: shapes, semantic output, batched decoding and learning on a fixed batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sam_testing import dataset_json, minimal_plans
+
+from nnunet_sam.losses import MaskSetCriterion
+from nnunet_sam.network_architectures.masksam import MaskSAMNetwork, MaskSAMOptions
+from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
+
+
+def _net(patch=(4, 32, 32), classes=3, queries=6, **options) -> MaskSAMNetwork:
+    torch.manual_seed(0)
+    return MaskSAMNetwork("tiny", 2, classes, queries, patch, patch[-1], MaskSAMOptions(**options))
+
+
+def test_output_shapes_and_semantic_probabilities():
+    net = _net()
+    x = torch.randn(2, 2, 4, 32, 32)
+    out = net(x, return_all=True)
+    assert out["pred_logits"].shape == (2, 4, 6, 4)
+    assert out["pred_masks"].shape == out["aux_masks"].shape == (2, 4, 6, 32, 32)
+    assert out["pred_boxes"].shape == (2, 4, 6, 4)
+    net.eval()
+    with torch.no_grad():
+        semantic = net(x)
+    assert semantic.shape == (2, 3, 4, 32, 32)
+    torch.testing.assert_close(semantic.exp().sum(1), torch.ones(2, 4, 32, 32))
+    torch.testing.assert_close(semantic, out["semantic"].detach())
+
+
+def test_2d_network():
+    net = _net(patch=(32, 32)).eval()
+    with torch.no_grad():
+        assert net(torch.randn(3, 2, 32, 32)).shape == (3, 3, 32, 32)
+    with pytest.raises(AssertionError, match="input patch"):
+        _net()(torch.randn(1, 2, 4, 64, 64))
+
+
+def test_volumes_of_a_batch_do_not_interact():
+    net = _net().eval()
+    x = torch.randn(2, 2, 4, 32, 32)
+    y = x.clone()
+    y[1] = torch.randn(2, 4, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x)[0], net(y)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("queries,depth", [(4, 2), (9, 3)])
+def test_decoder_runs_once_per_forward_for_all_queries_and_slices(queries, depth):
+    net = _net(patch=(depth, 32, 32), queries=queries)
+    calls = []
+    decoder = net.sam.mask_decoder
+    for module in (
+        decoder.transformer.layers[0].self_attn,
+        decoder.output_upscaling,
+        net.sam.prompt_encoder.mask_downscaling,
+    ):
+        module.register_forward_hook(lambda m, args, kwargs, out: calls.append(out.shape[0]), with_kwargs=True)
+    net(torch.randn(2, 2, depth, 32, 32))
+    assert calls == [2 * queries * depth] * 3, "decoder and prompt encoder must run once, on every query and slice"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # B9
+        {"box_source": "mask"},  # B1
+        {"box_source": "learned", "mask_prompt": False},  # B2
+        {
+            "encoder_adapter": "vanilla",
+            "decoder_token_adapter": "vanilla",
+            "decoder_image_adapter": "vanilla",
+            "depth_embedding": False,
+        },  # B4
+    ],
+)
+def test_loss_decreases_on_one_fixed_batch(options):
+    net = _net(**options)
+    net.sam.requires_grad_(True)
+    x = torch.randn(2, 2, 4, 32, 32)
+    target = torch.zeros(2, 1, 4, 32, 32)
+    target[:, :, :, 4:14, 6:20] = 1
+    target[:, :, 1:, 18:28, 10:30] = 2
+    criterion = MaskSetCriterion(3)
+    optimiser = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(40):
+        loss = criterion(net(x), target)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], f"loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def test_only_trainable_parameters_reach_the_optimizer(tmp_path, monkeypatch):
+    for var in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    monkeypatch.setenv("nnUNet_SAM_checkpoints", str(tmp_path))
+    from sam_testing import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path)
+    trainer = MaskSAMTrainer_tiny(minimal_plans([24, 96, 96]), "3d_fullres", 0, dataset_json(3), torch.device("cpu"))
+    trainer.network = trainer.build_network_architecture(
+        trainer.plans_manager, trainer.configuration_manager, 1, 4, False
+    )
+    optimizer, _ = trainer.configure_optimizers()
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in trainer.network.parameters() if p.requires_grad}
+    assert in_optimizer == trainable
+    assert not any(p.requires_grad for p in trainer.network.sam.parameters()), "SAM weights must stay frozen"
