@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from torch import Tensor, nn
 
 from nnunet_sam.mask_classification import no_autocast, segment_masks_from_labels
@@ -317,3 +319,38 @@ class MaskSetCriterion(nn.Module):
         ).detach()
         self.last_components = dict(zip(names, values.cpu().tolist()))
         return total
+
+
+class DeepSupervisedSegLoss(nn.Module):
+    """nnU-Net's CE + soft Dice on multi-class logits, over deep-supervision levels and a final output.
+
+    ``forward(outputs, target)``: outputs["aux"] is a list of class logits (B, C, D, r, r) coarse to fine
+    (weights 2**i normalised, the finest weighs most, targets resized by nearest neighbour); when
+    outputs has "logits" (B, C, D, P, P), its CE + Dice is added with weight 1 (Self-Prompt-SAM's stage 2).
+    A 2d target (B, 1, P, P) is treated as D = 1.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dc_ce = DC_and_CE_loss(
+            {"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False},
+            {},
+            weight_ce=1,
+            weight_dice=1,
+            dice_class=MemoryEfficientSoftDiceLoss,
+        )
+
+    def forward(self, outputs: dict, target: Tensor) -> Tensor:
+        assert not isinstance(target, (list, tuple)), "pass one target tensor (deep supervision is done here)"
+        if target.dim() == 4:
+            target = target[:, :, None]
+        target = target.float()
+        levels = outputs["aux"]
+        weights = [2.0**i for i in range(len(levels))]
+        loss = 0.0
+        for w, logits in zip(weights, levels):
+            t = target if logits.shape[2:] == target.shape[2:] else F.interpolate(target, logits.shape[2:])
+            loss = loss + w / sum(weights) * self.dc_ce(logits.float(), t)
+        if "logits" in outputs:
+            loss = loss + self.dc_ce(outputs["logits"].float(), target)
+        return loss

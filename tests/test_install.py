@@ -276,3 +276,27 @@ def test_register_keeps_user_entries_and_never_raises(monkeypatch):
     env = {"nnUNet_extTrainer": "/a", "NNUNET_SAM_NO_REGISTER": "1"}
     assert reg.register(env) is False and env["nnUNet_extTrainer"] == "/a"
     assert reg.register(object()) is False  # broken mapping: swallowed, never raises
+
+
+def test_shim_exports_every_trainer_of_the_package():
+    import importlib
+    import importlib.util
+    import inspect
+    import pkgutil
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    import nnunet_sam._register as reg
+    import nnunet_sam.trainers as package
+
+    spec = importlib.util.spec_from_file_location("shim_under_test", Path(reg.SHIM_DIR) / "nnunet_sam_trainers.py")
+    shim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shim)
+    defined = {
+        name
+        for info in pkgutil.iter_modules(package.__path__)
+        for name, obj in vars(importlib.import_module(f"{package.__name__}.{info.name}")).items()
+        if inspect.isclass(obj) and issubclass(obj, nnUNetTrainer) and obj.__module__.startswith(package.__name__)
+    }
+    defined -= {"SAMTrainer"}  # the abstract base is not a trainer to run
+    assert defined <= set(shim.__all__), f"not exported by the shim: {sorted(defined - set(shim.__all__))}"

@@ -58,6 +58,6 @@ class MaskSAMTrainer_tiny(MaskSAMTrainer):
 class MaskSAMTrainer_tiny_demo(MaskSAMTrainer_tiny):
     """The CPU demo: the tiny backbone for a few minutes of training."""
 
-    epochs = 10
-    iterations_per_epoch = 25
-    val_iterations_per_epoch = 5
+    epochs = 20
+    iterations_per_epoch = 30
+    val_iterations_per_epoch = 3

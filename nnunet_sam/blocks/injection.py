@@ -18,6 +18,24 @@ from nnunet_sam.blocks.adapters import Adapter, AdapterKind
 from nnunet_sam.blocks.depth import DepthPositionalEmbedding
 
 
+class _NoAdapter(nn.Module):
+    """Stands in for an absent adapter: identity after a layer, zero in parallel to it."""
+
+    def __init__(self, skip: bool) -> None:
+        super().__init__()
+        self.skip = skip
+
+    def forward(self, x: torch.Tensor, depth: int) -> torch.Tensor:
+        return x if self.skip else torch.zeros_like(x)
+
+
+def adapter_list(dim: int, kind: AdapterKind | None, depth: int, n: int, skip: bool = True) -> nn.ModuleList:
+    """n adapters of one kind; kind None leaves SAM's layers unchanged (ablations without adapters)."""
+    return nn.ModuleList(
+        Adapter(dim, kind, depth, skip=skip) if kind is not None else _NoAdapter(skip) for _ in range(n)
+    )
+
+
 class EncoderAdditions(nn.Module):
     """Adapters (one after attention, one parallel to the MLP, per block) and a depth embedding for a ViT.
 
@@ -31,7 +49,7 @@ class EncoderAdditions(nn.Module):
         embed_dim: int,
         num_blocks: int,
         depth: int,
-        kind: AdapterKind = "dconv",
+        kind: AdapterKind | None = "dconv",
         depth_embedding: bool = True,
         feature_indices: tuple[int, ...] = (),
         gradient_checkpointing: bool = False,
@@ -41,8 +59,8 @@ class EncoderAdditions(nn.Module):
         self.feature_indices = tuple(feature_indices)
         self.gradient_checkpointing = gradient_checkpointing
         self.depth_embedding = DepthPositionalEmbedding(depth, embed_dim) if depth_embedding else None
-        self.attn_adapters = nn.ModuleList(Adapter(embed_dim, kind, depth, skip=True) for _ in range(num_blocks))
-        self.mlp_adapters = nn.ModuleList(Adapter(embed_dim, kind, depth, skip=False) for _ in range(num_blocks))
+        self.attn_adapters = adapter_list(embed_dim, kind, depth, num_blocks, skip=True)
+        self.mlp_adapters = adapter_list(embed_dim, kind, depth, num_blocks, skip=False)
 
     def _block(self, i: int, block: Block, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -91,17 +109,18 @@ class DecoderAdditions(nn.Module):
         dim: int,
         num_blocks: int,
         depth: int,
-        token_kind: AdapterKind = "dmlp",
-        image_kind: AdapterKind = "dconv",
+        token_kind: AdapterKind | None = "dmlp",
+        image_kind: AdapterKind | None = "dconv",
         depth_embedding: bool = True,
     ) -> None:
         super().__init__()
         self.depth = depth
         self.depth_embedding = DepthPositionalEmbedding(depth, dim) if depth_embedding else None
-        self.self_attn = nn.ModuleList(Adapter(dim, token_kind, depth) for _ in range(num_blocks))
-        self.token_to_image = nn.ModuleList(Adapter(dim, token_kind, depth) for _ in range(num_blocks))
-        self.mlp = nn.ModuleList(Adapter(dim, token_kind, depth, skip=False) for _ in range(num_blocks))
-        self.image_to_token = nn.ModuleList(Adapter(dim, image_kind, depth) for _ in range(num_blocks))
+
+        self.self_attn = adapter_list(dim, token_kind, depth, num_blocks)
+        self.token_to_image = adapter_list(dim, token_kind, depth, num_blocks)
+        self.mlp = adapter_list(dim, token_kind, depth, num_blocks, skip=False)
+        self.image_to_token = adapter_list(dim, image_kind, depth, num_blocks)
 
     def image_pe(self, pe: torch.Tensor, rows: int) -> torch.Tensor:
         """SAM's dense PE (1, C, h, w) -> per-row PE (rows, C, h, w) with the slice's depth embedding added."""

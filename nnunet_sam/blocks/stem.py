@@ -49,3 +49,22 @@ class ModalityStem(nn.Module):
         if h.shape[-1] != self.input_size:
             h = F.interpolate(h, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         return self.project(h)
+
+
+class PlainStem(nn.Module):
+    """No learned modality adaptation: the mean over input channels, repeated to 3, resized bilinearly.
+
+    The "without MAdapter" setting of the Self-Prompt-SAM ablation.
+    """
+
+    def __init__(self, patch_size: int, input_size: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.input_size = input_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (S, M, patch, patch) -> (S, 3, input_size, input_size)."""
+        x = x.mean(1, keepdim=True)
+        if x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return x.expand(-1, 3, -1, -1)

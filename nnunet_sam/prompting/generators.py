@@ -118,3 +118,21 @@ class MaskBoxPromptGenerator(nn.Module):
             half = cxcywh[..., 2:] / 2
             boxes = torch.cat([cxcywh[..., :2] - half, cxcywh[..., :2] + half], dim=-1).clamp(0, 1)
         return PromptProposals(masks=masks, boxes=boxes, tokens=tokens)
+
+
+class MultiScaleMaskGenerator(nn.Module):
+    """Self-Prompt-SAM's MSPGenerator: one auxiliary mask per class at every pyramid level.
+
+    A 1x1 conv head per level gives class logits; every level is deeply supervised, the finest one (at the
+    SAM input resolution) is the prompt source. With a pyramid built from no block features
+    (``num_features=0``) this is the paper's stacked-CNN generator (ablation S1).
+    """
+
+    def __init__(self, pyramid: FeaturePyramidDecoder, num_classes: int) -> None:
+        super().__init__()
+        self.pyramid = pyramid
+        self.heads = nn.ModuleList(nn.Conv2d(w, num_classes, 1) for w in pyramid.widths)
+
+    def forward(self, neck: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Class logits per level, coarse to fine: [(S, num_classes, g * 2**i, g * 2**i)]."""
+        return [head(x) for head, x in zip(self.heads, self.pyramid(neck, features))]

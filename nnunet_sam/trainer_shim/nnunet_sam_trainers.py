@@ -14,6 +14,21 @@ from nnunet_sam.trainers.masksam import (
     MaskSAMTrainer_vith,
     MaskSAMTrainer_vitl,
 )
+from nnunet_sam.trainers.self_prompt_sam import (
+    SelfPromptSAMTrainer,
+    SelfPromptSAMTrainer_MedSAM,
+    SelfPromptSAMTrainer_S1,
+    SelfPromptSAMTrainer_S2,
+    SelfPromptSAMTrainer_S3,
+    SelfPromptSAMTrainer_S6,
+    SelfPromptSAMTrainer_S7,
+    SelfPromptSAMTrainer_S8,
+    SelfPromptSAMTrainer_S9,
+    SelfPromptSAMTrainer_tiny,
+    SelfPromptSAMTrainer_tiny_demo,
+    SelfPromptSAMTrainer_vith,
+    SelfPromptSAMTrainer_vitl,
+)
 
 __all__ = [
     "MaskSAMTrainer",
@@ -22,4 +37,17 @@ __all__ = [
     "MaskSAMTrainer_MedSAM",
     "MaskSAMTrainer_tiny",
     "MaskSAMTrainer_tiny_demo",
+    "SelfPromptSAMTrainer",
+    "SelfPromptSAMTrainer_vitl",
+    "SelfPromptSAMTrainer_vith",
+    "SelfPromptSAMTrainer_MedSAM",
+    "SelfPromptSAMTrainer_tiny",
+    "SelfPromptSAMTrainer_tiny_demo",
+    "SelfPromptSAMTrainer_S1",
+    "SelfPromptSAMTrainer_S2",
+    "SelfPromptSAMTrainer_S3",
+    "SelfPromptSAMTrainer_S6",
+    "SelfPromptSAMTrainer_S7",
+    "SelfPromptSAMTrainer_S8",
+    "SelfPromptSAMTrainer_S9",
 ]

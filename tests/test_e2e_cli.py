@@ -1,0 +1,243 @@
+"""End to end through nnU-Net's own command-line tools on CPU with the tiny backbone.
+
+phantom dataset -> nnUNetv2_plan_and_preprocess -> nnUNetv2_train (killed, then --c) -> nnUNetv2_predict
+(without nnUNet_SAM_checkpoints, twice) -> nnUNetv2_evaluate_folder. The CPU-sized trainer is a test
+subclass found through the user's own nnUNet_extTrainer folder, beside the package's registered trainers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_sam.phantoms import make_phantom_dataset
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent
+DATASET = 990
+MIN_MEAN_DICE = 0.5  # chance level (random labels by volume fraction) is below 0.1 for these organs
+
+TEST_TRAINERS = """
+from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny, MaskSAMTrainer_tiny_demo
+
+
+class MaskSAMTrainer_tiny_e2e(MaskSAMTrainer_tiny_demo):
+    def __init__(self, plans, configuration, fold, dataset_json, device):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.save_every = 1
+
+
+class MaskSAMTrainer_tiny_e2e2d(MaskSAMTrainer_tiny):
+    epochs = 1
+    iterations_per_epoch = 3
+    val_iterations_per_epoch = 1
+"""
+
+
+def _env(root: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_SAM_checkpoints"}
+    env.update(
+        nnUNet_raw=str(root / "raw"),
+        nnUNet_preprocessed=str(root / "preprocessed"),
+        nnUNet_results=str(root / "results"),
+        nnUNet_extTrainer=str(root / "user_trainers"),
+        nnUNet_compile="f",
+        nnUNet_n_proc_DA="1",
+    )
+    env.update(extra)
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: int = 900) -> str:
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (
+        f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("e2e")
+    (root / "user_trainers").mkdir()
+    (root / "user_trainers" / "e2e_trainers.py").write_text(TEST_TRAINERS)
+    make_phantom_dataset(root / "raw", dataset_id=DATASET, num_train=10, num_test=2, seed=0)
+    _run(
+        [
+            str(BIN / "nnUNetv2_plan_and_preprocess"),
+            "-d",
+            str(DATASET),
+            "-c",
+            "3d_fullres",
+            "2d",
+            "-np",
+            "2",
+            "--verify_dataset_integrity",
+        ],
+        _env(root),
+    )
+    return root
+
+
+def _model_folder(root: Path, trainer: str, configuration: str) -> Path:
+    return root / "results" / "Dataset990_Phantom" / f"{trainer}__nnUNetPlans__{configuration}"
+
+
+def test_train_kill_continue_predict_evaluate(workspace):
+    env = _env(workspace)
+    fold = _model_folder(workspace, "MaskSAMTrainer_tiny_e2e", "3d_fullres") / "fold_0"
+    train = [
+        str(BIN / "nnUNetv2_train"),
+        str(DATASET),
+        "3d_fullres",
+        "0",
+        "-tr",
+        "MaskSAMTrainer_tiny_e2e",
+        "-device",
+        "cpu",
+    ]
+
+    # 1) start training and kill it hard once a checkpoint of epoch >= 2 exists
+    proc = subprocess.Popen(
+        train, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    latest = fold / "checkpoint_latest.pth"
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file():
+            try:
+                if torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"] >= 2:
+                    break
+            except Exception:  # being written right now
+                pass
+        time.sleep(2)
+    assert proc.poll() is None, "training ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"]
+    assert not (fold / "checkpoint_final.pth").exists()
+
+    # 2) --c continues from the last checkpoint and finishes
+    _run(train + ["--c"], env)
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 20
+    logs = sorted(fold.glob("training_log_*.txt"))
+    assert len(logs) >= 2
+    resumed_log = logs[-1].read_text()
+    assert re.search(rf"Epoch {killed_at}\s*$", resumed_log, re.M), "--c did not resume at the saved epoch"
+    assert not re.search(r"Epoch 0\s*$", resumed_log, re.M), "--c started from scratch"
+
+    # 3) predict held-out cases without nnUNet_SAM_checkpoints, twice
+    out1, out2 = workspace / "pred1", workspace / "pred2"
+    images = workspace / "raw" / "Dataset990_Phantom" / "imagesTs"
+    predict = [
+        str(BIN / "nnUNetv2_predict"),
+        "-i",
+        str(images),
+        "-d",
+        str(DATASET),
+        "-c",
+        "3d_fullres",
+        "-f",
+        "0",
+        "-tr",
+        "MaskSAMTrainer_tiny_e2e",
+        "-device",
+        "cpu",
+        "-npp",
+        "1",
+        "-nps",
+        "1",
+    ]
+    _run(predict + ["-o", str(out1)], env)
+    _run(predict + ["-o", str(out2)], env)
+    for f in sorted(out1.glob("*.nii.gz")):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(out2 / f.name)))
+        np.testing.assert_array_equal(a, b)
+
+    # 4) nnU-Net's own evaluation
+    labels = workspace / "raw" / "Dataset990_Phantom" / "labelsTs"
+    model = fold.parent
+    _run(
+        [
+            str(BIN / "nnUNetv2_evaluate_folder"),
+            str(labels),
+            str(out1),
+            "-djfile",
+            str(model / "dataset.json"),
+            "-pfile",
+            str(model / "plans.json"),
+        ],
+        env,
+    )
+    summary = json.loads((out1 / "summary.json").read_text())
+    dice = {k: v["Dice"] for k, v in summary["mean"].items()}
+    mean = summary["foreground_mean"]["Dice"]
+    print(f"held-out Dice per class {dice}, mean foreground {mean:.3f}")
+    assert mean > MIN_MEAN_DICE, f"mean foreground Dice {mean:.3f} <= {MIN_MEAN_DICE}: per class {dice}"
+
+
+def test_2d_configuration_trains_and_predicts(workspace):
+    env = _env(workspace)
+    _run(
+        [
+            str(BIN / "nnUNetv2_train"),
+            str(DATASET),
+            "2d",
+            "0",
+            "-tr",
+            "MaskSAMTrainer_tiny_e2e2d",
+            "-device",
+            "cpu",
+            "--npz",
+        ],
+        env,
+    )
+    model = _model_folder(workspace, "MaskSAMTrainer_tiny_e2e2d", "2d")
+    plans = json.loads((model / "plans.json").read_text())["configurations"]["2d"]
+    assert plans["patch_size"] == plans["nnunet_sam"]["patch_size"] and len(plans["patch_size"]) == 2
+    one = workspace / "one_case"
+    one.mkdir()
+    src = sorted((workspace / "raw" / "Dataset990_Phantom" / "imagesTs").glob("*.nii.gz"))[0]
+    shutil.copy(src, one / src.name)
+    out = workspace / "pred2d"
+    _run(
+        [
+            str(BIN / "nnUNetv2_predict"),
+            "-i",
+            str(one),
+            "-o",
+            str(out),
+            "-d",
+            str(DATASET),
+            "-c",
+            "2d",
+            "-f",
+            "0",
+            "-tr",
+            "MaskSAMTrainer_tiny_e2e2d",
+            "-device",
+            "cpu",
+            "--save_probabilities",
+        ],
+        env,
+    )
+    pred = sitk.ReadImage(str(out / src.name))
+    ref = sitk.ReadImage(str(src))
+    assert pred.GetSize() == ref.GetSize() and pred.GetSpacing() == ref.GetSpacing()
+    probs = np.load(out / src.name.replace(".nii.gz", ".npz"))["probabilities"]
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-3)
