@@ -16,10 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_sam.backbones.sam_vit import build_sam, get_backbone
 from nnunet_sam.blocks.adapters import AdapterKind
-from nnunet_sam.blocks.injection import DecoderAdditions, EncoderAdditions
-from nnunet_sam.blocks.stem import ModalityStem
+from nnunet_sam.blocks.folded_sam import FoldedSAM
 from nnunet_sam.mask_classification import semantic_log_probs
 from nnunet_sam.prompting.from_masks import BoxSource, box_prompts
 from nnunet_sam.prompting.generators import FeaturePyramidDecoder, MaskBoxPromptGenerator
@@ -46,7 +44,7 @@ class MaskSAMOptions:
         return asdict(self)
 
 
-class MaskSAMNetwork(nn.Module):
+class MaskSAMNetwork(FoldedSAM):
     """Input (B, M, D, P, P) (or (B, M, P, P) for 2d); output per-class log-probabilities of the same layout.
 
     In training mode (or with ``return_all=True``) ``forward`` returns a dict with "pred_logits" (B, D, N,
@@ -64,68 +62,37 @@ class MaskSAMNetwork(nn.Module):
         sam_input_size: int,
         options: MaskSAMOptions | None = None,
     ) -> None:
-        super().__init__()
-        spec = get_backbone(backbone)
         options = options or MaskSAMOptions()
-        self.options = options
-        self.is_2d = len(patch_size) == 2
-        self.depth = 1 if self.is_2d else int(patch_size[0])
-        self.patch = int(patch_size[-1])
-        assert patch_size[-1] == patch_size[-2], f"in-plane patch must be square, got {tuple(patch_size)}"
-        self.input_size = sam_input_size
-        self.num_classes = num_classes
-        self.num_queries = num_queries
-
-        self.sam = build_sam(spec, sam_input_size)
-        self.sam.requires_grad_(False)
-        self.stem = ModalityStem(in_channels, self.patch, sam_input_size)
-        self.encoder_additions = EncoderAdditions(
-            spec.embed_dim,
-            spec.depth,
-            self.depth,
-            kind=options.encoder_adapter,
+        super().__init__(
+            backbone,
+            in_channels,
+            patch_size,
+            sam_input_size,
+            encoder_adapter=options.encoder_adapter,
+            decoder_token_adapter=options.decoder_token_adapter,
+            decoder_image_adapter=options.decoder_image_adapter,
             depth_embedding=options.depth_embedding,
-            feature_indices=spec.feature_indices,
             gradient_checkpointing=options.gradient_checkpointing,
         )
+        self.options = options
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        spec = self.spec
         pyramid = FeaturePyramidDecoder(
             spec.embed_dim, spec.prompt_dim, len(spec.feature_indices), spec.patch_size, width=spec.prompt_dim
         )
         self.prompt_generator = MaskBoxPromptGenerator(
             pyramid, num_queries, spec.prompt_dim, predict_boxes=options.box_source != "mask"
         )
-        self.decoder_additions = DecoderAdditions(
-            spec.prompt_dim,
-            len(self.sam.mask_decoder.transformer.layers),
-            self.depth,
-            token_kind=options.decoder_token_adapter,
-            image_kind=options.decoder_image_adapter,
-            depth_embedding=options.depth_embedding,
-        )
         self.class_tokens = nn.Embedding(num_queries, spec.prompt_dim)
         self.class_head = nn.Linear(spec.prompt_dim, num_classes + 1)
 
     def forward(self, x: torch.Tensor, return_all: bool | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
         return_all = self.training if return_all is None else return_all
-        if x.dim() == 4:
-            assert self.is_2d, f"this network was built for 3D patches, got a 2D input {tuple(x.shape)}"
-            x = x[:, :, None]
-        b, _, d, h, w = x.shape
-        assert (d, h, w) == (self.depth, self.patch, self.patch), (
-            f"input patch {(d, h, w)} != network patch {(self.depth, self.patch, self.patch)}"
-        )
         n, p = self.num_queries, self.patch
-
-        # Encoder: (B * D, M, P, P) -> (B * D, 3, S, S) -> embedding (B * D, C, g, g) + block features
-        slices = x.permute(0, 2, 1, 3, 4).reshape(b * d, -1, h, w)
-        embedding, features = self.encoder_additions(self.sam.image_encoder, self.stem(slices))
+        embedding, features = self.encode(x)  # (B * D, C, g, g)
+        b, d = embedding.shape[0] // self.depth, self.depth
         proposals = self.prompt_generator(embedding, features)  # masks (B * D, N, S, S)
-
-        def to_rows(t: torch.Tensor) -> torch.Tensor:  # (B * D, N, ...) -> (B * N * D, ...)
-            return t.reshape(b, d, n, *t.shape[2:]).transpose(1, 2).reshape(b * n * d, *t.shape[2:])
-
-        def from_rows(t: torch.Tensor) -> torch.Tensor:  # (B * N * D, ...) -> (B, D, N, ...)
-            return t.reshape(b, n, d, *t.shape[1:]).transpose(1, 2)
 
         prompt_encoder = self.sam.prompt_encoder
         boxes = box_prompts(proposals.boxes, proposals.masks, self.options.box_source)  # (B * D, N, 4)
@@ -134,25 +101,13 @@ class MaskSAMNetwork(nn.Module):
             mask_prompt = F.interpolate(
                 proposals.masks, size=prompt_encoder.mask_input_size, mode="bilinear", align_corners=False
             )
-            mask_prompt = to_rows(mask_prompt)[:, None]
-        sparse, dense = prompt_encoder(points=None, boxes=to_rows(boxes) * self.input_size, masks=mask_prompt)
+            mask_prompt = self.to_rows(mask_prompt)[:, None]
+        sparse, dense = prompt_encoder(points=None, boxes=self.to_rows(boxes) * self.input_size, masks=mask_prompt)
+        class_tokens = self.to_rows(self.class_tokens.weight + proposals.tokens)[:, None]  # (R, 1, C)
+        masks, tokens_out = self.decode(embedding, n, sparse, dense, prefix_tokens=class_tokens)
 
-        rows = b * n * d
-        image = embedding.reshape(b, 1, d, *embedding.shape[1:]).expand(b, n, d, *embedding.shape[1:])
-        image = image.reshape(rows, *embedding.shape[1:]) + dense
-        image_pe = self.decoder_additions.image_pe(prompt_encoder.get_dense_pe(), rows)
-
-        decoder = self.sam.mask_decoder
-        class_tokens = to_rows(self.class_tokens.weight + proposals.tokens)[:, None]  # (R, 1, C)
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        tokens = torch.cat([class_tokens, output_tokens.expand(rows, -1, -1).to(sparse.dtype), sparse], dim=1)
-        tokens_out, upscaled = self.decoder_additions(decoder, image, image_pe, tokens)
-
-        hyper = decoder.output_hypernetworks_mlps[0](tokens_out[:, 2])  # first mask token: single-mask output
-        masks = (hyper[:, None] @ upscaled.flatten(2)).view(rows, 1, *upscaled.shape[-2:])
-        masks = F.interpolate(masks, size=(p, p), mode="bilinear", align_corners=False)
-        pred_masks = from_rows(masks[:, 0])  # (B, D, N, P, P)
-        pred_logits = from_rows(self.class_head(tokens_out[:, 0]))  # (B, D, N, C + 1)
+        pred_masks = self.from_rows(masks, n)  # (B, D, N, P, P)
+        pred_logits = self.from_rows(self.class_head(tokens_out[:, 0]), n)  # (B, D, N, C + 1)
         semantic = semantic_log_probs(pred_logits, pred_masks)  # (B, C, D, P, P)
         if self.is_2d:
             semantic = semantic[:, :, 0]

@@ -32,12 +32,17 @@ MIN_MEAN_DICE = 0.5  # chance level (random labels by volume fraction) is below 
 
 TEST_TRAINERS = """
 from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny, MaskSAMTrainer_tiny_demo
+from nnunet_sam.trainers.self_prompt_sam import SelfPromptSAMTrainer_tiny_demo
 
 
 class MaskSAMTrainer_tiny_e2e(MaskSAMTrainer_tiny_demo):
     def __init__(self, plans, configuration, fold, dataset_json, device):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.save_every = 1
+
+
+class SelfPromptSAMTrainer_tiny_e2e(SelfPromptSAMTrainer_tiny_demo):
+    pass
 
 
 class MaskSAMTrainer_tiny_e2e2d(MaskSAMTrainer_tiny):

@@ -60,7 +60,7 @@ def _grads(net: SelfPromptSAMNetwork) -> dict[str, bool]:
 
 def test_stage_one_trains_only_the_prompt_generation_path():
     net = _net()
-    net.decode = False
+    net.run_decoder = False
     DeepSupervisedSegLoss()(net(torch.randn(2, 2, *PATCH)), _target()).backward()
     stage1 = {id(p) for m in net.prompt_generation_modules() for p in m.parameters() if p.requires_grad}
     for name, p in net.named_parameters():
@@ -96,7 +96,7 @@ def test_stage_follows_the_epoch_so_resuming_picks_the_right_one(tmp_path, monke
     for epoch, decode in ((5, True), (1, False), (2, True)):  # e.g. --c from a checkpoint of that epoch
         trainer.current_epoch = epoch
         trainer.on_train_epoch_start()
-        assert trainer.network.decode is decode
+        assert trainer.network.run_decoder is decode
 
 
 @pytest.mark.parametrize(

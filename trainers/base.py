@@ -36,6 +36,9 @@ class SAMTrainer(nnUNetTrainer):
     max_tiles: int = 1  # in-plane patch = max_tiles attention windows at most (224 px each for SAM ViTs)
     sam_input_size: int | None = None  # None: the in-plane patch size
     num_queries: int | None = None  # None: max(8, ceil(1.5 * classes))
+    # Optimiser: nnU-Net's SGD (momentum 0.99, Nesterov) or AdamW; initial_lr None keeps nnU-Net's 1e-2.
+    optimizer_name: str = "sgd"
+    learning_rate: float | None = None
     # Schedule overrides (None keeps nnU-Net's 1000 epochs x 250 training / 50 validation iterations).
     epochs: int | None = None
     iterations_per_epoch: int | None = None
@@ -82,6 +85,7 @@ class SAMTrainer(nnUNetTrainer):
 
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False
+        self.initial_lr = self.learning_rate or self.initial_lr
         self.num_epochs = self.epochs or self.num_epochs
         self.num_iterations_per_epoch = self.iterations_per_epoch or self.num_iterations_per_epoch
         self.num_val_iterations_per_epoch = self.val_iterations_per_epoch or self.num_val_iterations_per_epoch
@@ -158,9 +162,13 @@ class SAMTrainer(nnUNetTrainer):
             # the adapters nothing, so they train too. With a checkpoint SAM stays frozen, as in the papers.
             self._plain_network().sam.requires_grad_(True)
         params = [p for p in self.network.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(
-            params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True
-        )
+        if self.optimizer_name == "adamw":
+            optimizer = torch.optim.AdamW(params, self.initial_lr, weight_decay=self.weight_decay)
+        else:
+            assert self.optimizer_name == "sgd", f"unknown optimizer_name '{self.optimizer_name}' (sgd or adamw)"
+            optimizer = torch.optim.SGD(
+                params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True
+            )
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     # ---- validation ----------------------------------------------------------------------------------------
@@ -182,3 +190,40 @@ class SAMTrainer(nnUNetTrainer):
             "fp_hard": fp.detach().cpu().numpy()[1:],
             "fn_hard": fn.detach().cpu().numpy()[1:],
         }
+
+
+# Backbone and schedule mixins: a method's variants are ``class XTrainer_vitl(ViTL, XTrainer)``.
+class ViTL:
+    backbone = "vit_l"
+
+
+class ViTH:
+    backbone = "vit_h"
+
+
+class MedSAM:
+    """MedSAM's ViT-B weights (``medsam_vit_b.pth``)."""
+
+    backbone = "medsam"
+
+
+class Tiny:
+    """A pipeline check for CPUs, not a model for real use: a 4-block, 64-wide ViT with 8 px patches.
+
+    Loads ``sam_tiny.pth`` from ``$nnUNet_SAM_checkpoints`` when present and keeps it frozen; otherwise its
+    random SAM weights train too, with AdamW, which trains a transformer from scratch far faster than SGD.
+    """
+
+    backbone = "tiny"
+    max_depth = 4
+    max_tiles = 2  # 64 px in-plane patches (tile = 8 px * 4-token windows)
+    optimizer_name = "adamw"
+    learning_rate = 1e-3
+
+
+class CPUDemo:
+    """A few minutes of CPU training (about 600 steps)."""
+
+    epochs = 20
+    iterations_per_epoch = 30
+    val_iterations_per_epoch = 3

@@ -6,7 +6,7 @@ from torch import nn
 
 from nnunet_sam.losses import MaskSetCriterion
 from nnunet_sam.network_architectures.masksam import MaskSAMNetwork, MaskSAMOptions
-from nnunet_sam.trainers.base import SAMTrainer
+from nnunet_sam.trainers.base import CPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
 
 
 class MaskSAMTrainer(SAMTrainer):
@@ -30,34 +30,21 @@ class MaskSAMTrainer(SAMTrainer):
         return MaskSetCriterion(self.label_manager.num_segmentation_heads)
 
 
-class MaskSAMTrainer_vitl(MaskSAMTrainer):
-    backbone = "vit_l"
+class MaskSAMTrainer_vitl(ViTL, MaskSAMTrainer):
+    pass
 
 
-class MaskSAMTrainer_vith(MaskSAMTrainer):
-    backbone = "vit_h"
+class MaskSAMTrainer_vith(ViTH, MaskSAMTrainer):
+    pass
 
 
-class MaskSAMTrainer_MedSAM(MaskSAMTrainer):
-    """MedSAM's ViT-B weights (``medsam_vit_b.pth``)."""
-
-    backbone = "medsam"
+class MaskSAMTrainer_MedSAM(MedSAM, MaskSAMTrainer):
+    pass
 
 
-class MaskSAMTrainer_tiny(MaskSAMTrainer):
-    """A pipeline check for CPUs, not a model for real use: a 4-block, 64-wide ViT with 8 px patches.
-
-    Loads ``sam_tiny.pth`` from ``$nnUNet_SAM_checkpoints`` when present, random SAM weights otherwise.
-    """
-
-    backbone = "tiny"
-    max_depth = 4
-    max_tiles = 2  # 64 px in-plane patches (tile = 8 px * 4-token windows)
+class MaskSAMTrainer_tiny(Tiny, MaskSAMTrainer):
+    pass
 
 
-class MaskSAMTrainer_tiny_demo(MaskSAMTrainer_tiny):
-    """The CPU demo: the tiny backbone for a few minutes of training."""
-
-    epochs = 20
-    iterations_per_epoch = 30
-    val_iterations_per_epoch = 3
+class MaskSAMTrainer_tiny_demo(CPUDemo, MaskSAMTrainer_tiny):
+    """The CPU demo (``nnunet_sam_demo``)."""

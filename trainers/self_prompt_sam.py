@@ -6,7 +6,7 @@ from torch import nn
 
 from nnunet_sam.losses import DeepSupervisedSegLoss
 from nnunet_sam.network_architectures.self_prompt_sam import SelfPromptSAMNetwork, SelfPromptSAMOptions
-from nnunet_sam.trainers.base import SAMTrainer
+from nnunet_sam.trainers.base import CPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
 
 
 class SelfPromptSAMTrainer(SAMTrainer):
@@ -41,36 +41,30 @@ class SelfPromptSAMTrainer(SAMTrainer):
     def on_train_epoch_start(self) -> None:
         stage = self.stage(self.current_epoch)
         net = self._plain_network()
-        if net.decode != (stage == 2) or self.current_epoch == 0:
+        if net.run_decoder != (stage == 2) or self.current_epoch == 0:
             self.print_to_log_file(f"Self-Prompt-SAM stage {stage} from epoch {self.current_epoch}")
-        net.decode = stage == 2
+        net.run_decoder = stage == 2
         super().on_train_epoch_start()
 
 
-class SelfPromptSAMTrainer_vitl(SelfPromptSAMTrainer):
-    backbone = "vit_l"
+class SelfPromptSAMTrainer_vitl(ViTL, SelfPromptSAMTrainer):
+    pass
 
 
-class SelfPromptSAMTrainer_vith(SelfPromptSAMTrainer):
-    backbone = "vit_h"
+class SelfPromptSAMTrainer_vith(ViTH, SelfPromptSAMTrainer):
+    pass
 
 
-class SelfPromptSAMTrainer_MedSAM(SelfPromptSAMTrainer):
-    backbone = "medsam"
+class SelfPromptSAMTrainer_MedSAM(MedSAM, SelfPromptSAMTrainer):
+    pass
 
 
-class SelfPromptSAMTrainer_tiny(SelfPromptSAMTrainer):
-    """CPU pipeline check with the tiny backbone (see MaskSAMTrainer_tiny)."""
-
-    backbone = "tiny"
-    max_depth = 4
-    max_tiles = 2
+class SelfPromptSAMTrainer_tiny(Tiny, SelfPromptSAMTrainer):
+    pass
 
 
-class SelfPromptSAMTrainer_tiny_demo(SelfPromptSAMTrainer_tiny):
-    epochs = 20
-    iterations_per_epoch = 30
-    val_iterations_per_epoch = 3
+class SelfPromptSAMTrainer_tiny_demo(CPUDemo, SelfPromptSAMTrainer_tiny):
+    pass
 
 
 # The ablation of the paper's Table 3 (ACDC), each a trainer name (ViT-B).
