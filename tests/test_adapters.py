@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone
@@ -49,7 +50,8 @@ def test_dmlp_adapter_mixes_slices_of_one_volume_at_the_same_position():
     assert not diff[1, :, [0, 1, 3, 4, 5, 6]].any(), "other token positions changed"
 
 
-def test_encoder_block_depth_mixing_uses_unpartitioned_grid():
+@pytest.mark.parametrize("kind", ["dconv", "dmlp"])
+def test_encoder_block_depth_mixing_uses_unpartitioned_grid(kind):
     """In a windowed block a change in one window of slice d reaches slice d+1 near that window only.
 
     A depth adapter applied to window-partitioned tokens (the public MaskSAM code) mixes windows of one
@@ -60,7 +62,7 @@ def test_encoder_block_depth_mixing_uses_unpartitioned_grid():
     block = encoder.blocks[0]
     assert block.window_size == 4
     volumes, depth = 2, 4
-    additions = EncoderAdditions(spec.embed_dim, spec.depth, depth, kind="dconv")
+    additions = EncoderAdditions(spec.embed_dim, spec.depth, depth, kind=kind)
     _randomise(additions)
     x = torch.randn(volumes * depth, 8, 8, spec.embed_dim)
     y = x.clone()

@@ -18,7 +18,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PTH_NAME = "nnunet_sam_register.pth"
-TRAINERS = ["MaskSAMTrainer", "MaskSAMTrainer_tiny"]
+TRAINERS = [
+    "MaskSAMTrainer",
+    "MaskSAMTrainer_tiny",
+    "SelfPromptSAMTrainer",
+    "SelfPromptSAMTrainer_tiny",
+    "SelfPromptSAMTrainer_S1",
+]
 TRAINER_MODULE = "nnunet_sam.trainers.masksam"
 RESULT = "RESULT:"
 
@@ -78,7 +84,8 @@ print({RESULT!r} + json.dumps(result))
 
 def _check_found(result: dict, names=TRAINERS) -> None:
     for name in names:
-        assert result["found"][name] == [TRAINER_MODULE, name]
+        module = TRAINER_MODULE if name.startswith("MaskSAM") else "nnunet_sam.trainers.self_prompt_sam"
+        assert result["found"][name] == [module, name]
     assert result["env"].split(os.pathsep)[-1] == result["shim_dir"]
     assert result["env"].split(os.pathsep).count(result["shim_dir"]) == 1
     # only the shim module is dropped by nnU-Net; the trainer module itself stays importable
