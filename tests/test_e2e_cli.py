@@ -66,7 +66,7 @@ def _env(root: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], env: dict[str, str], timeout: int = 900) -> str:
+def _run(cmd: list[str], env: dict[str, str], timeout: int = 2400) -> str:
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (
         f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -120,7 +120,7 @@ def test_train_kill_continue_predict_evaluate(workspace):
         train, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     latest = fold / "checkpoint_latest.pth"
-    deadline = time.time() + 900
+    deadline = time.time() + 1800
     while time.time() < deadline and proc.poll() is None:
         if latest.is_file():
             try:

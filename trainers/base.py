@@ -134,8 +134,8 @@ class SAMTrainer(nnUNetTrainer):
         return None
 
     def _do_i_compile(self) -> bool:
-        # Off unless requested: the folded-depth SAM graph recompiles per patch shape and gains little on top
-        # of SAM's fused attention; nnUNet_compile=t turns it on (nnU-Net's own rules for CPU/mps still apply).
+        # Off unless requested (nnU-Net turns it on by default on CUDA): compiling the folded-depth SAM graph is
+        # not validated yet. nnUNet_compile=t turns it on (nnU-Net's own rules for CPU/mps still apply).
         requested = os.environ.get("nnUNet_compile", "f").lower() in ("true", "1", "t")
         return requested and super()._do_i_compile()
 
