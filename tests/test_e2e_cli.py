@@ -204,6 +204,7 @@ def test_self_prompt_sam_trains_and_predicts(workspace):
     _evaluate(workspace, model, out)
 
 
+@pytest.mark.slow
 def test_2d_configuration_trains_and_predicts(workspace):
     env = _env(workspace)
     _run(
