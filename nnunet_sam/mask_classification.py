@@ -83,7 +83,7 @@ def _labels_to_long(labels: Tensor, num_classes: int) -> Tensor:
 
 
 def segment_masks_from_labels(labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Like ``segments_from_labels`` but returns bool masks (saves memory); also returns the int64 labels.
+    """Like ``segments_from_labels`` but with bool masks (saves memory), returned as (masks, boxes, present).
 
     Returns:
       masks (Tensor): (S, C, H, W) bool.
