@@ -10,7 +10,7 @@ depth adapters see neighbouring slices of the same volume and query.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +39,6 @@ class MaskSAMOptions:
     decoder_token_adapter: AdapterKind = "dmlp"
     decoder_image_adapter: AdapterKind = "dconv"
     gradient_checkpointing: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class MaskSAMNetwork(FoldedSAM):

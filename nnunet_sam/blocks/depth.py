@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nnunet_sam.blocks.adapters import unfold_depth
+
 
 class DepthPositionalEmbedding(nn.Module):
     """One learnable vector per slice index, added to every token of that slice.
@@ -19,8 +21,6 @@ class DepthPositionalEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
         """Add the embedding of slice ``i % depth`` to row i of x."""
-        assert x.shape[0] % self.depth == 0, f"batch {x.shape[0]} is not a multiple of depth {self.depth}"
         e = self.embedding.to(x.dtype)
         shape = (1, self.depth, 1, 1, -1) if channels_last else (1, self.depth, -1, 1, 1)
-        v = x.view(x.shape[0] // self.depth, self.depth, *x.shape[1:])
-        return (v + e.view(shape)).view(x.shape)
+        return (unfold_depth(x, self.depth) + e.view(shape)).view(x.shape)
