@@ -17,7 +17,7 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from torch import Tensor, nn
 
-from nnunet_sam.mask_classification import no_autocast, segment_masks_from_labels
+from nnunet_sam.mask_classification import no_autocast, segments_from_labels
 from nnunet_sam.matching import match_slices
 
 # Loss and matching-cost weights of the public MaskSAM code.
@@ -259,7 +259,7 @@ class MaskSetCriterion(nn.Module):
         aux_masks = outputs["aux_masks"].reshape(num_slices, queries, num_pixels)
 
         labels = target.reshape(num_slices, height, width)
-        label_masks, gt_boxes, present = segment_masks_from_labels(labels, num_classes)
+        label_masks, present, gt_boxes = segments_from_labels(labels, num_classes)
         label_masks = label_masks.reshape(num_slices, num_classes, num_pixels)
         if num_pixels > self.num_points:
             points = torch.randperm(num_pixels, device=device)[: self.num_points]

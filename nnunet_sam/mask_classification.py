@@ -82,23 +82,6 @@ def _labels_to_long(labels: Tensor, num_classes: int) -> Tensor:
     return labels
 
 
-def segment_masks_from_labels(labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Like ``segments_from_labels`` but with bool masks (saves memory), returned as (masks, boxes, present).
-
-    Returns:
-      masks (Tensor): (S, C, H, W) bool.
-      boxes (Tensor): (S, C, 4) float32, zeros for absent classes.
-      present (Tensor): (S, C) bool.
-    """
-    assert labels.dim() == 3, f"labels must have shape (S, H, W), got {tuple(labels.shape)}"
-    assert num_classes >= 1, f"num_classes must be >= 1, got {num_classes}"
-    labels = _labels_to_long(labels, num_classes)
-    classes = torch.arange(num_classes, device=labels.device)
-    masks = labels.unsqueeze(1) == classes.view(1, num_classes, 1, 1)  # (S, C, H, W)
-    boxes, present = boxes_from_masks(masks)
-    return masks, boxes, present
-
-
 def segments_from_labels(labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
     """Dataset mapping: multi-class label maps -> per-class binary masks, presence flags and boxes.
 
@@ -110,15 +93,21 @@ def segments_from_labels(labels: Tensor, num_classes: int) -> tuple[Tensor, Tens
       num_classes (int): C, the number of classes including background.
 
     Returns:
-      masks (Tensor): (S, C, H, W) float32 0/1, ``masks[s, c] = labels[s] == c`` (all zero if c is absent).
+      masks (Tensor): (S, C, H, W) bool, ``masks[s, c] = labels[s] == c`` (all False if c is absent); bool
+        keeps the C-fold expansion small, callers convert the pixels they use.
       present (Tensor): (S, C) bool, whether class c occurs in slice s.
       boxes (Tensor): (S, C, 4) float32 normalised boxes ``(x1, y1, x2, y2)``; zeros for absent classes.
 
     Raises:
       ValueError: if labels contain values outside 0..C-1 or non-integer values.
     """
-    masks, boxes, present = segment_masks_from_labels(labels, num_classes)
-    return masks.to(torch.float32), present, boxes
+    assert labels.dim() == 3, f"labels must have shape (S, H, W), got {tuple(labels.shape)}"
+    assert num_classes >= 1, f"num_classes must be >= 1, got {num_classes}"
+    labels = _labels_to_long(labels, num_classes)
+    classes = torch.arange(num_classes, device=labels.device)
+    masks = labels.unsqueeze(1) == classes.view(1, num_classes, 1, 1)  # (S, C, H, W)
+    boxes, present = boxes_from_masks(masks)
+    return masks, present, boxes
 
 
 def semantic_log_probs(class_logits: Tensor, mask_logits: Tensor, eps: float = 1e-6) -> Tensor:

@@ -111,7 +111,7 @@ def _perfect_outputs(target: torch.Tensor, num_classes: int, num_queries: int) -
         for q in range(num_queries):
             if q < len(classes):
                 logits[i, q, classes[q]] = 10.0
-                pred_masks[i, q] = masks[i, classes[q]] * 20 - 10
+                pred_masks[i, q] = masks[i, classes[q]].float() * 20 - 10
                 pred_boxes[i, q] = boxes[i, classes[q]]
             else:
                 logits[i, q, num_classes] = 10.0

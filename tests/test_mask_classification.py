@@ -23,11 +23,11 @@ def _labels() -> torch.Tensor:
 def test_segments_from_labels_masks_presence_boxes():
     labels = _labels()
     masks, present, boxes = segments_from_labels(labels, num_classes=4)
-    assert masks.shape == (2, 4, 4, 6) and masks.dtype == torch.float32
+    assert masks.shape == (2, 4, 4, 6) and masks.dtype == torch.bool
     assert present.shape == (2, 4) and present.dtype == torch.bool
     assert boxes.shape == (2, 4, 4)
     for c in range(4):
-        assert torch.equal(masks[:, c], (labels == c).float())
+        assert torch.equal(masks[:, c], labels == c)
     assert present.tolist() == [[True, True, True, False], [False, False, True, False]]
     w, h = 6.0, 4.0
     expected0 = torch.tensor(
