@@ -122,6 +122,7 @@ setup(
         "console_scripts": [
             "nnunet_sam_phantom=nnunet_sam.phantoms:main",
             "nnunet_sam_demo=nnunet_sam.demo:main",
+            "nnunet_sam_evaluate=nnunet_sam.evaluate:main",
         ]
     },
     cmdclass={"build": build, "build_pth": build_pth},
