@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_sam.evaluate import EvaluationError, evaluate_folder, main, run_evaluation
+from nnunet_sam.evaluate import (
+    PROTOCOLS,
+    EvaluationError,
+    check_protocol_labels,
+    evaluate_folder,
+    main,
+    results_table,
+    run_evaluation,
+)
 
 SHAPE = (8, 16, 16)  # numpy (z, y, x)
 SPACING_XYZ = (0.8, 0.8, 2.5)  # SimpleITK order: z is the coarse axis
@@ -247,3 +255,66 @@ def test_two_dimensional_images_use_two_dimensional_surfaces(tmp_path):
     assert metrics["HD95"] == pytest.approx(1.0)
     # 2D rings of 20 pixels: 12 of each within 0.6 mm (every pixel would count as surface in a 1-slice volume)
     assert metrics["NSD"] == pytest.approx(24 / 40)
+
+
+@pytest.mark.parametrize(
+    "protocol, names",
+    [
+        # the Synapse converter's names (DESIGN.md section 7 ids)
+        ("synapse", ["spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach", "aorta", "pancreas"]),
+        # AMOS22's own dataset.json names, as nnU-Net's Dataset218 converter copies them
+        (
+            "amos",
+            [
+                "spleen",
+                "right kidney",
+                "left kidney",
+                "gall bladder",
+                "esophagus",
+                "liver",
+                "stomach",
+                "arota",
+                "postcava",
+                "pancreas",
+                "right adrenal gland",
+                "left adrenal gland",
+                "duodenum",
+                "bladder",
+                "prostate/uterus",
+            ],
+        ),
+        ("msd_pancreas", ["pancreas", "cancer"]),  # MSD Task07 / nnU-Net's MSD conversion
+    ],
+)
+def test_protocol_label_names_of_the_converters_are_accepted(protocol, names):
+    labels = dict(enumerate(names, start=1))
+    assert check_protocol_labels(protocol, labels) is PROTOCOLS[protocol]
+    with pytest.raises(EvaluationError, match="label 1 is 'kidney'"):
+        check_protocol_labels(protocol, {**labels, 1: "kidney"})
+
+
+def test_tumour_only_published_rows_leave_other_columns_empty():
+    result = {"mean": {1: {"Dice": 0.8}, 2: {"Dice": 0.5}}, "foreground_mean": {"Dice": 0.65}}
+    header, rows, sources = results_table(
+        {"ours": result}, {1: "pancreas", 2: "cancer"}, "Dice", PROTOCOLS["msd_pancreas"]
+    )
+    assert header == ["Method", "pancreas", "cancer", "Mean"]
+    assert rows[0] == ["ours", "80.00", "50.00", "65.00"]
+    assert ["MaskSAM (published)", "-", "42.60", "-"] in rows
+    _, nsd_rows, _ = results_table(
+        {"ours": result | {"mean": {1: {"NSD": 1.0}, 2: {"NSD": 1.0}}, "foreground_mean": {"NSD": 1.0}}},
+        {1: "pancreas", 2: "cancer"},
+        "NSD",
+        PROTOCOLS["msd_pancreas"],
+    )
+    assert ["MaskSAM (published)", "-", "68.60", "-"] in nsd_rows
+
+
+def test_console_script_is_registered():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "nnunet_sam_evaluate"]
+    assert script.value == "nnunet_sam.evaluate:main"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
