@@ -318,3 +318,15 @@ def test_console_script_is_registered():
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_dice_and_nan_convention_agree_with_nnunets_own_evaluation(folders):
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    ours = evaluate_folder(folders["ref"], folders["shifted"], folders["dj"])
+    for case in ours["metric_per_case"]:
+        theirs = compute_metrics(case["reference_file"], case["prediction_file"], SimpleITKIO(), [1, 2])["metrics"]
+        for label in (1, 2):
+            np.testing.assert_equal(case["metrics"][label]["Dice"], theirs[label]["Dice"])  # NaN == NaN here
+            assert case["metrics"][label]["n_ref"] == theirs[label]["n_ref"]
