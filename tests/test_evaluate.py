@@ -330,3 +330,15 @@ def test_dice_and_nan_convention_agree_with_nnunets_own_evaluation(folders):
         for label in (1, 2):
             np.testing.assert_equal(case["metrics"][label]["Dice"], theirs[label]["Dice"])  # NaN == NaN here
             assert case["metrics"][label]["n_ref"] == theirs[label]["n_ref"]
+
+
+def test_published_rows_are_consistent_with_their_protocols():
+    # guards the transcription: ids belong to the protocol, and the published means equal the column means up to
+    # the papers' rounding (AMOS is published as 3-decimal fractions)
+    for name, protocol in PROTOCOLS.items():
+        for row in protocol.rows:
+            assert row.metric in ("Dice", "NSD") and row.source, (name, row.method)
+            assert set(row.values) <= set(protocol.labels), (name, row.method)
+            if row.mean is not None:
+                assert set(row.values) == set(protocol.labels), (name, row.method)
+                assert abs(np.mean(list(row.values.values())) - row.mean) <= 0.06, (name, row.method)
