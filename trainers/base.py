@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 
+import numpy as np
 import torch
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -21,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nnunet_sam.backbones.checkpoints import find_checkpoint, load_checkpoint, resize_to_input
 from nnunet_sam.backbones.sam_vit import get_backbone
+from nnunet_sam.fault_tolerance import NonFiniteTrainingError, all_finite, atomic_write, remove_stale_temp_files
 from nnunet_sam.planning import PLANS_KEY, PatchRule, sam_settings
 
 
@@ -43,6 +45,8 @@ class SAMTrainer(nnUNetTrainer):
     epochs: int | None = None
     iterations_per_epoch: int | None = None
     val_iterations_per_epoch: int | None = None
+    # Training stops (NonFiniteTrainingError) after this many steps in a row with a non-finite loss or gradient.
+    max_consecutive_nonfinite_steps: int = 50
 
     def __init__(
         self,
@@ -93,6 +97,7 @@ class SAMTrainer(nnUNetTrainer):
         self._sam_state = sam_state
         self._sam_checkpoint_path = checkpoint_path
         self._weights_from_nnunet_checkpoint = False
+        self._nonfinite_steps_in_a_row = 0
         self.print_to_log_file(
             f"{type(self).__name__}: backbone {spec.name}, nnU-Net patch {planned_patch} -> SAM patch "
             f"{record['patch_size']}, SAM input {record['sam_input_size']} px "
@@ -155,6 +160,11 @@ class SAMTrainer(nnUNetTrainer):
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         self._weights_from_nnunet_checkpoint = True  # every SAM weight comes from the nnU-Net checkpoint
         super().load_checkpoint(filename_or_checkpoint)
+        # nnU-Net saves checkpoint_latest before it updates _best_ema for that epoch, so after --c a later, worse
+        # EMA could overwrite checkpoint_best. The best EMA so far is the maximum of the logged EMAs.
+        emas = [e for e in self.logger.get_value("ema_fg_dice", step=None) if np.isfinite(e)]
+        if emas:
+            self._best_ema = max(emas)
 
     def configure_optimizers(self):
         if self._sam_checkpoint_path is None:
@@ -170,6 +180,72 @@ class SAMTrainer(nnUNetTrainer):
                 params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True
             )
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    # ---- fault tolerance (nnunet_sam.fault_tolerance) ----------------------------------------------------------
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.local_rank == 0:
+            for path in remove_stale_temp_files(self.output_folder):
+                self.print_to_log_file(f"Removed {path.name}, a partial checkpoint left by a killed process")
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written atomically: a kill or a full disk never leaves a broken ``filename``."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)  # nothing to write on this rank / nnU-Net's message
+            return
+        with atomic_write(filename) as f:
+            super().save_checkpoint(f)  # nnU-Net hands its argument straight to torch.save, which takes a file
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's train step, except that a step with a non-finite loss or gradient norm changes no weight.
+
+        With AMP (CUDA) the grad scaler still lowers its scale after an overflow, as in nnU-Net.
+        """
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output = self.network(data)
+            loss = self.loss(output, target)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        if all_finite(loss, grad_norm, across_ranks=self.is_ddp):
+            self._nonfinite_steps_in_a_row = 0
+            if self.grad_scaler is not None:
+                self.grad_scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        else:
+            self.on_nonfinite_step(loss, grad_norm)
+        if self.grad_scaler is not None:
+            self.grad_scaler.update()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def on_nonfinite_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Log a skipped step; raise :class:`NonFiniteTrainingError` after ``max_consecutive_nonfinite_steps``."""
+        self._nonfinite_steps_in_a_row += 1
+        count, limit = self._nonfinite_steps_in_a_row, self.max_consecutive_nonfinite_steps
+        self.print_to_log_file(
+            f"Epoch {self.current_epoch}: non-finite training step (loss {loss.item():.4g}, gradient norm "
+            f"{grad_norm.item():.4g}) skipped, no weight changed ({count} in a row, stop at {limit})"
+        )
+        if count < limit:
+            return
+        names = ("checkpoint_latest.pth", "checkpoint_best.pth")
+        saved = [n for n in names if os.path.isfile(os.path.join(self.output_folder, n))]
+        message = (
+            f"Training stopped: {count} training steps in a row had a non-finite loss or gradient "
+            f"(max_consecutive_nonfinite_steps = {limit}). None of them changed a weight, so every checkpoint "
+            f"holds finite weights; last checkpoints: {', '.join(saved) or 'none written yet'} in "
+            f"{self.output_folder}. Usual causes: a learning rate too high for this model, NaN or infinite values "
+            "in the training data, or float16 overflow. Fix the cause, then continue with --c."
+        )
+        self.print_to_log_file(message)
+        raise NonFiniteTrainingError(message)
 
     # ---- validation ----------------------------------------------------------------------------------------
     def validation_step(self, batch: dict) -> dict:
