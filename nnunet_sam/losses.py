@@ -12,6 +12,7 @@ All losses and costs are computed in float32 with autocast disabled, whatever th
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -168,6 +169,9 @@ class MaskSetCriterion(nn.Module):
         one random subset of ``num_points`` pixel positions shared by all slices of the call.
       class_weight, no_object_weight, mask_bce_weight, mask_dice_weight, aux_mask_weight, box_l1_weight,
       box_giou_weight (float): term weights, used identically for the matching cost and the loss.
+      ddp (bool): training with DistributedDataParallel. The class and matched-pair means then divide by the
+        counts over all ranks (divided by the world size), so that DDP's gradient averaging gives the gradient
+        of the loss over the global batch, as on one GPU (like Mask2Former's all-reduced number of masks).
 
     After every call ``last_components`` holds the unweighted loss terms (floats) for logging.
     """
@@ -183,6 +187,7 @@ class MaskSetCriterion(nn.Module):
         aux_mask_weight: float = AUX_MASK_WEIGHT,
         box_l1_weight: float = BOX_L1_WEIGHT,
         box_giou_weight: float = BOX_GIOU_WEIGHT,
+        ddp: bool = False,
     ) -> None:
         super().__init__()
         assert num_classes >= 1, f"num_classes must be >= 1, got {num_classes}"
@@ -196,6 +201,7 @@ class MaskSetCriterion(nn.Module):
         self.aux_mask_weight = aux_mask_weight
         self.box_l1_weight = box_l1_weight
         self.box_giou_weight = box_giou_weight
+        self.ddp = ddp
         self.last_components: dict[str, float] = {}
 
     def _check_shapes(self, outputs: dict[str, Tensor], target: Tensor) -> Tensor:
@@ -286,10 +292,12 @@ class MaskSetCriterion(nn.Module):
         target_classes[slice_idx, query_idx] = class_idx
         class_weights = torch.ones(channels, dtype=torch.float32, device=device)
         class_weights[num_classes] = self.no_object_weight
-        loss_class = F.cross_entropy(logits.reshape(-1, channels), target_classes.reshape(-1), weight=class_weights)
+        loss_class = F.cross_entropy(
+            logits.reshape(-1, channels), target_classes.reshape(-1), weight=class_weights, reduction="sum"
+        ) / self._mean_denominator(class_weights[target_classes].sum())
 
         # Mask and box terms, averaged over matched pairs.
-        num_matched = max(int(slice_idx.numel()), 1)
+        num_matched = self._mean_denominator(torch.tensor(float(slice_idx.numel()), device=device), minimum=1.0)
         matched_gt = gt_masks[slice_idx, class_idx]  # (K, P)
         matched_masks = masks[slice_idx, query_idx]
         matched_aux = aux_masks[slice_idx, query_idx]
@@ -319,6 +327,15 @@ class MaskSetCriterion(nn.Module):
         ).detach()
         self.last_components = dict(zip(names, values.cpu().tolist()))
         return total
+
+    def _mean_denominator(self, count: Tensor, minimum: float = 0.0) -> Tensor:
+        """max(count, minimum) for a mean over this call; under DDP max(sum of count over ranks, minimum) / ranks."""
+        world = 1
+        if self.ddp and dist.is_initialized():
+            count = count.detach().clone()
+            dist.all_reduce(count)
+            world = dist.get_world_size()
+        return count.clamp(min=minimum) / world
 
 
 class DeepSupervisedSegLoss(nn.Module):

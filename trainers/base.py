@@ -30,6 +30,20 @@ class UnsupportedDatasetError(ValueError):
     """The dataset uses a label feature that the SAM trainers do not support yet."""
 
 
+def wrap_ddp(network: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """DistributedDataParallel for SAM networks, with unused-parameter detection.
+
+    Some trainable parameters get no gradient in some steps: Self-Prompt-SAM's stage 1 skips SAM's decoder and
+    its adapters, and a backbone that trains its SAM weights (tiny, no checkpoint) never uses SAM's IoU head,
+    three of its four mask hypernetworks and some prompt embeddings. nnU-Net's wrapper
+    (``find_unused_parameters=False``) then stops at the next step; with detection on, such parameters keep
+    ``grad=None`` on every rank, as in a one-GPU run, so the optimiser leaves them alone. Frozen parameters
+    (``requires_grad=False``) are not in DDP's buckets.
+    """
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(network, device_ids=device_ids, find_unused_parameters=True)
+
+
 class SAMTrainer(nnUNetTrainer):
     """Base of all SAM trainers. Configure subclasses through these class attributes only."""
 
@@ -147,6 +161,8 @@ class SAMTrainer(nnUNetTrainer):
     # ---- weights and optimiser ---------------------------------------------------------------------------
     def initialize(self) -> None:
         super().initialize()
+        if self.is_ddp:  # replace nnU-Net's DDP wrapper, which expects every trainable parameter in every step
+            self.network = wrap_ddp(self.network.module, self.device)
         net = self._plain_network()
         if self._sam_state is not None and not self._weights_from_nnunet_checkpoint:
             state = resize_to_input(self._sam_state, get_backbone(self.backbone), self.sam_record["sam_input_size"])

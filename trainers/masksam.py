@@ -27,7 +27,7 @@ class MaskSAMTrainer(SAMTrainer):
         )
 
     def _build_loss(self) -> nn.Module:
-        return MaskSetCriterion(self.label_manager.num_segmentation_heads)
+        return MaskSetCriterion(self.label_manager.num_segmentation_heads, ddp=self.is_ddp)
 
 
 class MaskSAMTrainer_vitl(ViTL, MaskSAMTrainer):
