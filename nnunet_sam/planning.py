@@ -35,19 +35,68 @@ class PatchRule:
     max_tiles: int = 1
 
 
+@dataclass(frozen=True)
+class VolumePatchRule:
+    """Patch rule of volumetric methods (3DSAM-adapter), whose ViT sees a 3D token grid (T, g, g).
+
+    ``slice_group`` slices form one depth token; attention windows are ``window`` tokens per axis. In-plane
+    P = k * patch_size * window with k = ceil(planned / that) clipped to [1, ``max_windows``]; depth tokens
+    T = planned depth // slice_group, rounded down to a multiple of ``window`` (at most ``max_windows`` windows)
+    when at least one window fits, else kept (a shorter axis is one window); D = T * slice_group.
+    """
+
+    slice_group: int = 4
+    window: int = 8
+    max_windows: int = 2
+
+
 def default_num_queries(num_classes: int) -> int:
     """Queries for C classes (background included): more than C, 8 at least (public ACDC: 8, AMOS: 24)."""
     return max(8, math.ceil(1.5 * num_classes))
 
 
-def derive_patch(planned: Sequence[int], spec: BackboneSpec, rule: PatchRule) -> list[int]:
+def derive_patch(planned: Sequence[int], spec: BackboneSpec, rule: PatchRule | VolumePatchRule) -> list[int]:
     """SAM patch [D, P, P] (3D) or [P, P] (2d) from nnU-Net's planned patch."""
+    if isinstance(rule, VolumePatchRule):
+        return derive_volume_patch(planned, spec, rule)
     inplane = max(int(planned[-1]), int(planned[-2]))
     tiles = min(max(1, math.ceil(inplane / spec.tile)), rule.max_tiles)
     size = tiles * spec.tile
     if len(planned) == 2:
         return [size, size]
     return [max(1, min(int(planned[0]), rule.max_depth)), size, size]
+
+
+def derive_volume_patch(planned: Sequence[int], spec: BackboneSpec, rule: VolumePatchRule) -> list[int]:
+    """Patch [D, P, P] of the volumetric rule (see :class:`VolumePatchRule`); a 2d plan is returned as planned
+    and refused by :func:`check_volume_patch`."""
+    if len(planned) == 2:
+        return [int(s) for s in planned]
+    tile = spec.patch_size * rule.window
+    inplane = max(int(planned[-1]), int(planned[-2]))
+    size = min(max(1, math.ceil(inplane / tile)), rule.max_windows) * tile
+    tokens = max(1, int(planned[0]) // rule.slice_group)
+    if tokens >= rule.window:
+        tokens = rule.window * min(tokens // rule.window, rule.max_windows)
+    return [tokens * rule.slice_group, size, size]
+
+
+def check_volume_patch(patch: Sequence[int], spec: BackboneSpec, rule: VolumePatchRule) -> None:
+    """Raise PatchError unless ``patch`` is a 3D patch whose token grid is a whole number of windows per axis."""
+    fix = "Fix the nnunet_sam block of the plans or remove it to use the automatic rule."
+    if len(patch) != 3:
+        raise PatchError(
+            f"Patch {list(patch)} is not 3D: this method builds a volumetric token grid and needs a 3d "
+            "configuration (3d_fullres or 3d_lowres), not 2d."
+        )
+    if patch[0] % rule.slice_group != 0:
+        raise PatchError(f"Patch depth {patch[0]} is not a multiple of the slice group {rule.slice_group}. {fix}")
+    grid = (patch[0] // rule.slice_group, patch[1] // spec.patch_size, patch[2] // spec.patch_size)
+    if any(n > rule.window and n % rule.window != 0 for n in grid):
+        raise PatchError(
+            f"Patch {list(patch)} gives a token grid {list(grid)} that is not a whole number of "
+            f"{rule.window}-token windows along every axis (or shorter than one window). {fix}"
+        )
 
 
 def check_settings(record: dict, spec: BackboneSpec, num_classes: int) -> None:
@@ -77,7 +126,7 @@ def check_settings(record: dict, spec: BackboneSpec, num_classes: int) -> None:
 def sam_settings(
     configuration: dict,
     spec: BackboneSpec,
-    rule: PatchRule,
+    rule: PatchRule | VolumePatchRule,
     num_classes: int,
     num_queries: int | None = None,
     sam_input_size: int | None = None,
@@ -92,4 +141,7 @@ def sam_settings(
         "num_queries": int(user.get("num_queries") or num_queries or default_num_queries(num_classes)),
     }
     check_settings(record, spec, num_classes)
+    if isinstance(rule, VolumePatchRule):
+        check_volume_patch(patch, spec, rule)
+        record.update(slice_group=rule.slice_group, window=rule.window)
     return record
