@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nnunet_sam.backbones.checkpoints import find_checkpoint, load_checkpoint, resize_to_input
 from nnunet_sam.backbones.sam_vit import get_backbone
 from nnunet_sam.fault_tolerance import NonFiniteTrainingError, all_finite, atomic_write, remove_stale_temp_files
-from nnunet_sam.planning import PLANS_KEY, PatchRule, sam_settings
+from nnunet_sam.planning import PLANS_KEY, PatchRule, VolumePatchRule, sam_settings
 
 
 class UnsupportedDatasetError(ValueError):
@@ -90,7 +90,7 @@ class SAMTrainer(nnUNetTrainer):
         record = sam_settings(
             config,
             spec,
-            PatchRule(self.max_depth, self.max_tiles),
+            self.patch_rule(),
             label_manager.num_segmentation_heads,
             self.num_queries,
             self.sam_input_size,
@@ -120,6 +120,11 @@ class SAMTrainer(nnUNetTrainer):
         )
 
     # ---- network ---------------------------------------------------------------------------------------
+    @classmethod
+    def patch_rule(cls) -> PatchRule | VolumePatchRule:
+        """How the SAM patch follows from nnU-Net's plan (nnunet_sam.planning); volumetric methods override it."""
+        return PatchRule(cls.max_depth, cls.max_tiles)
+
     @classmethod
     def build_network(cls, record: dict, num_input_channels: int, num_output_channels: int) -> nn.Module:
         raise NotImplementedError

@@ -14,6 +14,17 @@ from nnunet_sam.trainers.masksam import (
     MaskSAMTrainer_vith,
     MaskSAMTrainer_vitl,
 )
+from nnunet_sam.trainers.sam3d_adapter import (
+    SAM3DAdapterTrainer,
+    SAM3DAdapterTrainer_MedSAM,
+    SAM3DAdapterTrainer_prompted,
+    SAM3DAdapterTrainer_prompted_tiny,
+    SAM3DAdapterTrainer_prompted_tiny_demo,
+    SAM3DAdapterTrainer_tiny,
+    SAM3DAdapterTrainer_tiny_demo,
+    SAM3DAdapterTrainer_vith,
+    SAM3DAdapterTrainer_vitl,
+)
 from nnunet_sam.trainers.self_prompt_sam import (
     SelfPromptSAMTrainer,
     SelfPromptSAMTrainer_MedSAM,
@@ -50,4 +61,13 @@ __all__ = [
     "SelfPromptSAMTrainer_S7",
     "SelfPromptSAMTrainer_S8",
     "SelfPromptSAMTrainer_S9",
+    "SAM3DAdapterTrainer",
+    "SAM3DAdapterTrainer_vitl",
+    "SAM3DAdapterTrainer_vith",
+    "SAM3DAdapterTrainer_MedSAM",
+    "SAM3DAdapterTrainer_tiny",
+    "SAM3DAdapterTrainer_tiny_demo",
+    "SAM3DAdapterTrainer_prompted",
+    "SAM3DAdapterTrainer_prompted_tiny",
+    "SAM3DAdapterTrainer_prompted_tiny_demo",
 ]

@@ -1,0 +1,114 @@
+"""3DSAM-adapter: SAM made volumetric, automatic or prompted with 3D points.
+
+Composition only: a plain stem (channel mean repeated to 3; no learned modality mapping, as in the method),
+SAM's frozen image encoder run on a 3D token grid by :class:`VolumetricEncoder`, an optional
+:class:`PointPromptEncoder` (visual sampler + global queries), and the lightweight 3D CNN
+:class:`AggregatingMaskDecoder3D`. SAM's own prompt encoder and mask decoder are kept under ``self.sam`` (frozen,
+unused) only so that the trainer loads the official checkpoint unchanged.
+
+Trainable: the encoder additions (slice grouping conv, depth embedding, depth relative-position offsets,
+adapters), the LayerNorms of SAM's image encoder, the point prompt encoder and the mask decoder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from nnunet_sam.backbones.sam_vit import BackboneSpec, build_sam, get_backbone
+from nnunet_sam.blocks.mask_decoder_3d import AggregatingMaskDecoder3D
+from nnunet_sam.blocks.stem import PlainStem
+from nnunet_sam.blocks.volumetric_encoder import VolumetricEncoder
+from nnunet_sam.prompting.point_sampler import PointPromptEncoder
+
+
+class SAM3DAdapterNetwork(nn.Module):
+    """Input (B, M, D, P, P) -> class logits (B, C, D, P, P).
+
+    ``forward(x, points=None, labels=None)``: points (B, K, 3) voxel (z, y, x) of the patch with labels (B, K)
+    (class k >= 1, 0 background, -1 padding) for a prompted network; ``queue_prompts`` stores points for the
+    next call instead (how the prompted trainer passes clicks through nnU-Net's training step). With
+    ``return_all`` (default: in training mode) forward returns {"aux": [], "logits": ..., "semantic": ...}
+    (the layout of :class:`~nnunet_sam.losses.DeepSupervisedSegLoss`).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        in_channels: int,
+        num_classes: int,
+        patch_size: Sequence[int],
+        slice_group: int,
+        window: int,
+        prompted: bool = False,
+    ) -> None:
+        super().__init__()
+        assert len(patch_size) == 3, f"3DSAM-adapter needs a 3D patch [D, P, P], got {tuple(patch_size)}"
+        assert patch_size[-1] == patch_size[-2], f"in-plane patch must be square, got {tuple(patch_size)}"
+        self.spec = spec = get_backbone(backbone)
+        if not isinstance(spec, BackboneSpec):
+            raise ValueError(
+                f"3DSAM-adapter runs SAM's ViT on a 3D token grid; backbone '{backbone}' is not a SAM ViT."
+            )
+        self.patch = tuple(int(s) for s in patch_size)
+        size = self.patch[-1]
+        self.sam = build_sam(spec, size)
+        self.sam.requires_grad_(False)
+        for module in self.sam.image_encoder.modules():  # the method tunes the encoder's norms
+            if isinstance(module, nn.LayerNorm) or type(module).__name__ == "LayerNorm2d":
+                module.requires_grad_(True)
+        self.stem = PlainStem(size, size)
+        self.encoder = VolumetricEncoder(
+            spec.embed_dim,
+            spec.num_heads,
+            spec.depth,
+            self.patch[0],
+            size // spec.patch_size,
+            slice_group,
+            window,
+            spec.feature_indices,
+        )
+        self.prompt_encoder = (
+            PointPromptEncoder(spec.prompt_dim, num_classes, num_heads=spec.decoder_heads) if prompted else None
+        )
+        self.decoder = AggregatingMaskDecoder3D(
+            spec.prompt_dim,
+            spec.embed_dim,
+            len(spec.feature_indices),
+            num_classes,
+            num_stages=round(math.log2(spec.patch_size)),
+        )
+        self._queued: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def queue_prompts(self, points: torch.Tensor, labels: torch.Tensor) -> None:
+        """Use these points (B, K, 3) and labels (B, K) in the next forward call that gets none."""
+        self._queued = (points, labels)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_all: bool | None = None,
+    ) -> torch.Tensor | dict:
+        return_all = self.training if return_all is None else return_all
+        if points is None and self._queued is not None:
+            points, labels = self._queued
+        self._queued = None
+        b, m, d, h, w = x.shape
+        assert (d, h, w) == self.patch, f"input patch {(d, h, w)} != network patch {self.patch}"
+        slices = self.stem(x.transpose(1, 2).reshape(b * d, m, h, w))  # (B * D, 3, P, P)
+        slices = slices.view(b, d, 3, h, w).transpose(1, 2)
+        embedding, features = self.encoder(self.sam.image_encoder, slices)
+        if self.prompt_encoder is not None:
+            points = None if points is None else points.to(x.device)
+            labels = None if labels is None else labels.to(x.device)
+            embedding = self.prompt_encoder(embedding, points, labels, self.patch)
+        else:
+            assert points is None, "this network was built without a prompt encoder (automatic mode)"
+        logits = self.decoder(embedding, features, self.patch)
+        outputs = {"aux": [], "logits": logits, "semantic": logits}
+        return outputs if return_all else logits
