@@ -1,0 +1,163 @@
+"""NIH Pancreas-CT (TCIA) -> nnU-Net raw dataset: DICOM image series + NIfTI labels.
+
+Assumed input layout (the TCIA download as written by the NBIA Data Retriever, and the separate label zip):
+
+- ``--images``: ``Pancreas-CT/PANCREAS_XXXX/<study folder>/<series folder>/1-NNN.dcm``, one CT series per patient
+  (the series may sit at any depth below ``PANCREAS_XXXX``; a patient folder with several series is refused);
+- ``--labels``: ``TCIA_pancreas_labels-02-05-2017/labelXXXX.nii.gz``, the same 4-digit number as the patient
+  folder, values 0 (background) and 1 (pancreas).
+
+TCIA lists 82 patient numbers of which 0025 and 0070 were withdrawn (duplicates), so 80 cases are expected in
+a full download; the converter takes whatever patients have both a series and a label and refuses a patient
+with only one of them. Images are read with SimpleITK's ``ImageSeriesReader`` (slices ordered by position) and
+written as NIfTI; the label must match the series' geometry within the tolerance (some pipelines flip these
+labels; we never reorient silently: a mismatch is an error). The label is written with the image's exact
+geometry so nnU-Net sees identical headers.
+
+Split: no official split exists; NIH Pancreas-CT papers mostly report 4-fold cross-validation by patient
+(Roth et al. 2016). ``splits_final.json`` holds nnU-Net's cross-validation over all cases with ``--folds`` folds
+(default 4, seed 12345); all cases are in ``imagesTr``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import SimpleITK as sitk
+from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+from nnunet_sam.dataset_conversion.common import (
+    DEFAULT_TOLERANCE,
+    NIFTI,
+    ConversionError,
+    check_geometry,
+    check_label_values,
+    dataset_folder_name,
+    label_values,
+    nifti_cases,
+    pair_cases,
+    require_folder,
+    staged_dataset,
+    write_dataset_json,
+    write_record,
+    write_splits,
+)
+
+PATIENT = re.compile(r"PANCREAS_(\d{4})$")
+LABELS = {"background": 0, "pancreas": 1}
+
+
+def find_series(patient_dir: Path) -> list[str]:
+    """File names of the single DICOM series below ``patient_dir``, in slice order."""
+    found = []
+    for folder in sorted({p.parent for p in patient_dir.rglob("*") if p.is_file()}):
+        for series_id in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+            found.append(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id))
+    if len(found) != 1:
+        raise ConversionError(f"expected one DICOM series below {patient_dir}, found {len(found)}")
+    return list(found[0])
+
+
+def read_series(files: list[str]) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def convert_nih_pancreas(
+    images: str | Path,
+    labels: str | Path,
+    dataset_id: int = 82,
+    name: str = "NIHPancreas",
+    folds: int = 4,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> Path:
+    images, labels = Path(images), Path(labels)
+    patients = {}
+    for p in sorted(require_folder(images, "Pancreas-CT image folder").iterdir()):
+        match = PATIENT.match(p.name)
+        if match and p.is_dir():
+            patients[match.group(1)] = p
+    label_files = nifti_cases(require_folder(labels, "NIfTI label folder"), prefix="label")
+    ids = pair_cases(patients, label_files)
+    if len(ids) < folds:
+        raise ConversionError(f"{len(ids)} cases cannot make {folds} folds")
+    series = {}
+    for case in ids:
+        series[case] = find_series(patients[case])
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(series[case][0])
+        reader.ReadImageInformation()
+        label = sitk.ReadImage(str(label_files[case]))
+        check_label_values(label_values(label), LABELS.values(), case)
+        if reader.GetSize()[:2] != label.GetSize()[:2] or len(series[case]) != label.GetSize()[2]:
+            raise ConversionError(
+                f"geometry mismatch in case {case}: series of {len(series[case])} slices of "
+                f"{reader.GetSize()[:2]} != label size {label.GetSize()}"
+            )
+
+    to_nnunet = {c: f"nih_{c}" for c in ids}
+    with staged_dataset(dataset_id, name) as folder:
+        for sub in ("imagesTr", "labelsTr"):
+            (folder / sub).mkdir()
+        for case in ids:
+            image = read_series(series[case])
+            label = sitk.ReadImage(str(label_files[case]))
+            check_geometry(image, label, case, tolerance)
+            label = sitk.Cast(label, sitk.sitkUInt8)
+            label.CopyInformation(image)
+            sitk.WriteImage(image, str(folder / "imagesTr" / f"{to_nnunet[case]}_0000{NIFTI}"), True)
+            sitk.WriteImage(label, str(folder / "labelsTr" / f"{to_nnunet[case]}{NIFTI}"), True)
+        cases = sorted(to_nnunet.values())
+        write_dataset_json(
+            folder,
+            {0: "CT"},
+            dict(LABELS),
+            len(cases),
+            dataset_name=dataset_folder_name(dataset_id, name),
+            reference="https://doi.org/10.7937/K9/TCIA.2016.tNB1kqBU",
+        )
+        write_record(
+            folder,
+            protocol=f"nih-pancreas-{folds}fold",
+            source=images,
+            label_map={0: 0, 1: 1},
+            cases={
+                to_nnunet[c]: {
+                    "original_id": c,
+                    "image": str(patients[c].relative_to(images)),
+                    "label": label_files[c].name,
+                    "submission_name": f"label{c}{NIFTI}",
+                }
+                for c in ids
+            },
+            splits={"train": cases, "val": [], "test": []},
+            labels_source=str(labels.resolve()),
+        )
+        write_splits(dataset_id, name, generate_crossval_split(cases, seed=12345, n_splits=folds))
+    return folder.parent / dataset_folder_name(dataset_id, name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Convert NIH Pancreas-CT (TCIA DICOM series in PANCREAS_XXXX/ folders, labels labelXXXX.nii.gz) "
+        "to an nnU-Net raw dataset; splits_final.json: cross-validation by patient (default 4 folds)."
+    )
+    parser.add_argument("-i", "--images", required=True, help="folder holding the PANCREAS_XXXX patient folders")
+    parser.add_argument("-l", "--labels", required=True, help="folder holding labelXXXX.nii.gz")
+    parser.add_argument("-d", "--dataset-id", type=int, default=82, help="nnU-Net dataset id (default 82)")
+    parser.add_argument("--name", default="NIHPancreas", help="dataset name (default NIHPancreas)")
+    parser.add_argument("--folds", type=int, default=4, help="cross-validation folds (default 4)")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="image/label geometry tolerance")
+    args = parser.parse_args(argv)
+    try:
+        out = convert_nih_pancreas(args.images, args.labels, args.dataset_id, args.name, args.folds, args.tolerance)
+    except ConversionError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
