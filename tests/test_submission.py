@@ -1,0 +1,175 @@
+"""Submission writers: raw download -> converter -> nnU-Net-style predictions -> submission gives back the original
+case names, label values and the images' exact spacing, origin and direction."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conversion_testing import make_acdc, make_amos, make_btcv, volume
+
+from nnunet_sam.dataset_conversion.acdc import convert_acdc
+from nnunet_sam.dataset_conversion.amos import convert_amos
+from nnunet_sam.dataset_conversion.common import ConversionError
+from nnunet_sam.dataset_conversion.submission import main, write_submission
+from nnunet_sam.dataset_conversion.synapse import SYNAPSE_TEST_IDS, convert_synapse
+
+
+@pytest.fixture
+def nnunet_env(tmp_path, monkeypatch) -> Path:
+    for name in ("raw", "preprocessed", "results"):
+        monkeypatch.setenv(f"nnUNet_{name}", str(tmp_path / name))
+    return tmp_path
+
+
+def _as_prediction(label: Path, out: Path, jitter: float = 2e-4) -> None:
+    """What nnU-Net writes: the case's labels with a header that is only close to the image's (float32 round-off)."""
+    img = sitk.ReadImage(str(label))
+    img.SetOrigin(tuple(o + jitter for o in img.GetOrigin()))
+    img.SetSpacing(tuple(s + jitter for s in img.GetSpacing()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(out), True)
+
+
+def _assert_same_geometry(a: sitk.Image, b: sitk.Image) -> None:
+    assert a.GetSize() == b.GetSize()
+    assert a.GetSpacing() == b.GetSpacing()
+    assert a.GetOrigin() == b.GetOrigin()
+    assert a.GetDirection() == b.GetDirection()
+
+
+def _array(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+@pytest.mark.parametrize("all_labels", [False, True], ids=["8-organs", "13-labels"])
+def test_synapse_round_trip(nnunet_env, all_labels):
+    src = make_btcv(nnunet_env / "btcv")
+    dataset = convert_synapse(src, dataset_id=120, all_labels=all_labels)
+    pred = nnunet_env / "pred"
+    for f in (dataset / "labelsTs").iterdir():
+        _as_prediction(f, pred / f.name)
+
+    out = write_submission(pred, dataset, nnunet_env / "submission", subset="test")
+    assert sorted(f.name for f in out.iterdir()) == [f"label{c}.nii.gz" for c in SYNAPSE_TEST_IDS]
+    for case in SYNAPSE_TEST_IDS:
+        original = _array(src / "label" / f"label{case}.nii.gz")
+        written = _array(out / f"label{case}.nii.gz")
+        if all_labels:
+            np.testing.assert_array_equal(written, original)
+        else:  # the 8 organs come back with their BTCV values (liver 6, pancreas 11 ...), the rest was dropped
+            kept = np.isin(original, [1, 2, 3, 4, 6, 7, 8, 11])
+            np.testing.assert_array_equal(written, np.where(kept, original, 0))
+            assert set(np.unique(written)) == {0, 1, 2, 3, 4, 6, 7, 8, 11}
+        _assert_same_geometry(
+            sitk.ReadImage(str(out / f"label{case}.nii.gz")), sitk.ReadImage(str(src / "img" / f"img{case}.nii.gz"))
+        )
+
+
+@pytest.fixture
+def synapse_predictions(nnunet_env) -> tuple[Path, Path]:
+    dataset = convert_synapse(make_btcv(nnunet_env / "btcv"), dataset_id=120)
+    pred = nnunet_env / "pred"
+    for f in (dataset / "labelsTs").iterdir():
+        _as_prediction(f, pred / f.name)
+    return dataset, pred
+
+
+def test_incomplete_submission_is_refused(nnunet_env, synapse_predictions):
+    dataset, pred = synapse_predictions
+    (pred / "synapse_0038.nii.gz").unlink()
+    shutil.copy(dataset / "labelsTr" / "synapse_0005.nii.gz", pred / "synapse_0005.nii.gz")
+    with pytest.raises(
+        ConversionError, match=r"missing cases \['synapse_0038'\], cases outside test: \['synapse_0005'\]"
+    ):
+        write_submission(pred, dataset, nnunet_env / "submission", subset="test")
+    assert not (nnunet_env / "submission").exists() and not list(nnunet_env.glob(".submission*"))
+
+
+def test_unknown_case_and_bad_geometry_are_refused(nnunet_env, synapse_predictions):
+    dataset, pred = synapse_predictions
+    shutil.copy(pred / "synapse_0001.nii.gz", pred / "synapse_9999.nii.gz")
+    with pytest.raises(ConversionError, match=r"predictions of cases not in the conversion record: \['synapse_9999'\]"):
+        write_submission(pred, dataset, nnunet_env / "submission")
+    (pred / "synapse_9999.nii.gz").unlink()
+    _as_prediction(dataset / "labelsTs" / "synapse_0022.nii.gz", pred / "synapse_0022.nii.gz", jitter=0.5)
+    with pytest.raises(ConversionError, match="geometry mismatch in case synapse_0022: image spacing"):
+        write_submission(pred, dataset, nnunet_env / "submission")
+    assert not (nnunet_env / "submission").exists() and not list(nnunet_env.glob(".submission*"))
+
+
+def test_unexpected_label_value_is_refused(nnunet_env, synapse_predictions):
+    dataset, pred = synapse_predictions
+    sitk.WriteImage(volume(1, values=9), str(pred / "synapse_0001.nii.gz"))  # 9 is not a Synapse label
+    with pytest.raises(ConversionError, match=r"case synapse_0001 has label values \[9\] not in the dataset"):
+        write_submission(pred, dataset, nnunet_env / "submission")
+
+
+def test_amos_leaderboard_folder_and_zip(nnunet_env, capsys):
+    src = make_amos(nnunet_env / "amos22")
+    dataset = convert_amos(src, task=1, dataset_id=218)
+    pred = nnunet_env / "pred"
+    pred.mkdir()
+    for case in ("amos_0002", "amos_0003"):  # nnU-Net predictions of the official test images, labels 0-15
+        sitk.WriteImage(volume(int(case[-4:]) + 50, values=15), str(pred / f"{case}.nii.gz"))
+    out = nnunet_env / "results"
+    main(["amos", "-p", str(pred), "-r", str(dataset), "-o", str(out), "--zip"])
+    assert "wrote 2 files" in capsys.readouterr().out
+    assert sorted(f.name for f in out.iterdir()) == ["amos_0002.nii.gz", "amos_0003.nii.gz"]
+    with zipfile.ZipFile(f"{out}.zip") as z:
+        assert sorted(n for n in z.namelist() if n.endswith(".gz")) == [
+            "results/amos_0002.nii.gz",
+            "results/amos_0003.nii.gz",
+        ]
+    for case in ("amos_0002", "amos_0003"):
+        written = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+        _assert_same_geometry(written, sitk.ReadImage(str(src / "imagesTs" / f"{case}.nii.gz")))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(written), _array(pred / f"{case}.nii.gz"))
+
+    (pred / "amos_0003.nii.gz").unlink()
+    with pytest.raises(SystemExit, match=r"error: submission incomplete: missing cases \['amos_0003'\]"):
+        main(["amos", "-p", str(pred), "-r", str(dataset), "-o", str(nnunet_env / "results2")])
+
+
+def test_acdc_challenge_names(nnunet_env):
+    src = make_acdc(nnunet_env / "database", per_group=1, test_patients=2)
+    dataset = convert_acdc(src, dataset_id=27, protocol="challenge")
+    pred = nnunet_env / "pred"
+    for f in (dataset / "imagesTs").iterdir():
+        case = f.name[: -len("_0000.nii.gz")]
+        _as_prediction(src / "training" / "patient001" / "patient001_frame01_gt.nii.gz", pred / f"{case}.nii.gz")
+    out = nnunet_env / "acdc_submission"
+    main(["acdc", "-p", str(pred), "-r", str(dataset), "-o", str(out)])
+    # Info.cfg: patient101 ED 1 / ES 8, patient102 ED 1 / ES 9
+    assert sorted(f.name for f in out.iterdir()) == [
+        "patient101_ED.nii.gz",
+        "patient101_ES.nii.gz",
+        "patient102_ED.nii.gz",
+        "patient102_ES.nii.gz",
+    ]
+    _assert_same_geometry(
+        sitk.ReadImage(str(out / "patient102_ES.nii.gz")),
+        sitk.ReadImage(str(src / "testing" / "patient102" / "patient102_frame09.nii.gz")),
+    )
+    with pytest.raises(SystemExit, match="error: amos needs a dataset converted by its converter; this one is 'acdc"):
+        main(["amos", "-p", str(pred), "-r", str(dataset), "-o", str(nnunet_env / "x")])
+
+
+def test_record_is_required(nnunet_env, synapse_predictions):
+    dataset, pred = synapse_predictions
+    (dataset / "nnunet_sam_conversion.json").unlink()
+    with pytest.raises(ConversionError, match="no conversion record nnunet_sam_conversion.json in"):
+        write_submission(pred, dataset, nnunet_env / "submission")
+    assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 18
+
+
+def test_help(capsys):
+    for command in ("from-nnunet", "amos", "acdc"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0 and "--raw-dataset" in capsys.readouterr().out
