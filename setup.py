@@ -122,6 +122,12 @@ setup(
         "console_scripts": [
             "nnunet_sam_phantom=nnunet_sam.phantoms:main",
             "nnunet_sam_demo=nnunet_sam.demo:main",
+            "nnunet_sam_convert_synapse=nnunet_sam.dataset_conversion.synapse:main",
+            "nnunet_sam_convert_acdc=nnunet_sam.dataset_conversion.acdc:main",
+            "nnunet_sam_convert_msd_pancreas=nnunet_sam.dataset_conversion.msd_pancreas:main",
+            "nnunet_sam_convert_amos=nnunet_sam.dataset_conversion.amos:main",
+            "nnunet_sam_convert_nih_pancreas=nnunet_sam.dataset_conversion.nih_pancreas:main",
+            "nnunet_sam_submission=nnunet_sam.dataset_conversion.submission:main",
             "nnunet_sam_evaluate=nnunet_sam.evaluate:main",
         ]
     },
