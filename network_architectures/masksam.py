@@ -76,7 +76,7 @@ class MaskSAMNetwork(FoldedSAM):
         self.num_queries = num_queries
         spec = self.spec
         pyramid = FeaturePyramidDecoder(
-            spec.embed_dim, spec.prompt_dim, len(spec.feature_indices), spec.patch_size, width=spec.prompt_dim
+            spec.feature_dims, spec.prompt_dim, len(spec.feature_indices), spec.patch_size, width=spec.prompt_dim
         )
         self.prompt_generator = MaskBoxPromptGenerator(
             pyramid, num_queries, spec.prompt_dim, predict_boxes=options.box_source != "mask"

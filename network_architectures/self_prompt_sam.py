@@ -79,7 +79,9 @@ class SelfPromptSAMNetwork(FoldedSAM):
         self.run_decoder = True
         spec = self.spec
         num_features = len(spec.feature_indices) if options.generator == "multiscale" else 0
-        pyramid = FeaturePyramidDecoder(spec.embed_dim, spec.prompt_dim, num_features, spec.patch_size, spec.prompt_dim)
+        pyramid = FeaturePyramidDecoder(
+            spec.feature_dims, spec.prompt_dim, num_features, spec.patch_size, spec.prompt_dim
+        )
         self.generator = MultiScaleMaskGenerator(pyramid, num_classes)
         self.mc_adapter = MCAdapter(num_classes - 1) if options.mc_adapter else None
 

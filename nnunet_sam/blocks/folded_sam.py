@@ -53,8 +53,8 @@ class FoldedSAM(nn.Module):
             else PlainStem(self.patch, sam_input_size)
         )
         self.encoder_additions = EncoderAdditions(
-            self.spec.embed_dim,
-            self.spec.depth,
+            self.spec.block_dims,
+            len(self.spec.block_dims),
             self.depth,
             kind=encoder_adapter,
             depth_embedding=depth_embedding,

@@ -7,13 +7,15 @@ the additions in place. Depth-aware additions always see the unpartitioned token
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder
-from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition
+from segment_anything.modeling import MaskDecoder
 from segment_anything.modeling.transformer import TwoWayAttentionBlock
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nnunet_sam.backbones.encoder import blockwise, run_block
 from nnunet_sam.blocks.adapters import Adapter, AdapterKind
 from nnunet_sam.blocks.depth import DepthPositionalEmbedding
 
@@ -29,24 +31,29 @@ class _NoAdapter(nn.Module):
         return x if self.skip else torch.zeros_like(x)
 
 
+def adapter(dim: int, kind: AdapterKind | None, depth: int, skip: bool = True) -> nn.Module:
+    """One adapter; kind None leaves SAM's layer unchanged (ablations without adapters)."""
+    return Adapter(dim, kind, depth, skip=skip) if kind is not None else _NoAdapter(skip)
+
+
 def adapter_list(dim: int, kind: AdapterKind | None, depth: int, n: int, skip: bool = True) -> nn.ModuleList:
-    """n adapters of one kind; kind None leaves SAM's layers unchanged (ablations without adapters)."""
-    return nn.ModuleList(
-        Adapter(dim, kind, depth, skip=skip) if kind is not None else _NoAdapter(skip) for _ in range(n)
-    )
+    """n adapters of one kind for blocks of one width."""
+    return nn.ModuleList(adapter(dim, kind, depth, skip) for _ in range(n))
 
 
 class EncoderAdditions(nn.Module):
-    """Adapters (one after attention, one parallel to the MLP, per block) and a depth embedding for a ViT.
+    """Adapters (one after attention, one parallel to the MLP, per token block) and a depth embedding.
 
-    ``forward(encoder, x, depth)`` runs the given stock ``ImageEncoderViT`` on x (V * depth, 3, H, W) and
-    returns the neck embedding (V * depth, prompt_dim, H / p, W / p) and the token maps after the blocks in
-    ``feature_indices``, each (V * depth, H / p, W / p, embed_dim).
+    Works on any backbone through its blockwise view (:mod:`nnunet_sam.backbones.encoder`): ``forward(encoder,
+    x)`` runs the given image encoder on x (V * depth, 3, H, W) and returns the neck embedding
+    (V * depth, prompt_dim, g, g) and the token maps after the blocks in ``feature_indices``, each
+    (V * depth, g, g, block width) at the embedding grid g. ``block_dims`` gives the width of every block (one int:
+    ``num_blocks`` blocks of that width, as in a ViT); the depth embedding is added to the stem's tokens.
     """
 
     def __init__(
         self,
-        embed_dim: int,
+        block_dims: int | Sequence[int],
         num_blocks: int,
         depth: int,
         kind: AdapterKind | None = "dconv",
@@ -55,45 +62,46 @@ class EncoderAdditions(nn.Module):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        dims = [block_dims] * num_blocks if isinstance(block_dims, int) else [int(d) for d in block_dims]
+        assert len(dims) == num_blocks, f"{len(dims)} block widths for {num_blocks} blocks"
+        assert all(0 <= i < num_blocks for i in feature_indices), f"feature blocks {feature_indices} out of range"
         self.depth = depth
         self.feature_indices = tuple(feature_indices)
         self.gradient_checkpointing = gradient_checkpointing
-        self.depth_embedding = DepthPositionalEmbedding(depth, embed_dim) if depth_embedding else None
-        self.attn_adapters = adapter_list(embed_dim, kind, depth, num_blocks, skip=True)
-        self.mlp_adapters = adapter_list(embed_dim, kind, depth, num_blocks, skip=False)
+        self.depth_embedding = DepthPositionalEmbedding(depth, dims[0]) if depth_embedding else None
+        self.attn_adapters = nn.ModuleList(adapter(d, kind, depth, skip=True) for d in dims)
+        self.mlp_adapters = nn.ModuleList(adapter(d, kind, depth, skip=False) for d in dims)
 
-    def _block(self, i: int, block: Block, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        h = block.norm1(x)
-        if block.window_size > 0:
-            height, width = h.shape[1], h.shape[2]
-            h, pad_hw = window_partition(h, block.window_size)
-        h = block.attn(h)
-        if block.window_size > 0:
-            h = window_unpartition(h, block.window_size, pad_hw, (height, width))
-        x = shortcut + self.attn_adapters[i](h, self.depth)  # back on the (V * depth, h, w, C) grid
-        h = block.norm2(x)
-        return x + block.mlp(h) + self.mlp_adapters[i](h, self.depth)
+    def _block(self, i: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Token block i with its adapters, on the unpartitioned (V * depth, h, w, C) grid."""
+        return run_block(
+            block, x, lambda h: self.attn_adapters[i](h, self.depth), lambda h: self.mlp_adapters[i](h, self.depth)
+        )
 
-    def forward(self, encoder: ImageEncoderViT, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         assert x.shape[0] % self.depth == 0, f"{x.shape[0]} slices is not a multiple of depth {self.depth}"
-        x = encoder.patch_embed(x)  # (S, h, w, C)
-        if encoder.pos_embed is not None:
-            assert encoder.pos_embed.shape[1:3] == x.shape[1:3], (
-                f"pos_embed grid {tuple(encoder.pos_embed.shape[1:3])} != token grid {tuple(x.shape[1:3])}"
-            )
-            x = x + encoder.pos_embed
+        view = blockwise(encoder)
+        assert len(view.blocks) == len(self.attn_adapters), (
+            f"encoder has {len(view.blocks)} token blocks, the additions were built for {len(self.attn_adapters)}"
+        )
+        x = view.stem(x)  # (S, h, w, C)
         if self.depth_embedding is not None:
             x = self.depth_embedding(x)
         features = []
-        for i, block in enumerate(encoder.blocks):
+        for i, block in enumerate(view.blocks):
+            x = view.enter_block(i, x)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(self._block, i, block, x, use_reentrant=False)
             else:
                 x = self._block(i, block, x)
             if i in self.feature_indices:
                 features.append(x)
-        return encoder.neck(x.permute(0, 3, 1, 2)), features
+        embedding = view.neck(x)
+        grid = tuple(embedding.shape[-2:])
+        assert all(tuple(f.shape[1:3]) == grid for f in features), (
+            f"block features {[tuple(f.shape[1:3]) for f in features]} are not on the embedding grid {grid}"
+        )
+        return embedding, features
 
 
 class DecoderAdditions(nn.Module):

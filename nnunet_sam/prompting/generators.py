@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,12 +28,13 @@ class FeaturePyramidDecoder(nn.Module):
     Level 0 processes the neck output at g. Level i (1..log2(patch_size)) upsamples the previous level x2
     with a transposed conv and concatenates the i-th deepest block feature, projected and brought to the
     same resolution by one transposed conv of stride 2**i; levels without a feature left use the upsampled
-    path alone.
+    path alone. ``embed_dim`` is the width of the block features: one for all, or one per feature (shallow ->
+    deep; hierarchical encoders such as TinyViT have blocks of different widths).
     """
 
     def __init__(
         self,
-        embed_dim: int,
+        embed_dim: int | Sequence[int],
         neck_dim: int,
         num_features: int,
         patch_size: int,
@@ -44,6 +46,8 @@ class FeaturePyramidDecoder(nn.Module):
         assert 2**num_levels == patch_size, f"patch size {patch_size} must be a power of two"
         self.widths = [max(min_width, width // 2**i) for i in range(num_levels + 1)]
         self.num_skips = min(num_features, num_levels)
+        deep_dims = [embed_dim] * self.num_skips if isinstance(embed_dim, int) else list(reversed(embed_dim))
+        assert len(deep_dims) >= self.num_skips, f"{len(deep_dims)} feature widths for {self.num_skips} features"
         self.stem = conv_block(neck_dim, self.widths[0])
         self.up = nn.ModuleList()
         self.skip = nn.ModuleList()
@@ -53,7 +57,7 @@ class FeaturePyramidDecoder(nn.Module):
             self.up.append(nn.ConvTranspose2d(c_prev, c, 2, stride=2))
             has_skip = i <= self.num_skips
             if has_skip:
-                self.skip.append(nn.ConvTranspose2d(embed_dim, c, 2**i, stride=2**i))
+                self.skip.append(nn.ConvTranspose2d(deep_dims[i - 1], c, 2**i, stride=2**i))
             self.blocks.append(conv_block(2 * c if has_skip else c, c))
 
     def forward(self, neck: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
