@@ -112,6 +112,28 @@ def check_geometry(
             )
 
 
+def align_to_image(label: sitk.Image, image: sitk.Image, case: str, tolerance: float = DEFAULT_TOLERANCE) -> sitk.Image:
+    """``label`` on ``image``'s voxel grid, when its header describes the same voxels in another axis order or
+    orientation (e.g. flipped rows): every label voxel centre must fall on an image voxel centre and the two
+    grids must cover the same voxels, so nearest-neighbour resampling only reorders voxels. Else an error."""
+    size = np.array(label.GetSize())
+    corners = [tuple(int(c) for c in (size - 1) * np.array(bits)) for bits in np.ndindex(2, 2, 2)]
+    to_image = image.TransformPhysicalPointToContinuousIndex
+    mapped = np.array([to_image(label.TransformIndexToPhysicalPoint(c)) for c in corners])
+    on_grid = np.allclose(mapped, np.round(mapped), atol=1e-3)
+    same_box = on_grid and np.array_equal(
+        np.sort(np.round(mapped), axis=0)[[0, -1]], [[0, 0, 0], np.array(image.GetSize()) - 1]
+    )
+    if not (same_box and np.allclose(sorted(label.GetSpacing()), sorted(image.GetSpacing()), atol=tolerance)):
+        raise ConversionError(
+            f"geometry mismatch in case {case}: the label does not cover the image's voxel grid "
+            f"(label size {label.GetSize()}, origin {_rounded(label.GetOrigin())}, direction "
+            f"{_rounded(label.GetDirection())}; image size {image.GetSize()}, origin {_rounded(image.GetOrigin())}, "
+            f"direction {_rounded(image.GetDirection())})"
+        )
+    return sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
+
+
 def check_label_values(values: Iterable[int], allowed: Iterable[int], case: str) -> None:
     unexpected = sorted(set(int(v) for v in values) - set(int(v) for v in allowed))
     if unexpected:

@@ -10,9 +10,11 @@ Assumed input layout (the TCIA download as written by the NBIA Data Retriever, a
 TCIA lists 82 patient numbers of which 0025 and 0070 were withdrawn (duplicates), so 80 cases are expected in
 a full download; the converter takes whatever patients have both a series and a label and refuses a patient
 with only one of them. Images are read with SimpleITK's ``ImageSeriesReader`` (slices ordered by position) and
-written as NIfTI; the label must match the series' geometry within the tolerance (some pipelines flip these
-labels; we never reorient silently: a mismatch is an error). The label is written with the image's exact
-geometry so nnU-Net sees identical headers.
+written as NIfTI; the label must match the series' geometry within the tolerance, and is then written with the
+image's exact geometry so nnU-Net sees identical headers. Label files converted by other tools often describe
+the same voxels with flipped or swapped axes (e.g. rows flipped); such labels are refused unless
+``--align-labels`` is given, which resamples them onto the series' grid only when every label voxel centre falls
+on an image voxel centre (a pure reordering of voxels, checked; anything else stays an error).
 
 Split: no official split exists; NIH Pancreas-CT papers mostly report 4-fold cross-validation by patient
 (Roth et al. 2016). ``splits_final.json`` holds nnU-Net's cross-validation over all cases with ``--folds`` folds
@@ -32,6 +34,7 @@ from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
     NIFTI,
     ConversionError,
+    align_to_image,
     check_geometry,
     check_label_values,
     dataset_folder_name,
@@ -73,6 +76,7 @@ def convert_nih_pancreas(
     name: str = "NIHPancreas",
     folds: int = 4,
     tolerance: float = DEFAULT_TOLERANCE,
+    align_labels: bool = False,
 ) -> Path:
     images, labels = Path(images), Path(labels)
     patients = {}
@@ -92,7 +96,8 @@ def convert_nih_pancreas(
         reader.ReadImageInformation()
         label = sitk.ReadImage(str(label_files[case]))
         check_label_values(label_values(label), LABELS.values(), case)
-        if reader.GetSize()[:2] != label.GetSize()[:2] or len(series[case]) != label.GetSize()[2]:
+        shape = (*reader.GetSize()[:2], len(series[case]))
+        if not align_labels and shape != label.GetSize():
             raise ConversionError(
                 f"geometry mismatch in case {case}: series of {len(series[case])} slices of "
                 f"{reader.GetSize()[:2]} != label size {label.GetSize()}"
@@ -105,6 +110,8 @@ def convert_nih_pancreas(
         for case in ids:
             image = read_series(series[case])
             label = sitk.ReadImage(str(label_files[case]))
+            if align_labels:
+                label = align_to_image(label, image, case, tolerance)
             check_geometry(image, label, case, tolerance)
             label = sitk.Cast(label, sitk.sitkUInt8)
             label.CopyInformation(image)
@@ -151,9 +158,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="NIHPancreas", help="dataset name (default NIHPancreas)")
     parser.add_argument("--folds", type=int, default=4, help="cross-validation folds (default 4)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="image/label geometry tolerance")
+    parser.add_argument(
+        "--align-labels",
+        action="store_true",
+        help="resample labels whose header describes the series' voxels with flipped/swapped axes onto the series "
+        "grid (only when every label voxel lands on an image voxel centre)",
+    )
     args = parser.parse_args(argv)
     try:
-        out = convert_nih_pancreas(args.images, args.labels, args.dataset_id, args.name, args.folds, args.tolerance)
+        out = convert_nih_pancreas(
+            args.images, args.labels, args.dataset_id, args.name, args.folds, args.tolerance, args.align_labels
+        )
     except ConversionError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {out}")

@@ -19,6 +19,7 @@ from conversion_testing import (
     BTCV_IDS,
     DIRECTION,
     ORIGIN,
+    SIZE,
     SPACING,
     make_acdc,
     make_amos,
@@ -313,6 +314,30 @@ def test_nih_label_geometry_mismatch(nnunet_env):
     with pytest.raises(ConversionError, match="geometry mismatch in case 0002: image direction"):
         convert_nih_pancreas(images, labels, dataset_id=82)
     assert _leftovers(nnunet_env) == []
+
+
+def test_nih_align_labels_reorders_a_flipped_label(nnunet_env):
+    images, labels = make_nih_pancreas(nnunet_env / "tcia", numbers=(1, 2))
+    on_grid = volume(702, values=1)
+    # the same voxels described with the x axis reversed: origin at the last column, first direction column negated
+    arr = sitk.GetArrayFromImage(on_grid)[:, :, ::-1]
+    flipped = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+    flipped.SetSpacing(SPACING)
+    flipped.SetOrigin(on_grid.TransformIndexToPhysicalPoint((SIZE[0] - 1, 0, 0)))
+    d = np.array(DIRECTION).reshape(3, 3)
+    d[:, 0] *= -1
+    flipped.SetDirection(tuple(d.ravel()))
+    write(flipped, labels / "label0002.nii.gz")
+    with pytest.raises(ConversionError, match="geometry mismatch in case 0002: image origin"):
+        convert_nih_pancreas(images, labels, dataset_id=82, folds=2)
+    out = convert_nih_pancreas(images, labels, dataset_id=82, folds=2, align_labels=True)
+    np.testing.assert_array_equal(_array(out / "labelsTr" / "nih_0002.nii.gz"), sitk.GetArrayFromImage(on_grid))
+    # half a voxel off the image grid: no silent resampling
+    shifted = volume(701, values=1)
+    shifted.SetOrigin(tuple(o + 0.4 for o in ORIGIN))
+    write(shifted, labels / "label0001.nii.gz")
+    with pytest.raises(ConversionError, match="case 0001: the label does not cover the image's voxel grid"):
+        convert_nih_pancreas(images, labels, dataset_id=83, folds=2, align_labels=True)
 
 
 @pytest.mark.parametrize(
