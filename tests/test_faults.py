@@ -81,7 +81,7 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigkill_during_save_leaves_old_or_new_file_never_a_broken_one(tmp_path, seed):
     delay = random.Random(seed).uniform(0.0, 0.8)
     print(f"seed {seed}: SIGKILL {delay:.3f} s after the write started")
@@ -195,6 +195,23 @@ def test_nonfinite_gradient_with_finite_loss_is_skipped(trainer):
     assert np.isfinite(loss)
     assert re.search(r"non-finite training step \(loss [0-9.]+, gradient norm inf\) skipped", _log(trainer))
     assert _same(weights.values(), _weights(trainer).values()) and _same(moments, _optimizer_moments(trainer))
+
+
+def test_grad_scaler_still_lowers_its_scale_after_an_overflow(trainer):
+    """The AMP path (nnU-Net uses a grad scaler on CUDA), exercised on the CPU with torch's CPU GradScaler."""
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    trainer.train_step(_batch())
+    weights, scale = _weights(trainer), trainer.grad_scaler.get_scale()
+    param = next(p for p in trainer.network.parameters() if p.requires_grad)
+    hook = param.register_hook(lambda g: torch.full_like(g, float("inf")))  # what an fp16 overflow looks like
+    trainer.train_step(_batch())
+    hook.remove()
+    assert trainer.grad_scaler.get_scale() == scale / 2, "the scaler did not see the overflow"
+    assert _same(weights.values(), _weights(trainer).values())
+    trainer.train_step(_batch(nan_input=True))  # non-finite loss: unscale_ ran, step not, update must still work
+    trainer.train_step(_batch())
+    assert trainer._nonfinite_steps_in_a_row == 0
+    assert not _same(weights.values(), _weights(trainer).values())
 
 
 def _end_epoch(trainer, dice: float) -> None:
@@ -349,6 +366,9 @@ _KILL_TEST_TRAINERS = textwrap.dedent(
             super().__init__(plans, configuration, fold, dataset_json, device)
             self.save_every = 1
 
+        def perform_actual_validation(self, save_probabilities=False):
+            pass  # sliding-window validation takes minutes on a CPU and is not what this test is about
+
         def on_train_epoch_start(self):
             super().on_train_epoch_start()
             path = os.environ["STATE_DUMP"]
@@ -382,7 +402,7 @@ def kill_workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("kill")
     (root / "user_trainers").mkdir()
     (root / "user_trainers" / "kill_trainers.py").write_text(_KILL_TEST_TRAINERS)
-    make_phantom_dataset(root / "raw", dataset_id=KILL_DATASET, num_train=4, num_test=0, seed=0)
+    make_phantom_dataset(root / "raw", dataset_id=KILL_DATASET, num_train=5, num_test=0, seed=0)
     bin_dir = Path(sys.executable).parent
     cmd = [str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", str(KILL_DATASET), "-c", "3d_fullres", "-np", "1"]
     result = subprocess.run(cmd, env=_nnunet_env(root), capture_output=True, text=True, timeout=1200)
@@ -413,24 +433,32 @@ def _checkpoint_for_continue(fold: Path) -> Path | None:
     return None
 
 
-def _kill_at_random_moment(proc: subprocess.Popen, fold: Path, rng: random.Random) -> str:
-    """SIGKILL the training's process group, either while a checkpoint is being written or at a random time."""
-    if rng.random() < 0.5:
-        deadline = time.time() + 600
+def _kill_at_random_moment(proc: subprocess.Popen, fold: Path, rng: random.Random, during_save: bool) -> str:
+    """SIGKILL the run after it wrote its first checkpoint: during a later save, or at a random time.
+
+    Waiting for one checkpoint of this run makes every run progress, so later runs continue from real checkpoints.
+    """
+    started, latest = time.time(), fold / "checkpoint_latest.pth"
+    deadline = started + 900
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and latest.stat().st_mtime > started:
+            break
+        time.sleep(0.05)
+    if during_save:
+        time.sleep(0.5)  # past the save that just finished
         while time.time() < deadline and proc.poll() is None:
             if any(fault_tolerance.is_temp_file(p) for p in fold.glob(".*")):
-                time.sleep(rng.uniform(0.0, 0.8))
                 break
             time.sleep(0.01)
-        moment = "during a checkpoint save"
+        delay = rng.uniform(0.0, 0.8)  # a save takes about 1 s (the test trainers write slowly)
+        moment = f"{delay:.2f} s into a checkpoint save"
     else:
-        delay = rng.uniform(20.0, 60.0)
-        deadline = time.time() + delay
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-        moment = f"{delay:.1f} s after the start"
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+        delay = rng.uniform(0.0, 30.0)  # an epoch takes 5-20 s here
+        moment = f"{delay:.1f} s after its first checkpoint"
+    time.sleep(delay)
+    if proc.poll() is not None:
+        return "not killed: it ended by itself"
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     return moment
 
@@ -451,16 +479,18 @@ def test_sigkill_at_random_moments_then_continue_finishes(kill_workspace, traine
         saved = torch.load(source, map_location="cpu", weights_only=False) if source else None
         dump.unlink(missing_ok=True)
         cmd = train + (["--c"] if run else [])
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        if run < 4:
-            moment = _kill_at_random_moment(proc, fold, rng)
-            print(f"run {run} (from {source and source.name}): killed {moment}")
-            for path in fold.glob("checkpoint_*.pth"):  # every checkpoint on disk is complete
-                torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            output = proc.communicate(timeout=1800)[0]
-            assert proc.returncode == 0, output[-4000:]
-            print(f"run {run} (from {source and source.name}): finished")
+        log = kill_workspace / f"{trainer}_run{run}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            if run < 4:
+                moment = _kill_at_random_moment(proc, fold, rng, during_save=run % 2 == 0)
+            else:
+                proc.wait(timeout=1800)
+                moment = "not killed"
+        print(f"run {run} (from {source and source.name}): {moment}, exit code {proc.returncode}")
+        assert proc.returncode in (0, -signal.SIGKILL), log.read_text()[-4000:]
+        for path in fold.glob("checkpoint_*.pth"):  # every checkpoint on disk is complete
+            torch.load(path, map_location="cpu", weights_only=False)
         if dump.exists():  # the run got to its first epoch before it was killed
             _assert_resumed_state(torch.load(dump, map_location="cpu", weights_only=False), saved, trainer)
             compared += 1

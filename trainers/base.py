@@ -223,7 +223,11 @@ class SAMTrainer(nnUNetTrainer):
         With AMP (CUDA) the grad scaler still lowers its scale after an overflow, as in nnU-Net.
         """
         data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        if isinstance(target, list):  # nnU-Net's deep-supervision targets
+            target = [t.to(self.device, non_blocking=True) for t in target]
+        else:
+            target = target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             output = self.network(data)
