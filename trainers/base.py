@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nnunet_sam.backbones.checkpoints import find_checkpoint, load_checkpoint, resize_to_input
 from nnunet_sam.backbones.sam_vit import get_backbone
+from nnunet_sam.dataset_checks import check_training_data
 from nnunet_sam.fault_tolerance import NonFiniteTrainingError, all_finite, atomic_write, remove_stale_temp_files
 from nnunet_sam.planning import PLANS_KEY, PatchRule, VolumePatchRule, sam_settings
 
@@ -177,6 +178,13 @@ class SAMTrainer(nnUNetTrainer):
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
         self.print_to_log_file(f"Parameters: {trainable:,} trainable, {frozen:,} frozen")
+
+    def get_tr_and_val_datasets(self):
+        """nnU-Net's datasets of this fold (built when training starts), checked against dataset.json first."""
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        for warning in check_training_data(dataset_tr, dataset_val, self.dataset_json["labels"]):
+            self.print_to_log_file(f"WARNING: {warning}")
+        return dataset_tr, dataset_val
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         self._weights_from_nnunet_checkpoint = True  # every SAM weight comes from the nnU-Net checkpoint

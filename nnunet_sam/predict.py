@@ -1,0 +1,226 @@
+"""``nnunet_sam_predict``: nnUNetv2_predict that checks every case and keeps going past a bad one.
+
+nnU-Net's ``nnUNetv2_predict`` stops at the first case it cannot read or process and leaves the rest of the
+folder unpredicted; some bad inputs (NaN voxels, a missing channel file) it does not notice at all. This command
+takes the common arguments of ``nnUNetv2_predict`` and works on the same model folders, but predicts one case
+after the other in this process (nnU-Net's own preprocessing, sliding window and export): every case is checked
+first (:func:`check_case`), a case that cannot be segmented correctly is skipped with a message naming the case
+and the problem, the others are predicted, and the command lists the failures at the end and exits with 1.
+See docs/bad_inputs.md for what is checked and what nnU-Net does with each bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Sequence
+
+import nibabel
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import save_json
+from nnunetv2.inference.export_prediction import export_prediction_from_logits
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+NON_FINITE = "non-finite voxels (NaN or inf)"
+NON_FINITE_ADVICE = (
+    "a segmentation of them would be meaningless (ITK's NIfTI reader even turns them into 0 silently). "
+    "Replace them (e.g. by the background intensity) and predict again"
+)
+
+
+class BadCaseError(ValueError):
+    """A prediction input that cannot be segmented correctly; the message names the case and the problem."""
+
+
+def check_case(case: str, image: np.ndarray, properties: dict, channel_names: Sequence[str], model_is_3d: bool) -> None:
+    """Raise :class:`BadCaseError` unless ``image`` (C, Z, Y, X), as nnU-Net's readers return it, can be segmented.
+
+    Checks: the number of channels, a 2D image (one slice) given to a 3D model, non-finite voxels (NaN, inf; readers
+    other than ITK's NIfTI reader keep them, see :func:`check_nifti_file`) and,
+    where the reader reports one (``properties["sitk_stuff"]["direction"]``), a non-orthonormal direction matrix.
+    Volumes smaller than the patch are fine: nnU-Net pads them and crops the prediction back.
+    """
+    if image.ndim != 4:
+        raise BadCaseError(f"{case}: the reader returned an array of shape {image.shape}, expected (C, Z, Y, X)")
+    if image.shape[0] != len(channel_names):
+        raise BadCaseError(
+            f"{case}: {image.shape[0]} channel(s) but the model expects {len(channel_names)} "
+            f"({', '.join(channel_names)}): one file per channel, named CASE_0000, CASE_0001, ..."
+        )
+    if model_is_3d and image.shape[1] == 1:
+        raise BadCaseError(
+            f"{case}: a 2D image (one slice of {image.shape[2]}x{image.shape[3]}) given to a 3D model; "
+            "predict it with a 2d configuration (-c 2d)"
+        )
+    finite = np.isfinite(image)
+    if not finite.all():
+        bad = [f"{channel_names[c]}: {int((~finite[c]).sum())}" for c in range(image.shape[0]) if not finite[c].all()]
+        raise BadCaseError(f"{case}: {NON_FINITE}: {'; '.join(bad)}; {NON_FINITE_ADVICE}")
+    direction = properties.get("sitk_stuff", {}).get("direction")
+    if direction is not None:
+        n = int(round(len(direction) ** 0.5))
+        matrix = np.asarray(direction, dtype=np.float64).reshape(n, n)
+        if not np.allclose(matrix @ matrix.T, np.eye(n), atol=1e-4):
+            raise BadCaseError(
+                f"{case}: the direction matrix {matrix.round(4).tolist()} is not orthonormal (sheared or scaled "
+                "axes); nnU-Net works in voxel space and would write a wrong geometry. Resample the image first"
+            )
+
+
+def check_nifti_file(case: str, files: Sequence[str]) -> None:
+    """Raise :class:`BadCaseError` for what ITK's NIfTI reader would hide: sheared axes and NaN/inf voxels.
+
+    ITK replaces a non-orthogonal affine by an orthogonal one (a warning on stderr only), so the prediction would be
+    written with another geometry, and reads NaN and inf voxels as 0. Only the file itself shows either; the voxel
+    data are read only for floating-point files (integer NIfTI cannot hold NaN).
+    """
+    for file in files:
+        if not file.endswith((".nii", ".nii.gz")):
+            continue
+        nifti = nibabel.load(file)
+        axes = np.asarray(nifti.affine, dtype=np.float64)[:3, :3]
+        axes = axes / np.linalg.norm(axes, axis=0, keepdims=True)
+        if not np.allclose(axes.T @ axes, np.eye(3), atol=1e-4):
+            raise BadCaseError(
+                f"{case}: {os.path.basename(file)} has a non-orthogonal (sheared) affine "
+                f"{axes.round(4).tolist()}; ITK would replace it by an orthogonal one and the prediction would not "
+                "overlay the image. Resample the image to an orthogonal grid first"
+            )
+        if np.issubdtype(nifti.get_data_dtype(), np.floating):
+            bad = int((~np.isfinite(np.asanyarray(nifti.dataobj))).sum())
+            if bad:
+                raise BadCaseError(f"{case}: {NON_FINITE}: {os.path.basename(file)}: {bad}; {NON_FINITE_ADVICE}")
+
+
+def cases_in_folder(folder: str, file_ending: str) -> tuple[dict[str, list[str]], list[str]]:
+    """nnU-Net's naming: CASE_XXXX<file_ending> per channel. Returns case -> sorted channel files, and the files
+    with the right ending that do not follow the naming (nnU-Net ignores those silently)."""
+    pattern = re.compile(rf"(.+)_(\d{{4}}){re.escape(file_ending)}")
+    cases: dict[str, list[str]] = {}
+    misnamed = []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(file_ending):
+            continue
+        match = pattern.fullmatch(name)
+        if match is None:
+            misnamed.append(name)
+        else:
+            cases.setdefault(match.group(1), []).append(os.path.join(folder, name))
+    return cases, misnamed
+
+
+def read_and_check(
+    case: str, files: Sequence[str], reader, channel_names: Sequence[str], model_is_3d: bool
+) -> tuple[np.ndarray, dict]:
+    """Read a case with nnU-Net's reader after :func:`check_nifti_file`, then :func:`check_case` it."""
+    check_nifti_file(case, files)
+    image, properties = reader.read_images(files)
+    check_case(case, image, properties, channel_names, model_is_3d)
+    return image, properties
+
+
+def predict_cases(
+    predictor: nnUNetPredictor,
+    cases: dict[str, list[str]],
+    output_folder: str,
+    save_probabilities: bool = False,
+    overwrite: bool = True,
+) -> dict[str, str]:
+    """Check and predict every case (name -> its channel files) into ``output_folder``; return name -> error.
+
+    A case that fails (a :class:`BadCaseError` or any other exception) is reported and skipped; the others are
+    predicted.
+    """
+    plans, configuration = predictor.plans_manager, predictor.configuration_manager
+    dataset_json = predictor.dataset_json
+    channel_names = [dataset_json["channel_names"][k] for k in sorted(dataset_json["channel_names"], key=int)]
+    model_is_3d = len(configuration.patch_size) == 3
+    reader = plans.image_reader_writer_class()
+    preprocessor = configuration.preprocessor_class(verbose=False)
+    os.makedirs(output_folder, exist_ok=True)
+    save_json(dataset_json, os.path.join(output_folder, "dataset.json"), sort_keys=False)
+    save_json(plans.plans, os.path.join(output_folder, "plans.json"), sort_keys=False)
+    failures: dict[str, str] = {}
+    for case, files in sorted(cases.items()):
+        output = os.path.join(output_folder, case)
+        if not overwrite and os.path.isfile(output + dataset_json["file_ending"]):
+            continue
+        try:
+            image, properties = read_and_check(case, files, reader, channel_names, model_is_3d)
+            data, _, properties = preprocessor.run_case_npy(image, None, properties, plans, configuration, dataset_json)
+            if not np.isfinite(data).all():
+                raise BadCaseError(
+                    f"{case}: not finite after nnU-Net's intensity normalisation (intensities {image.min():g} to "
+                    f"{image.max():g}); check the image for extreme values"
+                )
+            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+            if not torch.isfinite(logits).all():
+                raise BadCaseError(f"{case}: the network's output is not finite; nothing was written")
+            export_prediction_from_logits(
+                logits, properties, configuration, plans, dataset_json, output, save_probabilities
+            )
+        except Exception as error:  # one bad case must not stop the others
+            message = str(error) if isinstance(error, BadCaseError) else f"{case}: {type(error).__name__}: {error}"
+            failures[case] = message
+            print(f"FAILED {message}", file=sys.stderr)
+        else:
+            print(f"done {case}")
+    return failures
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Predict a folder like nnUNetv2_predict, but check every case, skip bad ones with a message and "
+        "predict the others; exits with 1 if any case failed. Cases run one after the other in this process."
+    )
+    parser.add_argument("-i", required=True, help="input folder (CASE_0000.nii.gz, CASE_0001.nii.gz, ...)")
+    parser.add_argument("-o", required=True, help="output folder")
+    parser.add_argument("-d", help="dataset name or id")
+    parser.add_argument("-c", help="configuration, e.g. 3d_fullres")
+    parser.add_argument("-m", help="model folder (instead of -d, -c, -tr, -p), as nnUNetv2_predict_from_modelfolder")
+    parser.add_argument("-tr", default="nnUNetTrainer", help="trainer, e.g. MaskSAMTrainer")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    parser.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (or 'all')")
+    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
+    parser.add_argument("-step_size", type=float, default=0.5, help="sliding window step (fraction of the patch)")
+    parser.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    parser.add_argument("--save_probabilities", action="store_true", help="also write the probabilities (.npz)")
+    parser.add_argument("--continue_prediction", action="store_true", help="skip cases whose output exists")
+    parser.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="device")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.m is None and (args.d is None or args.c is None):
+        parser.error("give -d and -c (with -tr, -p), or the model folder with -m")
+    folds = [f if f == "all" else int(f) for f in args.f]
+    model_folder = args.m or get_output_folder(args.d, args.tr, args.p, args.c)
+    predictor = nnUNetPredictor(
+        tile_step_size=args.step_size,
+        use_mirroring=not args.disable_tta,
+        device=torch.device(args.device),
+        allow_tqdm=False,
+    )
+    predictor.initialize_from_trained_model_folder(model_folder, folds, args.chk)
+    ending = predictor.dataset_json["file_ending"]
+    cases, misnamed = cases_in_folder(args.i, ending)
+    failures = predict_cases(predictor, cases, args.o, args.save_probabilities, not args.continue_prediction)
+    print(f"{len(cases) - len(failures)} of {len(cases)} case(s) predicted into {args.o}")
+    for name in misnamed:
+        failures[name] = f"{name}: not named CASE_XXXX{ending} (XXXX = channel number, e.g. _0000); not predicted"
+    if failures:
+        print(f"{len(failures)} case(s) failed:", file=sys.stderr)
+        for message in failures.values():
+            print(f"  {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
