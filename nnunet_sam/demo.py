@@ -202,7 +202,7 @@ def run_demo(
     workdir = Path(workdir if workdir is not None else Path.cwd() / DEFAULT_WORKDIR_NAME).resolve()
     trainer = trainer or default_trainer()
     backbone = trainer_backbone(trainer)
-    # nnU-Net's 8-fold mirroring would make LiteMedSAM's CPU inference (about 5 GFLOPs per 64 px slice) 8x longer
+    # nnU-Net's 8-fold mirroring would make LiteMedSAM's CPU inference (about 6 GFLOPs per 64 px slice) 8x longer
     mirroring = not (device == "cpu" and backbone == "lite_medsam")
     np_str = str(max(1, int(num_processes)))
     _prepare_workdir(workdir)

@@ -329,7 +329,7 @@ class LiteMedSAM:
 
 
 class LiteMedSAMCPUDemo:
-    """LiteMedSAM within a CPU demo: 2 slices of 64 px (about 5 GFLOPs per slice in the encoder, 75 at 256 px), 200
+    """LiteMedSAM within a CPU demo: 2 slices of 64 px (about 6 GFLOPs per slice in the encoder, 75 at 256 px), 200
     steps."""
 
     max_depth = 2
