@@ -165,7 +165,7 @@ def test_forward_backward_on_a_small_patch(method):
         (MaskSAMTrainer_LiteMedSAM, [64, 256, 224], [8, 256, 256]),  # the 256 px pretraining size at most
         (MaskSAMTrainer_LiteMedSAM, [64, 192, 160], [8, 192, 192]),  # the smallest 64 px multiple covering it
         (SelfPromptSAMTrainer_LiteMedSAM, [24, 96, 96], [8, 128, 128]),  # small plans keep their own size
-        (MaskSAMTrainer_LiteMedSAM_demo, [24, 96, 96], [2, 64, 64]),
+        (MaskSAMTrainer_LiteMedSAM_demo, [24, 96, 96], [4, 64, 64]),
     ],
 )
 def test_trainer_variants_and_patch_rule(trainer, planned, expected_patch):
