@@ -151,11 +151,12 @@ def predict_cases(
             continue
         try:
             image, properties = read_and_check(case, files, reader, channel_names, model_is_3d)
+            low, high = float(image.min()), float(image.max())  # preprocessing may work in place
             data, _, properties = preprocessor.run_case_npy(image, None, properties, plans, configuration, dataset_json)
             if not np.isfinite(data).all():
                 raise BadCaseError(
-                    f"{case}: not finite after nnU-Net's intensity normalisation (intensities {image.min():g} to "
-                    f"{image.max():g}); check the image for extreme values"
+                    f"{case}: not finite after nnU-Net's intensity normalisation (intensities {low:g} to {high:g}); "
+                    "check the image for extreme values"
                 )
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
             if not torch.isfinite(logits).all():
