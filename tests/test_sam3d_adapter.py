@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from sam_testing import dataset_json, minimal_plans
@@ -18,6 +24,7 @@ from nnunet_sam.blocks.volumetric_encoder import (
     window_unpartition_3d,
 )
 from nnunet_sam.network_architectures.sam3d_adapter import SAM3DAdapterNetwork
+from nnunet_sam.phantoms import make_phantom_dataset
 from nnunet_sam.planning import PatchError, VolumePatchRule, derive_patch, sam_settings
 from nnunet_sam.prompting.point_sampler import sample_points, simulate_points
 from nnunet_sam.trainers.sam3d_adapter import SAM3DAdapterTrainer, SAM3DAdapterTrainer_tiny
@@ -248,3 +255,92 @@ def test_both_trainers_are_found_by_nnunet_lookup(tmp_path):
     result = _run(_find_code(names), cwd=tmp_path, env=_clean_env())
     for name in names:
         assert result["found"][name] == ["nnunet_sam.trainers.sam3d_adapter", name]
+
+
+# ---- end to end (slow) --------------------------------------------------------------------------------------
+E2E_TRAINERS = """
+from nnunet_sam.trainers.sam3d_adapter import SAM3DAdapterTrainer_prompted_tiny, SAM3DAdapterTrainer_tiny
+
+
+class Budget:
+    epochs = 10
+    iterations_per_epoch = 30
+    val_iterations_per_epoch = 5
+
+
+class SAM3DAdapterTrainer_tiny_e2e(Budget, SAM3DAdapterTrainer_tiny):
+    pass
+
+
+class SAM3DAdapterTrainer_prompted_tiny_e2e(Budget, SAM3DAdapterTrainer_prompted_tiny):
+    pass
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_tiny_trainers_train_and_predict_with_nnunet_tools(tmp_path):
+    """Phantom dataset -> plan/preprocess -> train automatic and prompted (same 300 steps) -> predict + evaluate
+    the automatic model with nnU-Net's tools. The prompted model is compared on the online validation Dice
+    (validation patches with one simulated click per class), since nnUNetv2_predict passes no points."""
+    bin_dir = Path(sys.executable).parent
+    (tmp_path / "user_trainers").mkdir()
+    (tmp_path / "user_trainers" / "e2e_sam3d_trainers.py").write_text(E2E_TRAINERS)
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_SAM_checkpoints"}
+    env.update(
+        nnUNet_raw=str(tmp_path / "raw"),
+        nnUNet_preprocessed=str(tmp_path / "preprocessed"),
+        nnUNet_results=str(tmp_path / "results"),
+        nnUNet_extTrainer=str(tmp_path / "user_trainers"),
+        nnUNet_compile="f",
+        nnUNet_n_proc_DA="1",
+    )
+
+    def run(*cmd: str) -> None:
+        result = subprocess.run([str(bin_dir / cmd[0]), *cmd[1:]], env=env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+    make_phantom_dataset(tmp_path / "raw", dataset_id=991, num_train=8, num_test=2, seed=0)
+    run("nnUNetv2_plan_and_preprocess", "-d", "991", "-c", "3d_fullres", "-np", "1")
+    online = {}
+    for trainer in ("SAM3DAdapterTrainer_tiny_e2e", "SAM3DAdapterTrainer_prompted_tiny_e2e"):
+        run("nnUNetv2_train", "991", "3d_fullres", "0", "-tr", trainer, "-device", "cpu")
+        model = tmp_path / "results" / "Dataset991_Phantom" / f"{trainer}__nnUNetPlans__3d_fullres"
+        checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        online[trainer] = checkpoint["logging"]["mean_fg_dice"][-1]
+    trainer = "SAM3DAdapterTrainer_tiny_e2e"
+    model = tmp_path / "results" / "Dataset991_Phantom" / f"{trainer}__nnUNetPlans__3d_fullres"
+    images, out = tmp_path / "raw" / "Dataset991_Phantom" / "imagesTs", tmp_path / "pred"
+    run(
+        "nnUNetv2_predict",
+        "-i",
+        str(images),
+        "-o",
+        str(out),
+        "-d",
+        "991",
+        "-c",
+        "3d_fullres",
+        "-f",
+        "0",
+        "-tr",
+        trainer,
+        "-device",
+        "cpu",
+    )
+    labels = tmp_path / "raw" / "Dataset991_Phantom" / "labelsTs"
+    run(
+        "nnUNetv2_evaluate_folder",
+        str(labels),
+        str(out),
+        "-djfile",
+        str(model / "dataset.json"),
+        "-pfile",
+        str(model / "plans.json"),
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    mean = summary["foreground_mean"]["Dice"]
+    print(f"held-out mean foreground Dice (automatic) {mean:.3f}; last online pseudo-Dice {online}")
+    # 300 CPU steps learn the large organs only (first run: nnU-Net's final validation Dice 0.29 = liver 0.67,
+    # aorta 0.49, spleen and kidney 0); chance level (each organ's prevalence) is below 0.03.
+    assert mean > 0.15, f"automatic mean foreground Dice {mean:.3f}: per class {summary['mean']}"

@@ -2,7 +2,8 @@
 
 A volume of D slices is embedded slice by slice with SAM's frozen patch embedding; a learnable depth-wise
 convolution then merges every ``slice_group`` consecutive slices into one token, so the ViT sees a token grid
-(T, g, g) with T = D / slice_group. Positions: SAM's 2D ``pos_embed`` (in-plane) plus a learnable depth
+(T, g, g) with T = D / slice_group. Positions: SAM's 2D ``pos_embed`` (resized to the in-plane grid when the
+checkpoint is loaded, :func:`~nnunet_sam.backbones.checkpoints.resize_to_input`) plus a learnable depth
 embedding (zero at initialisation). Every block attends within cubic 3D windows of ``window`` tokens per axis
 (an axis shorter than the window is one window); odd blocks shift the windows by half a window, Swin-style,
 along every axis with more than one window. Relative positions: SAM's h and w tables resized (linearly) to the
