@@ -127,6 +127,7 @@ setup(
         "console_scripts": [
             "nnunet_sam_phantom=nnunet_sam.phantoms:main",
             "nnunet_sam_demo=nnunet_sam.demo:main",
+            "nnunet_sam_benchmark=nnunet_sam.benchmark:main",
             "nnunet_sam_predict=nnunet_sam.predict:main",
             "nnunet_sam_convert_synapse=nnunet_sam.dataset_conversion.synapse:main",
             "nnunet_sam_convert_acdc=nnunet_sam.dataset_conversion.acdc:main",
