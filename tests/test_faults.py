@@ -492,7 +492,9 @@ def test_sigkill_at_random_moments_then_continue_finishes(kill_workspace, traine
         for path in fold.glob("checkpoint_*.pth"):  # every checkpoint on disk is complete
             torch.load(path, map_location="cpu", weights_only=False)
         if dump.exists():  # the run got to its first epoch before it was killed
-            _assert_resumed_state(torch.load(dump, map_location="cpu", weights_only=False), saved, trainer)
+            state = torch.load(dump, map_location="cpu", weights_only=False)
+            print(f"  started at epoch {state['epoch']}, lr {state['lr']:.3g}, decoder on: {state['run_decoder']}")
+            _assert_resumed_state(state, saved, trainer)
             compared += 1
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["current_epoch"] == 8
