@@ -676,7 +676,7 @@ def format_report(report: dict) -> str:
         f"{setup['in_channels']} input channel(s); FLOPs in GFLOP per sample (batch 1), memory in GiB."
     )
     head = (
-        f"{'trainer':<22}{'backbone':<13}{'patch':<13}{'in':>5}{'params M':>10}{'train M':>9}{'frozen M':>9}"
+        f"{'trainer':<22}{'backbone':<15}{'patch':<13}{'in':>5}{'params M':>10}{'train M':>9}{'frozen M':>9}"
         f"{'train GF':>11}{'infer GF':>10}{'ratio':>7}{'floor':>7}"
     )
     lines += ["", head, "-" * len(head)]
@@ -684,13 +684,13 @@ def format_report(report: dict) -> str:
         p, f = r["params"], r["flops"]
         floor = f.get("frozen_encoder_floor")
         lines.append(
-            f"{r['trainer']:<22}{r['backbone']:<13}{'x'.join(map(str, r['patch_size'])):<13}"
+            f"{r['trainer']:<22}{r['backbone']:<15}{_patch(r['patch_size']):<13}"
             f"{r.get('sam_input_size', ''):>5}{p['total'] / 1e6:>10.2f}{p['trainable'] / 1e6:>9.2f}"
             f"{p['frozen'] / 1e6:>9.2f}{_g(f['train_step']):>11}{_g(f['inference']):>10}"
             f"{f['train_over_forward']:>7.2f}{'' if floor is None else f'{floor:.2f}':>7}"
         )
     lines.append(
-        "ratio = training step / inference forward FLOPs; floor = same for the bare frozen SAM encoder "
+        "ratio = training step / inference forward FLOPs; floor = same for the encoder path with every weight frozen "
         "(full fine-tuning: about 3)."
     )
     for r in report["configs"]:
@@ -709,22 +709,22 @@ def format_report(report: dict) -> str:
                 f"checkpointed step {_g(r['flops']['train_step_checkpointed'])} GF"
             )
 
-    head = f"{'trainer':<22}{'backbone':<13}{'batch':>6}" + "".join(f"{o:>20}" for o in MEMORY_OPTIONS)
+    head = f"{'trainer':<22}{'backbone':<15}{'patch':<13}{'batch':>6}" + "".join(f"{o:>24}" for o in MEMORY_OPTIONS)
     lines += ["", "Estimated peak training memory (GiB): weights + grads + optimiser state + saved activations", head]
     lines.append("-" * len(head))
     for r in report["configs"] + [report["unet"][k] for k in sorted(report["unet"])]:
         for batch in (1, 2):
             row = r["memory_bytes"][f"batch{batch}"]
             lines.append(
-                f"{r['trainer']:<22}{r['backbone']:<13}{batch:>6}"
-                + "".join(f"{_gib(row.get(o)):>20}" for o in MEMORY_OPTIONS)
+                f"{r['trainer']:<22}{r['backbone']:<15}{_patch(r['patch_size']):<13}{batch:>6}"
+                + "".join(f"{_gib(row.get(o)):>24}" for o in MEMORY_OPTIONS)
             )
 
     lines += ["", "Checkpoint size (MiB): full state dict / + SGD-or-AdamW state (nnU-Net saves it) / trainable-only"]
     for r in report["configs"]:
         c = r["checkpoint_bytes"]
         lines.append(
-            f"  {r['trainer']:<22}{r['backbone']:<13}{c['full_state_dict'] / 2**20:>10.1f}"
+            f"  {r['trainer']:<22}{r['backbone']:<15}{c['full_state_dict'] / 2**20:>10.1f}"
             f"{c['optimizer_state'] / 2**20:>10.1f}{c['trainable_only'] / 2**20:>10.1f}"
         )
 
@@ -749,7 +749,7 @@ def format_report(report: dict) -> str:
         ]
         for r in report["cpu"]:
             lines.append(
-                f"  {r['trainer']:<22}{r['backbone']:<13}{_patch(r['patch_size']):<10} "
+                f"  {r['trainer']:<22}{r['backbone']:<15}{_patch(r['patch_size']):<10} "
                 f"train step {r['sam']['train_step_s']:.3f} s "
                 f"({r['train_ratio_to_unet']:.2f}x U-Net {r['unet']['train_step_s']:.3f} s), inference patch "
                 f"{r['sam']['inference_patch_s']:.3f} s ({r['inference_ratio_to_unet']:.2f}x U-Net "

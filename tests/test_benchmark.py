@@ -56,7 +56,7 @@ def test_flops_are_sane(report, trainer, backbone):
     assert f["train_step_checkpointed"] > f["train_step"], "checkpointing recomputes the encoder blocks"
     assert 2.0 < f["frozen_encoder_floor"] < 2.3
     # the real step can only add the trainable weights' gradient work to the all-frozen step, and stays below 3
-    assert f["frozen_encoder_floor"] * 0.97 < f["all_frozen_floor"] <= f["train_over_forward"] < 3.05
+    assert f["frozen_encoder_floor"] * 0.95 < f["all_frozen_floor"] <= f["train_over_forward"] < 3.05
     if backbone == "vit_b":  # frozen ViT-B dominates: near the floor, far from full fine-tuning (3)
         assert f["ratio_over_floor"] < 1.15, f"{trainer} vit_b training step is {f['ratio_over_floor']:.2f}x the floor"
     if trainer == "SelfPromptSAMTrainer":
