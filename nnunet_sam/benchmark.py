@@ -190,16 +190,11 @@ def _storage(t: torch.Tensor) -> tuple[int, int]:
         return id(t), 0
 
 
-def encoder_blocks(net: nn.Module) -> list[nn.Module]:
-    """SAM ViT blocks of the network's image encoder ([] for encoders without a ``blocks`` list)."""
-    sam = getattr(net, "sam", None)
-    return list(getattr(sam.image_encoder, "blocks", [])) if sam is not None else []
-
-
 class SavedTensorTrace:
     """Sums the tensors saved for backward during a forward pass, attributed to encoder blocks or "outside".
 
-    Attribution uses forward pre-hooks on each SAM ViT block's first layer (``norm1``) and on the encoder neck.
+    Attribution wraps ``encoder_additions._block`` of this (throw-away, meta or fake) network instance: the unit
+    that activation checkpointing recomputes, for every backbone.
     """
 
     def __init__(self, net: nn.Module) -> None:
@@ -208,18 +203,22 @@ class SavedTensorTrace:
         self.seen: dict[int, tuple[int | None, int]] = {}  # storage -> (block or None, bytes)
         self.block_inputs: dict[int, int] = {}
         self.keep: list[torch.Tensor] = []  # keeps storages alive so that their identities stay unique
-        self.handles = []
-        for i, block in enumerate(encoder_blocks(net)):
-            self.handles.append(block.norm1.register_forward_pre_hook(lambda m, a, i=i: self._enter(i, a[0])))
-        if encoder_blocks(net):
-            self.handles.append(net.sam.image_encoder.neck.register_forward_pre_hook(lambda m, a: self._enter(None)))
+        self.additions = getattr(net, "encoder_additions", None)
+        if self.additions is not None:
+            self.additions._block = self._traced(self.additions._block)  # instance attribute shadows the method
 
-    def _enter(self, block: int | None, x: torch.Tensor | None = None) -> None:
-        self.where = block
-        if x is not None:
+    def _traced(self, run_block: Callable) -> Callable:
+        def block(i: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
             key, size = _storage(x)
             self.block_inputs[key] = size
             self.keep.append(x)
+            self.where = i
+            try:
+                return run_block(i, module, x)
+            finally:
+                self.where = None
+
+        return block
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         key, size = _storage(t)
@@ -234,8 +233,8 @@ class SavedTensorTrace:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
                 fn()
         finally:
-            for h in self.handles:
-                h.remove()
+            if self.additions is not None:
+                del self.additions._block
         per_block: dict[int, int] = {}
         outside = 0
         for where, size in self.seen.values():
