@@ -128,6 +128,7 @@ setup(
             "nnunet_sam_phantom=nnunet_sam.phantoms:main",
             "nnunet_sam_demo=nnunet_sam.demo:main",
             "nnunet_sam_benchmark=nnunet_sam.benchmark:main",
+            "nnunet_sam_evaluate=nnunet_sam.evaluate:main",
             "nnunet_sam_predict=nnunet_sam.predict:main",
             "nnunet_sam_convert_synapse=nnunet_sam.dataset_conversion.synapse:main",
             "nnunet_sam_convert_acdc=nnunet_sam.dataset_conversion.acdc:main",
@@ -135,7 +136,6 @@ setup(
             "nnunet_sam_convert_amos=nnunet_sam.dataset_conversion.amos:main",
             "nnunet_sam_convert_nih_pancreas=nnunet_sam.dataset_conversion.nih_pancreas:main",
             "nnunet_sam_submission=nnunet_sam.dataset_conversion.submission:main",
-            "nnunet_sam_evaluate=nnunet_sam.evaluate:main",
         ]
     },
     cmdclass={"build": build, "build_pth": build_pth},

@@ -279,6 +279,7 @@ class SAM3DAdapterTrainer_prompted_tiny_e2e(Budget, SAM3DAdapterTrainer_prompted
 
 @pytest.mark.slow
 @pytest.mark.e2e
+@pytest.mark.manual  # never completed on the 2-core machine yet (issue 7): kept out of CI until it has
 def test_tiny_trainers_train_and_predict_with_nnunet_tools(tmp_path):
     """Phantom dataset -> plan/preprocess -> train automatic and prompted (same 300 steps) -> predict + evaluate
     the automatic model with nnU-Net's tools. The prompted model is compared on the online validation Dice
