@@ -20,8 +20,9 @@ from collections.abc import Sequence
 import nibabel
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import save_json
-from nnunetv2.inference.export_prediction import export_prediction_from_logits
+from batchgenerators.utilities.file_and_folder_operations import save_json, save_pickle
+from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
+from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 
@@ -123,6 +124,44 @@ def read_and_check(
     return image, properties
 
 
+def write_checked(
+    case: str, segmentation: np.ndarray, writer: BaseReaderWriter, output_file: str, properties: dict
+) -> None:
+    """Write ``segmentation`` (Z, Y, X; (1, Y, X) for 2D images) to ``output_file`` only if it reads back equal.
+
+    ITK's NIfTI writer does not raise on a full disk: it prints an error and leaves a truncated file that may even
+    read back without error. The segmentation is therefore written to a hidden temporary file in the output
+    folder, read back and compared voxel by voxel, and only then renamed to ``output_file``; otherwise the
+    temporary file is removed and :class:`BadCaseError` names the case (an existing ``output_file`` is kept).
+    """
+    folder, name = os.path.split(output_file)
+    temporary = os.path.join(folder, f".{name}.partial-{os.getpid()}{_ending(name)}")
+    try:
+        writer.write_seg(segmentation, temporary, properties)
+        written = writer.read_seg(temporary)[0][0]
+        complete = written.shape == segmentation.shape and np.array_equal(written, segmentation)
+    except Exception as error:
+        complete, reason = False, f"{type(error).__name__}: {error}"
+    else:
+        reason = "the file read back differs from the prediction"
+    if not complete:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise BadCaseError(
+            f"{case}: the segmentation could not be written completely to {output_file} ({reason}); is the disk "
+            "full? Nothing was written for this case"
+        )
+    os.replace(temporary, output_file)
+
+
+def _ending(name: str) -> str:
+    """The file ending nnU-Net's writers choose the format by (``.nii.gz``, ``.nrrd``, ...)."""
+    for ending in (".nii.gz", ".seg.nrrd"):
+        if name.endswith(ending):
+            return ending
+    return os.path.splitext(name)[1]
+
+
 def predict_cases(
     predictor: nnUNetPredictor,
     cases: dict[str, list[str]],
@@ -140,6 +179,7 @@ def predict_cases(
     channel_names = [dataset_json["channel_names"][k] for k in sorted(dataset_json["channel_names"], key=int)]
     model_is_3d = len(configuration.patch_size) == 3
     reader = plans.image_reader_writer_class()
+    label_manager = plans.get_label_manager(dataset_json)
     preprocessor = configuration.preprocessor_class(verbose=False)
     os.makedirs(output_folder, exist_ok=True)
     save_json(dataset_json, os.path.join(output_folder, "dataset.json"), sort_keys=False)
@@ -161,9 +201,14 @@ def predict_cases(
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
             if not torch.isfinite(logits).all():
                 raise BadCaseError(f"{case}: the network's output is not finite; nothing was written")
-            export_prediction_from_logits(
-                logits, properties, configuration, plans, dataset_json, output, save_probabilities
+            result = convert_predicted_logits_to_segmentation_with_correct_shape(
+                logits, plans, configuration, label_manager, properties, return_probabilities=save_probabilities
             )
+            segmentation = result[0] if save_probabilities else result
+            if save_probabilities:  # numpy and pickle raise on a full disk, unlike ITK's NIfTI writer
+                np.savez_compressed(output + ".npz", probabilities=result[1])
+                save_pickle(properties, output + ".pkl")
+            write_checked(case, segmentation, reader, output + dataset_json["file_ending"], properties)
         except Exception as error:  # one bad case must not stop the others
             message = str(error) if isinstance(error, BadCaseError) else f"{case}: {type(error).__name__}: {error}"
             failures[case] = message

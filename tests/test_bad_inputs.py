@@ -286,3 +286,56 @@ def test_package_never_unpickles_files():
 
 if __name__ == "__main__":
     _build_model_folder(Path(sys.argv[1]))
+
+
+def _written_case(tmp_path: Path) -> tuple[np.ndarray, dict]:
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    image = sitk.GetImageFromArray(np.zeros((6, 8, 10), np.float32))
+    image.SetSpacing((0.8, 0.7, 3.0))
+    image.SetOrigin((1.0, -2.0, 5.0))
+    sitk.WriteImage(image, str(tmp_path / "ref.nii.gz"))
+    _, properties = SimpleITKIO().read_images([str(tmp_path / "ref.nii.gz")])
+    segmentation = np.random.default_rng(0).integers(0, 4, size=(6, 8, 10)).astype(np.uint8)
+    return segmentation, properties
+
+
+def test_write_checked_writes_an_exact_copy_and_leaves_no_temporary_file(tmp_path):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from nnunet_sam.predict import write_checked
+
+    segmentation, properties = _written_case(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    write_checked("case1", segmentation, SimpleITKIO(), str(out / "case1.nii.gz"), properties)
+    assert os.listdir(out) == ["case1.nii.gz"]
+    written = sitk.ReadImage(str(out / "case1.nii.gz"))
+    assert np.array_equal(sitk.GetArrayFromImage(written), segmentation)
+    assert written.GetSpacing() == pytest.approx((0.8, 0.7, 3.0)) and written.GetOrigin() == pytest.approx((1, -2, 5))
+
+
+@pytest.mark.parametrize("failure", ["truncated", "raises"])
+def test_write_checked_refuses_an_incomplete_write_and_keeps_the_old_file(failure, tmp_path):
+    """A full disk: ITK's NIfTI writer prints an error but leaves a truncated file (or, for other writers, raises)."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from nnunet_sam.predict import BadCaseError, write_checked
+
+    class FullDiskIO(SimpleITKIO):
+        def write_seg(self, seg, output_fname, properties):
+            if failure == "raises":
+                raise OSError(28, "No space left on device")
+            super().write_seg(seg, output_fname, properties)
+            size = os.path.getsize(output_fname)
+            with open(output_fname, "r+b") as f:  # what a full disk leaves behind
+                f.truncate(size // 2)
+
+    segmentation, properties = _written_case(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "case1.nii.gz").write_bytes(b"previous prediction")
+    with pytest.raises(BadCaseError, match=r"case1: the segmentation could not be written completely .* disk full"):
+        write_checked("case1", segmentation, FullDiskIO(), str(out / "case1.nii.gz"), properties)
+    assert os.listdir(out) == ["case1.nii.gz"]  # no temporary file left
+    assert (out / "case1.nii.gz").read_bytes() == b"previous prediction"
