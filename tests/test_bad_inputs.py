@@ -62,7 +62,14 @@ def model(tmp_path_factory) -> tuple[Path, Path]:
     env = dict(os.environ, OMP_NUM_THREADS="1", nnUNet_compile="f")
     env.update({var: str(root / var.split("_")[1]) for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
     env.pop("nnUNet_SAM_checkpoints", None)
-    result = subprocess.run([sys.executable, __file__, str(root)], env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, __file__, str(root)],
+        env=env,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     folder = root / "results" / "Dataset991_Bad" / "MaskSAMTrainer_tiny__nnUNetPlans__3d_fullres"
     image = root / "raw" / "Dataset991_Bad" / "imagesTr" / "case_000_0000.nii.gz"

@@ -67,7 +67,7 @@ def _env(root: Path, **extra: str) -> dict[str, str]:
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: int = 2400) -> str:
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
     assert result.returncode == 0, (
         f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     )

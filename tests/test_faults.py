@@ -88,7 +88,11 @@ def test_sigkill_during_save_leaves_old_or_new_file_never_a_broken_one(tmp_path,
     target = tmp_path / "checkpoint_latest.pth"
     torch.save(_payload(1), target)
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(target)], stdout=subprocess.PIPE, text=True, env=_quiet_env()
+        [sys.executable, "-c", _CHILD, str(target)],
+        stdout=subprocess.PIPE,
+        encoding="utf-8",
+        errors="replace",
+        env=_quiet_env(),
     )
     assert child.stdout.readline().strip() == "start"
     time.sleep(delay)
@@ -303,7 +307,8 @@ def test_real_full_file_system_keeps_the_previous_checkpoint(tmp_path):
         result = subprocess.run(
             ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", shell],
             capture_output=True,
-            text=True,
+            encoding="utf-8",
+            errors="replace",
             timeout=300,
             env=_quiet_env(),
         )
@@ -405,7 +410,9 @@ def kill_workspace(tmp_path_factory) -> Path:
     make_phantom_dataset(root / "raw", dataset_id=KILL_DATASET, num_train=5, num_test=0, seed=0)
     bin_dir = Path(sys.executable).parent
     cmd = [str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", str(KILL_DATASET), "-c", "3d_fullres", "-np", "1"]
-    result = subprocess.run(cmd, env=_nnunet_env(root), capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(
+        cmd, env=_nnunet_env(root), capture_output=True, encoding="utf-8", errors="replace", timeout=1200
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root
 

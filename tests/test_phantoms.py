@@ -275,7 +275,7 @@ def test_nnunet_plan_and_preprocess_accepts_dataset(tmp_path: Path) -> None:
     )
     cmd = [str(exe), "-d", "991", "-c", "3d_fullres", "--verify_dataset_integrity", "-np", "2", "-npfp", "2",
            "--no_pbar"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     plans = json.loads((tmp_path / "preprocessed" / "Dataset991_Phantom" / "nnUNetPlans.json").read_text())
     cfg = plans["configurations"]["3d_fullres"]

@@ -66,7 +66,7 @@ class MaskSAMTrainer_tiny_geometry(MaskSAMTrainer_tiny):
 def reference_files(tmp_path_factory) -> Path:
     dl = tmp_path_factory.mktemp("sdist")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"totalsegmentator=={VERSION}"]
-    result = subprocess.run(cmd + ["-d", str(dl)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd + ["-d", str(dl)], capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     archives = list(dl.glob("totalsegmentator-*.tar.gz"))
     if result.returncode != 0 or not archives:
         pytest.skip(f"could not pip download the totalsegmentator {VERSION} sdist (real CT): {result.stderr[-300:]}")
@@ -97,7 +97,7 @@ def _env(root: Path) -> dict[str, str]:
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> None:
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=1200)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
 

@@ -298,7 +298,9 @@ def test_tiny_trainers_train_and_predict_with_nnunet_tools(tmp_path):
     )
 
     def run(*cmd: str) -> None:
-        result = subprocess.run([str(bin_dir / cmd[0]), *cmd[1:]], env=env, capture_output=True, text=True)
+        result = subprocess.run(
+            [str(bin_dir / cmd[0]), *cmd[1:]], env=env, capture_output=True, encoding="utf-8", errors="replace"
+        )
         assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
     make_phantom_dataset(tmp_path / "raw", dataset_id=991, num_train=8, num_test=2, seed=0)
