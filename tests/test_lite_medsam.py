@@ -24,7 +24,10 @@ from nnunet_sam.network_architectures.self_prompt_sam import SelfPromptSAMNetwor
 from nnunet_sam.planning import PatchRule, sam_settings  # noqa: E402
 from nnunet_sam.trainers.base import LiteMedSAM, LiteMedSAMCPUDemo  # noqa: E402
 from nnunet_sam.trainers.masksam import MaskSAMTrainer_LiteMedSAM, MaskSAMTrainer_LiteMedSAM_demo  # noqa: E402
-from nnunet_sam.trainers.self_prompt_sam import SelfPromptSAMTrainer_LiteMedSAM  # noqa: E402
+from nnunet_sam.trainers.self_prompt_sam import (  # noqa: E402
+    SelfPromptSAMTrainer_LiteMedSAM,
+    SelfPromptSAMTrainer_LiteMedSAM_demo,
+)
 
 SPEC = get_backbone("lite_medsam")
 
@@ -166,6 +169,7 @@ def test_forward_backward_on_a_small_patch(method):
         (MaskSAMTrainer_LiteMedSAM, [64, 192, 160], [8, 192, 192]),  # the smallest 64 px multiple covering it
         (SelfPromptSAMTrainer_LiteMedSAM, [24, 96, 96], [8, 128, 128]),  # small plans keep their own size
         (MaskSAMTrainer_LiteMedSAM_demo, [24, 96, 96], [4, 64, 64]),
+        (SelfPromptSAMTrainer_LiteMedSAM_demo, [24, 96, 96], [4, 64, 64]),
     ],
 )
 def test_trainer_variants_and_patch_rule(trainer, planned, expected_patch):
@@ -175,6 +179,8 @@ def test_trainer_variants_and_patch_rule(trainer, planned, expected_patch):
     assert record["patch_size"] == expected_patch
     assert record["sam_input_size"] == expected_patch[-1]
     assert issubclass(MaskSAMTrainer_LiteMedSAM_demo, LiteMedSAMCPUDemo)
+    assert issubclass(SelfPromptSAMTrainer_LiteMedSAM_demo, LiteMedSAMCPUDemo)
+    assert SelfPromptSAMTrainer_LiteMedSAM_demo.optimizer_name == "adamw"
 
 
 def test_trainer_finds_and_loads_the_packaged_weights(weights, tmp_path, monkeypatch):
@@ -200,7 +206,7 @@ def test_trainer_finds_and_loads_the_packaged_weights(weights, tmp_path, monkeyp
 
 
 def test_demo_uses_lite_medsam_when_installed(tmp_path, monkeypatch, capsys):
-    assert demo.default_trainer() == demo.LITE_MEDSAM_TRAINER == "MaskSAMTrainer_LiteMedSAM_demo"
+    assert demo.default_trainer() == demo.LITE_MEDSAM_TRAINER == "SelfPromptSAMTrainer_LiteMedSAM_demo"
     assert demo.trainer_backbone(demo.LITE_MEDSAM_TRAINER) == "lite_medsam"
     assert demo.trainer_backbone(demo.DEFAULT_TRAINER) == "tiny"
     assert demo.trainer_backbone("nnUNetTrainer") is None

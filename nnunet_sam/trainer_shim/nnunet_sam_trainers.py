@@ -30,6 +30,7 @@ from nnunet_sam.trainers.sam3d_adapter import (
 from nnunet_sam.trainers.self_prompt_sam import (
     SelfPromptSAMTrainer,
     SelfPromptSAMTrainer_LiteMedSAM,
+    SelfPromptSAMTrainer_LiteMedSAM_demo,
     SelfPromptSAMTrainer_MedSAM,
     SelfPromptSAMTrainer_S1,
     SelfPromptSAMTrainer_S2,
@@ -58,6 +59,7 @@ __all__ = [
     "SelfPromptSAMTrainer_vith",
     "SelfPromptSAMTrainer_MedSAM",
     "SelfPromptSAMTrainer_LiteMedSAM",
+    "SelfPromptSAMTrainer_LiteMedSAM_demo",
     "SelfPromptSAMTrainer_tiny",
     "SelfPromptSAMTrainer_tiny_demo",
     "SelfPromptSAMTrainer_S1",
