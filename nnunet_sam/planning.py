@@ -113,7 +113,7 @@ def check_settings(record: dict, spec: BackboneSpec, num_classes: int) -> None:
             raise PatchError(
                 f"The {name} {value} does not fit the {spec.name} backbone: it must be a multiple of its "
                 f"{spec.patch_size} px patches and at least {2 * spec.patch_size} px "
-                f"(multiples of {spec.tile} px avoid window padding). {fix}"
+                f"(the automatic rule uses multiples of {spec.tile} px). {fix}"
             )
     if int(record["num_queries"]) < num_classes:
         raise PatchError(
