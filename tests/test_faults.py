@@ -507,7 +507,9 @@ def test_sigkill_at_random_moments_then_continue_finishes(kill_workspace, traine
     assert final["current_epoch"] == 8
     assert all(torch.isfinite(v).all() for v in final["network_weights"].values() if v.is_floating_point())
     assert not any(fault_tolerance.is_temp_file(p) for p in fold.glob(".*"))
-    assert compared >= 3, "too few runs reached their first epoch to compare the resumed state"
+    # the run killed during a save and the final run always reach an epoch; randomly killed runs may not (under load
+    # a CI clone saw 2 of 5), and every run that did is compared above
+    assert compared >= 2, "too few runs reached their first epoch to compare the resumed state"
 
 
 def _assert_resumed_state(state: dict, saved: dict | None, trainer: str) -> None:
