@@ -377,13 +377,12 @@ def parameter_counts(net: nn.Module) -> dict:
 
 
 def checkpoint_bytes(net: nn.Module, optimizer_buffers: int) -> dict:
-    """Bytes of an nnU-Net checkpoint's weights: the full state dict, its optimiser state, trainable-only."""
+    """Bytes of an nnU-Net checkpoint's weights: the full state dict, its optimiser state, and the weights of a slim
+    checkpoint (nnunet_sam.slim_checkpoints: all but the frozen ``sam.*`` tensors, which the base file holds)."""
     state = net.state_dict(keep_vars=True)
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     trainable_bytes = sum(
-        t.numel() * t.element_size()
-        for n, t in state.items()
-        if n in trainable or (not n.startswith("sam.") and not isinstance(t, nn.Parameter))
+        t.numel() * t.element_size() for n, t in state.items() if n in trainable or not n.startswith("sam.")
     )
     trainable_params = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
     return {

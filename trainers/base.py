@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -20,11 +21,18 @@ from torch import autocast, nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
-from nnunet_sam.backbones.checkpoints import find_checkpoint, load_checkpoint, resize_to_input
+from nnunet_sam.backbones.checkpoints import (
+    CHECKPOINT_DIR_ENV,
+    CheckpointError,
+    find_checkpoint,
+    load_checkpoint,
+    resize_to_input,
+)
 from nnunet_sam.backbones.sam_vit import get_backbone
 from nnunet_sam.dataset_checks import check_training_data
 from nnunet_sam.fault_tolerance import NonFiniteTrainingError, all_finite, atomic_write, remove_stale_temp_files
 from nnunet_sam.planning import PLANS_KEY, PatchRule, VolumePatchRule, sam_settings
+from nnunet_sam.slim_checkpoints import SLIM_ENV, attach_expansion, base_record, slim_requested, slim_saving
 
 
 class UnsupportedDatasetError(ValueError):
@@ -62,6 +70,9 @@ class SAMTrainer(nnUNetTrainer):
     val_iterations_per_epoch: int | None = None
     # Training stops (NonFiniteTrainingError) after this many steps in a row with a non-finite loss or gradient.
     max_consecutive_nonfinite_steps: int = 50
+    # Checkpoints without the frozen SAM weights, with the base file's SHA-256 (nnunet_sam.slim_checkpoints);
+    # None: ``$nnUNet_SAM_slim_checkpoints`` decides (default off: self-contained checkpoints, as in nnU-Net).
+    slim_checkpoints: bool | None = None
 
     def __init__(
         self,
@@ -101,6 +112,13 @@ class SAMTrainer(nnUNetTrainer):
         config[PLANS_KEY] = record
         checkpoint_path = find_checkpoint(spec, required=spec.requires_checkpoint)
         sam_state = load_checkpoint(checkpoint_path, spec) if checkpoint_path is not None else None
+        slim = slim_requested(self.slim_checkpoints)
+        if slim and checkpoint_path is None:
+            raise CheckpointError(
+                f"{type(self).__name__}: slim checkpoints (slim_checkpoints / ${SLIM_ENV}) leave out the SAM "
+                f"weights of a base checkpoint file, but this run has none ({spec.checkpoint_file} not found): its SAM "
+                "weights are random and trained. Turn slim checkpoints off or provide the base file."
+            )
 
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False
@@ -113,12 +131,18 @@ class SAMTrainer(nnUNetTrainer):
         self._sam_checkpoint_path = checkpoint_path
         self._weights_from_nnunet_checkpoint = False
         self._nonfinite_steps_in_a_row = 0
+        self._slim_record = base_record(checkpoint_path, spec, record["sam_input_size"]) if slim else None
         self.print_to_log_file(
             f"{type(self).__name__}: backbone {spec.name}, nnU-Net patch {planned_patch} -> SAM patch "
             f"{record['patch_size']}, SAM input {record['sam_input_size']} px "
             f"({record['sam_input_size'] // spec.patch_size}x{record['sam_input_size'] // spec.patch_size} tokens), "
             f"{record['num_queries']} queries, SAM weights: {checkpoint_path or 'random (no checkpoint)'}"
         )
+        if self._slim_record is not None:
+            self.print_to_log_file(
+                f"Slim checkpoints: frozen SAM weights are left out; inference needs {checkpoint_path.name} "
+                f"(SHA-256 {self._slim_record['sha256']}) in ${CHECKPOINT_DIR_ENV}"
+            )
 
     # ---- network ---------------------------------------------------------------------------------------
     @classmethod
@@ -146,7 +170,8 @@ class SAMTrainer(nnUNetTrainer):
                 f"The plans of this model have no '{PLANS_KEY}' block, so it was not trained with an "
                 f"nnunet-sam trainer; {cls.__name__} cannot rebuild its network."
             )
-        return cls.build_network(record, num_input_channels, num_output_channels)
+        network = cls.build_network(record, num_input_channels, num_output_channels)
+        return attach_expansion(network, get_backbone(record["backbone"]))  # loads slim checkpoints too
 
     def _plain_network(self) -> nn.Module:
         net = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
@@ -218,11 +243,21 @@ class SAMTrainer(nnUNetTrainer):
                 self.print_to_log_file(f"Removed {path.name}, a partial checkpoint left by a killed process")
 
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint, written atomically: a kill or a full disk never leaves a broken ``filename``."""
+        """nnU-Net's checkpoint, written atomically: a kill or a full disk never leaves a broken ``filename``.
+
+        With slim checkpoints its network weights leave out the frozen SAM weights (nnunet_sam.slim_checkpoints).
+        """
         if self.local_rank != 0 or self.disable_checkpointing:
             super().save_checkpoint(filename)  # nothing to write on this rank / nnU-Net's message
             return
-        with atomic_write(filename) as f:
+        slim = (
+            slim_saving(
+                self._plain_network(), self._slim_record, self._sam_checkpoint_path, get_backbone(self.backbone)
+            )
+            if self._slim_record is not None
+            else nullcontext()
+        )
+        with atomic_write(filename) as f, slim:
             super().save_checkpoint(f)  # nnU-Net hands its argument straight to torch.save, which takes a file
 
     def train_step(self, batch: dict) -> dict:
