@@ -15,7 +15,7 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import nibabel
 import numpy as np
@@ -168,11 +168,14 @@ def predict_cases(
     output_folder: str,
     save_probabilities: bool = False,
     overwrite: bool = True,
+    prepare: Callable[[str, np.ndarray, dict, np.ndarray], None] | None = None,
 ) -> dict[str, str]:
     """Check and predict every case (name -> its channel files) into ``output_folder``; return name -> error.
 
     A case that fails (a :class:`BadCaseError` or any other exception) is reported and skipped; the others are
-    predicted.
+    predicted. ``prepare(case, image, properties, data)``, if given, runs after nnU-Net's preprocessing and before
+    the network, with the image as read (C, Z, Y, X), the properties preprocessing returned (crop box, shapes) and
+    the preprocessed array; it may raise :class:`BadCaseError` (how the prompted command sets each case's points).
     """
     plans, configuration = predictor.plans_manager, predictor.configuration_manager
     dataset_json = predictor.dataset_json
@@ -198,6 +201,8 @@ def predict_cases(
                     f"{case}: not finite after nnU-Net's intensity normalisation (intensities {low:g} to {high:g}); "
                     "check the image for extreme values"
                 )
+            if prepare is not None:
+                prepare(case, image, properties, data)
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
             if not torch.isfinite(logits).all():
                 raise BadCaseError(f"{case}: the network's output is not finite; nothing was written")

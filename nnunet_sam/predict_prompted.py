@@ -1,0 +1,349 @@
+"""``nnunet_sam_predict_prompted``: point-prompted prediction with a model trained by SAM3DAdapterTrainer_prompted*.
+
+Input: the model folder, a folder of images named as for ``nnUNetv2_predict`` and a points file (JSON)::
+
+    {
+      "coordinates": "voxel",
+      "points": {
+        "case_001": [{"position": [12, 40, 33], "label": 2}, {"position": [30, 20, 21], "label": "liver"}],
+        "case_002": [{"position": [14, 41, 30], "label": 1}]
+      }
+    }
+
+``coordinates`` is the same for every point of the file:
+
+* ``"voxel"`` (default): ``position`` = (i, j, k) index into the image array in the order nnU-Net's reader returns
+  it for the model; for ``.nii.gz`` and the other SimpleITK formats (SimpleITKIO, nnU-Net's default reader) that is
+  ``SimpleITK.GetArrayFromImage`` order, (z, y, x) = (slice, row, column), 0-based. Fractions are allowed: a voxel
+  covers [i - 0.5, i + 0.5).
+* ``"world"``: ``position`` = (x, y, z) in mm in ITK's physical space (LPS, what ``Image.TransformIndexToPhysicalPoint``
+  returns and ITK-SNAP / 3D Slicer in LPS show); needs a reader that reports the image geometry (SimpleITKIO).
+
+``label``: the class clicked, as its value or name in the model's ``dataset.json`` (0 / ``background``: a background
+click). Each case's points are mapped through nnU-Net's preprocessing (transpose, crop to non-zero, resampling with
+voxel centres aligned, as nnU-Net's resampling does) and then into every sliding-window patch; a point outside a
+patch is padding (label -1) for that patch; with mirroring, the points are mirrored with the patch. The output
+(one label map per case, the input's geometry) is written by nnU-Net's export and checked like
+``nnunet_sam_predict`` (:func:`nnunet_sam.predict.predict_cases`).
+
+A case with no points, points outside the image, unknown labels or a malformed entry, a case of the points file
+without an image and an image without points are each reported (the others are predicted); the command exits with
+1 if any failed. A file that is not JSON of the layout above stops the command before anything is predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+from nnunet_sam.predict import BadCaseError, cases_in_folder, predict_cases
+
+COORDINATES = ("voxel", "world")
+
+
+class PointsFileError(ValueError):
+    """The points file cannot be used at all (not JSON, wrong layout); nothing is predicted."""
+
+
+def read_points_file(path: str) -> tuple[str, dict[str, list]]:
+    """(coordinate system, case id -> list of raw point entries) of a points file; entries are checked per case
+    later (:func:`parse_case_points`), so one bad case does not stop the others."""
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except (OSError, UnicodeDecodeError) as error:
+        raise PointsFileError(f"cannot read the points file {path}: {error}") from None
+    except json.JSONDecodeError as error:
+        raise PointsFileError(f"the points file {path} is not valid JSON: {error}") from None
+    if not isinstance(content, dict) or not isinstance(content.get("points"), dict):
+        raise PointsFileError(
+            f'the points file {path} must be a JSON object with "points": {{case id: [{{"position": [...], '
+            '"label": ...}, ...]}} (and optionally "coordinates": "voxel" or "world")'
+        )
+    coordinates = content.get("coordinates", "voxel")
+    if coordinates not in COORDINATES:
+        raise PointsFileError(f'"coordinates" in {path} must be "voxel" or "world", got {coordinates!r}')
+    return coordinates, content["points"]
+
+
+def parse_case_points(case: str, entries, labels: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Raw entries of one case -> positions (K, 3) float64 as given and class values (K,) int64.
+
+    ``labels`` is ``dataset.json``'s name -> value map (background included). Raises :class:`BadCaseError`
+    for no points, a malformed entry or a class the model does not know.
+    """
+    if not isinstance(entries, list) or not entries:
+        raise BadCaseError(f"{case}: no points given (the prompted model needs at least one click per case)")
+    values = {int(v) for v in labels.values()}
+    positions, classes = [], []
+    for n, entry in enumerate(entries):
+        where = f"{case}: point {n}"
+        position = entry.get("position") if isinstance(entry, dict) else None
+        if (
+            not isinstance(position, list)
+            or len(position) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in position)
+        ):
+            raise BadCaseError(f'{where}: expected {{"position": [three finite numbers], "label": ...}}, got {entry!r}')
+        label = entry.get("label")
+        if isinstance(label, str) and label in labels:
+            label = int(labels[label])
+        if isinstance(label, bool) or not isinstance(label, int) or label not in values:
+            known = ", ".join(f"{v} ({k})" for k, v in sorted(labels.items(), key=lambda kv: int(kv[1])))
+            raise BadCaseError(f"{where}: unknown class label {entry.get('label')!r}; the model knows {known}")
+        positions.append([float(v) for v in position])
+        classes.append(label)
+    return np.asarray(positions, dtype=np.float64), np.asarray(classes, dtype=np.int64)
+
+
+def world_to_voxel(case: str, positions: np.ndarray, properties: Mapping) -> np.ndarray:
+    """World (x, y, z) mm -> continuous array index (z, y, x), from the geometry SimpleITKIO reports."""
+    geometry = properties.get("sitk_stuff")
+    if geometry is None:
+        raise BadCaseError(
+            f"{case}: world coordinates need the image geometry, which this model's reader does not report; "
+            'use "voxel"'
+        )
+    spacing = np.asarray(geometry["spacing"], dtype=np.float64)
+    origin = np.asarray(geometry["origin"], dtype=np.float64)
+    direction = np.asarray(geometry["direction"], dtype=np.float64).reshape(len(spacing), len(spacing))
+    index_xyz = (positions - origin) @ direction / spacing  # direction is orthonormal (checked when reading)
+    return index_xyz[:, ::-1].copy()
+
+
+def check_inside(case: str, positions: np.ndarray, shape: Sequence[int], given: np.ndarray | None = None) -> None:
+    """Every point (K, 3) array index must lie in a voxel of an array of ``shape``: -0.5 <= p < n - 0.5."""
+    shape = np.asarray(shape, dtype=np.float64)
+    outside = ~((positions >= -0.5) & (positions < shape - 0.5)).all(1)
+    if outside.any():
+        shown = given if given is not None else positions
+        listed = "; ".join(f"point {n} at {np.round(shown[n], 3).tolist()}" for n in np.flatnonzero(outside))
+        raise BadCaseError(
+            f"{case}: {int(outside.sum())} point(s) outside the image of {tuple(int(s) for s in shape)} voxels "
+            f"(array order (z, y, x)): {listed}"
+        )
+
+
+def to_preprocessed(
+    positions: np.ndarray, properties: Mapping, transpose_forward: Sequence[int], preprocessed_shape: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Array indices (K, 3) of the image as read -> indices of nnU-Net's preprocessed array, and a mask (K,) of the
+    points inside the crop box (nnU-Net's crop to the non-zero region; outside it the prediction is background).
+
+    Transpose (``plans["transpose_forward"]``), subtract the crop box start (``bbox_used_for_cropping``), then scale
+    with voxel centres aligned, p' = (p + 0.5) * new / old - 0.5, as nnU-Net's resampling maps voxels.
+    """
+    p = positions[:, list(transpose_forward)]
+    box = np.asarray(properties["bbox_used_for_cropping"], dtype=np.float64)
+    p = p - box[:, 0]
+    inside = ((p >= -0.5) & (p < box[:, 1] - box[:, 0] - 0.5)).all(1)
+    old = np.asarray(properties["shape_after_cropping_and_before_resampling"], dtype=np.float64)
+    new = np.asarray(preprocessed_shape, dtype=np.float64)
+    return (p + 0.5) * new / old - 0.5, inside
+
+
+def points_in_patch(
+    points: torch.Tensor, labels: torch.Tensor, start: Sequence[int], patch: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points (K, 3) and labels (K,) of the whole (padded) volume -> patch coordinates (K, 3) and labels with -1 for
+    points outside the patch whose corner is ``start``."""
+    local = points - torch.tensor([float(s) for s in start], dtype=points.dtype)
+    size = torch.tensor([float(s) for s in patch], dtype=points.dtype)
+    inside = ((local >= -0.5) & (local < size - 0.5)).all(1)
+    return local, torch.where(inside, labels, torch.full_like(labels, -1))
+
+
+class PromptedPredictor(nnUNetPredictor):
+    """nnU-Net's predictor passing each case's points to the network in every sliding-window patch.
+
+    Set :attr:`points` (K, 3) float, preprocessed array indices, and :attr:`point_labels` (K,) long before
+    ``predict_logits_from_preprocessed_data``. Padding, slicers, Gaussian weighting and ensembling of folds are
+    nnU-Net's; the window loop is written here because nnU-Net's does not tell the network where a patch lies.
+    """
+
+    points: torch.Tensor | None = None
+    point_labels: torch.Tensor | None = None
+
+    def _network_call(self, x: torch.Tensor, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.network(x, points[None].to(self.device), labels[None].to(self.device))
+
+    def _predict_patch(self, x: torch.Tensor, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Logits of one patch x (1, C, D, H, W), averaged over nnU-Net's mirrorings (points mirrored with it)."""
+        prediction = self._network_call(x, points, labels)
+        axes = (
+            [a + 2 for a in self.allowed_mirroring_axes] if self.use_mirroring and self.allowed_mirroring_axes else []
+        )
+        combinations = [c for n in range(len(axes)) for c in itertools.combinations(axes, n + 1)]
+        for flip in combinations:
+            mirrored = points.clone()
+            for axis in flip:
+                mirrored[:, axis - 2] = x.shape[axis] - 1 - mirrored[:, axis - 2]
+            prediction += torch.flip(self._network_call(torch.flip(x, flip), mirrored, labels), flip)
+        return prediction / (len(combinations) + 1)
+
+    @torch.inference_mode()
+    def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
+        """(C, Z, Y, X) preprocessed image -> (num heads, Z, Y, X) logits on the CPU."""
+        assert self.points is not None and self.point_labels is not None, "set points and point_labels first"
+        assert input_image.ndim == 4, f"expected a (C, Z, Y, X) image, got {tuple(input_image.shape)}"
+        self.network = self.network.to(self.device).eval()
+        patch = tuple(self.configuration_manager.patch_size)
+        data, revert = pad_nd_image(input_image, patch, "constant", {"value": 0}, True, None)
+        offset = torch.tensor([float(s.start) for s in revert[1:]])
+        points = self.points.double().cpu() + offset
+        logits = torch.zeros((self.label_manager.num_segmentation_heads, *data.shape[1:]), dtype=torch.float32)
+        weights = torch.zeros(data.shape[1:], dtype=torch.float32)
+        gaussian = (
+            compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=torch.device("cpu")).float()
+            if self.use_gaussian
+            else torch.ones(patch)
+        )
+        for slicer in self._internal_get_sliding_window_slicers(data.shape[1:]):
+            start = [s.start for s in slicer[1:]]
+            local, labels = points_in_patch(points, self.point_labels.cpu(), start, patch)
+            x = data[slicer][None].to(self.device)
+            prediction = self._predict_patch(x, local.float(), labels)[0].float().cpu()
+            logits[slicer] += prediction * gaussian
+            weights[slicer[1:]] += gaussian
+        logits /= weights
+        return logits[(slice(None), *revert[1:])]
+
+
+def point_setter(predictor: PromptedPredictor, coordinates: str, raw_points: Mapping[str, list]):
+    """``prepare`` hook of :func:`predict_cases`: check the case's points against its image and hand them, in the
+    preprocessed grid, to ``predictor``."""
+    labels = predictor.dataset_json["labels"]
+    transpose_forward = predictor.plans_manager.transpose_forward
+
+    def prepare(case: str, image: np.ndarray, properties: dict, data: np.ndarray) -> None:
+        given, classes = parse_case_points(case, raw_points.get(case), labels)
+        voxel = world_to_voxel(case, given, properties) if coordinates == "world" else given
+        check_inside(case, voxel, image.shape[1:], given)
+        mapped, inside = to_preprocessed(voxel, properties, transpose_forward, data.shape[1:])
+        if not inside.any():
+            raise BadCaseError(
+                f"{case}: every point lies in the region nnU-Net crops away (zero intensity around the body), where "
+                "the prediction is background; click inside the body"
+            )
+        if not inside.all():
+            print(f"{case}: {int((~inside).sum())} point(s) in the cropped zero region ignored", file=sys.stderr)
+        predictor.points = torch.from_numpy(mapped[inside])
+        predictor.point_labels = torch.from_numpy(classes[inside])
+
+    return prepare
+
+
+def initialize_predictor(
+    model_folder: str,
+    folds: Sequence[int | str],
+    checkpoint: str = "checkpoint_final.pth",
+    step_size: float = 0.5,
+    mirroring: bool = True,
+    device: str = "cpu",
+) -> PromptedPredictor:
+    """A :class:`PromptedPredictor` for a model folder; refuses models without a point prompt encoder."""
+    predictor = PromptedPredictor(
+        tile_step_size=step_size, use_mirroring=mirroring, device=torch.device(device), allow_tqdm=False
+    )
+    predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint)
+    if getattr(predictor.network, "prompt_encoder", None) is None:
+        raise PointsFileError(
+            f"the model in {model_folder} takes no point prompts (trainer {predictor.trainer_name}); train it with "
+            "SAM3DAdapterTrainer_prompted* or predict it with nnUNetv2_predict"
+        )
+    if predictor.label_manager.has_regions or predictor.label_manager.has_ignore_label:
+        raise PointsFileError("prompted prediction supports plain label maps (no regions, no ignore label)")
+    return predictor
+
+
+def predict_prompted(
+    predictor: PromptedPredictor,
+    input_folder: str,
+    points_file: str,
+    output_folder: str,
+    save_probabilities: bool = False,
+) -> dict[str, str]:
+    """Predict every case of ``input_folder`` with its points; return case -> error for the cases that failed
+    (including points for cases without an image and images without points)."""
+    coordinates, raw_points = read_points_file(points_file)
+    ending = predictor.dataset_json["file_ending"]
+    cases, misnamed = cases_in_folder(input_folder, ending)
+    failures = {
+        name: f"{name}: not named CASE_XXXX{ending} (XXXX = channel number, e.g. _0000); not predicted"
+        for name in misnamed
+    }
+    for case in sorted(set(raw_points) - set(cases)):
+        failures[case] = f"{case}: the points file has points for this case but {input_folder} has no image of it"
+    for case in sorted(set(cases) - set(raw_points)):
+        failures[case] = f"{case}: no points given (the case is missing from {points_file})"
+    todo = {case: files for case, files in cases.items() if case in raw_points}
+    failures.update(
+        predict_cases(
+            predictor, todo, output_folder, save_probabilities, prepare=point_setter(predictor, coordinates, raw_points)
+        )
+    )
+    return failures
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnunet_sam_predict_prompted",
+        description="Point-prompted prediction with a SAM3DAdapterTrainer_prompted* model: images + a points file "
+        '(JSON: {"coordinates": "voxel" | "world", "points": {case: [{"position": [..3..], "label": class}, ...]}}; '
+        "voxel = 0-based (z, y, x) index of the array as SimpleITK reads it, world = ITK physical (x, y, z) mm) -> "
+        "label maps with the input's geometry. Bad cases are reported and skipped; exits with 1 if any failed.",
+    )
+    parser.add_argument("-i", required=True, help="input folder (CASE_0000.nii.gz, ...)")
+    parser.add_argument("-o", required=True, help="output folder")
+    parser.add_argument("-points", required=True, help="points file (JSON, see the description)")
+    parser.add_argument("-m", help="model folder (instead of -d, -c, -tr, -p)")
+    parser.add_argument("-d", help="dataset name or id")
+    parser.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
+    parser.add_argument("-tr", default="SAM3DAdapterTrainer_prompted", help="trainer")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    parser.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (or 'all')")
+    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
+    parser.add_argument("-step_size", type=float, default=0.5, help="sliding window step (fraction of the patch)")
+    parser.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    parser.add_argument("--save_probabilities", action="store_true", help="also write the probabilities (.npz)")
+    parser.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="device")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.m is None and args.d is None:
+        parser.error("give the model folder with -m, or -d (with -c, -tr, -p)")
+    folds = [f if f == "all" else int(f) for f in args.f]
+    model_folder = args.m or get_output_folder(args.d, args.tr, args.p, args.c)
+    try:
+        read_points_file(args.points)  # a broken file stops the command before the model is loaded
+        predictor = initialize_predictor(
+            model_folder, folds, args.chk, args.step_size, not args.disable_tta, args.device
+        )
+        failures = predict_prompted(predictor, args.i, args.points, args.o, args.save_probabilities)
+    except PointsFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if failures:
+        print(f"{len(failures)} case(s) failed:", file=sys.stderr)
+        for message in failures.values():
+            print(f"  {message}", file=sys.stderr)
+        return 1
+    print(f"every case predicted into {args.o}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
