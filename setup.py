@@ -130,6 +130,8 @@ setup(
             "nnunet_sam_benchmark=nnunet_sam.benchmark:main",
             "nnunet_sam_evaluate=nnunet_sam.evaluate:main",
             "nnunet_sam_predict=nnunet_sam.predict:main",
+            "nnunet_sam_predict_prompted=nnunet_sam.predict_prompted:main",
+            "nnunet_sam_prompted_eval=nnunet_sam.prompted_eval:main",
             "nnunet_sam_convert_synapse=nnunet_sam.dataset_conversion.synapse:main",
             "nnunet_sam_convert_acdc=nnunet_sam.dataset_conversion.acdc:main",
             "nnunet_sam_convert_msd_pancreas=nnunet_sam.dataset_conversion.msd_pancreas:main",

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -51,8 +52,8 @@ from nnunet_sam.predict import BadCaseError, cases_in_folder, predict_cases
 COORDINATES = ("voxel", "world")
 
 
-class PointsFileError(ValueError):
-    """The points file cannot be used at all (not JSON, wrong layout); nothing is predicted."""
+class UnusableInputError(ValueError):
+    """The points file (not JSON, wrong layout) or the model folder cannot be used at all; nothing is predicted."""
 
 
 def read_points_file(path: str) -> tuple[str, dict[str, list]]:
@@ -62,17 +63,17 @@ def read_points_file(path: str) -> tuple[str, dict[str, list]]:
         with open(path) as f:
             content = json.load(f)
     except (OSError, UnicodeDecodeError) as error:
-        raise PointsFileError(f"cannot read the points file {path}: {error}") from None
+        raise UnusableInputError(f"cannot read the points file {path}: {error}") from None
     except json.JSONDecodeError as error:
-        raise PointsFileError(f"the points file {path} is not valid JSON: {error}") from None
+        raise UnusableInputError(f"the points file {path} is not valid JSON: {error}") from None
     if not isinstance(content, dict) or not isinstance(content.get("points"), dict):
-        raise PointsFileError(
+        raise UnusableInputError(
             f'the points file {path} must be a JSON object with "points": {{case id: [{{"position": [...], '
             '"label": ...}, ...]}} (and optionally "coordinates": "voxel" or "world")'
         )
     coordinates = content.get("coordinates", "voxel")
     if coordinates not in COORDINATES:
-        raise PointsFileError(f'"coordinates" in {path} must be "voxel" or "world", got {coordinates!r}')
+        raise UnusableInputError(f'"coordinates" in {path} must be "voxel" or "world", got {coordinates!r}')
     return coordinates, content["points"]
 
 
@@ -252,17 +253,20 @@ def initialize_predictor(
     device: str = "cpu",
 ) -> PromptedPredictor:
     """A :class:`PromptedPredictor` for a model folder; refuses models without a point prompt encoder."""
+    for name in ("dataset.json", "plans.json"):
+        if not os.path.isfile(os.path.join(model_folder, name)):
+            raise UnusableInputError(f"{model_folder} is not an nnU-Net model folder (no {name})")
     predictor = PromptedPredictor(
         tile_step_size=step_size, use_mirroring=mirroring, device=torch.device(device), allow_tqdm=False
     )
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint)
     if getattr(predictor.network, "prompt_encoder", None) is None:
-        raise PointsFileError(
+        raise UnusableInputError(
             f"the model in {model_folder} takes no point prompts (trainer {predictor.trainer_name}); train it with "
             "SAM3DAdapterTrainer_prompted* or predict it with nnUNetv2_predict"
         )
     if predictor.label_manager.has_regions or predictor.label_manager.has_ignore_label:
-        raise PointsFileError("prompted prediction supports plain label maps (no regions, no ignore label)")
+        raise UnusableInputError("prompted prediction supports plain label maps (no regions, no ignore label)")
     return predictor
 
 
@@ -333,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_folder, folds, args.chk, args.step_size, not args.disable_tta, args.device
         )
         failures = predict_prompted(predictor, args.i, args.points, args.o, args.save_probabilities)
-    except PointsFileError as error:
+    except UnusableInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if failures:
