@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -55,3 +57,36 @@ def minimal_plans(patch_size: list[int], configuration: str = "3d_fullres") -> d
 def dataset_json(num_foreground: int = 3, **extra_labels) -> dict:
     labels = {"background": 0, **{f"organ{i}": i for i in range(1, num_foreground + 1)}, **extra_labels}
     return {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 4, "file_ending": ".nii.gz"}
+
+
+def nnunet_env(root: Path, **extra: str) -> dict[str, str]:
+    """Environment for nnU-Net's command-line tools in a fresh workspace under ``root``.
+
+    nnU-Net folders ``root/raw|preprocessed|results``, extra trainers from ``root/user_trainers``, no compile, one
+    augmentation worker, and no ``nnUNet_SAM_checkpoints`` from the caller's environment: tests decide which SAM
+    weights exist. ``extra`` adds or overrides variables (e.g. ``OMP_NUM_THREADS="1"``).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_SAM_checkpoints"}
+    env.update(
+        nnUNet_raw=str(root / "raw"),
+        nnUNet_preprocessed=str(root / "preprocessed"),
+        nnUNet_results=str(root / "results"),
+        nnUNet_extTrainer=str(root / "user_trainers"),
+        nnUNet_compile="f",
+        nnUNet_n_proc_DA="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run_tool(cmd: list[str], env: dict[str, str], timeout: int = 2400) -> str:
+    """Run a command-line tool; fail with the tail of its output unless it exits 0. Returns its stdout.
+
+    Output is decoded as UTF-8 with replacement: SimpleITK's DICOM reader may switch the locale of a C-locale
+    Python, and tqdm's bars then break ``text=True``.
+    """
+    result = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
+    assert result.returncode == 0, (
+        f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+    return result.stdout

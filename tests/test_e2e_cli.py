@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from sam_testing import nnunet_env, run_tool
 
 from nnunet_sam.phantoms import make_phantom_dataset
 
@@ -52,35 +53,13 @@ class MaskSAMTrainer_tiny_e2e2d(MaskSAMTrainer_tiny):
 """
 
 
-def _env(root: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_SAM_checkpoints"}
-    env.update(
-        nnUNet_raw=str(root / "raw"),
-        nnUNet_preprocessed=str(root / "preprocessed"),
-        nnUNet_results=str(root / "results"),
-        nnUNet_extTrainer=str(root / "user_trainers"),
-        nnUNet_compile="f",
-        nnUNet_n_proc_DA="1",
-    )
-    env.update(extra)
-    return env
-
-
-def _run(cmd: list[str], env: dict[str, str], timeout: int = 2400) -> str:
-    result = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
-    assert result.returncode == 0, (
-        f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    )
-    return result.stdout
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("e2e")
     (root / "user_trainers").mkdir()
     (root / "user_trainers" / "e2e_trainers.py").write_text(TEST_TRAINERS)
     make_phantom_dataset(root / "raw", dataset_id=DATASET, num_train=10, num_test=2, seed=0)
-    _run(
+    run_tool(
         [
             str(BIN / "nnUNetv2_plan_and_preprocess"),
             "-d",
@@ -92,7 +71,7 @@ def workspace(tmp_path_factory) -> Path:
             "2",
             "--verify_dataset_integrity",
         ],
-        _env(root),
+        nnunet_env(root),
     )
     return root
 
@@ -102,7 +81,7 @@ def _model_folder(root: Path, trainer: str, configuration: str) -> Path:
 
 
 def test_train_kill_continue_predict_evaluate(workspace):
-    env = _env(workspace)
+    env = nnunet_env(workspace)
     fold = _model_folder(workspace, "MaskSAMTrainer_tiny_e2e", "3d_fullres") / "fold_0"
     train = [
         str(BIN / "nnUNetv2_train"),
@@ -136,7 +115,7 @@ def test_train_kill_continue_predict_evaluate(workspace):
     assert not (fold / "checkpoint_final.pth").exists()
 
     # 2) --c continues from the last checkpoint and finishes
-    _run(train + ["--c"], env)
+    run_tool(train + ["--c"], env)
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["current_epoch"] == 20
     logs = sorted(fold.glob("training_log_*.txt"))
@@ -167,8 +146,8 @@ def test_train_kill_continue_predict_evaluate(workspace):
         "-nps",
         "1",
     ]
-    _run(predict + ["-o", str(out1)], env)
-    _run(predict + ["-o", str(out2)], env)
+    run_tool(predict + ["-o", str(out1)], env)
+    run_tool(predict + ["-o", str(out2)], env)
     for f in sorted(out1.glob("*.nii.gz")):
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(out2 / f.name)))
@@ -181,7 +160,9 @@ def test_train_kill_continue_predict_evaluate(workspace):
 def _evaluate(workspace: Path, model: Path, predictions: Path) -> None:
     labels = workspace / "raw" / "Dataset990_Phantom" / "labelsTs"
     evaluate = [str(BIN / "nnUNetv2_evaluate_folder"), str(labels), str(predictions)]
-    _run(evaluate + ["-djfile", str(model / "dataset.json"), "-pfile", str(model / "plans.json")], _env(workspace))
+    run_tool(
+        evaluate + ["-djfile", str(model / "dataset.json"), "-pfile", str(model / "plans.json")], nnunet_env(workspace)
+    )
     summary = json.loads((predictions / "summary.json").read_text())
     dice = {k: round(v["Dice"], 3) for k, v in summary["mean"].items()}
     mean = summary["foreground_mean"]["Dice"]
@@ -191,23 +172,23 @@ def _evaluate(workspace: Path, model: Path, predictions: Path) -> None:
 
 @pytest.mark.slow
 def test_self_prompt_sam_trains_and_predicts(workspace):
-    env = _env(workspace)
+    env = nnunet_env(workspace)
     trainer = "SelfPromptSAMTrainer_tiny_e2e"
-    _run([str(BIN / "nnUNetv2_train"), str(DATASET), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
+    run_tool([str(BIN / "nnUNetv2_train"), str(DATASET), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
     model = _model_folder(workspace, trainer, "3d_fullres")
     log = sorted((model / "fold_0").glob("training_log_*.txt"))[-1].read_text()
     assert "Self-Prompt-SAM stage 1 from epoch 0" in log and "Self-Prompt-SAM stage 2 from epoch 4" in log
     out = workspace / "pred_self_prompt"
     images = workspace / "raw" / "Dataset990_Phantom" / "imagesTs"
     predict = [str(BIN / "nnUNetv2_predict"), "-i", str(images), "-o", str(out), "-d", str(DATASET)]
-    _run(predict + ["-c", "3d_fullres", "-f", "0", "-tr", trainer, "-device", "cpu"], env)
+    run_tool(predict + ["-c", "3d_fullres", "-f", "0", "-tr", trainer, "-device", "cpu"], env)
     _evaluate(workspace, model, out)
 
 
 @pytest.mark.slow
 def test_2d_configuration_trains_and_predicts(workspace):
-    env = _env(workspace)
-    _run(
+    env = nnunet_env(workspace)
+    run_tool(
         [
             str(BIN / "nnUNetv2_train"),
             str(DATASET),
@@ -229,7 +210,7 @@ def test_2d_configuration_trains_and_predicts(workspace):
     src = sorted((workspace / "raw" / "Dataset990_Phantom" / "imagesTs").glob("*.nii.gz"))[0]
     shutil.copy(src, one / src.name)
     out = workspace / "pred2d"
-    _run(
+    run_tool(
         [
             str(BIN / "nnUNetv2_predict"),
             "-i",

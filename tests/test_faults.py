@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from sam_testing import dataset_json, minimal_plans
+from sam_testing import dataset_json, minimal_plans, nnunet_env
 
 from nnunet_sam import fault_tolerance
 from nnunet_sam.fault_tolerance import CheckpointWriteError, NonFiniteTrainingError, atomic_write
@@ -411,25 +411,15 @@ def kill_workspace(tmp_path_factory) -> Path:
     bin_dir = Path(sys.executable).parent
     cmd = [str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", str(KILL_DATASET), "-c", "3d_fullres", "-np", "1"]
     result = subprocess.run(
-        cmd, env=_nnunet_env(root), capture_output=True, encoding="utf-8", errors="replace", timeout=1200
+        cmd,
+        env=nnunet_env(root, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root
-
-
-def _nnunet_env(root: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_SAM_checkpoints"}
-    env.update(
-        nnUNet_raw=str(root / "raw"),
-        nnUNet_preprocessed=str(root / "preprocessed"),
-        nnUNet_results=str(root / "results"),
-        nnUNet_extTrainer=str(root / "user_trainers"),
-        nnUNet_compile="f",
-        nnUNet_n_proc_DA="1",
-        OMP_NUM_THREADS="1",
-    )
-    env.update(extra)
-    return env
 
 
 def _checkpoint_for_continue(fold: Path) -> Path | None:
@@ -479,7 +469,7 @@ def test_sigkill_at_random_moments_then_continue_finishes(kill_workspace, traine
     dump = kill_workspace / f"{trainer}_state.pt"
     train = [str(Path(sys.executable).parent / "nnUNetv2_train"), str(KILL_DATASET), "3d_fullres", "0"]
     train += ["-tr", trainer, "-device", "cpu"]
-    env = _nnunet_env(kill_workspace, STATE_DUMP=str(dump))
+    env = nnunet_env(kill_workspace, STATE_DUMP=str(dump), OMP_NUM_THREADS="1")
     compared = 0
     for run in range(5):  # a fresh start, three killed --c runs, a --c run that finishes
         source = _checkpoint_for_continue(fold) if run else None

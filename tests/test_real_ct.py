@@ -13,7 +13,6 @@ the test set holds the untouched CT file and one crop. A few minutes on two CPU 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conversion_testing import AMOS_LABELS
+from sam_testing import nnunet_env, run_tool
 
 from nnunet_sam.dataset_conversion.common import ConversionError, relabel
 from nnunet_sam.dataset_conversion.nih_pancreas import convert_nih_pancreas
@@ -81,26 +81,6 @@ def reference_files(tmp_path_factory) -> Path:
     return next(dl.glob("totalsegmentator-*/tests/reference_files"))
 
 
-def _env(root: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_SAM_checkpoints"}
-    env.update(
-        nnUNet_raw=str(root / "raw"),
-        nnUNet_preprocessed=str(root / "preprocessed"),
-        nnUNet_results=str(root / "results"),
-        nnUNet_extTrainer=str(root / "user_trainers"),
-        nnUNet_compile="f",
-        nnUNet_n_proc_DA="1",
-        nnUNet_def_n_proc="1",
-        OMP_NUM_THREADS="1",
-    )
-    return env
-
-
-def _run(cmd: list[str], env: dict[str, str]) -> None:
-    result = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=1200)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-
-
 def _amos_download(reference_files: Path, root: Path) -> Path:
     """An AMOS22-layout folder cut from the real CT; labels mapped from TotalSegmentator to AMOS ids."""
     ct = sitk.ReadImage(str(reference_files / "example_ct_sm.nii.gz"))
@@ -123,13 +103,13 @@ def _amos_download(reference_files: Path, root: Path) -> Path:
 
 
 def test_real_ct_geometry_survives_the_pipeline(reference_files, tmp_path):
-    env = _env(tmp_path)
+    env = nnunet_env(tmp_path, nnUNet_def_n_proc="1", OMP_NUM_THREADS="1")
     (tmp_path / "user_trainers").mkdir()
     (tmp_path / "user_trainers" / "geometry_trainer.py").write_text(TRAINER)
     source = _amos_download(reference_files, tmp_path / "amos22")
 
-    _run([str(BIN / "nnunet_sam_convert_amos"), "-i", str(source), "--task", "1"], env)
-    _run(
+    run_tool([str(BIN / "nnunet_sam_convert_amos"), "-i", str(source), "--task", "1"], env)
+    run_tool(
         [str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET), "-c", "3d_fullres", "-np", "1"]
         + ["--verify_dataset_integrity"],
         env,
@@ -137,17 +117,19 @@ def test_real_ct_geometry_survives_the_pipeline(reference_files, tmp_path):
     splits = tmp_path / "preprocessed" / "Dataset218_AMOS2022_task1" / "splits_final.json"
     assert splits.read_text().count("amos_0008") == 1  # our split survived nnU-Net's preprocessing
     trainer = "MaskSAMTrainer_tiny_geometry"
-    _run([str(BIN / "nnUNetv2_train"), str(DATASET), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
+    run_tool([str(BIN / "nnUNetv2_train"), str(DATASET), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
     raw = tmp_path / "raw" / "Dataset218_AMOS2022_task1"
     pred = tmp_path / "pred"
-    _run(
+    run_tool(
         [str(BIN / "nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(DATASET)]
         + ["-c", "3d_fullres", "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"]
         + ["--disable_tta", "-step_size", "1"],
         env,
     )
     out = tmp_path / "results_upload"
-    _run([str(BIN / "nnunet_sam_submission"), "amos", "-p", str(pred), "-r", str(raw), "-o", str(out), "--zip"], env)
+    run_tool(
+        [str(BIN / "nnunet_sam_submission"), "amos", "-p", str(pred), "-r", str(raw), "-o", str(out), "--zip"], env
+    )
 
     assert sorted(f.name for f in out.iterdir()) == ["amos_0002.nii.gz", "amos_0003.nii.gz"]
     for case in ("amos_0002", "amos_0003"):
