@@ -130,6 +130,8 @@ setup(
             "nnunet_sam_benchmark=nnunet_sam.benchmark:main",
             "nnunet_sam_evaluate=nnunet_sam.evaluate:main",
             "nnunet_sam_predict=nnunet_sam.predict:main",
+            "nnunet_radsam=nnunet_sam.radsam:main",
+            "nnunet_radsam_benchmark=nnunet_sam.radsam_benchmark:main",
             "nnunet_sam_predict_prompted=nnunet_sam.predict_prompted:main",
             "nnunet_sam_prompted_eval=nnunet_sam.prompted_eval:main",
             "nnunet_sam_convert_synapse=nnunet_sam.dataset_conversion.synapse:main",
@@ -137,6 +139,7 @@ setup(
             "nnunet_sam_convert_msd_pancreas=nnunet_sam.dataset_conversion.msd_pancreas:main",
             "nnunet_sam_convert_amos=nnunet_sam.dataset_conversion.amos:main",
             "nnunet_sam_convert_nih_pancreas=nnunet_sam.dataset_conversion.nih_pancreas:main",
+            "nnunet_sam_convert_tumour=nnunet_sam.dataset_conversion.tumour:main",
             "nnunet_sam_submission=nnunet_sam.dataset_conversion.submission:main",
         ]
     },
