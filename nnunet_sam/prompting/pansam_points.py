@@ -1,0 +1,166 @@
+"""PanSAM's point prompt generator: foreground and background points sampled from a probability map.
+
+From a probability map O (the prompt-free segmentor's output, one map per slice):
+
+* foreground mask ``M_f = dilate(erode(O > 0.5, erosion x erosion), dilation x dilation)``: the confident core of
+  the predicted structure; ``num_foreground`` points are drawn uniformly from it, plus ``num_border`` points drawn
+  uniformly from the border of ``O > 0.5`` (its pixels with a 4-neighbour outside it);
+* background mask ``M_b = (1 - dilate(O > 0.5, dilation x dilation)) AND (O <= 0.4)``: confidently outside, but
+  not next to, the prediction; ``num_background`` points are drawn with probability proportional to O inside it
+  (hard but confident background), plus ``num_trivial_background`` points drawn uniformly from ``O <= 0.5``.
+
+Morphology uses square windows; a window of even size k covers the offsets ``-(k // 2) .. k - 1 - k // 2`` (OpenCV's
+default anchor). Pixels outside the image count as foreground for the erosion and as background for the
+dilation, so a structure touching the image border is not eroded from that side.
+
+Fallbacks (never an error, never a NaN): when M_f is empty but ``O > 0.5`` is not (a structure thinner than the
+erosion window), foreground points come from ``O > 0.5``; when ``O * M_b`` sums to 0 (e.g. a binary reference
+mask), background points are uniform in M_b; any point whose source mask is empty (an empty O has no
+foreground and no border) is a padding point with label -1, SAM's "not a point", at the image centre.
+
+Output points follow SAM's prompt encoder: (x, y) = (column, row), in the SAM input frame of ``image_size``
+pixels, with the same pixel-centre convention as :func:`nnunet_sam.prompting.from_masks.point_prompts`
+(``x = col * s + (s - 1) / 2`` with ``s = image_size / W``; SAM adds 0.5). Labels: 1 foreground, 0 background,
+-1 padding. Points are ordered [foreground, border, background, trivial background]. Sampling is reproducible: the
+same map, configuration and ``torch.Generator`` seed give the same points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PointPromptConfig:
+    """Thresholds, window sizes and point counts of the generator (the paper's values by default).
+
+    The paper's main table uses 4 sampled points; here that is 2 foreground + 2 background points, on top of the
+    2 border and 2 trivial background points that its generator always adds.
+    """
+
+    threshold: float = 0.5
+    background_threshold: float = 0.4
+    erosion: int = 10
+    dilation: int = 5
+    num_foreground: int = 2
+    num_border: int = 2
+    num_background: int = 2
+    num_trivial_background: int = 2
+
+    @property
+    def num_points(self) -> int:
+        return self.num_foreground + self.num_border + self.num_background + self.num_trivial_background
+
+
+def _window(mask: torch.Tensor, size: int, outside: float) -> torch.Tensor:
+    """Max over a size x size window (offsets -(size // 2) .. size - 1 - size // 2) of mask (N, H, W) float."""
+    lo, hi = size // 2, size - 1 - size // 2
+    padded = F.pad(mask[:, None], (lo, hi, lo, hi), value=outside)
+    return F.max_pool2d(padded, size, stride=1)[:, 0]
+
+
+def _check_mask(mask: torch.Tensor) -> None:
+    assert mask.dtype == torch.bool and mask.dim() == 3, (
+        f"expected a bool (N, H, W) mask, got {mask.dtype} {mask.shape}"
+    )
+
+
+def dilate(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Binary dilation of mask (N, H, W) bool with a size x size square; outside the image is background."""
+    _check_mask(mask)
+    return _window(mask.float(), size, 0.0) > 0.5
+
+
+def erode(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Binary erosion of mask (N, H, W) bool with a size x size square; outside the image is foreground."""
+    _check_mask(mask)
+    return _window((~mask).float(), size, 0.0) < 0.5
+
+
+def border(mask: torch.Tensor) -> torch.Tensor:
+    """Pixels of mask (N, H, W) bool with a 4-neighbour outside it (image edges do not count as outside)."""
+    eroded = ~_window4(~mask)
+    return mask & ~eroded
+
+
+def _window4(mask: torch.Tensor) -> torch.Tensor:
+    """Pixels of mask (N, H, W) bool or with a 4-neighbour in it (cross-shaped dilation, nothing outside)."""
+    padded = F.pad(mask[:, None].float(), (1, 1, 1, 1), value=0.0)[:, 0]
+    centre = padded[:, 1:-1, 1:-1]
+    neighbours = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+    return (centre + neighbours) > 0
+
+
+def foreground_mask(prob: torch.Tensor, config: PointPromptConfig = PointPromptConfig()) -> torch.Tensor:
+    """M_f = dilate(erode(prob > threshold)) for prob (N, H, W) -> bool (N, H, W)."""
+    return dilate(erode(prob > config.threshold, config.erosion), config.dilation)
+
+
+def background_mask(prob: torch.Tensor, config: PointPromptConfig = PointPromptConfig()) -> torch.Tensor:
+    """M_b = not dilate(prob > threshold) and prob <= background_threshold, for prob (N, H, W) -> bool."""
+    return ~dilate(prob > config.threshold, config.dilation) & (prob <= config.background_threshold)
+
+
+def _sample(weights: torch.Tensor, k: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """k pixel indices per row of weights (N, H * W) >= 0, with replacement; rows summing to 0 are invalid.
+
+    Returns indices (N, k) int64 and valid (N,) bool.
+    """
+    valid = weights.sum(-1) > 0
+    if k == 0:
+        return torch.zeros(weights.shape[0], 0, dtype=torch.long, device=weights.device), valid
+    safe = torch.where(valid[:, None], weights, torch.ones_like(weights))
+    return torch.multinomial(safe, k, replacement=True, generator=generator), valid
+
+
+def generate_points(
+    prob: torch.Tensor,
+    image_size: int,
+    config: PointPromptConfig = PointPromptConfig(),
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Point prompts from probability maps prob (N, H, W) in [0, 1] (see the module docstring).
+
+    Returns points (N, K, 2) float32 as (x, y) in the ``image_size`` frame and labels (N, K) int64 with
+    K = ``config.num_points``. No gradients.
+    """
+    assert prob.dim() == 3, f"prob must be (N, H, W), got shape {tuple(prob.shape)}"
+    n, h, w = prob.shape
+    with torch.no_grad():
+        prob = prob.detach().float()
+        inside = prob > config.threshold
+        core = foreground_mask(prob, config)
+        core = torch.where(core.flatten(1).any(-1)[:, None, None], core, inside)  # thin structure: use O > 0.5
+        background = background_mask(prob, config)
+        weighted = (prob * background).flatten(1)
+        weighted = torch.where(weighted.sum(-1, keepdim=True) > 0, weighted, background.flatten(1).float())
+        sources = (
+            (core.flatten(1).float(), config.num_foreground, 1),
+            (border(inside).flatten(1).float(), config.num_border, 1),
+            (weighted, config.num_background, 0),
+            ((~inside).flatten(1).float(), config.num_trivial_background, 0),
+        )
+        indices, labels = [], []
+        for weights, k, label in sources:
+            idx, valid = _sample(weights, k, generator)
+            indices.append(idx)
+            labels.append(torch.where(valid[:, None], label, -1).expand(n, k))
+        idx, label = torch.cat(indices, 1), torch.cat(labels, 1).long()
+        scale = torch.tensor([image_size / w, image_size / h], device=prob.device)
+        cols_rows = torch.stack([idx % w, idx // w], dim=-1).float()  # (N, K, 2): (x, y) = (col, row)
+        points = cols_rows * scale + (scale - 1) / 2
+        centre = torch.full_like(points, (image_size - 1) / 2)
+        points = torch.where(label[..., None] >= 0, points, centre)
+    return points, label
+
+
+def to_pixels(points: torch.Tensor, image_size: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of the point convention: points (..., 2) (x, y) in the ``image_size`` frame -> (row, col) pixel
+    indices (..., 2) int64 of a map of ``shape`` (H, W)."""
+    h, w = shape
+    scale = torch.tensor([image_size / w, image_size / h], device=points.device)
+    cols_rows = torch.floor((points + 0.5) / scale).long()
+    return cols_rows.flip(-1)

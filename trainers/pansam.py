@@ -1,0 +1,189 @@
+"""PanSAM trainers: ``nnUNetv2_train DATASET 3d_fullres FOLD -tr PanSAMTrainer`` (and variants).
+
+PanSAM segments one structure. The three stages train one after the other within one nnU-Net training, over
+consecutive epoch ranges (``stage_fractions`` of the epochs); the stage follows from the epoch, so ``--c``
+resumes in the right one. PanSAM uses nnU-Net's 3d_fullres configuration: each patch holds D neighbouring
+slices that SAM processes one by one (folded into the batch) and that the 3D aggregator then sees together; a 2d
+configuration would give the aggregator a single slice, so it is refused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch import nn
+from torch.optim.lr_scheduler import _LRScheduler
+
+from nnunet_sam.network_architectures.pansam import STAGE_OUTPUT, FocalDiceLoss, PanSAMNetwork, PanSAMOptions
+from nnunet_sam.trainers.base import (
+    CPUDemo,
+    LiteMedSAM,
+    MedSAM,
+    SAMTrainer,
+    Tiny,
+    UnsupportedDatasetError,
+    ViTH,
+    ViTL,
+)
+
+
+def stage_starts(fractions: tuple[float, float, float], num_epochs: int) -> tuple[int, int, int]:
+    """First epoch of stages 1, 2, 3 for the given shares of ``num_epochs`` (a stage may get no epoch)."""
+    assert len(fractions) == 3 and abs(sum(fractions) - 1) < 1e-6, f"stage fractions must sum to 1, got {fractions}"
+    first = round(fractions[0] * num_epochs)
+    return 0, first, round((fractions[0] + fractions[1]) * num_epochs)
+
+
+class StagePolyLRScheduler(_LRScheduler):
+    """nnU-Net's poly schedule (exponent 0.9) restarted at the first epoch of every stage."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, starts: tuple[int, ...], num_epochs: int):
+        self.initial_lr = initial_lr
+        self.starts = starts
+        self.num_epochs = num_epochs
+        self.ctr = 0
+        super().__init__(optimizer, -1)
+
+    def step(self, current_step: int | None = None) -> None:
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        start = max(s for s in self.starts if s <= current_step)
+        end = min([s for s in self.starts if s > current_step] + [self.num_epochs])
+        lr = self.initial_lr * (1 - (current_step - start) / max(1, end - start)) ** 0.9
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+
+class PanSAMTrainer(SAMTrainer):
+    """PanSAM on SAM ViT-B (the paper's experiments); needs ``sam_vit_b_01ec64.pth`` in ``$nnUNet_SAM_checkpoints``.
+
+    Stage 1 trains SAM's mask decoder without prompts, stage 2 the prompt-based segmentor (prompt encoder + its
+    mask decoder) on points from stage 1's probability map, stage 3 the 3D aggregator; earlier stages are frozen.
+    Loss: focal + 0.05 * Dice, each stage's output against the reference.
+    """
+
+    options: PanSAMOptions = PanSAMOptions()
+    # The label of the structure to segment. None: the dataset must have exactly one foreground label.
+    # Multi-class datasets: one model per structure, each a subclass with its own target_label.
+    target_label: int | None = None
+    stage_fractions: tuple[float, float, float] = (0.4, 0.4, 0.2)
+    dice_weight: float = 0.05
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ) -> None:
+        plans_manager = PlansManager(plans)
+        if len(plans_manager.get_configuration(configuration).patch_size) != 3:
+            raise UnsupportedDatasetError(
+                f"{type(self).__name__} needs a 3D configuration (3d_fullres): its 3D aggregator combines the "
+                f"scores of neighbouring slices, which a '{configuration}' patch does not contain. SAM still sees "
+                "every slice on its own. Train with: nnUNetv2_train DATASET 3d_fullres FOLD -tr " + type(self).__name__
+            )
+        foreground = list(plans_manager.get_label_manager(dataset_json).foreground_labels)
+        if self.target_label is None and len(foreground) != 1:
+            raise UnsupportedDatasetError(
+                f"{type(self).__name__} segments one structure, but dataset.json has {len(foreground)} foreground "
+                f"labels {foreground}. Subclass the trainer with `target_label = <label>` (one model per "
+                "structure); the other labels then count as background."
+            )
+        if self.target_label is not None and self.target_label not in foreground:
+            raise UnsupportedDatasetError(
+                f"target_label {self.target_label} is not a foreground label of this dataset ({foreground})."
+            )
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.print_to_log_file(
+            f"PanSAM: target label {self.label()}, stages start at epochs "
+            f"{stage_starts(self.stage_fractions, self.num_epochs)} of {self.num_epochs}, CLAHE "
+            f"{'on' if self.options.clahe else 'off'}"
+        )
+
+    @classmethod
+    def label(cls) -> int:
+        return cls.target_label or 1
+
+    @classmethod
+    def build_network(cls, record: dict, num_input_channels: int, num_output_channels: int) -> nn.Module:
+        return PanSAMNetwork(
+            backbone=record["backbone"],
+            in_channels=num_input_channels,
+            num_classes=num_output_channels,
+            patch_size=record["patch_size"],
+            sam_input_size=record["sam_input_size"],
+            target_label=cls.label(),
+            options=cls.options,
+        )
+
+    def _build_loss(self) -> nn.Module:
+        return FocalDiceLoss(self.label(), beta=self.dice_weight)
+
+    # ---- stages ---------------------------------------------------------------------------------------------
+    def stage(self, epoch: int) -> int:
+        starts = stage_starts(self.stage_fractions, self.num_epochs)
+        return max(i + 1 for i, s in enumerate(starts) if s <= epoch)
+
+    def _train_encoder(self) -> bool:
+        return self._sam_checkpoint_path is None  # random SAM weights (tiny without checkpoint), see base
+
+    def initialize(self) -> None:
+        super().initialize()
+        if not self._weights_from_nnunet_checkpoint:
+            self._plain_network().init_prompt_stage_from_sam()
+
+    def configure_optimizers(self):
+        """One optimiser over every module any stage trains; each stage unfreezes only its own (the others get no
+        gradient, so the optimiser leaves them alone). The poly LR schedule restarts at each stage."""
+        net = self._plain_network()
+        net.requires_grad_(False)
+        for stage in (1, 2, 3):
+            for module in net.stage_modules(stage, self._train_encoder()):
+                module.requires_grad_(True)
+        optimizer, _ = super().configure_optimizers()
+        starts = stage_starts(self.stage_fractions, self.num_epochs)
+        return optimizer, StagePolyLRScheduler(optimizer, self.initial_lr, starts, self.num_epochs)
+
+    def on_train_epoch_start(self) -> None:
+        stage, net = self.stage(self.current_epoch), self._plain_network()
+        if net.output != STAGE_OUTPUT[stage] or self.current_epoch == 0:
+            self.print_to_log_file(f"PanSAM stage {stage} from epoch {self.current_epoch}")
+        net.set_stage(stage, self._train_encoder() and stage == 1)
+        # checkpoint_best only ever holds a model of the current stage: best EMA pseudo-Dice within this stage
+        start = stage_starts(self.stage_fractions, self.num_epochs)[stage - 1]
+        emas = self.logger.get_value("ema_fg_dice", step=None)[start : self.current_epoch]
+        finite = [e for e in emas if np.isfinite(e)]
+        self._best_ema = max(finite) if finite else None
+        super().on_train_epoch_start()
+
+    def on_train_end(self) -> None:
+        self._plain_network().output = "final"  # the final validation and checkpoint run the whole pipeline
+        super().on_train_end()
+
+
+class PanSAMTrainer_vitl(ViTL, PanSAMTrainer):
+    pass
+
+
+class PanSAMTrainer_vith(ViTH, PanSAMTrainer):
+    """SAM ViT-H, the encoder of the paper's cost figures."""
+
+
+class PanSAMTrainer_MedSAM(MedSAM, PanSAMTrainer):
+    pass
+
+
+class PanSAMTrainer_LiteMedSAM(LiteMedSAM, PanSAMTrainer):
+    pass
+
+
+class PanSAMTrainer_tiny(Tiny, PanSAMTrainer):
+    pass
+
+
+class PanSAMTrainer_tiny_demo(CPUDemo, PanSAMTrainer_tiny):
+    """A few minutes of CPU training: 20 epochs of 30 steps, stages 8 / 8 / 4 epochs."""
