@@ -134,6 +134,7 @@ setup(
             "nnunet_radsam_benchmark=nnunet_sam.radsam_benchmark:main",
             "nnunet_sam_predict_prompted=nnunet_sam.predict_prompted:main",
             "nnunet_sam_prompted_eval=nnunet_sam.prompted_eval:main",
+            "nnunet_sam_pansam_eval=nnunet_sam.pansam_eval:main",
             "nnunet_sam_convert_synapse=nnunet_sam.dataset_conversion.synapse:main",
             "nnunet_sam_convert_acdc=nnunet_sam.dataset_conversion.acdc:main",
             "nnunet_sam_convert_msd_pancreas=nnunet_sam.dataset_conversion.msd_pancreas:main",

@@ -16,6 +16,24 @@ from nnunet_sam.trainers.masksam import (
     MaskSAMTrainer_vith,
     MaskSAMTrainer_vitl,
 )
+from nnunet_sam.trainers.pansam import (
+    PanSAMTrainer,
+    PanSAMTrainer_LiteMedSAM,
+    PanSAMTrainer_MedSAM,
+    PanSAMTrainer_tiny,
+    PanSAMTrainer_tiny_demo,
+    PanSAMTrainer_vith,
+    PanSAMTrainer_vitl,
+)
+from nnunet_sam.trainers.radsam import (
+    RadSAMTrainer,
+    RadSAMTrainer_LiteMedSAM,
+    RadSAMTrainer_MedSAM,
+    RadSAMTrainer_tiny,
+    RadSAMTrainer_tiny_demo,
+    RadSAMTrainer_vith,
+    RadSAMTrainer_vitl,
+)
 from nnunet_sam.trainers.sam3d_adapter import (
     SAM3DAdapterTrainer,
     SAM3DAdapterTrainer_MedSAM,
@@ -78,4 +96,18 @@ __all__ = [
     "SAM3DAdapterTrainer_prompted",
     "SAM3DAdapterTrainer_prompted_tiny",
     "SAM3DAdapterTrainer_prompted_tiny_demo",
+    "RadSAMTrainer",
+    "RadSAMTrainer_vitl",
+    "RadSAMTrainer_vith",
+    "RadSAMTrainer_MedSAM",
+    "RadSAMTrainer_LiteMedSAM",
+    "RadSAMTrainer_tiny",
+    "RadSAMTrainer_tiny_demo",
+    "PanSAMTrainer",
+    "PanSAMTrainer_vitl",
+    "PanSAMTrainer_vith",
+    "PanSAMTrainer_MedSAM",
+    "PanSAMTrainer_LiteMedSAM",
+    "PanSAMTrainer_tiny",
+    "PanSAMTrainer_tiny_demo",
 ]
