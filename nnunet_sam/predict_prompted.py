@@ -16,8 +16,9 @@ Input: the model folder, a folder of images named as for ``nnUNetv2_predict`` an
   it for the model; for ``.nii.gz`` and the other SimpleITK formats (SimpleITKIO, nnU-Net's default reader) that is
   ``SimpleITK.GetArrayFromImage`` order, (z, y, x) = (slice, row, column), 0-based. Fractions are allowed: a voxel
   covers [i - 0.5, i + 0.5).
-* ``"world"``: ``position`` = (x, y, z) in mm in ITK's physical space (LPS, what ``Image.TransformIndexToPhysicalPoint``
-  returns and ITK-SNAP / 3D Slicer in LPS show); needs a reader that reports the image geometry (SimpleITKIO).
+* ``"world"``: ``position`` = (x, y, z) in mm in ITK's physical space (LPS), what SimpleITK's
+  ``Image.TransformIndexToPhysicalPoint`` returns (viewers showing RAS, such as 3D Slicer, show x and y negated);
+  needs a reader that reports the image geometry (SimpleITKIO).
 
 ``label``: the class clicked, as its value or name in the model's ``dataset.json`` (0 / ``background``: a background
 click). Each case's points are mapped through nnU-Net's preprocessing (transpose, crop to non-zero, resampling with
