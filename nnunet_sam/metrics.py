@@ -61,6 +61,9 @@ __all__ = [
     "surface_mask",
     "surface_distances",
     "dice",
+    "jaccard",
+    "precision",
+    "recall",
     "normalized_surface_dice",
     "hd95",
     "binary_metrics",
@@ -124,6 +127,29 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     pred, ref = _check_pair(pred, ref)
     total = int(pred.sum()) + int(ref.sum())
     return float("nan") if total == 0 else 2.0 * int((pred & ref).sum()) / total
+
+
+def jaccard(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Jaccard index (IoU) |P & R| / |P | R| of two bool masks; NaN if both are empty (as Dice)."""
+    pred, ref = _check_pair(pred, ref)
+    union = int((pred | ref).sum())
+    return float("nan") if union == 0 else int((pred & ref).sum()) / union
+
+
+def precision(pred: np.ndarray, ref: np.ndarray) -> float:
+    """|P & R| / |P|; NaN if both masks are empty, 0 if only the prediction is (nothing found is not precise)."""
+    pred, ref = _check_pair(pred, ref)
+    if not pred.any():
+        return float("nan") if not ref.any() else 0.0
+    return int((pred & ref).sum()) / int(pred.sum())
+
+
+def recall(pred: np.ndarray, ref: np.ndarray) -> float:
+    """|P & R| / |R| (sensitivity); NaN if both masks are empty, 0 if only the reference is."""
+    pred, ref = _check_pair(pred, ref)
+    if not ref.any():
+        return float("nan") if not pred.any() else 0.0
+    return int((pred & ref).sum()) / int(ref.sum())
 
 
 def _nsd_from_distances(d_pred: np.ndarray, d_ref: np.ndarray, tolerance_mm: float) -> float:

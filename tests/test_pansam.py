@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from sam_testing import dataset_json, minimal_plans
 
 from nnunet_sam.blocks.aggregator_3d import SliceAggregator3D
 from nnunet_sam.network_architectures.pansam import FocalDiceLoss, PanSAMNetwork, PanSAMOptions, clahe_slices
+from nnunet_sam.phantoms import make_phantom_dataset
 from nnunet_sam.prompting.pansam_points import (
     PointPromptConfig,
     background_mask,
@@ -326,3 +336,127 @@ def test_stage_two_starts_from_sam_weights(nnunet_env):
         assert torch.equal(a, b)
     for a, b in zip(net.prompt_encoder.state_dict().values(), net.sam.prompt_encoder.state_dict().values()):
         assert torch.equal(a, b)
+
+
+# ---- end to end through nnU-Net's tools (slow) ------------------------------------------------------------------
+E2E_TRAINER = """
+from nnunet_sam.trainers.pansam import PanSAMTrainer_tiny
+
+
+class PanSAMTrainer_tiny_e2e(PanSAMTrainer_tiny):
+    epochs = 6
+    stage_fractions = (0.5, 0.3, 0.2)  # stage 1: epochs 0-2 (its encoder learns from scratch), 2: 3-4, 3: 5
+    iterations_per_epoch = 25
+    val_iterations_per_epoch = 2
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, patch, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None  # no test-time mirroring in the final validation either
+        return rotation, dummy_2d, patch, None
+"""
+
+
+def _shift_intensities(src: Path, dst: Path, seed: int = 0) -> None:
+    """Copy CT images with a different intensity profile: contrast x1.3 around soft tissue, +60 HU, extra noise."""
+    dst.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for path in sorted(src.glob("*.nii.gz")):
+        img = sitk.ReadImage(str(path))
+        arr = sitk.GetArrayFromImage(img).astype(np.float32)
+        arr = 40 + 1.3 * (arr - 40) + 60 + rng.normal(0, 15, arr.shape)
+        out = sitk.GetImageFromArray(np.clip(np.rint(arr), -1024, 3071).astype(np.int16))
+        out.CopyInformation(img)
+        sitk.WriteImage(out, str(dst / path.name))
+
+
+@pytest.mark.slow
+def test_pansam_train_predict_ablation_and_zero_shot_cli(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    (tmp_path / "user_trainers").mkdir()
+    (tmp_path / "user_trainers" / "pansam_e2e.py").write_text(E2E_TRAINER)
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_SAM_checkpoints"}
+    env.update(
+        nnUNet_raw=str(tmp_path / "raw"),
+        nnUNet_preprocessed=str(tmp_path / "preprocessed"),
+        nnUNet_results=str(tmp_path / "results"),
+        nnUNet_extTrainer=str(tmp_path / "user_trainers"),
+        nnUNet_compile="f",
+        nnUNet_n_proc_DA="1",
+        nnUNet_def_n_proc="1",  # the final validation's export workers: 8 by default, minutes to start here
+        OMP_NUM_THREADS="1",
+    )
+
+    def run(cmd: list[str]) -> str:
+        start = time.time()
+        result = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=900)
+        assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        print(f"{Path(cmd[0]).name} {' '.join(cmd[1:3])}: {time.time() - start:.0f} s")
+        return result.stdout
+
+    # one-class phantom (liver only) for training; a second phantom (other seed) with another intensity profile
+    shape = (16, 64, 64)
+    source = make_phantom_dataset(tmp_path / "raw", 991, "PanSAMPhantom", 6, 2, shape=shape, num_organs=1, seed=0)
+    other = make_phantom_dataset(tmp_path / "other", 992, "Shifted", 1, 2, shape=shape, num_organs=1, seed=7)
+    _shift_intensities(other / "imagesTs", tmp_path / "shifted_images")
+    run([str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", "991", "-c", "3d_fullres", "-np", "1"])
+    trainer = "PanSAMTrainer_tiny_e2e"
+    train_log = run([str(bin_dir / "nnUNetv2_train"), "991", "3d_fullres", "0", "-tr", trainer, "-device", "cpu"])
+    for stage, epoch in ((1, 0), (2, 3), (3, 5)):
+        assert f"PanSAM stage {stage} from epoch {epoch}" in train_log
+
+    model = tmp_path / "results" / "Dataset991_PanSAMPhantom" / f"{trainer}__nnUNetPlans__3d_fullres"
+    pred = tmp_path / "pred"
+    predict = [str(bin_dir / "nnUNetv2_predict"), "-i", str(source / "imagesTs"), "-o", str(pred), "-d", "991"]
+    run(
+        predict
+        + ["-c", "3d_fullres", "-f", "0", "-tr", trainer, "--disable_tta", "-device", "cpu", "-npp", "1", "-nps", "1"]
+    )
+
+    report_dir = tmp_path / "eval"
+    evaluate = [sys.executable, "-m", "nnunet_sam.pansam_eval", "-m", str(model), "-f", "0", "--disable_tta"]
+    table = run(
+        evaluate
+        + ["--data", "phantom", str(source / "imagesTs"), str(source / "labelsTs")]
+        + ["--data", "zero-shot", str(tmp_path / "shifted_images"), str(other / "labelsTs")]
+        + ["-o", str(report_dir)]
+    )
+    print(table)
+    report = json.loads((report_dir / "pansam_eval.json").read_text())
+    assert set(report["datasets"]) == {"phantom", "zero-shot"}
+    for rows in report["datasets"].values():
+        assert list(rows) == ["stage1", "stage1+aggregator", "stage1+prompts", "full", "reference-2d", "reference-3d"]
+        for result in rows.values():
+            assert len(result["cases"]) == 2 and all(0 <= v <= 1 for v in result["mean"].values())
+    # the "full" row is exactly what nnUNetv2_predict writes
+    for case in ("case_006", "case_007"):
+        ours = sitk.GetArrayFromImage(sitk.ReadImage(str(report_dir / "phantom" / "full" / f"{case}.nii.gz")))
+        stock = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / f"{case}.nii.gz")))
+        assert np.array_equal(ours, stock), case
+    means = {row: r["mean"]["Dice"] for row, r in report["datasets"]["phantom"].items()}
+    assert means["full"] > 0.5, f"PanSAM learned nothing on the phantom: {means}"
+
+    # one row = one command
+    single = run(
+        evaluate
+        + ["--data", "phantom", str(source / "imagesTs"), str(source / "labelsTs")]
+        + ["--rows", "stage1", "-o", str(tmp_path / "eval_stage1")]
+    )
+    assert "stage1 (fine-tuned SAM)" in single
+    row = json.loads((tmp_path / "eval_stage1" / "pansam_eval.json").read_text())["datasets"]["phantom"]
+    assert row["stage1"]["mean"] == report["datasets"]["phantom"]["stage1"]["mean"]
+
+
+def test_jaccard_precision_recall_by_hand():
+    from nnunet_sam.metrics import jaccard, precision, recall
+
+    pred = np.zeros((4, 4), bool)
+    ref = np.zeros((4, 4), bool)
+    pred[0, :3] = True  # 3 voxels, 2 of them in the reference
+    ref[0, 1:] = True  # 3 voxels
+    ref[1, 0] = True  # 4 voxels
+    assert jaccard(pred, ref) == pytest.approx(2 / 5)
+    assert precision(pred, ref) == pytest.approx(2 / 3)
+    assert recall(pred, ref) == pytest.approx(2 / 4)
+    empty = np.zeros_like(pred)
+    assert np.isnan(jaccard(empty, empty)) and np.isnan(precision(empty, empty)) and np.isnan(recall(empty, empty))
+    assert precision(empty, ref) == 0.0 and recall(pred, empty) == 0.0 and jaccard(empty, ref) == 0.0

@@ -1,0 +1,200 @@
+"""``nnunet_sam_pansam_eval``: PanSAM's ablation rows and zero-shot report from one trained PanSAM model.
+
+Every row runs nnU-Net's own preprocessing, sliding-window prediction and export (as ``nnUNetv2_predict``) on the
+given cases with one output of the trained network, then scores the target label against the reference with
+Dice, Jaccard, precision and recall (``nnunet_sam.metrics``) per case and as the mean over cases:
+
+==================  ===========================  ===================================================
+row                 the paper's name             what runs
+==================  ===========================  ===================================================
+stage1              fine-tuned SAM               stage 1 (SAM's mask decoder without prompts)
+stage1+aggregator   + 3D aggregator              stage 1's scores through the trained aggregator
+stage1+prompts      + prompt generator           stage 1 -> generated points -> stage 2, no aggregator
+full                PanSAM                       the whole pipeline (what ``nnUNetv2_predict`` writes)
+reference-2d        PanSAM-GroundTruth (2D)      stage 2 with points drawn from the reference mask
+reference-3d        PanSAM-GroundTruth (3D)      stage 2 on reference points, then the aggregator
+==================  ===========================  ===================================================
+
+The aggregator of a PanSAM model is trained on stage 2's scores; "stage1+aggregator" applies that aggregator to
+stage 1's scores (the paper trained a separate aggregator for its row). Reference rows pass the reference
+(preprocessed like the image) as an extra input channel; the generator then draws its points from it.
+
+``--data NAME IMAGES LABELS`` may be repeated: a second dataset that the model never saw gives the zero-shot
+figures next to the first. Writes ``pansam_eval.json`` and ``pansam_eval.md`` into the output folder and prints
+the table of means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnunet_sam.metrics import dice, jaccard, precision, recall
+
+ROWS: dict[str, tuple[str, str, str]] = {  # row -> (network output, points from, the paper's name)
+    "stage1": ("coarse", "generator", "fine-tuned SAM"),
+    "stage1+aggregator": ("coarse_aggregated", "generator", "+ 3D aggregator"),
+    "stage1+prompts": ("refined", "generator", "+ prompt generator"),
+    "full": ("final", "generator", "PanSAM"),
+    "reference-2d": ("refined", "reference", "PanSAM-GroundTruth (2D)"),
+    "reference-3d": ("final", "reference", "PanSAM-GroundTruth (3D)"),
+}
+METRICS = {"Dice": dice, "Jaccard": jaccard, "Precision": precision, "Recall": recall}
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def evaluate(
+    model_folder: str | Path,
+    datasets: Sequence[tuple[str, str | Path, str | Path]],
+    rows: Sequence[str] = tuple(ROWS),
+    fold: str = "0",
+    checkpoint: str = "checkpoint_final.pth",
+    output_folder: str | Path | None = None,
+    disable_tta: bool = False,
+    device: str = "cpu",
+) -> dict:
+    """Score ``rows`` of a trained PanSAM model on each (name, images folder, labels folder) of ``datasets``.
+
+    Returns {"target_label", "rows", "datasets": {name: {row: {"cases": {case: {metric: value}}, "mean": {...}}}}};
+    with ``output_folder`` the segmentations are written to ``output_folder/NAME/ROW/``.
+    """
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    from nnunet_sam.network_architectures.pansam import PanSAMNetwork
+
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    fold_id = fold if fold == "all" else int(fold)
+    predictor = nnUNetPredictor(
+        use_mirroring=not disable_tta,
+        perform_everything_on_device=device != "cpu",
+        device=torch.device(device),
+        allow_tqdm=False,
+    )
+    predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold_id,), checkpoint_name=checkpoint)
+    net = getattr(predictor.network, "_orig_mod", predictor.network)
+    if not isinstance(net, PanSAMNetwork):
+        raise ValueError(f"{model_folder} is not a PanSAM model (its network is {type(net).__name__})")
+    plans, config, dataset_json = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
+    label_manager = plans.get_label_manager(dataset_json)
+    reader = plans.image_reader_writer_class()
+    ending = dataset_json["file_ending"]
+    target = net.target_label
+
+    report: dict = {"model": str(model_folder), "target_label": target, "rows": list(rows), "datasets": {}}
+    for name, images, labels in datasets:
+        files = create_lists_from_splitted_dataset_folder(str(images), ending)
+        if not files:
+            raise FileNotFoundError(f"no images ending in {ending} in {images}")
+        results: dict = {row: {"cases": {}} for row in rows}
+        for case_files in files:
+            case = os.path.basename(case_files[0])[: -len(ending) - 5]  # strip _0000 + ending
+            label_file = os.path.join(str(labels), case + ending)
+            if not os.path.isfile(label_file):
+                raise FileNotFoundError(f"reference {label_file} missing for image {case_files[0]}")
+            preprocessor = config.preprocessor_class(verbose=False)
+            data, seg, props = preprocessor.run_case(case_files, label_file, plans, config, dataset_json)
+            reference = reader.read_seg(label_file)[0][0] == target
+            for row in rows:
+                net.output, net.prompts_from, _ = ROWS[row]
+                x = (
+                    data
+                    if net.prompts_from == "generator"
+                    else np.concatenate([data, seg == target]).astype(np.float32)
+                )
+                logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(x))
+                pred = convert_predicted_logits_to_segmentation_with_correct_shape(
+                    logits, plans, config, label_manager, props
+                )
+                mask = np.asarray(pred) == target
+                results[row]["cases"][case] = {m: float(f(mask, reference)) for m, f in METRICS.items()}
+                if output_folder is not None:
+                    folder = Path(output_folder) / name / row
+                    folder.mkdir(parents=True, exist_ok=True)
+                    reader.write_seg(np.asarray(pred), str(folder / (case + ending)), props)
+        for row in rows:
+            cases = results[row]["cases"].values()
+            results[row]["mean"] = {m: _mean([c[m] for c in cases]) for m in METRICS}
+        report["datasets"][name] = results
+    net.output, net.prompts_from = "final", "generator"
+    return report
+
+
+def markdown(report: dict) -> str:
+    """Tables of the report: means per dataset and row, then every case (figures in %)."""
+    head = "| dataset | row | " + " | ".join(METRICS) + " |\n|---|---|" + "---|" * len(METRICS) + "\n"
+    means, cases = head, "| dataset | row | case | " + " | ".join(METRICS) + " |\n|---|---|---|" + "---|" * len(METRICS)
+    cases += "\n"
+    for name, rows in report["datasets"].items():
+        for row, result in rows.items():
+            label = f"{row} ({ROWS[row][2]})"
+            means += f"| {name} | {label} | " + " | ".join(f"{100 * result['mean'][m]:.2f}" for m in METRICS) + " |\n"
+            for case, figures in result["cases"].items():
+                cases += f"| {name} | {row} | {case} | " + " | ".join(f"{100 * figures[m]:.2f}" for m in METRICS)
+                cases += " |\n"
+    return f"Target label {report['target_label']}, mean over cases (%):\n\n{means}\nPer case (%):\n\n{cases}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnunet_sam_pansam_eval",
+        description="PanSAM ablation rows (stage 1; + aggregator; + prompts; full; reference prompts) and "
+        "zero-shot figures of one trained PanSAM model: Dice, Jaccard, precision, recall per case and mean.",
+        epilog="Example: nnunet_sam_pansam_eval -m $nnUNet_results/Dataset082_NIH/PanSAMTrainer__nnUNetPlans__"
+        "3d_fullres -f 0 --data nih imagesTs labelsTs --data abdomen1k A1K/images A1K/labels -o eval_pansam",
+    )
+    p.add_argument("-m", "--model", required=True, help="model folder (TRAINER__PLANS__CONFIGURATION)")
+    p.add_argument("-f", "--fold", default="0", help="fold (default: %(default)s; 'all' for -f all models)")
+    p.add_argument(
+        "--data",
+        nargs=3,
+        action="append",
+        required=True,
+        metavar=("NAME", "IMAGES", "LABELS"),
+        help="a dataset: name, images folder (CASE_0000.nii.gz ...) and reference folder (CASE.nii.gz); repeat it "
+        "for zero-shot datasets",
+    )
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="rows (default: all)")
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="default: %(default)s")
+    p.add_argument("-o", "--output", required=True, help="folder for pansam_eval.json/.md and the segmentations")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument("-device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    report = evaluate(
+        args.model,
+        [tuple(d) for d in args.data],
+        args.rows,
+        args.fold,
+        args.checkpoint,
+        args.output,
+        args.disable_tta,
+        args.device,
+    )
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pansam_eval.json").write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    (out / "pansam_eval.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
