@@ -460,3 +460,18 @@ def test_jaccard_precision_recall_by_hand():
     empty = np.zeros_like(pred)
     assert np.isnan(jaccard(empty, empty)) and np.isnan(precision(empty, empty)) and np.isnan(recall(empty, empty))
     assert precision(empty, ref) == 0.0 and recall(pred, empty) == 0.0 and jaccard(empty, ref) == 0.0
+
+
+def test_vit_b_stage_sizes_on_meta():
+    with torch.device("meta"):
+        net = PanSAMNetwork("vit_b", 1, 2, (8, 224, 224), 224)
+    sizes = [sum(p.numel() for m in net.stage_modules(s) for p in m.parameters()) for s in (1, 2, 3)]
+    assert 4.0e6 < sizes[0] < 4.1e6 and 4.0e6 < sizes[1] < 4.1e6 and sizes[2] < 20_000  # decoders ~4 M each
+    assert sum(p.numel() for p in net.sam.image_encoder.parameters()) > 85e6
+
+
+def test_eval_refuses_unknown_rows(tmp_path):
+    from nnunet_sam.pansam_eval import evaluate
+
+    with pytest.raises(ValueError, match="unknown rows"):
+        evaluate(tmp_path, [("x", tmp_path, tmp_path)], rows=["stage4"])
