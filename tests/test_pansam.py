@@ -316,6 +316,7 @@ def test_stages_follow_the_epoch_and_resume_from_a_checkpoint(nnunet_env):
     resumed.load_checkpoint(path)
     assert resumed.current_epoch == 6  # nnU-Net stores the next epoch
     check(resumed, 6)
+    assert resumed._stage == 2  # logged as "PanSAM stage 2 from epoch 6"
     trainable = {n for n, p in resumed.network.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("prompt_encoder.", "refine_decoder.")) for n in trainable)
     for (name, a), b in zip(net.state_dict().items(), resumed.network.state_dict().values()):

@@ -15,7 +15,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 from torch.optim.lr_scheduler import _LRScheduler
 
-from nnunet_sam.network_architectures.pansam import STAGE_OUTPUT, FocalDiceLoss, PanSAMNetwork, PanSAMOptions
+from nnunet_sam.network_architectures.pansam import FocalDiceLoss, PanSAMNetwork, PanSAMOptions
 from nnunet_sam.trainers.base import (
     CPUDemo,
     LiteMedSAM,
@@ -98,6 +98,7 @@ class PanSAMTrainer(SAMTrainer):
                 f"target_label {self.target_label} is not a foreground label of this dataset ({foreground})."
             )
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self._stage: int | None = None
         self.print_to_log_file(
             f"PanSAM: target label {self.label()}, stages start at epochs "
             f"{stage_starts(self.stage_fractions, self.num_epochs)} of {self.num_epochs}, CLAHE "
@@ -150,8 +151,9 @@ class PanSAMTrainer(SAMTrainer):
 
     def on_train_epoch_start(self) -> None:
         stage, net = self.stage(self.current_epoch), self._plain_network()
-        if net.output != STAGE_OUTPUT[stage] or self.current_epoch == 0:
+        if stage != self._stage:  # a new stage, or the first epoch of this run (also after --c)
             self.print_to_log_file(f"PanSAM stage {stage} from epoch {self.current_epoch}")
+            self._stage = stage
         net.set_stage(stage, self._train_encoder() and stage == 1)
         # checkpoint_best only ever holds a model of the current stage: best EMA pseudo-Dice within this stage
         start = stage_starts(self.stage_fractions, self.num_epochs)[stage - 1]
