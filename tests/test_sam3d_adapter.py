@@ -289,7 +289,7 @@ class SAM3DAdapterTrainer_prompted_tiny_e2e(Budget, SAM3DAdapterTrainer_prompted
 def test_tiny_trainers_train_and_predict_with_nnunet_tools(tmp_path):
     """Phantom dataset -> plan/preprocess -> the same 80 steps for both tiny trainers -> automatic model predicted
     with nnUNetv2_predict, prompted model with nnunet_sam_prompted_eval (one centre click per organ, through
-    nnunet_sam_predict_prompted's machinery) -> held-out mean Dice of both, from nnunet_sam.evaluate."""
+    nnunet_sam_predict_prompted's machinery) -> held-out mean Dice of both, from nnunet_sam.evaluate (printed)."""
     from nnunet_sam.evaluate import evaluate_folder
 
     bin_dir = Path(sys.executable).parent
@@ -313,7 +313,7 @@ def test_tiny_trainers_train_and_predict_with_nnunet_tools(tmp_path):
         assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
     raw = make_phantom_dataset(tmp_path / "raw", dataset_id=977, num_train=6, num_test=2, shape=(16, 64, 64))
-    run("nnUNetv2_plan_and_preprocess", "-d", "977", "-c", "3d_fullres", "-np", "1")
+    run("nnUNetv2_plan_and_preprocess", "-d", "977", "-c", "3d_fullres", "-np", "1", "-npfp", "1")
     models = {}
     for trainer in ("SAM3DAdapterTrainer_tiny_e2e", "SAM3DAdapterTrainer_prompted_tiny_e2e"):
         run("nnUNetv2_train", "977", "3d_fullres", "0", "-tr", trainer, "-device", "cpu")
@@ -338,10 +338,12 @@ def test_tiny_trainers_train_and_predict_with_nnunet_tools(tmp_path):
     mean_auto, mean_prompted = auto["foreground_mean"]["Dice"], run_["foreground_mean"]["Dice"]
     print(f"held-out mean foreground Dice: automatic {mean_auto:.3f}, prompted (1 centre click per organ) "
           f"{mean_prompted:.3f}; per organ (automatic, prompted) {per_class}")  # fmt: skip
-    # First complete run (8 min 13 s with three other CPU trainings on the 2 cores): automatic 0.181 (liver 0.72, the
-    # other organs 0), prompted 0.263 (liver 0.78, spleen 0.27, aorta and kidney 0). In 80 steps the automatic model
-    # finds only the largest organ; a click inside the spleen is enough for the prompted one to segment it too.
-    assert mean_auto > 0.1 and mean_prompted > mean_auto, per_class
+    # Two complete runs of this test (nnU-Net's training is not seeded): automatic 0.181 / prompted 0.263 (liver 0.72 /
+    # 0.78, spleen 0 / 0.27; 8 min 13 s with three other CPU trainings on the 2 cores), then automatic 0.220 / prompted
+    # 0.172 (liver 0.68 / 0.67, spleen 0.17 / 0.00; 6 min 22 s). In 80 steps both learn the liver; which of them also
+    # picks up a second organ varies from run to run, so at this budget the click does not reliably help and the test
+    # asserts what both runs showed: both models learnt (chance level, each organ's prevalence, is below 0.03).
+    assert mean_auto > 0.1 and mean_prompted > 0.1, per_class
 
 
 def raw_labels(raw: Path) -> list[str]:
