@@ -26,14 +26,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from segment_anything.modeling import MaskDecoder
 from skimage.exposure import equalize_adapthist
 from torch import nn
 
 from nnunet_sam.blocks.aggregator_3d import SliceAggregator3D
 from nnunet_sam.blocks.folded_sam import FoldedSAM
-from nnunet_sam.losses import dice_loss
 from nnunet_sam.prompting.pansam_points import PointPromptConfig, generate_points
 
 Output = Literal["coarse", "coarse_aggregated", "refined", "final"]
@@ -211,52 +208,10 @@ class PanSAMNetwork(FoldedSAM):
         rows, c, g = embedding.shape[0], embedding.shape[1], embedding.shape[-1]
         sparse = embedding.new_zeros(rows, 0, c)
         dense = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(rows, -1, g, g)
-        return self._decode(self.sam.mask_decoder, self.sam.prompt_encoder.get_dense_pe(), embedding, sparse, dense)
+        return self.decode(embedding, 1, sparse, dense)[0]
 
     def _decode_with_points(self, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Stage 2: the prompt-based segmentor. points (B * D, K, 2) (x, y), labels (B * D, K) -> (B * D, P, P)."""
         sparse, dense = self.prompt_encoder(points=(points, labels), boxes=None, masks=None)
-        return self._decode(self.refine_decoder, self.prompt_encoder.get_dense_pe(), embedding, sparse, dense)
-
-    def _decode(
-        self, decoder: MaskDecoder, pe: torch.Tensor, embedding: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
-    ) -> torch.Tensor:
-        """One batched pass of ``decoder`` with one prompt set per slice; SAM's single-mask output head.
-
-        embedding (R, C, g, g), sparse (R, T, C), dense (R, C, g, g) or (1, C, g, g), pe (1, C, g, g) ->
-        mask logits (R, P, P) at patch resolution.
-        """
-        rows = embedding.shape[0]
-        image = embedding + dense.to(embedding.dtype)
-        image_pe = self.decoder_additions.image_pe(pe, rows)
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.expand(rows, -1, -1), sparse.to(output_tokens.dtype)], dim=1)
-        tokens_out, upscaled = self.decoder_additions(decoder, image, image_pe, tokens.to(embedding.dtype))
-        hyper = decoder.output_hypernetworks_mlps[0](tokens_out[:, 1])  # first mask token
-        masks = (hyper[:, None] @ upscaled.flatten(2)).view(rows, 1, *upscaled.shape[-2:])
-        masks = F.interpolate(masks, size=(self.patch, self.patch), mode="bilinear", align_corners=False)
-        return masks[:, 0]
-
-
-class FocalDiceLoss(nn.Module):
-    """PanSAM's loss: sigmoid focal loss (gamma 2, mean over voxels) + ``beta`` * soft Dice loss (per volume).
-
-    ``forward(outputs, target)``: outputs["logits"] (B, 1, D, P, P) target logits; target (B, 1, D, P, P) nnU-Net
-    label map, compared as ``target == target_label`` (the reference, never the network's own output).
-    """
-
-    def __init__(self, target_label: int = 1, beta: float = 0.05, gamma: float = 2.0) -> None:
-        super().__init__()
-        self.target_label = target_label
-        self.beta = beta
-        self.gamma = gamma
-
-    def forward(self, outputs: dict, target: torch.Tensor) -> torch.Tensor:
-        logits = outputs["logits"].float()
-        assert logits.shape == target.shape, f"logits {tuple(logits.shape)} != target {tuple(target.shape)}"
-        y = (target == self.target_label).float()
-        bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
-        p_true = torch.exp(-bce)  # probability given to the true class
-        focal = ((1 - p_true) ** self.gamma * bce).mean()
-        dice = dice_loss(logits.flatten(1), y.flatten(1)).mean()
-        return focal + self.beta * dice
+        pe = self.prompt_encoder.get_dense_pe()
+        return self.decode(embedding, 1, sparse, dense, decoder=self.refine_decoder, dense_pe=pe)[0]

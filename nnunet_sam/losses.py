@@ -371,3 +371,27 @@ class DeepSupervisedSegLoss(nn.Module):
         if "logits" in outputs:
             loss = loss + self.dc_ce(outputs["logits"].float(), target)
         return loss
+
+
+class FocalDiceLoss(nn.Module):
+    """PanSAM's loss: sigmoid focal loss (gamma 2, mean over voxels) + ``beta`` * soft Dice loss (per volume).
+
+    ``forward(outputs, target)``: outputs["logits"] (B, 1, D, P, P) target logits; target (B, 1, D, P, P) nnU-Net
+    label map, compared as ``target == target_label`` (the reference, never the network's own output).
+    """
+
+    def __init__(self, target_label: int = 1, beta: float = 0.05, gamma: float = 2.0) -> None:
+        super().__init__()
+        self.target_label = target_label
+        self.beta = beta
+        self.gamma = gamma
+
+    def forward(self, outputs: dict, target: torch.Tensor) -> torch.Tensor:
+        logits = outputs["logits"].float()
+        assert logits.shape == target.shape, f"logits {tuple(logits.shape)} != target {tuple(target.shape)}"
+        y = (target == self.target_label).float()
+        bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        p_true = torch.exp(-bce)  # probability given to the true class
+        focal = ((1 - p_true) ** self.gamma * bce).mean()
+        dice = dice_loss(logits.flatten(1), y.flatten(1)).mean()
+        return focal + self.beta * dice

@@ -17,7 +17,8 @@ import torch
 from sam_testing import dataset_json, minimal_plans
 
 from nnunet_sam.blocks.aggregator_3d import SliceAggregator3D
-from nnunet_sam.network_architectures.pansam import FocalDiceLoss, PanSAMNetwork, PanSAMOptions, clahe_slices
+from nnunet_sam.losses import FocalDiceLoss
+from nnunet_sam.network_architectures.pansam import PanSAMNetwork, PanSAMOptions, clahe_slices
 from nnunet_sam.phantoms import make_phantom_dataset
 from nnunet_sam.prompting.pansam_points import (
     PointPromptConfig,

@@ -15,7 +15,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 from torch.optim.lr_scheduler import _LRScheduler
 
-from nnunet_sam.network_architectures.pansam import FocalDiceLoss, PanSAMNetwork, PanSAMOptions
+from nnunet_sam.losses import FocalDiceLoss
+from nnunet_sam.network_architectures.pansam import PanSAMNetwork, PanSAMOptions
 from nnunet_sam.trainers.base import (
     CPUDemo,
     LiteMedSAM,

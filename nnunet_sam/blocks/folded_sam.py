@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder
 from torch import nn
 
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone
@@ -98,21 +99,25 @@ class FoldedSAM(nn.Module):
         sparse: torch.Tensor,
         dense: torch.Tensor,
         prefix_tokens: torch.Tensor | None = None,
+        decoder: MaskDecoder | None = None,
+        dense_pe: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One batched pass of SAM's mask decoder over all rows; SAM's single-mask output head.
 
-        embedding (B * D, C, g, g); sparse (R, T, C) and dense (R, C, g, g) prompt embeddings of the
-        R = B * K * D rows; prefix_tokens (R, T0, C) go before SAM's output tokens. Returns mask logits
-        (R, P, P) at patch resolution and the transformed tokens (R, T0 + 5 + T, C).
+        embedding (B * D, C, g, g); sparse (R, T, C) and dense (R or 1, C, g, g) prompt embeddings of the
+        R = B * K * D rows; prefix_tokens (R, T0, C) go before SAM's output tokens. ``decoder`` and its prompt
+        encoder's ``dense_pe`` (1, C, g, g) default to SAM's own (a method with a second decoder passes its own).
+        Returns mask logits (R, P, P) at patch resolution and the transformed tokens (R, T0 + 5 + T, C).
         """
         c, g = embedding.shape[1], embedding.shape[-1]
         rows = dense.shape[0]
         b = embedding.shape[0] // self.depth
         assert rows == b * k * self.depth, f"{rows} decoder rows != {b} x {k} prompts x {self.depth} slices"
         image = embedding.reshape(b, 1, self.depth, c, g, g).expand(b, k, self.depth, c, g, g)
-        image = image.reshape(rows, c, g, g) + dense
-        image_pe = self.decoder_additions.image_pe(self.sam.prompt_encoder.get_dense_pe(), rows)
-        decoder = self.sam.mask_decoder
+        image = image.reshape(rows, c, g, g) + dense.to(embedding.dtype)
+        dense_pe = self.sam.prompt_encoder.get_dense_pe() if dense_pe is None else dense_pe
+        image_pe = self.decoder_additions.image_pe(dense_pe, rows)
+        decoder = self.sam.mask_decoder if decoder is None else decoder
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = [output_tokens.expand(rows, -1, -1).to(sparse.dtype), sparse]
         offset = 0 if prefix_tokens is None else prefix_tokens.shape[1]
