@@ -63,8 +63,9 @@ def nnunet_env(root: Path, **extra: str) -> dict[str, str]:
     """Environment for nnU-Net's command-line tools in a fresh workspace under ``root``.
 
     nnU-Net folders ``root/raw|preprocessed|results``, extra trainers from ``root/user_trainers``, no compile, one
-    augmentation worker, and no ``nnUNet_SAM_checkpoints`` from the caller's environment: tests decide which SAM
-    weights exist. ``extra`` adds or overrides variables (e.g. ``OMP_NUM_THREADS="1"``).
+    augmentation worker and one export worker (nnU-Net's default of 8 took minutes to start on 2 cores), and no
+    ``nnUNet_SAM_checkpoints`` from the caller's environment: tests decide which SAM weights exist. ``extra`` adds
+    or overrides variables (e.g. ``OMP_NUM_THREADS="1"``).
     """
     env = {k: v for k, v in os.environ.items() if k != "nnUNet_SAM_checkpoints"}
     env.update(
@@ -74,6 +75,7 @@ def nnunet_env(root: Path, **extra: str) -> dict[str, str]:
         nnUNet_extTrainer=str(root / "user_trainers"),
         nnUNet_compile="f",
         nnUNet_n_proc_DA="1",
+        nnUNet_def_n_proc="1",
     )
     env.update(extra)
     return env

@@ -103,7 +103,7 @@ def _amos_download(reference_files: Path, root: Path) -> Path:
 
 
 def test_real_ct_geometry_survives_the_pipeline(reference_files, tmp_path):
-    env = nnunet_env(tmp_path, nnUNet_def_n_proc="1", OMP_NUM_THREADS="1")
+    env = nnunet_env(tmp_path, OMP_NUM_THREADS="1")
     (tmp_path / "user_trainers").mkdir()
     (tmp_path / "user_trainers" / "geometry_trainer.py").write_text(TRAINER)
     source = _amos_download(reference_files, tmp_path / "amos22")
