@@ -143,6 +143,6 @@ class RadSAMTrainer_tiny(Tiny, RadSAMTrainer):
 class RadSAMTrainer_tiny_demo(CPUDemo, RadSAMTrainer_tiny):
     """A few minutes of CPU training of the tiny RadSAM (``epochs`` x ``iterations_per_epoch`` steps)."""
 
-    epochs = 10
+    epochs = 8
     iterations_per_epoch = 25
     val_iterations_per_epoch = 2
