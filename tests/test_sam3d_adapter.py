@@ -338,11 +338,13 @@ def test_tiny_trainers_train_and_predict_with_nnunet_tools(tmp_path):
     mean_auto, mean_prompted = auto["foreground_mean"]["Dice"], run_["foreground_mean"]["Dice"]
     print(f"held-out mean foreground Dice: automatic {mean_auto:.3f}, prompted (1 centre click per organ) "
           f"{mean_prompted:.3f}; per organ (automatic, prompted) {per_class}")  # fmt: skip
-    # Two complete runs of this test (nnU-Net's training is not seeded): automatic 0.181 / prompted 0.263 (liver 0.72 /
-    # 0.78, spleen 0 / 0.27; 8 min 13 s with three other CPU trainings on the 2 cores), then automatic 0.220 / prompted
-    # 0.172 (liver 0.68 / 0.67, spleen 0.17 / 0.00; 6 min 22 s). In 80 steps both learn the liver; which of them also
-    # picks up a second organ varies from run to run, so at this budget the click does not reliably help and the test
-    # asserts what both runs showed: both models learnt (chance level, each organ's prevalence, is below 0.03).
+    # Measured held-out mean Dice, automatic / prompted (nnU-Net's training is not seeded; 2 test cases):
+    #   80 steps per trainer (this test): 0.181 / 0.263 (8 min 13 s, three other trainings on the 2 cores) and
+    #   0.220 / 0.172 (6 min 22 s); 300 steps: 0.200 / 0.629; 240 steps: 0.580 / 0.249.
+    # Both always learn the liver; whether a model also picks up spleen and aorta within a few hundred steps (from
+    # 0 to about 0.8 within 20 steps once it happens) varied from run to run for both modes, so at CPU budgets the
+    # click does not reliably help and the test asserts only that both learnt (chance level, each organ's
+    # prevalence, is below 0.03).
     assert mean_auto > 0.1 and mean_prompted > 0.1, per_class
 
 
