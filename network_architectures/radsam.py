@@ -31,18 +31,21 @@ ZSCORE_WINDOW = (-3.0, 3.0)
 
 
 def intensity_windows(
-    normalization_schemes: Sequence[str], intensity_properties: dict[str, dict]
+    normalization_schemes: Sequence[str],
+    intensity_properties: dict[str, dict],
+    ct_window_hu: tuple[float, float] = CT_WINDOW_HU,
 ) -> list[tuple[float, float]]:
     """Per input channel (scale, shift) such that ``clip(scale * x + shift, 0, 1)`` is RadSAM's [0, 1] image.
 
     ``normalization_schemes`` and ``intensity_properties`` (``foreground_intensity_properties_per_channel``) come
-    from nnU-Net's plans; see the module docstring for the rule.
+    from nnU-Net's plans; CT channels use ``ct_window_hu`` (the paper's [-500, 1000] HU by default); see the module
+    docstring for the rule.
     """
     windows = []
     for channel, scheme in enumerate(normalization_schemes):
         if scheme == "CTNormalization":
             props = intensity_properties[str(channel)]
-            low, high = CT_WINDOW_HU
+            low, high = ct_window_hu
             windows.append((props["std"] / (high - low), (props["mean"] - low) / (high - low)))
         else:
             low, high = ZSCORE_WINDOW
