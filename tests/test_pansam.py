@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from sam_testing import dataset_json, minimal_plans
+from sam_testing import dataset_json, minimal_plans, nnunet_env, run_tool
 
 from nnunet_sam.blocks.aggregator_3d import SliceAggregator3D
 from nnunet_sam.losses import FocalDiceLoss
@@ -265,7 +263,7 @@ def test_clahe_slices():
 
 # ---- trainer --------------------------------------------------------------------------------------------------
 @pytest.fixture
-def nnunet_env(tmp_path, monkeypatch):
+def nnunet_folders(tmp_path, monkeypatch):
     for var in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
         monkeypatch.setenv(var, str(tmp_path / var))
     monkeypatch.delenv("nnUNet_SAM_checkpoints", raising=False)
@@ -278,7 +276,7 @@ class _Short(trainers.PanSAMTrainer_tiny):
     epochs = 10
 
 
-def test_trainer_refuses_2d_and_ambiguous_targets(nnunet_env):
+def test_trainer_refuses_2d_and_ambiguous_targets(nnunet_folders):
     cpu = torch.device("cpu")
     with pytest.raises(UnsupportedDatasetError, match="3d_fullres"):
         trainers.PanSAMTrainer_tiny(minimal_plans([96, 96], "2d"), "2d", 0, dataset_json(1), cpu)
@@ -293,7 +291,7 @@ def test_trainer_refuses_2d_and_ambiguous_targets(nnunet_env):
     assert net.target_label == 2 and trainer._build_loss().target_label == 2
 
 
-def test_stages_follow_the_epoch_and_resume_from_a_checkpoint(nnunet_env):
+def test_stages_follow_the_epoch_and_resume_from_a_checkpoint(nnunet_folders):
     cpu = torch.device("cpu")
     trainer = _Short(minimal_plans([24, 96, 96]), "3d_fullres", 0, dataset_json(1), cpu)
     assert [trainer.stage(e) for e in range(10)] == [1] * 4 + [2] * 4 + [3] * 2
@@ -311,7 +309,7 @@ def test_stages_follow_the_epoch_and_resume_from_a_checkpoint(nnunet_env):
 
     lrs = [check(trainer, e) for e in range(6)]
     # a checkpoint written during epoch 5 (stage 2) resumes in stage 2 with its weights and optimiser state
-    path = str(nnunet_env / "checkpoint_latest.pth")
+    path = str(nnunet_folders / "checkpoint_latest.pth")
     trainer.save_checkpoint(path)
     resumed = _Short(minimal_plans([24, 96, 96]), "3d_fullres", 0, dataset_json(1), cpu)
     resumed.load_checkpoint(path)
@@ -330,7 +328,7 @@ def test_stages_follow_the_epoch_and_resume_from_a_checkpoint(nnunet_env):
     assert lrs[3] < lrs[2] < lrs[1] < lrs[0] and lrs[9] < lrs[8]
 
 
-def test_stage_two_starts_from_sam_weights(nnunet_env):
+def test_stage_two_starts_from_sam_weights(nnunet_folders):
     trainer = _Short(minimal_plans([24, 96, 96]), "3d_fullres", 0, dataset_json(1), torch.device("cpu"))
     trainer.initialize()
     net = trainer.network
@@ -376,24 +374,13 @@ def test_pansam_train_predict_ablation_and_zero_shot_cli(tmp_path):
     bin_dir = Path(sys.executable).parent
     (tmp_path / "user_trainers").mkdir()
     (tmp_path / "user_trainers" / "pansam_e2e.py").write_text(E2E_TRAINER)
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_SAM_checkpoints"}
-    env.update(
-        nnUNet_raw=str(tmp_path / "raw"),
-        nnUNet_preprocessed=str(tmp_path / "preprocessed"),
-        nnUNet_results=str(tmp_path / "results"),
-        nnUNet_extTrainer=str(tmp_path / "user_trainers"),
-        nnUNet_compile="f",
-        nnUNet_n_proc_DA="1",
-        nnUNet_def_n_proc="1",  # the final validation's export workers: 8 by default, minutes to start here
-        OMP_NUM_THREADS="1",
-    )
+    env = nnunet_env(tmp_path, OMP_NUM_THREADS="1")
 
     def run(cmd: list[str]) -> str:
         start = time.time()
-        result = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=900)
-        assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        stdout = run_tool(cmd, env, timeout=900)
         print(f"{Path(cmd[0]).name} {' '.join(cmd[1:3])}: {time.time() - start:.0f} s")
-        return result.stdout
+        return stdout
 
     # one-class phantom (liver only) for training; a second phantom (other seed) with another intensity profile
     shape = (16, 64, 64)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from sam_testing import dataset_json, minimal_plans
+from sam_testing import dataset_json, minimal_plans, nnunet_env, run_tool
 
 from nnunet_sam.network_architectures.radsam import RadSAMLoss, RadSAMNetwork, intensity_windows
 from nnunet_sam.prompting.radsam_prompts import (
@@ -369,35 +367,16 @@ def test_api_refuses_bad_prompts():
 DATASET = 993
 
 
-def _env(root: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_SAM_checkpoints"}
-    env.update(
-        nnUNet_raw=str(root / "raw"),
-        nnUNet_preprocessed=str(root / "preprocessed"),
-        nnUNet_results=str(root / "results"),
-        nnUNet_compile="f",
-        nnUNet_n_proc_DA="1",
-        OMP_NUM_THREADS="1",
-    )
-    return env
-
-
-def _run(cmd: list[str], env: dict[str, str]) -> str:
-    result = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=1500)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
-
-
 @pytest.mark.slow
 def test_trained_tiny_radsam_segments_from_one_prompt_and_edits_improve_dice(tmp_path):
     from nnunet_sam.phantoms import make_phantom_dataset
 
-    bin_dir, env = Path(sys.executable).parent, _env(tmp_path)
+    bin_dir, env = Path(sys.executable).parent, nnunet_env(tmp_path, OMP_NUM_THREADS="1")
     # 64 px slices (organs of 26 to 900 pixels per slice) keep the CPU training short
     raw = make_phantom_dataset(tmp_path / "raw", DATASET, num_train=10, num_test=4, shape=(24, 64, 64), seed=0)
-    _run([str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET), "-c", "2d", "-np", "2"], env)
+    run_tool([str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET), "-c", "2d", "-np", "2"], env)
     trainer = "RadSAMTrainer_tiny_demo"
-    _run([str(bin_dir / "nnUNetv2_train"), str(DATASET), "2d", "0", "-tr", trainer, "-device", "cpu"], env)
+    run_tool([str(bin_dir / "nnUNetv2_train"), str(DATASET), "2d", "0", "-tr", trainer, "-device", "cpu"], env)
     model = tmp_path / "results" / raw.name / f"{trainer}__nnUNetPlans__2d"
     log = sorted((model / "fold_0").glob("training_log_*.txt"))[-1].read_text()
     assert "prompt-free validation is skipped" in log
@@ -406,7 +385,7 @@ def test_trained_tiny_radsam_segments_from_one_prompt_and_edits_improve_dice(tmp
     bench = [sys.executable, "-m", "nnunet_sam.radsam_benchmark", "-m", str(model), "-i", str(raw / "imagesTs")]
     bench += ["-l", str(raw / "labelsTs"), "--json", str(tmp_path / "bench.json")]
     bench += ["--edits", *map(str, volume_edits), "--slice-edits", *map(str, slice_edits)]
-    out = _run(bench, env)
+    out = run_tool(bench, env)
     print(out)
     mean = json.loads((tmp_path / "bench.json").read_text())["mean"]
     for kind in ("point", "box"):
@@ -437,7 +416,7 @@ def test_trained_tiny_radsam_segments_from_one_prompt_and_edits_improve_dice(tmp
     }
     prompt = _prompt_file(tmp_path, spec)
     output = tmp_path / "liver.nii.gz"
-    _run(
+    run_tool(
         [
             sys.executable,
             "-m",
@@ -468,6 +447,6 @@ def test_trained_tiny_radsam_segments_from_one_prompt_and_edits_improve_dice(tmp
     edited_file = tmp_path / "liver_edited.nii.gz"
     start = ["--start", str(raw / "labelsTs" / image.name.replace("_0000", "")), "--start-label", "1"]
     cmd = [sys.executable, "-m", "nnunet_sam.radsam", "-i", str(image), "-o", str(edited_file), "-m", str(model)]
-    _run(cmd + start + ["--prompt", _prompt_file(tmp_path, click)], env)
+    run_tool(cmd + start + ["--prompt", _prompt_file(tmp_path, click)], env)
     edited = sitk.GetArrayFromImage(sitk.ReadImage(str(edited_file))) > 0
     np.testing.assert_array_equal(edited[:top], liver[:top])
