@@ -46,9 +46,14 @@ import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
-from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-from nnunet_sam.predict import BadCaseError, cases_in_folder, predict_cases
+from nnunet_sam.predict import (
+    BadCaseError,
+    add_model_arguments,
+    cases_in_folder,
+    model_folder_and_folds,
+    predict_cases,
+)
 
 COORDINATES = ("voxel", "world")
 
@@ -311,27 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-i", required=True, help="input folder (CASE_0000.nii.gz, ...)")
     parser.add_argument("-o", required=True, help="output folder")
     parser.add_argument("-points", required=True, help="points file (JSON, see the description)")
-    parser.add_argument("-m", help="model folder (instead of -d, -c, -tr, -p)")
-    parser.add_argument("-d", help="dataset name or id")
-    parser.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
-    parser.add_argument("-tr", default="SAM3DAdapterTrainer_prompted", help="trainer")
-    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier")
-    parser.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (or 'all')")
-    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
-    parser.add_argument("-step_size", type=float, default=0.5, help="sliding window step (fraction of the patch)")
-    parser.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
-    parser.add_argument("--save_probabilities", action="store_true", help="also write the probabilities (.npz)")
-    parser.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="device")
+    add_model_arguments(parser, trainer="SAM3DAdapterTrainer_prompted", configuration="3d_fullres")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.m is None and args.d is None:
-        parser.error("give the model folder with -m, or -d (with -c, -tr, -p)")
-    folds = [f if f == "all" else int(f) for f in args.f]
-    model_folder = args.m or get_output_folder(args.d, args.tr, args.p, args.c)
+    model_folder, folds = model_folder_and_folds(parser, args)
     try:
         read_points_file(args.points)  # a broken file stops the command before the model is loaded
         predictor = initialize_predictor(
