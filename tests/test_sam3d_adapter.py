@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from sam_testing import dataset_json, minimal_plans
+from sam_testing import dataset_json, minimal_plans, nnunet_env, run_tool
 from segment_anything.modeling.image_encoder import get_rel_pos
 from test_install import _clean_env, _find_code, _run
 
@@ -295,22 +293,11 @@ def test_tiny_trainers_train_and_predict_with_nnunet_tools(tmp_path):
     bin_dir = Path(sys.executable).parent
     (tmp_path / "user_trainers").mkdir()
     (tmp_path / "user_trainers" / "e2e_sam3d_trainers.py").write_text(E2E_TRAINERS)
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_SAM_checkpoints"}
-    env.update(
-        nnUNet_raw=str(tmp_path / "raw"),
-        nnUNet_preprocessed=str(tmp_path / "preprocessed"),
-        nnUNet_results=str(tmp_path / "results"),
-        nnUNet_extTrainer=str(tmp_path / "user_trainers"),
-        nnUNet_compile="f",
-        nnUNet_n_proc_DA="1",
-        nnUNet_def_n_proc="1",
-        OMP_NUM_THREADS="1",
-    )
+    env = nnunet_env(tmp_path, OMP_NUM_THREADS="1")
 
     def run(*cmd: str) -> None:
         program = [sys.executable, "-m", cmd[0]] if cmd[0].startswith("nnunet_sam.") else [str(bin_dir / cmd[0])]
-        result = subprocess.run([*program, *cmd[1:]], env=env, capture_output=True, encoding="utf-8", errors="replace")
-        assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        run_tool([*program, *cmd[1:]], env)
 
     raw = make_phantom_dataset(tmp_path / "raw", dataset_id=977, num_train=6, num_test=2, shape=(16, 64, 64))
     run("nnUNetv2_plan_and_preprocess", "-d", "977", "-c", "3d_fullres", "-np", "1", "-npfp", "1")
