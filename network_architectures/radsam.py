@@ -138,7 +138,7 @@ class RadSAMNetwork(FoldedSAM):
         if prompts is None:
             raise ValueError(
                 "RadSAM segments what a prompt points at and has no prompt-free output: use nnunet_sam.radsam "
-                "(segment_from_prompt, nnunet_radsam) or nnunet_radsam_benchmark instead of nnUNetv2_predict."
+                "(segment_from_prompt, nnunet_sam_radsam) or nnunet_sam_radsam_benchmark instead of nnUNetv2_predict."
             )
         return self.decode_prompts(embedding, prompts)
 

@@ -15,7 +15,7 @@ the slice axis):
 A slice whose neighbour's mask is empty and that holds no click stays empty (the structure has ended). All of it
 is deterministic: the same inputs give the same mask.
 
-Console command ``nnunet_radsam``: reads an image with nnU-Net's reader, preprocesses it as the model's plans say,
+Console command ``nnunet_sam_radsam``: reads an image with nnU-Net's reader, preprocesses it as the model's plans say,
 reads a prompt file (see :func:`read_prompt_file`), and writes the 3D mask with the image's geometry through
 nnU-Net's export, checked like ``nnunet_sam_predict``.
 """
@@ -412,7 +412,7 @@ def read_prompt_file(path: str, geometry: Geometry, mask_prompt: np.ndarray | No
         prompt = Prompt("box", z0, box=(y0, x0, y1, x1))
     elif kind == "mask":
         if mask_prompt is None:
-            raise PromptError("a mask prompt needs the mask file (nnunet_radsam --mask FILE)")
+            raise PromptError("a mask prompt needs the mask file (nnunet_sam_radsam --mask FILE)")
         z = geometry.slice(int(spec.get("slice", -1))) if space == "voxel" else voxel(spec.get("point"))[0]
         prompt = Prompt("mask", z, mask=mask_prompt[z])
         if not prompt.mask.any():
