@@ -1,0 +1,1 @@
+"""Thin command-line faces of the package (argument parsing, messages, exit codes)."""
