@@ -41,8 +41,11 @@ NEGATIVE_LOGIT = -1e4  # classes other than background and the target in a multi
 
 @dataclass(frozen=True)
 class PanSAMOptions:
-    """Network options (class attribute ``options`` of a PanSAM trainer; the predictor rebuilds from them)."""
+    """Network options (class attribute ``options`` of a PanSAM trainer, saved in the model's record).
 
+    ``target_label``: the label value of the structure (the trainer fills in its ``target_label``)."""
+
+    target_label: int = 1
     clahe: bool = True
     clahe_tiles: int = 8
     clahe_clip: float = 2.0  # OpenCV's clipLimit (a multiple of the mean histogram bin count)
@@ -82,12 +85,14 @@ def _grad_if(modules: Sequence[nn.Module]):
 
 
 class PanSAMNetwork(FoldedSAM):
-    """Input (B, M, D, P, P) (+1 channel holding a reference mask if ``prompts_from == "reference"``); output
-    (B, C, D, P, P) class logits: 0 for background, the selected stage's logit for ``target_label``,
+    """Input (B, M, D, P, P) (+1 channel holding a reference mask with ``reference_prompts=True``); output
+    (B, C, D, P, P) class logits: 0 for background, the selected stage's logit for ``options.target_label``,
     ``NEGATIVE_LOGIT`` for any other class, so softmax gives sigmoid(logit) for the target.
 
-    ``output`` selects what the network returns: "coarse" (stage 1), "coarse_aggregated" (stage 1 through the
-    aggregator, skipping the prompts), "refined" (stage 2), "final" (stage 3 on stage 2: the full pipeline).
+    ``forward(x, return_all=None, output="final", reference_prompts=False)``: ``output`` selects what the network
+    returns: "coarse" (stage 1), "coarse_aggregated" (stage 1 through the aggregator, skipping the prompts),
+    "refined" (stage 2), "final" (stage 3 on stage 2: the full pipeline); ``reference_prompts`` draws stage 2's
+    points from the reference mask in the last input channel instead of from stage 1's map (evaluation rows).
     With ``return_all`` (default in training mode) forward returns {"logits": (B, 1, D, P, P) target logits,
     "semantic": class logits, "points", "labels": (B * D, K, 2) / (B * D, K) when prompts were used}.
     """
@@ -99,9 +104,10 @@ class PanSAMNetwork(FoldedSAM):
         num_classes: int,
         patch_size: Sequence[int],
         sam_input_size: int,
-        target_label: int = 1,
         options: PanSAMOptions | None = None,
     ) -> None:
+        options = options or PanSAMOptions()
+        target_label = options.target_label
         assert len(patch_size) == 3, (
             f"PanSAM needs 3D patches [D, P, P] (its aggregator works across slices), got {list(patch_size)}"
         )
@@ -117,15 +123,13 @@ class PanSAMNetwork(FoldedSAM):
             depth_embedding=False,
             learned_stem=False,
         )
-        self.options = options or PanSAMOptions()
+        self.options = options
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.target_label = target_label
         self.prompt_encoder = copy.deepcopy(self.sam.prompt_encoder)
         self.refine_decoder = copy.deepcopy(self.sam.mask_decoder)
         self.aggregator = SliceAggregator3D(self.options.aggregator_hidden, self.options.aggregator_layers)
-        self.output: Output = "final"
-        self.prompts_from: Literal["generator", "reference"] = "generator"
         for m in self.stage_modules(1) + self.stage_modules(2) + self.stage_modules(3):
             m.requires_grad_(True)
 
@@ -142,11 +146,10 @@ class PanSAMNetwork(FoldedSAM):
         return [self.aggregator]
 
     def set_stage(self, stage: int, train_encoder: bool = False) -> None:
-        """Only ``stage``'s modules need gradients; the network outputs that stage's result."""
+        """Only ``stage``'s modules need gradients (its output is ``forward(..., output=STAGE_OUTPUT[stage])``)."""
         self.requires_grad_(False)
         for m in self.stage_modules(stage, train_encoder):
             m.requires_grad_(True)
-        self.output = STAGE_OUTPUT[stage]
 
     def init_prompt_stage_from_sam(self) -> None:
         """Start stage 2's prompt encoder and mask decoder from SAM's (after SAM's weights were loaded)."""
@@ -154,31 +157,40 @@ class PanSAMNetwork(FoldedSAM):
         self.refine_decoder.load_state_dict(self.sam.mask_decoder.state_dict())
 
     # ---- forward ----------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, return_all: bool | None = None) -> torch.Tensor | dict:
+    def forward(
+        self,
+        x: torch.Tensor,
+        return_all: bool | None = None,
+        output: Output = "final",
+        reference_prompts: bool = False,
+    ) -> torch.Tensor | dict:
         return_all = self.training if return_all is None else return_all
+        assert output in OUTPUTS, f"output must be one of {OUTPUTS}, got {output!r}"
         reference = None
-        expected = self.in_channels + (self.prompts_from == "reference")
-        assert x.shape[1] == expected, f"input has {x.shape[1]} channels, expected {expected} ({self.prompts_from})"
-        if self.prompts_from == "reference":
+        expected = self.in_channels + reference_prompts
+        assert x.shape[1] == expected, (
+            f"input has {x.shape[1]} channels, expected {expected} (reference_prompts={reference_prompts})"
+        )
+        if reference_prompts:
             x, reference = x[:, :-1], x[:, -1]  # (B, D, P, P)
         b, d, p = x.shape[0], self.depth, self.patch
         out: dict = {}
 
         with _grad_if([self.sam.image_encoder]):
             embedding, _ = self.encode(self._prepare(x))  # (B * D, C, g, g)
-        with _grad_if([self.sam.mask_decoder]) if self.output.startswith("coarse") else torch.no_grad():
+        with _grad_if([self.sam.mask_decoder]) if output.startswith("coarse") else torch.no_grad():
             logits = self._decode_without_prompts(embedding)  # (B * D, P, P)
-        if self.output in ("refined", "final"):
+        if output in ("refined", "final"):
             source = logits.sigmoid() if reference is None else reference.reshape(b * d, p, p).float()
             generator = None
             if not self.training:
                 generator = torch.Generator(device=x.device).manual_seed(self.options.point_seed)
             points, labels = generate_points(source, self.input_size, self.options.points, generator)
-            with _grad_if(self.stage_modules(2)) if self.output == "refined" else torch.no_grad():
+            with _grad_if(self.stage_modules(2)) if output == "refined" else torch.no_grad():
                 logits = self._decode_with_points(embedding, points, labels)
             out.update(points=points, labels=labels)
         logits = logits.reshape(b, 1, d, p, p)
-        if self.output in ("coarse_aggregated", "final"):
+        if output in ("coarse_aggregated", "final"):
             logits = self.aggregator(logits)
         out["logits"] = logits
         out["semantic"] = self._to_classes(logits)

@@ -17,6 +17,7 @@ pixel mean and standard deviation, SAM's own preprocessing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,16 @@ from nnunet_sam.prompting.radsam_prompts import MIN_LABEL_PIXELS, Prompts, Simul
 
 CT_WINDOW_HU = (-500.0, 1000.0)
 ZSCORE_WINDOW = (-3.0, 3.0)
+
+
+@dataclass(frozen=True)
+class RadSAMOptions:
+    """Network options (class attribute ``options`` of a RadSAM trainer, saved in the model's record).
+
+    ``ct_window_hu``: CT intensities are clipped to this window and scaled to [0, 1] (the paper's [-500, 1000] HU).
+    """
+
+    ct_window_hu: tuple[float, float] = CT_WINDOW_HU
 
 
 def intensity_windows(
@@ -82,9 +93,9 @@ class RadSAMNetwork(FoldedSAM):
     """Slices (B, M, P, P) + prompts of R = B * K rows (K per slice) -> mask logits (B, K, P, P).
 
     Prompt coordinates are pixels of the P x P slice (:class:`~nnunet_sam.prompting.radsam_prompts.Prompts`).
-    In training mode, a :class:`SimulatedInteraction` queued with :meth:`queue_interaction` replaces the prompts:
-    ``forward(x)`` then returns (1 + rounds, B, K, P, P) logits, the initial prediction and one per correction
-    round, all decoded from one image embedding.
+    ``forward(x, interaction=...)`` (training) simulates the prompts instead: it returns (1 + rounds, B, K, P, P)
+    logits, the initial prediction and one per correction round, all decoded from one image embedding. The input
+    window starts as z-score windows; the trainer sets the plans' windows (:meth:`set_intensity_windows`).
     """
 
     def __init__(
@@ -93,7 +104,7 @@ class RadSAMNetwork(FoldedSAM):
         in_channels: int,
         patch_size: Sequence[int],
         sam_input_size: int,
-        windows: Sequence[tuple[float, float]] | None = None,
+        options: RadSAMOptions | None = None,
     ) -> None:
         assert len(patch_size) == 2, f"RadSAM is a 2D model: patch must be [P, P], got {list(patch_size)}"
         super().__init__(
@@ -107,30 +118,28 @@ class RadSAMNetwork(FoldedSAM):
             depth_embedding=False,
             learned_stem=False,
         )
-        windows = windows if windows is not None else intensity_windows(["ZScoreNormalization"] * in_channels, {})
-        assert len(windows) == in_channels, f"{len(windows)} intensity windows for {in_channels} channels"
+        self.options = options or RadSAMOptions()
+        windows = intensity_windows(["ZScoreNormalization"] * in_channels, {})
         self.stem = nn.Sequential(
             IntensityWindow(windows), self.stem, PixelNormalisation(self.sam.pixel_mean, self.sam.pixel_std)
         )
-        self._interaction: SimulatedInteraction | None = None
 
     def set_intensity_windows(self, windows: Sequence[tuple[float, float]]) -> None:
         """Replace the per-channel (scale, shift) of the input window (see :func:`intensity_windows`)."""
         assert len(windows) == self.stem[0].scale.shape[1], f"{len(windows)} windows for a different channel count"
         self.stem[0] = IntensityWindow(windows).to(self.stem[0].scale.device)
 
-    def queue_interaction(self, interaction: SimulatedInteraction) -> None:
-        """Prompts of the next training forward (reference rows ordered (slice, structure))."""
-        self._interaction = interaction
-
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Slices (B, M, P, P) -> SAM image embeddings (B, C, g, g)."""
         return self.encode(x)[0]
 
-    def forward(self, x: torch.Tensor, prompts: Prompts | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, prompts: Prompts | None = None, interaction: SimulatedInteraction | None = None
+    ) -> torch.Tensor:
+        """Mask logits (B, K, P, P) for ``prompts``; with a simulated ``interaction`` (reference rows ordered
+        (slice, structure)) the logits (1 + rounds, B, K, P, P) of its initial prompts and correction rounds."""
         embedding = self.embed(x)
-        if self._interaction is not None:
-            interaction, self._interaction = self._interaction, None
+        if interaction is not None:
             logits = [self.decode_prompts(embedding, interaction.initial())]
             for _ in range(interaction.rounds):
                 logits.append(self.decode_prompts(embedding, interaction.correct(logits[-1].flatten(0, 1))))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,12 +26,21 @@ from nnunet_sam.blocks.volumetric_encoder import VolumetricEncoder
 from nnunet_sam.prompting.point_sampler import PointPromptEncoder
 
 
+@dataclass(frozen=True)
+class SAM3DAdapterOptions:
+    """Network options (class attribute ``options`` of a 3DSAM-adapter trainer, saved in the model's record).
+
+    ``prompted``: with the point prompt encoder (clicks), or fully automatic.
+    """
+
+    prompted: bool = False
+
+
 class SAM3DAdapterNetwork(nn.Module):
     """Input (B, M, D, P, P) -> class logits (B, C, D, P, P).
 
     ``forward(x, points=None, labels=None)``: points (B, K, 3) voxel (z, y, x) of the patch with labels (B, K)
-    (class k >= 1, 0 background, -1 padding) for a prompted network; ``queue_prompts`` stores points for the
-    next call instead (how the prompted trainer passes clicks through nnU-Net's training step). With
+    (class k >= 1, 0 background, -1 padding) for a prompted network (none: global queries only). With
     ``return_all`` (default: in training mode) forward returns {"aux": [], "logits": ..., "semantic": ...}
     (the layout of :class:`~nnunet_sam.losses.DeepSupervisedSegLoss`).
     """
@@ -43,9 +53,10 @@ class SAM3DAdapterNetwork(nn.Module):
         patch_size: Sequence[int],
         slice_group: int,
         window: int,
-        prompted: bool = False,
+        options: SAM3DAdapterOptions | None = None,
     ) -> None:
         super().__init__()
+        self.options = options = options or SAM3DAdapterOptions()
         assert len(patch_size) == 3, f"3DSAM-adapter needs a 3D patch [D, P, P], got {tuple(patch_size)}"
         assert patch_size[-1] == patch_size[-2], f"in-plane patch must be square, got {tuple(patch_size)}"
         self.spec = spec = get_backbone(backbone)
@@ -72,7 +83,7 @@ class SAM3DAdapterNetwork(nn.Module):
             spec.feature_indices,
         )
         self.prompt_encoder = (
-            PointPromptEncoder(spec.prompt_dim, num_classes, num_heads=spec.decoder_heads) if prompted else None
+            PointPromptEncoder(spec.prompt_dim, num_classes, num_heads=spec.decoder_heads) if options.prompted else None
         )
         self.decoder = AggregatingMaskDecoder3D(
             spec.prompt_dim,
@@ -81,11 +92,6 @@ class SAM3DAdapterNetwork(nn.Module):
             num_classes,
             num_stages=round(math.log2(spec.patch_size)),
         )
-        self._queued: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def queue_prompts(self, points: torch.Tensor, labels: torch.Tensor) -> None:
-        """Use these points (B, K, 3) and labels (B, K) in the next forward call that gets none."""
-        self._queued = (points, labels)
 
     def forward(
         self,
@@ -95,9 +101,6 @@ class SAM3DAdapterNetwork(nn.Module):
         return_all: bool | None = None,
     ) -> torch.Tensor | dict:
         return_all = self.training if return_all is None else return_all
-        if points is None and self._queued is not None:
-            points, labels = self._queued
-        self._queued = None
         b, m, d, h, w = x.shape
         assert (d, h, w) == self.patch, f"input patch {(d, h, w)} != network patch {self.patch}"
         slices = self.stem(x.transpose(1, 2).reshape(b * d, m, h, w))  # (B * D, 3, P, P)

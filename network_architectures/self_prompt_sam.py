@@ -45,10 +45,10 @@ class SelfPromptSAMOptions:
 class SelfPromptSAMNetwork(FoldedSAM):
     """Input (B, M, D, P, P) (or (B, M, P, P) for 2d); output multi-class logits (B, C, D, P, P).
 
-    ``run_decoder = False`` (training stage 1) skips the prompt encoder and mask decoder. With ``return_all`` (or
-    in training mode) forward returns a dict: "aux" list of per-level class logits (B, C, D, r, r) coarse to
-    fine, and in stage 2 "binary" (B, D, C - 1, P, P) per-class logits and "logits" (B, C, D, P, P);
-    "semantic" holds the logits nnU-Net sees ((B, C, P, P) for 2d).
+    ``forward(x, return_all=None, run_decoder=True)``: ``run_decoder=False`` (training stage 1) skips the prompt
+    encoder and mask decoder. With ``return_all`` (or in training mode) forward returns a dict: "aux" list of
+    per-level class logits (B, C, D, r, r) coarse to fine, and with the decoder "binary" (B, D, C - 1, P, P)
+    per-class logits and "logits" (B, C, D, P, P); "semantic" holds the logits nnU-Net sees ((B, C, P, P) for 2d).
     """
 
     def __init__(
@@ -76,7 +76,6 @@ class SelfPromptSAMNetwork(FoldedSAM):
         )
         self.options = options
         self.num_classes = num_classes
-        self.run_decoder = True
         spec = self.spec
         num_features = len(spec.feature_indices) if options.generator == "multiscale" else 0
         pyramid = FeaturePyramidDecoder(
@@ -89,7 +88,7 @@ class SelfPromptSAMNetwork(FoldedSAM):
         """The modules that train in stage 1 (everything upstream of the auxiliary masks)."""
         return [self.stem, self.encoder_additions, self.generator]
 
-    def forward(self, x: torch.Tensor, return_all: bool | None = None) -> torch.Tensor | dict:
+    def forward(self, x: torch.Tensor, return_all: bool | None = None, run_decoder: bool = True) -> torch.Tensor | dict:
         return_all = self.training if return_all is None else return_all
         p, k = self.patch, self.num_classes - 1
         embedding, features = self.encode(x)
@@ -102,7 +101,7 @@ class SelfPromptSAMNetwork(FoldedSAM):
         outputs: dict = {"aux": [to_volume(a) for a in aux]}
         finest = aux[-1] if aux[-1].shape[-1] == p else F.interpolate(aux[-1], size=(p, p), mode="bilinear")
         semantic = to_volume(finest)
-        if self.run_decoder:
+        if run_decoder:
             binary = self._prompt_and_decode(embedding, aux[-1])  # (B, D, K, P, P)
             logits = binary.reshape(b * d, k, p, p)
             logits = self.mc_adapter(logits) if self.mc_adapter is not None else binary_to_multiclass(logits)

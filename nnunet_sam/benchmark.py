@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -53,6 +54,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone
+from nnunet_sam.inference.bound_forward import BoundForward
 from nnunet_sam.losses import DeepSupervisedSegLoss, MaskSetCriterion
 from nnunet_sam.planning import PLANS_KEY, PatchRule, sam_settings
 from nnunet_sam.trainers.masksam import MaskSAMTrainer
@@ -105,7 +107,8 @@ def build_sam_network(
 ) -> nn.Module:
     """The trainer's network (its own ``build_network``), optionally with encoder activation checkpointing."""
     options = dataclasses.replace(trainer.options, gradient_checkpointing=checkpointing)
-    return type(trainer.__name__, (trainer,), {"options": options}).build_network(record, in_channels, num_classes)
+    variant = type(trainer.__name__, (trainer,), {"options": options})
+    return variant.build_network(variant.new_record(record), in_channels, num_classes)
 
 
 def unet_plans(patch: Sequence[int], num_classes: int) -> dict:
@@ -462,7 +465,7 @@ def sliding_window_times(
     config["patch_size"], config[PLANS_KEY] = patch, record
     plans_manager = PlansManager(plans)
     torch.manual_seed(0)
-    net = trainer.build_network(record, in_channels, num_classes)
+    net = trainer.build_network(trainer.new_record(record), in_channels, num_classes)
     labels = {"background": 0, **{f"c{i}": i for i in range(1, num_classes)}}
     predictor = nnUNetPredictor(
         tile_step_size=0.5,
@@ -530,12 +533,12 @@ def benchmark_config(
             "all_frozen_floor": all_frozen_floor(net, x) / infer,
         },
     }
-    if hasattr(net, "run_decoder"):  # Self-Prompt-SAM's first stage: prompt-generation path only
-        net.run_decoder = False
-        stage1, stage1_frozen_with_grad = train_step_flops(net, x)
+    if "run_decoder" in inspect.signature(net.forward).parameters:  # Self-Prompt-SAM's stage 1: generator path only
+        stage1_net = BoundForward(net, run_decoder=False)
+        stage1, stage1_frozen_with_grad = train_step_flops(stage1_net, x)
         result["frozen_params_with_grad"] += stage1_frozen_with_grad
         result["flops"]["train_step_stage1"] = stage1
-        result["flops"]["train_over_forward_stage1"] = stage1 / inference_flops(net, x)
+        result["flops"]["train_over_forward_stage1"] = stage1 / inference_flops(stage1_net, x)
     result["flops"]["ratio_over_floor"] = (
         result["flops"]["train_over_forward"] / result["flops"]["frozen_encoder_floor"]
     )
@@ -633,7 +636,7 @@ _UNET_TIMES: dict[tuple, dict] = {}  # the U-Net is timed once per patch and sha
 def cpu_timings(trainer: type, record: dict, in_channels: int, num_classes: int, runs: int, warmup: int) -> dict:
     patch = record["patch_size"]
     torch.manual_seed(0)
-    net = trainer.build_network(record, in_channels, num_classes)
+    net = trainer.build_network(trainer.new_record(record), in_channels, num_classes)
     x = torch.randn(2, in_channels, *patch)
     target = blob_target(2, patch, num_classes)
     loss = MaskSetCriterion(num_classes) if issubclass(trainer, MaskSAMTrainer) else DeepSupervisedSegLoss()

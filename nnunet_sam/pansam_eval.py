@@ -72,6 +72,7 @@ def evaluate(
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
+    from nnunet_sam.inference.bound_forward import BoundForward
     from nnunet_sam.network_architectures.pansam import PanSAMNetwork
 
     unknown = [r for r in rows if r not in ROWS]
@@ -109,12 +110,10 @@ def evaluate(
             data, seg, props = preprocessor.run_case(case_files, label_file, plans, config, dataset_json)
             reference = reader.read_seg(label_file)[0][0] == target
             for row in rows:
-                net.output, net.prompts_from, _ = ROWS[row]
-                x = (
-                    data
-                    if net.prompts_from == "generator"
-                    else np.concatenate([data, seg == target]).astype(np.float32)
-                )
+                output, points_from, _ = ROWS[row]
+                reference_prompts = points_from == "reference"
+                x = np.concatenate([data, seg == target]).astype(np.float32) if reference_prompts else data
+                predictor.network = BoundForward(net, output=output, reference_prompts=reference_prompts)
                 logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(x))
                 pred = convert_predicted_logits_to_segmentation_with_correct_shape(
                     logits, plans, config, label_manager, props
@@ -129,7 +128,7 @@ def evaluate(
             cases = results[row]["cases"].values()
             results[row]["mean"] = {m: _mean([c[m] for c in cases]) for m in METRICS}
         report["datasets"][name] = results
-    net.output, net.prompts_from = "final", "generator"
+    predictor.network = net
     return report
 
 

@@ -21,8 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nnunet_sam.backbones.sam_vit import BackboneSpec
-
-PLANS_KEY = "nnunet_sam"
+from nnunet_sam.model_record import PLANS_KEY
 
 
 class PatchError(ValueError):

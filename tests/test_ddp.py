@@ -82,12 +82,11 @@ def _train(case: str, trainer, model: torch.nn.Module, batch: slice) -> tuple[li
     net = model.module if isinstance(model, DistributedDataParallel) else model
     grads, states = [], []
     for step, stage in enumerate(CASES[case][2]):
-        if stage:
-            net.run_decoder = stage == 2  # what SelfPromptSAMTrainer.on_train_epoch_start sets
+        mode = {"run_decoder": stage == 2} if stage else {}  # what SelfPromptSAMTrainer.forward_batch passes
         states.append({k: v.clone() for k, v in net.state_dict().items()})
         image, target = _global_batch(case, step)
         trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.loss(model(image[batch]), target[batch]).backward()
+        trainer.loss(model(image[batch], **mode), target[batch]).backward()
         grads.append({n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()})
         trainer.optimizer.step()
     return grads, states
@@ -98,12 +97,11 @@ def _one_process_gradients(case: str, trainer, states: list[dict]) -> list[dict]
     net = trainer.network
     grads = []
     for step, stage in enumerate(CASES[case][2]):
-        if stage:
-            net.run_decoder = stage == 2
+        mode = {"run_decoder": stage == 2} if stage else {}
         net.load_state_dict(states[step])
         image, target = _global_batch(case, step)
         net.zero_grad(set_to_none=True)
-        trainer.loss(net(image), target).backward()
+        trainer.loss(net(image, **mode), target).backward()
         grads.append({n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()})
     return grads
 

@@ -84,8 +84,7 @@ def test_training_step_leaves_frozen_parameters_without_grad(tiny_trainer_env, t
         stages = [("stage 1", 0), ("stage 2", trainer.num_epochs - 1)]
     for name, epoch in stages:
         if epoch is not None:
-            trainer.current_epoch = epoch
-            trainer._plain_network().run_decoder = trainer.stage(epoch) == 2
+            trainer.current_epoch = epoch  # the stage (and so forward_batch's run_decoder) follows the epoch
         trainer.network.train()
         trainer.train_step(batch)
         _assert_frozen_params_have_no_grad(trainer, name)

@@ -382,7 +382,8 @@ _KILL_TEST_TRAINERS = textwrap.dedent(
                     "epoch": self.current_epoch,
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "best_ema": self._best_ema,
-                    "run_decoder": getattr(self._plain_network(), "run_decoder", None),
+                    # the mode SelfPromptSAMTrainer.forward_batch passes in this epoch
+                    "run_decoder": self.stage(self.current_epoch) == 2 if hasattr(self, "stage") else None,
                     "optimizer": self.optimizer.state_dict()["state"],
                     "weights": self._plain_network().state_dict(),
                 }

@@ -16,7 +16,7 @@ from sam_testing import dataset_json, minimal_plans, nnunet_env, run_tool
 
 from nnunet_sam.blocks.aggregator_3d import SliceAggregator3D
 from nnunet_sam.losses import FocalDiceLoss
-from nnunet_sam.network_architectures.pansam import PanSAMNetwork, PanSAMOptions, clahe_slices
+from nnunet_sam.network_architectures.pansam import STAGE_OUTPUT, PanSAMNetwork, PanSAMOptions, clahe_slices
 from nnunet_sam.phantoms import make_phantom_dataset
 from nnunet_sam.prompting.pansam_points import (
     PointPromptConfig,
@@ -175,7 +175,8 @@ def test_each_stage_trains_exactly_its_own_parameters(stage):
     net.set_stage(stage)
     with torch.no_grad():
         torch.nn.init.normal_(net.aggregator.out.weight, std=0.1)  # open the zero-initialised output
-    FocalDiceLoss()(net(torch.randn(2, 1, *PATCH), return_all=True), _target()).backward()
+    output = net(torch.randn(2, 1, *PATCH), return_all=True, output=STAGE_OUTPUT[stage])
+    FocalDiceLoss()(output, _target()).backward()
     own = {id(p) for m in net.stage_modules(stage) for p in m.parameters()}
     with_grad = {n for n, p in net.named_parameters() if p.grad is not None}
     assert with_grad, "no parameter received a gradient"
@@ -201,30 +202,25 @@ def test_stage_one_train_encoder_option_and_frozen_upstream_outputs():
     net.set_stage(2)
     x = torch.randn(2, 1, *PATCH)
     net.eval()
-    net.output = "coarse"
     with torch.no_grad():
-        coarse = net(x)
+        coarse = net(x, output="coarse")
     net.train()
-    net.output = "refined"
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1.0)
-    FocalDiceLoss()(net(x), _target()).backward()
+    FocalDiceLoss()(net(x, output="refined"), _target()).backward()
     opt.step()
     net.eval()
-    net.output = "coarse"
     with torch.no_grad():
-        torch.testing.assert_close(net(x), coarse)  # stage 2 training left stage 1 untouched
+        torch.testing.assert_close(net(x, output="coarse"), coarse)  # stage 2 training left stage 1 untouched
 
 
 def test_batch_items_are_independent_and_points_follow_each_reference():
     net = _net().eval()
     x = torch.randn(2, 1, *PATCH)
     with torch.no_grad():
-        net.output = "coarse"
-        both = net(x)
-        torch.testing.assert_close(net(x[1:]), both[1:], atol=1e-5, rtol=1e-5)
-        net.output, net.prompts_from = "final", "reference"
-        out = net(torch.cat([x, _target()], 1), return_all=True)
+        both = net(x, output="coarse")
+        torch.testing.assert_close(net(x[1:], output="coarse"), both[1:], atol=1e-5, rtol=1e-5)
+        out = net(torch.cat([x, _target()], 1), return_all=True, output="final", reference_prompts=True)
     labels, rc = out["labels"], to_pixels(out["points"], 32, (32, 32))
     ref = _target()[:, 0].reshape(8, 32, 32)
     for row in range(8):  # (item, slice) rows: foreground points inside that item's own reference
@@ -302,7 +298,11 @@ def test_stages_follow_the_epoch_and_resume_from_a_checkpoint(nnunet_folders):
         t.current_epoch = epoch
         t.on_train_epoch_start()
         stage = t.stage(epoch)
-        assert t.network.output == {1: "coarse", 2: "refined", 3: "final"}[stage]
+        network, passed = t.network, []
+        t.network = lambda x, **arguments: passed.append(arguments)  # what forward_batch asks the network for
+        t.forward_batch(torch.zeros(1), None)
+        t.network = network
+        assert passed[-1]["output"] == {1: "coarse", 2: "refined", 3: "final"}[stage]
         own = {id(p) for m in t.network.stage_modules(stage, train_encoder=stage == 1) for p in m.parameters()}
         assert {id(p) for p in t.network.parameters() if p.requires_grad} == own, f"epoch {epoch}"
         return t.optimizer.param_groups[0]["lr"]

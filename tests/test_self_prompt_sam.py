@@ -60,8 +60,7 @@ def _grads(net: SelfPromptSAMNetwork) -> dict[str, bool]:
 
 def test_stage_one_trains_only_the_prompt_generation_path():
     net = _net()
-    net.run_decoder = False
-    DeepSupervisedSegLoss()(net(torch.randn(2, 2, *PATCH)), _target()).backward()
+    DeepSupervisedSegLoss()(net(torch.randn(2, 2, *PATCH), run_decoder=False), _target()).backward()
     stage1 = {id(p) for m in net.prompt_generation_modules() for p in m.parameters() if p.requires_grad}
     for name, p in net.named_parameters():
         if p.requires_grad:
@@ -93,10 +92,21 @@ def test_stage_follows_the_epoch_so_resuming_picks_the_right_one(tmp_path, monke
     assert [trainer.stage(e) for e in range(10)] == [1, 1] + [2] * 8
     trainer.network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 3)
     trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    network, calls = trainer.network, []
+
+    def spy(x, **arguments):  # the real network, recording the mode arguments the trainer passes
+        calls.append(arguments)
+        return network(x, **arguments)
+
+    x = torch.randn(2, 1, *trainer.sam_record["patch_size"])
     for epoch, decode in ((5, True), (1, False), (2, True)):  # e.g. --c from a checkpoint of that epoch
         trainer.current_epoch = epoch
+        trainer.network = network
         trainer.on_train_epoch_start()
-        assert trainer.network.run_decoder is decode
+        trainer.network = spy
+        output = trainer.forward_batch(x, None)
+        assert calls[-1]["run_decoder"] is decode
+        assert ("logits" in output) is decode, "stage 1 must skip SAM's decoder, stage 2 run it"
 
 
 @pytest.mark.parametrize(

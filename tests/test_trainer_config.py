@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from sam_testing import dataset_json, minimal_plans
@@ -92,10 +94,12 @@ def test_tiny_trainer_records_its_patch_in_the_plans(results):
     saved = trainer.plans_manager.plans["configurations"]["3d_fullres"]
     assert saved["patch_size"] == [4, 64, 64]
     assert saved["nnunet_sam"] == {
+        "format": 2,
         "backbone": "tiny",
         "patch_size": [4, 64, 64],
         "sam_input_size": 64,
         "num_queries": 8,
+        "options": dataclasses.asdict(MaskSAMTrainer_tiny.options),
     }
     assert plans["configurations"]["3d_fullres"]["patch_size"] == [24, 96, 96], "caller's plans untouched"
     assert trainer.enable_deep_supervision is False

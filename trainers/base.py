@@ -1,14 +1,18 @@
 """Shared nnU-Net trainer for SAM-based networks: patch rule, checkpoint loading, frozen-weight optimiser.
 
-Method trainers subclass :class:`SAMTrainer` and provide ``build_network(record, in_channels, num_classes)``
-plus ``_build_loss``; backbone variants only change class attributes.
+Method trainers subclass :class:`SAMTrainer` and set ``network_class`` and ``options`` (the method's options
+dataclass), plus ``_build_loss`` and, where the method's forward needs mode arguments, ``forward_batch``; backbone
+variants only change class attributes. The network is built from the model's saved record only
+(:mod:`nnunet_sam.model_record`).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from contextlib import nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +35,8 @@ from nnunet_sam.backbones.checkpoints import (
 from nnunet_sam.backbones.sam_vit import get_backbone
 from nnunet_sam.dataset_checks import check_training_data
 from nnunet_sam.fault_tolerance import NonFiniteTrainingError, all_finite, atomic_write, remove_stale_temp_files
-from nnunet_sam.planning import PLANS_KEY, PatchRule, VolumePatchRule, sam_settings
+from nnunet_sam.model_record import PLANS_KEY, RECORD_FORMAT, ModelRecord, build_from_record, options_to_json
+from nnunet_sam.planning import PatchRule, VolumePatchRule, sam_settings
 from nnunet_sam.slim_checkpoints import SLIM_ENV, attach_expansion, base_record, slim_requested, slim_saving
 
 
@@ -56,6 +61,8 @@ def wrap_ddp(network: nn.Module, device: torch.device) -> DistributedDataParalle
 class SAMTrainer(nnUNetTrainer):
     """Base of all SAM trainers. Configure subclasses through these class attributes only."""
 
+    network_class: type[nn.Module] | None = None  # the method's network (network_architectures/)
+    options: Any = None  # the method's options dataclass; saved in the model's record at training time
     backbone: str = "vit_b"
     max_depth: int = 8  # slices per patch (see nnunet_sam.planning)
     max_tiles: int = 1  # in-plane patch = max_tiles attention windows at most (224 px each for SAM ViTs)
@@ -107,6 +114,7 @@ class SAMTrainer(nnUNetTrainer):
             self.num_queries,
             self.sam_input_size,
         )
+        record = self.new_record(record).to_block()
         planned_patch = list(config["patch_size"])
         config["patch_size"] = record["patch_size"]
         config[PLANS_KEY] = record
@@ -151,8 +159,29 @@ class SAMTrainer(nnUNetTrainer):
         return PatchRule(cls.max_depth, cls.max_tiles)
 
     @classmethod
-    def build_network(cls, record: dict, num_input_channels: int, num_output_channels: int) -> nn.Module:
-        raise NotImplementedError
+    def record_options(cls) -> Any:
+        """The options saved with a model of this trainer (hook: a method adds trainer settings that shape its
+        network). Also the template for records saved before options were saved (see nnunet_sam.model_record)."""
+        return cls.options
+
+    @classmethod
+    def new_record(cls, block: dict) -> ModelRecord:
+        """The record a new training of this trainer saves: the patch-rule block (``sam_settings``) plus this
+        trainer's options (``record_options``), in the current record format."""
+        block = {**block, "format": RECORD_FORMAT, "options": options_to_json(cls.record_options())}
+        return ModelRecord.from_block(block, cls.record_options())
+
+    @classmethod
+    def build_network(
+        cls, record: ModelRecord | Mapping, num_input_channels: int, num_output_channels: int
+    ) -> nn.Module:
+        """The method's network from the saved record alone (a plans block is parsed first; see
+        nnunet_sam.model_record.build_from_record)."""
+        if cls.network_class is None:
+            raise NotImplementedError(f"{cls.__name__} sets no network_class")
+        if not isinstance(record, ModelRecord):
+            record = ModelRecord.from_block(record, cls.record_options())
+        return build_from_record(cls.network_class, record, num_input_channels, num_output_channels)
 
     @classmethod
     def build_network_architecture(
@@ -164,14 +193,14 @@ class SAMTrainer(nnUNetTrainer):
         enable_deep_supervision: bool = False,
     ) -> nn.Module:
         """Rebuild the network from the ``nnunet_sam`` block of the plans (also used by nnUNetv2_predict)."""
-        record = configuration_manager.configuration.get(PLANS_KEY)
-        if record is None:
+        block = configuration_manager.configuration.get(PLANS_KEY)
+        if block is None:
             raise RuntimeError(
                 f"The plans of this model have no '{PLANS_KEY}' block, so it was not trained with an "
                 f"nnunet-sam trainer; {cls.__name__} cannot rebuild its network."
             )
-        network = cls.build_network(record, num_input_channels, num_output_channels)
-        return attach_expansion(network, get_backbone(record["backbone"]))  # loads slim checkpoints too
+        network = cls.build_network(block, num_input_channels, num_output_channels)
+        return attach_expansion(network, get_backbone(block["backbone"]))  # loads slim checkpoints too
 
     def _plain_network(self) -> nn.Module:
         net = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
@@ -273,7 +302,7 @@ class SAMTrainer(nnUNetTrainer):
             target = target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            output = self.network(data)
+            output = self.forward_batch(data, target)
             loss = self.loss(output, target)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
@@ -292,6 +321,11 @@ class SAMTrainer(nnUNetTrainer):
         if self.grad_scaler is not None:
             self.grad_scaler.update()
         return {"loss": loss.detach().cpu().numpy()}
+
+    def forward_batch(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor]) -> Any:
+        """The network's output for one training or validation batch, every output the loss needs (hook: a method
+        passes its mode arguments here, e.g. its training stage or simulated prompts drawn from ``target``)."""
+        return self.network(data, return_all=True)
 
     def on_nonfinite_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """Log a skipped step; raise :class:`NonFiniteTrainingError` after ``max_consecutive_nonfinite_steps``."""
@@ -321,7 +355,7 @@ class SAMTrainer(nnUNetTrainer):
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            outputs = self.network(data, return_all=True)
+            outputs = self.forward_batch(data, target)
             loss = self.loss(outputs, target)
         semantic = outputs["semantic"]
         axes = [0] + list(range(2, semantic.ndim))

@@ -12,19 +12,8 @@ from nnunet_sam.trainers.base import CPUDemo, LiteMedSAM, LiteMedSAMCPUDemo, Med
 class MaskSAMTrainer(SAMTrainer):
     """MaskSAM (full model B9) on SAM ViT-B; needs ``sam_vit_b_01ec64.pth`` in ``$nnUNet_SAM_checkpoints``."""
 
+    network_class = MaskSAMNetwork
     options: MaskSAMOptions = MaskSAMOptions()
-
-    @classmethod
-    def build_network(cls, record: dict, num_input_channels: int, num_output_channels: int) -> nn.Module:
-        return MaskSAMNetwork(
-            backbone=record["backbone"],
-            in_channels=num_input_channels,
-            num_classes=num_output_channels,
-            num_queries=record["num_queries"],
-            patch_size=record["patch_size"],
-            sam_input_size=record["sam_input_size"],
-            options=cls.options,
-        )
 
     def _build_loss(self) -> nn.Module:
         return MaskSetCriterion(self.label_manager.num_segmentation_heads, ddp=self.is_ddp)

@@ -9,6 +9,8 @@ configuration would give the aggregator a single slice, so it is refused.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -16,7 +18,7 @@ from torch import nn
 from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunet_sam.losses import FocalDiceLoss
-from nnunet_sam.network_architectures.pansam import PanSAMNetwork, PanSAMOptions
+from nnunet_sam.network_architectures.pansam import STAGE_OUTPUT, PanSAMNetwork, PanSAMOptions
 from nnunet_sam.trainers.base import (
     CPUDemo,
     LiteMedSAM,
@@ -65,6 +67,7 @@ class PanSAMTrainer(SAMTrainer):
     Loss: focal + 0.05 * Dice, each stage's output against the reference.
     """
 
+    network_class = PanSAMNetwork
     options: PanSAMOptions = PanSAMOptions()
     # The label of the structure to segment. None: the dataset must have exactly one foreground label.
     # Multi-class datasets: one model per structure, each a subclass with its own target_label.
@@ -111,16 +114,8 @@ class PanSAMTrainer(SAMTrainer):
         return cls.target_label or 1
 
     @classmethod
-    def build_network(cls, record: dict, num_input_channels: int, num_output_channels: int) -> nn.Module:
-        return PanSAMNetwork(
-            backbone=record["backbone"],
-            in_channels=num_input_channels,
-            num_classes=num_output_channels,
-            patch_size=record["patch_size"],
-            sam_input_size=record["sam_input_size"],
-            target_label=cls.label(),
-            options=cls.options,
-        )
+    def record_options(cls) -> PanSAMOptions:
+        return replace(cls.options, target_label=cls.label())
 
     def _build_loss(self) -> nn.Module:
         return FocalDiceLoss(self.label(), beta=self.dice_weight)
@@ -163,9 +158,9 @@ class PanSAMTrainer(SAMTrainer):
         self._best_ema = max(finite) if finite else None
         super().on_train_epoch_start()
 
-    def on_train_end(self) -> None:
-        self._plain_network().output = "final"  # the final validation and checkpoint run the whole pipeline
-        super().on_train_end()
+    def forward_batch(self, data: torch.Tensor, target: torch.Tensor) -> dict:
+        """The output of the current stage (nnU-Net's final validation and prediction run the whole pipeline)."""
+        return self.network(data, return_all=True, output=STAGE_OUTPUT[self.stage(self.current_epoch)])
 
 
 class PanSAMTrainer_vitl(ViTL, PanSAMTrainer):

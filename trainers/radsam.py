@@ -15,7 +15,7 @@ from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnunet_sam.network_architectures.radsam import RadSAMLoss, RadSAMNetwork, intensity_windows
+from nnunet_sam.network_architectures.radsam import RadSAMLoss, RadSAMNetwork, RadSAMOptions, intensity_windows
 from nnunet_sam.prompting.radsam_prompts import (
     MIN_LABEL_PIXELS,
     SimulatedInteraction,
@@ -33,10 +33,11 @@ class RadSAMTrainer(SAMTrainer):
     whole at nnU-Net's spacing, as at inference.
     """
 
+    network_class = RadSAMNetwork
+    options: RadSAMOptions = RadSAMOptions()  # CT window (the paper's [-500, 1000] HU)
     max_depth = 1
     max_tiles = 4
     correction_rounds: int = 2
-    ct_window_hu: tuple[float, float] = (-500.0, 1000.0)  # CT intensities clipped to this window, scaled to [0, 1]
 
     def __init__(
         self,
@@ -55,10 +56,6 @@ class RadSAMTrainer(SAMTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
 
     @classmethod
-    def build_network(cls, record: dict, num_input_channels: int, num_output_channels: int) -> nn.Module:
-        return RadSAMNetwork(record["backbone"], num_input_channels, record["patch_size"], record["sam_input_size"])
-
-    @classmethod
     def build_network_architecture(
         cls,
         plans_manager: PlansManager,
@@ -67,14 +64,15 @@ class RadSAMTrainer(SAMTrainer):
         num_output_channels: int,
         enable_deep_supervision: bool = False,
     ) -> nn.Module:
-        """The network of the plans' ``nnunet_sam`` block with the intensity windows of the plans' normalisation."""
+        """The network of the plans' ``nnunet_sam`` block with the intensity windows of the plans' normalisation
+        and the record's CT window."""
         network = super().build_network_architecture(
             plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision
         )
         windows = intensity_windows(
             configuration_manager.normalization_schemes,
             plans_manager.plans.get("foreground_intensity_properties_per_channel", {}),
-            cls.ct_window_hu,
+            network.options.ct_window_hu,
         )
         network.set_intensity_windows(windows)
         return network
@@ -89,17 +87,18 @@ class RadSAMTrainer(SAMTrainer):
     def train_step(self, batch: dict) -> dict:
         """One structure per slice (:func:`pick_structures`) with simulated prompts and correction rounds."""
         target = pick_structures(batch["target"].to(self.device), self.label_manager.num_segmentation_heads)
-        reference = target[:, 0].bool()
-        self._plain_network().queue_interaction(SimulatedInteraction(reference, self.correction_rounds))
         return super().train_step({**batch, "target": target})
+
+    def forward_batch(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Logits (1 + rounds, B, 1, P, P) of simulated prompts and correction rounds for the picked structures."""
+        return self.network(data, interaction=SimulatedInteraction(target[:, 0].bool(), self.correction_rounds))
 
     def validation_step(self, batch: dict) -> dict:
         """Loss and pseudo-Dice per class of the prediction from one simulated initial prompt per structure."""
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
         reference = structure_masks(target, self.label_manager.num_segmentation_heads)  # (B, K, P, P)
-        self._plain_network().queue_interaction(SimulatedInteraction(reference.flatten(0, 1), rounds=0))
-        logits = self.network(data)  # (1, B, K, P, P)
+        logits = self.network(data, interaction=SimulatedInteraction(reference.flatten(0, 1), rounds=0))  # (1,B,K,P,P)
         loss = self.loss(logits, target)
         valid = (reference.flatten(2).sum(2) >= MIN_LABEL_PIXELS)[..., None, None]  # as in the loss
         prediction = ((logits[0] > 0) & valid).half()
@@ -151,7 +150,7 @@ class RadSAMTrainer_tiny_demo(CPUDemo, RadSAMTrainer_tiny):
     four 8-epoch runs never left that state, so the demo trains 20 epochs (500 steps) for a margin.
     """
 
-    ct_window_hu = (-200.0, 400.0)
+    options = RadSAMOptions(ct_window_hu=(-200.0, 400.0))
 
     epochs = 20
     iterations_per_epoch = 25

@@ -7,10 +7,11 @@ adds the point prompt encoder and trains it with clicks simulated from the label
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from nnunet_sam.losses import DeepSupervisedSegLoss
-from nnunet_sam.network_architectures.sam3d_adapter import SAM3DAdapterNetwork
+from nnunet_sam.network_architectures.sam3d_adapter import SAM3DAdapterNetwork, SAM3DAdapterOptions
 from nnunet_sam.planning import VolumePatchRule
 from nnunet_sam.prompting.point_sampler import simulate_points
 from nnunet_sam.trainers.base import CPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
@@ -23,26 +24,15 @@ class SAM3DAdapterTrainer(SAMTrainer):
     windows per axis (nnunet_sam.planning.VolumePatchRule).
     """
 
+    network_class = SAM3DAdapterNetwork
+    options: SAM3DAdapterOptions = SAM3DAdapterOptions()
     slice_group: int = 4
     window: int = 8
     max_windows: int = 2
-    prompted: bool = False
 
     @classmethod
     def patch_rule(cls) -> VolumePatchRule:
         return VolumePatchRule(cls.slice_group, cls.window, cls.max_windows)
-
-    @classmethod
-    def build_network(cls, record: dict, num_input_channels: int, num_output_channels: int) -> nn.Module:
-        return SAM3DAdapterNetwork(
-            backbone=record["backbone"],
-            in_channels=num_input_channels,
-            num_classes=num_output_channels,
-            patch_size=record["patch_size"],
-            slice_group=record["slice_group"],
-            window=record["window"],
-            prompted=cls.prompted,
-        )
 
     def _build_loss(self) -> nn.Module:
         return DeepSupervisedSegLoss()
@@ -54,21 +44,14 @@ class SAM3DAdapterTrainer_prompted(SAM3DAdapterTrainer):
     ``nnUNetv2_predict`` runs this model without points (global queries only).
     """
 
-    prompted = True
+    options = SAM3DAdapterOptions(prompted=True)
     points_per_class: int = 1
 
-    def _queue_simulated_points(self, batch: dict) -> None:
-        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]  # full resolution
+    def forward_batch(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor]) -> dict:
+        """The network's output with clicks simulated from the batch's label (full resolution)."""
+        target = target[0] if isinstance(target, list) else target
         points, labels = simulate_points(target, self.label_manager.num_segmentation_heads, self.points_per_class)
-        self._plain_network().queue_prompts(points, labels)
-
-    def train_step(self, batch: dict) -> dict:
-        self._queue_simulated_points(batch)
-        return super().train_step(batch)
-
-    def validation_step(self, batch: dict) -> dict:
-        self._queue_simulated_points(batch)
-        return super().validation_step(batch)
+        return self.network(data, points, labels, return_all=True)
 
 
 class SAM3DAdapterTrainer_vitl(ViTL, SAM3DAdapterTrainer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from nnunet_sam.losses import DeepSupervisedSegLoss
@@ -18,19 +19,10 @@ class SelfPromptSAMTrainer(SAMTrainer):
     the epoch, so ``--c`` resumes in the right one.
     """
 
+    network_class = SelfPromptSAMNetwork
     options: SelfPromptSAMOptions = SelfPromptSAMOptions()
     stage1_fraction: float = 0.2
-
-    @classmethod
-    def build_network(cls, record: dict, num_input_channels: int, num_output_channels: int) -> nn.Module:
-        return SelfPromptSAMNetwork(
-            backbone=record["backbone"],
-            in_channels=num_input_channels,
-            num_classes=num_output_channels,
-            patch_size=record["patch_size"],
-            sam_input_size=record["sam_input_size"],
-            options=cls.options,
-        )
+    _logged_stage: int | None = None
 
     def _build_loss(self) -> nn.Module:
         return DeepSupervisedSegLoss()
@@ -40,11 +32,14 @@ class SelfPromptSAMTrainer(SAMTrainer):
 
     def on_train_epoch_start(self) -> None:
         stage = self.stage(self.current_epoch)
-        net = self._plain_network()
-        if net.run_decoder != (stage == 2) or self.current_epoch == 0:
+        if stage != self._logged_stage:  # a new stage, or the first epoch of this run (also --c)
             self.print_to_log_file(f"Self-Prompt-SAM stage {stage} from epoch {self.current_epoch}")
-        net.run_decoder = stage == 2
+            self._logged_stage = stage
         super().on_train_epoch_start()
+
+    def forward_batch(self, data: torch.Tensor, target: torch.Tensor) -> dict:
+        """Stage 1 runs the prompt-generation path only; stage 2 the whole model."""
+        return self.network(data, return_all=True, run_decoder=self.stage(self.current_epoch) == 2)
 
 
 class SelfPromptSAMTrainer_vitl(ViTL, SelfPromptSAMTrainer):

@@ -1,0 +1,1 @@
+"""Inference beyond nnU-Net's predictor: mode-bound networks, prompted prediction, geometry."""
