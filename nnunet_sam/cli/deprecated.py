@@ -24,7 +24,8 @@ def _forward(old: str) -> Callable[[Sequence[str] | None], int | None]:
     new, target = RENAMED[old]
 
     def run(argv: Sequence[str] | None = None) -> int | None:
-        print(f"{old} is deprecated and will be removed in the next release: use {new} (same arguments).", file=sys.stderr)
+        message = f"{old} is deprecated and will be removed in the next release: use {new} (same arguments)."
+        print(message, file=sys.stderr)
         module, function = target.split(":")
         main = getattr(importlib.import_module(module), function)
         return main(argv) if argv is not None else main()
