@@ -21,7 +21,8 @@ DATASET = 981
 def make_model_folders(root: Path) -> tuple[Path, Path, Path]:
     """(raw dataset folder, RadSAM model folder, prompted 3DSAM-adapter model folder) under ``root``, made in a
     subprocess with nnU-Net's folders under ``root`` (nnU-Net reads them when imported)."""
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import serving_testing as t; t._build({str(root)!r})"
+    here = str(Path(__file__).parent)
+    code = f"import sys; sys.path.insert(0, {here!r}); import serving_testing as t; t._build({str(root)!r})"
     run_tool([sys.executable, "-c", code], nnunet_env(root, OMP_NUM_THREADS="1"))
     results = root / "results" / f"Dataset{DATASET}_Phantom"
     return (
