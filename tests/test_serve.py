@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from nnInteractive.inference.remote._protocol import META_HEADER  # noqa: E402
 from nnInteractive.inference.remote.serialization import pack_array  # noqa: E402
 
 from nnunet_sam import predict_prompted, radsam  # noqa: E402
+from nnunet_sam.cli import serve  # noqa: E402
 from nnunet_sam.serving.app import make_app  # noqa: E402
 from nnunet_sam.serving.editors import load_model  # noqa: E402
 
@@ -209,8 +211,16 @@ def test_sessions_are_separate_capacity_expiry_and_api_key(case, radsam_model, r
         first.add_point_interaction((z, y, x), include_interaction=True)
         _nontrivial(a)
         np.testing.assert_array_equal(b, 0)
-        second.add_point_interaction((z, y, x), include_interaction=True)
-        np.testing.assert_array_equal(a, b)
+        alone = a.copy()
+        first.undo()
+        # both at once: the model's work is serialised, each session gets what it would get alone
+        clicks = [threading.Thread(target=c.add_point_interaction, args=((z, y, x), True)) for c in (first, second)]
+        for thread in clicks:
+            thread.start()
+        for thread in clicks:
+            thread.join()
+        np.testing.assert_array_equal(a, alone)
+        np.testing.assert_array_equal(b, alone)
         second.add_point_interaction((z, y - 3, x + 3), include_interaction=False)
         assert second.undo() and second.undo() and not second.undo()  # the second session's two steps only
         assert first.undo() and (a == 0).all()
@@ -287,6 +297,19 @@ def test_bad_inputs_get_clear_errors_and_leave_the_session_usable(case, radsam_s
     with pytest.raises(SessionExpiredError, match="unknown or has expired"):
         expired.set_image(image, {"spacing": spacing})
     expired.close()
+
+
+def test_command_refuses_unusable_model_folders(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        serve.main(["-m", str(tmp_path / "missing")])
+    assert stopped.value.code == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        serve.main(["-m", str(tmp_path)])
+    assert stopped.value.code == 2 and "is not an nnU-Net model folder (no dataset.json)" in capsys.readouterr().err
+    (tmp_path / "dataset.json").write_text("{}")
+    (tmp_path / "plans.json").write_text("{}")
+    assert serve.main(["-m", str(tmp_path)]) == 2  # no checkpoint: refused before serving
+    assert "error:" in capsys.readouterr().err
 
 
 # ---- 5. memory over 50 interactions, clean SIGTERM ---------------------------------------------------------------
