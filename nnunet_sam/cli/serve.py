@@ -8,6 +8,7 @@ otherwise; SIGTERM or Ctrl-C stops it cleanly (open requests finish, sessions ar
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -74,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    gc.freeze()  # the model lives until exit: keep its many objects out of every collection, the last one included
     app = make_app(
         model,
         max_sessions=args.max_sessions,
