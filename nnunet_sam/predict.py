@@ -162,6 +162,44 @@ def _ending(name: str) -> str:
     return os.path.splitext(name)[1]
 
 
+def preprocess_case(
+    predictor: nnUNetPredictor, case: str, image: np.ndarray, properties: dict, preprocessor=None
+) -> tuple[np.ndarray, dict]:
+    """nnU-Net's preprocessing of an image as read (C, Z, Y, X) -> the preprocessed array and the properties it
+    fills in (crop box, shapes); :class:`BadCaseError` if normalisation made it non-finite. May change ``image``."""
+    plans, configuration = predictor.plans_manager, predictor.configuration_manager
+    preprocessor = preprocessor or configuration.preprocessor_class(verbose=False)
+    low, high = float(image.min()), float(image.max())  # preprocessing may work in place
+    data, _, properties = preprocessor.run_case_npy(
+        image, None, properties, plans, configuration, predictor.dataset_json
+    )
+    if not np.isfinite(data).all():
+        raise BadCaseError(
+            f"{case}: not finite after nnU-Net's intensity normalisation (intensities {low:g} to {high:g}); "
+            "check the image for extreme values"
+        )
+    return data, properties
+
+
+def predict_preprocessed(
+    predictor: nnUNetPredictor, case: str, data: np.ndarray, properties: dict, return_probabilities: bool = False
+):
+    """The predictor's logits of a preprocessed case -> its segmentation in the original grid (and the
+    probabilities with ``return_probabilities``), by nnU-Net's export; :class:`BadCaseError` if not finite."""
+    logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+    if not torch.isfinite(logits).all():
+        raise BadCaseError(f"{case}: the network's output is not finite; nothing was written")
+    label_manager = predictor.plans_manager.get_label_manager(predictor.dataset_json)
+    return convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits,
+        predictor.plans_manager,
+        predictor.configuration_manager,
+        label_manager,
+        properties,
+        return_probabilities=return_probabilities,
+    )
+
+
 def predict_cases(
     predictor: nnUNetPredictor,
     cases: dict[str, list[str]],
@@ -182,7 +220,6 @@ def predict_cases(
     channel_names = [dataset_json["channel_names"][k] for k in sorted(dataset_json["channel_names"], key=int)]
     model_is_3d = len(configuration.patch_size) == 3
     reader = plans.image_reader_writer_class()
-    label_manager = plans.get_label_manager(dataset_json)
     preprocessor = configuration.preprocessor_class(verbose=False)
     os.makedirs(output_folder, exist_ok=True)
     save_json(dataset_json, os.path.join(output_folder, "dataset.json"), sort_keys=False)
@@ -194,21 +231,10 @@ def predict_cases(
             continue
         try:
             image, properties = read_and_check(case, files, reader, channel_names, model_is_3d)
-            low, high = float(image.min()), float(image.max())  # preprocessing may work in place
-            data, _, properties = preprocessor.run_case_npy(image, None, properties, plans, configuration, dataset_json)
-            if not np.isfinite(data).all():
-                raise BadCaseError(
-                    f"{case}: not finite after nnU-Net's intensity normalisation (intensities {low:g} to {high:g}); "
-                    "check the image for extreme values"
-                )
+            data, properties = preprocess_case(predictor, case, image, properties, preprocessor)
             if prepare is not None:
                 prepare(case, image, properties, data)
-            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
-            if not torch.isfinite(logits).all():
-                raise BadCaseError(f"{case}: the network's output is not finite; nothing was written")
-            result = convert_predicted_logits_to_segmentation_with_correct_shape(
-                logits, plans, configuration, label_manager, properties, return_probabilities=save_probabilities
-            )
+            result = predict_preprocessed(predictor, case, data, properties, save_probabilities)
             segmentation = result[0] if save_probabilities else result
             if save_probabilities:  # numpy and pickle raise on a full disk, unlike ITK's NIfTI writer
                 np.savez_compressed(output + ".npz", probabilities=result[1])

@@ -47,6 +47,8 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
+from nnunet_sam import geometry
+from nnunet_sam.geometry import to_preprocessed
 from nnunet_sam.predict import (
     BadCaseError,
     add_model_arguments,
@@ -114,24 +116,16 @@ def parse_case_points(case: str, entries, labels: Mapping[str, int]) -> tuple[np
 
 
 def world_to_voxel(case: str, positions: np.ndarray, properties: Mapping) -> np.ndarray:
-    """World (x, y, z) mm -> continuous array index (z, y, x), from the geometry SimpleITKIO reports."""
-    geometry = properties.get("sitk_stuff")
-    if geometry is None:
-        raise BadCaseError(
-            f"{case}: world coordinates need the image geometry, which this model's reader does not report; "
-            'use "voxel"'
-        )
-    spacing = np.asarray(geometry["spacing"], dtype=np.float64)
-    origin = np.asarray(geometry["origin"], dtype=np.float64)
-    direction = np.asarray(geometry["direction"], dtype=np.float64).reshape(len(spacing), len(spacing))
-    index_xyz = (positions - origin) @ direction / spacing  # direction is orthonormal (checked when reading)
-    return index_xyz[:, ::-1].copy()
+    """World (x, y, z) mm -> continuous array index (z, y, x) (:func:`nnunet_sam.geometry.world_to_voxel`)."""
+    try:
+        return geometry.world_to_voxel(positions, properties)
+    except geometry.GeometryError as error:
+        raise BadCaseError(f"{case}: {error}") from None
 
 
 def check_inside(case: str, positions: np.ndarray, shape: Sequence[int], given: np.ndarray | None = None) -> None:
     """Every point (K, 3) array index must lie in a voxel of an array of ``shape``: -0.5 <= p < n - 0.5."""
-    shape = np.asarray(shape, dtype=np.float64)
-    outside = ~((positions >= -0.5) & (positions < shape - 0.5)).all(1)
+    outside = ~geometry.inside_image(positions, shape)
     if outside.any():
         shown = given if given is not None else positions
         listed = "; ".join(f"point {n} at {np.round(shown[n], 3).tolist()}" for n in np.flatnonzero(outside))
@@ -139,24 +133,6 @@ def check_inside(case: str, positions: np.ndarray, shape: Sequence[int], given: 
             f"{case}: {int(outside.sum())} point(s) outside the image of {tuple(int(s) for s in shape)} voxels "
             f"(array order (z, y, x)): {listed}"
         )
-
-
-def to_preprocessed(
-    positions: np.ndarray, properties: Mapping, transpose_forward: Sequence[int], preprocessed_shape: Sequence[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Array indices (K, 3) of the image as read -> indices of nnU-Net's preprocessed array, and a mask (K,) of the
-    points inside the crop box (nnU-Net's crop to the non-zero region; outside it the prediction is background).
-
-    Transpose (``plans["transpose_forward"]``), subtract the crop box start (``bbox_used_for_cropping``), then scale
-    with voxel centres aligned, p' = (p + 0.5) * new / old - 0.5, as nnU-Net's resampling maps voxels.
-    """
-    p = positions[:, list(transpose_forward)]
-    box = np.asarray(properties["bbox_used_for_cropping"], dtype=np.float64)
-    p = p - box[:, 0]
-    inside = ((p >= -0.5) & (p < box[:, 1] - box[:, 0] - 0.5)).all(1)
-    old = np.asarray(properties["shape_after_cropping_and_before_resampling"], dtype=np.float64)
-    new = np.asarray(preprocessed_shape, dtype=np.float64)
-    return (p + 0.5) * new / old - 0.5, inside
 
 
 def points_in_patch(

@@ -33,9 +33,9 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+from nnunet_sam import geometry
 from nnunet_sam.predict import BadCaseError, read_and_check, write_checked
 from nnunet_sam.prompting.radsam_prompts import Prompts
 
@@ -289,23 +289,24 @@ class RadSAMModel:
 
     def to_original(self, mask: np.ndarray, properties: dict) -> np.ndarray:
         """A mask in the preprocessed grid (Z', Y', X') -> the original image grid (Z, Y, X) uint8 0/1."""
-        logits = torch.full((self.label_manager.num_segmentation_heads, *mask.shape), -10.0)
-        logits[0] = 0
-        logits[1] = torch.from_numpy(np.where(mask, 10.0, -10.0))
-        return convert_predicted_logits_to_segmentation_with_correct_shape(
-            logits, self.plans_manager, self.configuration_manager, self.label_manager, properties
-        ).astype(np.uint8)
+        return geometry.mask_to_original(
+            mask, self.plans_manager, self.configuration_manager, self.label_manager, properties
+        )
 
 
 class Geometry:
-    """Original voxel (z, y, x) <-> the preprocessed grid: nnU-Net's crop and in-plane resampling."""
+    """Original voxel (z, y, x) <-> the preprocessed grid: nnU-Net's crop and in-plane resampling
+    (:mod:`nnunet_sam.geometry`), with the checks and messages of prompt files."""
 
     def __init__(self, properties: dict, preprocessed_shape: Sequence[int]) -> None:
+        self.properties = properties
+        self.preprocessed_shape = tuple(int(s) for s in preprocessed_shape)
         self.bbox = [list(map(int, b)) for b in properties["bbox_used_for_cropping"]]
-        cropped = properties["shape_after_cropping_and_before_resampling"]
-        self.factors = [n / c for n, c in zip(preprocessed_shape, cropped)]
         self.original_shape = tuple(int(s) for s in properties["shape_before_cropping"])
-        self.sitk = properties.get("sitk_stuff")
+
+    def _mapped(self, z: float, y: float, x: float) -> np.ndarray:
+        mapped, _ = geometry.to_preprocessed(np.array([[z, y, x]]), self.properties, (0, 1, 2), self.preprocessed_shape)
+        return mapped[0]
 
     def slice(self, z: int) -> int:
         if not 0 <= z < self.original_shape[0]:
@@ -313,25 +314,24 @@ class Geometry:
         lo, hi = self.bbox[0]
         if not lo <= z < hi:
             raise PromptError(f"slice {z} lies outside the image region nnU-Net keeps (slices {lo}..{hi - 1})")
-        return z - lo
+        return z - lo  # RadSAM's 2d configuration never resamples along the slice axis
 
     def inplane(self, y: float, x: float) -> tuple[float, float]:
         h, w = self.original_shape[1:]
         if not (-0.5 <= y < h - 0.5 and -0.5 <= x < w - 0.5):
             raise PromptError(f"point (y={y:g}, x={x:g}) lies outside the image ({h} rows x {w} columns)")
-        return tuple((c - b[0] + 0.5) * f - 0.5 for c, b, f in zip((y, x), self.bbox[1:], self.factors[1:]))
+        _, y, x = self._mapped(self.bbox[0][0], y, x)
+        return float(y), float(x)
 
     def world_to_voxel(self, xyz: Sequence[float]) -> tuple[float, float, float]:
         """World point (x, y, z) in mm (ITK physical space) -> voxel (z, y, x) of the original array."""
-        if self.sitk is None:
-            raise PromptError("world coordinates need an image reader that reports the geometry (SimpleITK)")
-        spacing = np.asarray(self.sitk["spacing"], dtype=float)
-        origin = np.asarray(self.sitk["origin"], dtype=float)
-        direction = np.asarray(self.sitk["direction"], dtype=float).reshape(3, 3)
         if len(xyz) != 3:
             raise PromptError(f"a world point needs three coordinates [x, y, z] in mm, got {list(xyz)}")
-        index = np.linalg.solve(direction * spacing, np.asarray(xyz, dtype=float) - origin)  # (i, j, k) = (x, y, z)
-        return float(index[2]), float(index[1]), float(index[0])
+        try:
+            z, y, x = geometry.world_to_voxel(np.asarray([xyz], dtype=float), self.properties)[0]
+        except geometry.GeometryError as error:
+            raise PromptError(str(error)) from None
+        return float(z), float(y), float(x)
 
 
 @dataclass(frozen=True)
