@@ -243,7 +243,7 @@ def check_checkpoints(model_folder: str, folds: Sequence[int | str], checkpoint:
 def _describe(error: OSError) -> str:
     """An OSError as the user should read it: the cause, and for a full disk that it is full."""
     text = f"{error.strerror or error} ({type(error).__name__})"
-    return text + "; the disk is full" if error.errno in DISK_FULL_ERRNOS else text
+    return f"{text}: disk full" if error.errno in DISK_FULL_ERRNOS else text
 
 
 def read_and_check(

@@ -266,7 +266,11 @@ class SAMTrainer(nnUNetTrainer):
             best = os.path.join(self.output_folder, "checkpoint_best.pth")
             if self._best_ema is not None and not os.path.isfile(best):  # killed while the first best was saved
                 self.print_to_log_file("checkpoint_best.pth is missing after the resume: writing it from this state")
-                self.save_checkpoint(best)
+                self.current_epoch -= 1  # the loaded state is the end of the previous epoch, as nnU-Net saves it
+                try:
+                    self.save_checkpoint(best)
+                finally:
+                    self.current_epoch += 1
 
     def on_train_end(self) -> None:
         super().on_train_end()
