@@ -2,7 +2,7 @@
 
 ITK reads a ``.nii.gz`` cut short with the missing voxels set to 0, a zero or non-finite voxel spacing as 1 mm, and
 NaN voxels as 0. Prediction (:mod:`nnunet_sam.predict`), evaluation (:mod:`nnunet_sam.evaluate`) and the
-submission writers therefore look at the file itself first (with nibabel): :func:`check_nifti_file` raises
+submission writers therefore look at the file itself first (with nibabel): :func:`load_nifti` raises
 :class:`DamagedFileError` naming the file and the problem, :func:`read_label_values` also returns the label values
 of a label file as stored (refusing NaN and fractional values).
 """
@@ -94,11 +94,6 @@ def _stored_pixdim(path: str) -> np.ndarray:
     with opener(path, "rb") as f:
         block = f.read(348)
     return np.asarray(nibabel.Nifti1Header(binaryblock=block, check=False)["pixdim"], dtype=np.float64)
-
-
-def check_nifti_file(path: str | os.PathLike) -> nibabel.Nifti1Image:
-    """:func:`load_nifti`, named like the other checks (returns the loaded image)."""
-    return load_nifti(path)
 
 
 def read_label_values(path: str | os.PathLike, allowed: Sequence[int] | None = None) -> np.ndarray:

@@ -6,6 +6,10 @@ takes the common arguments of ``nnUNetv2_predict`` and works on the same model f
 after the other in this process (nnU-Net's own preprocessing, sliding window and export): every case is checked
 first (:func:`check_case`), a case that cannot be segmented correctly is skipped with a message naming the case
 and the problem, the others are predicted, and the command lists the failures at the end and exits with 1.
+Before any work it refuses (exit 2) what makes the whole run impossible or harmful: a missing input folder, an
+unwritable or full output folder, an untrained fold or damaged checkpoint, and an output folder whose files would
+overwrite inputs of the run. Every output is written completely or not at all
+(:func:`nnunet_sam.fault_tolerance.staged_file`).
 See docs/bad_inputs.md for what is checked and what nnU-Net does with each bad input.
 """
 
@@ -240,6 +244,30 @@ def check_checkpoints(model_folder: str, folds: Sequence[int | str], checkpoint:
             )
 
 
+def check_run(
+    input_folder: str,
+    output_folder: str,
+    model_folder: str,
+    folds: Sequence[int | str],
+    checkpoint: str,
+    save_probabilities: bool,
+) -> None:
+    """Everything that makes a prediction run impossible or harmful, checked before the model is loaded (raises
+    :class:`UnusableArgumentsError`): :func:`check_folders`, :func:`check_checkpoints` and
+    :func:`output_collisions` (an ``-o`` that would overwrite input files of the run)."""
+    check_folders(input_folder, output_folder)
+    check_checkpoints(model_folder, folds, checkpoint)
+    with open(os.path.join(model_folder, "dataset.json"), encoding="utf-8") as f:
+        ending = json.load(f)["file_ending"]
+    cases, _ = cases_in_folder(input_folder, ending)
+    collisions = output_collisions(cases, output_folder, ending, save_probabilities)
+    if collisions:
+        raise UnusableArgumentsError(
+            f"the output folder -o {output_folder} would overwrite input file(s) of this run: "
+            f"{', '.join(collisions)}. Give an output folder outside the input folder"
+        )
+
+
 def _describe(error: OSError) -> str:
     """An OSError as the user should read it: the cause, and for a full disk that it is full."""
     text = f"{error.strerror or error} ({type(error).__name__})"
@@ -405,17 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model_folder, folds = model_folder_and_folds(parser, args)
     try:
-        check_folders(args.i, args.o)
-        check_checkpoints(model_folder, folds, args.chk)
-        with open(os.path.join(model_folder, "dataset.json"), encoding="utf-8") as f:
-            ending = json.load(f)["file_ending"]
-        cases, misnamed = cases_in_folder(args.i, ending)
-        collisions = output_collisions(cases, args.o, ending, args.save_probabilities)
-        if collisions:
-            raise UnusableArgumentsError(
-                f"the output folder -o {args.o} would overwrite input file(s) of this run: {', '.join(collisions)}. "
-                "Give an output folder outside the input folder"
-            )
+        check_run(args.i, args.o, model_folder, folds, args.chk, args.save_probabilities)
     except UnusableArgumentsError as error:
         parser.error(str(error))
     predictor = nnUNetPredictor(
@@ -425,6 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         allow_tqdm=False,
     )
     predictor.initialize_from_trained_model_folder(model_folder, folds, args.chk)
+    ending = predictor.dataset_json["file_ending"]
+    cases, misnamed = cases_in_folder(args.i, ending)
     try:
         failures = predict_cases(predictor, cases, args.o, args.save_probabilities, not args.continue_prediction)
     except OSError as error:  # dataset.json / plans.json of the output folder

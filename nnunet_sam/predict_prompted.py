@@ -49,8 +49,10 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
 from nnunet_sam.predict import (
     BadCaseError,
+    UnusableArgumentsError,
     add_model_arguments,
     cases_in_folder,
+    check_run,
     model_folder_and_folds,
     predict_cases,
 )
@@ -326,11 +328,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_folder, folds = model_folder_and_folds(parser, args)
     try:
         read_points_file(args.points)  # a broken file stops the command before the model is loaded
+        check_run(args.i, args.o, model_folder, folds, args.chk, args.save_probabilities)
         predictor = initialize_predictor(
             model_folder, folds, args.chk, args.step_size, not args.disable_tta, args.device
         )
         failures = predict_prompted(predictor, args.i, args.points, args.o, args.save_probabilities)
-    except UnusableInputError as error:
+    except (UnusableInputError, UnusableArgumentsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if failures:
