@@ -134,11 +134,23 @@ def align_to_image(label: sitk.Image, image: sitk.Image, case: str, tolerance: f
     return sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
 
 
-def check_label_values(values: Iterable[int], allowed: Iterable[int], case: str) -> None:
-    unexpected = sorted(set(int(v) for v in values) - set(int(v) for v in allowed))
+def check_label_values(values: Iterable[float], allowed: Iterable[int], case: str) -> None:
+    """Refuse NaN/inf and fractional label values (a float file with integer values is fine) and values outside
+    ``allowed``; the message names the case and the values found."""
+    values = np.asarray(list(values), dtype=np.float64)
+    allowed = {int(a) for a in allowed}
+    if not np.isfinite(values).all():
+        raise ConversionError(f"non-finite (NaN or inf) label values in case {case}; a label map holds integers")
+    fractional = values[values != np.round(values)]
+    if fractional.size:
+        raise ConversionError(
+            f"fractional label values in case {case}: {fractional[:10].tolist()} (a label map holds integers: was it "
+            f"resampled with linear interpolation? allowed: {sorted(allowed)})"
+        )
+    unexpected = sorted({int(v) for v in values} - allowed)
     if unexpected:
         raise ConversionError(
-            f"label values outside the protocol in case {case}: {unexpected} (allowed: {sorted(set(allowed))})"
+            f"label values outside the protocol in case {case}: {unexpected} (allowed: {sorted(allowed)})"
         )
 
 
@@ -156,8 +168,15 @@ def check_case(
 
 
 def relabel(label: sitk.Image, mapping: Mapping[int, int]) -> sitk.Image:
-    """Map label values with ``mapping`` (values not in it -> 0); geometry is copied unchanged."""
+    """Map label values with ``mapping`` (values not in it -> 0); geometry is copied unchanged. The label values must
+    be integers (:func:`check_label_values`); float files holding integer values are cast."""
     arr = sitk.GetArrayFromImage(label)
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not (np.isfinite(arr).all() and np.array_equal(arr, np.round(arr))):
+            raise ConversionError("a label map to relabel holds fractional or non-finite values")
+        arr = arr.astype(np.int64)
+    if arr.size and int(arr.min()) < 0:
+        raise ConversionError(f"negative label values {sorted(set(arr[arr < 0].tolist()))} cannot be relabelled")
     lut = np.zeros(int(max(int(arr.max()), max(mapping))) + 1, dtype=np.uint8)
     for src, dst in mapping.items():
         lut[int(src)] = int(dst)

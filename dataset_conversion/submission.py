@@ -40,6 +40,7 @@ from nnunet_sam.dataset_conversion.common import (
     read_record,
     relabel,
 )
+from nnunet_sam.file_checks import DamagedFileError, read_label_values
 
 
 def _reference_image(dataset_folder: Path, case: str) -> Path:
@@ -57,11 +58,13 @@ def write_submission(
     subset: str | None = None,
     make_zip: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
+    partial: bool = False,
 ) -> Path:
     """Map nnU-Net predictions (``<case>.nii.gz``) to the record's names, label values and image geometry.
 
-    ``subset`` (``train``/``val``/``test``): the predictions must be exactly that subset of the record.
-    Returns the output folder.
+    ``subset`` (``train``/``val``/``test``): the predictions must be exactly that subset of the record. Without it,
+    every subset that holds a predicted case must be predicted completely. ``partial`` lifts both completeness
+    requirements (cases outside ``subset`` are still refused). Returns the output folder.
     """
     predictions, dataset_folder, output = Path(predictions), Path(dataset_folder), Path(output)
     record = read_record(dataset_folder)
@@ -76,8 +79,16 @@ def write_submission(
         if not expected:
             raise ConversionError(f"the conversion record has no cases in subset {subset!r}")
         missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        if missing or extra:
+        if extra or (missing and not partial):
             raise ConversionError(f"submission incomplete: missing cases {missing}, cases outside {subset}: {extra}")
+    elif not partial:
+        touched = [name for name, cases in record["splits"].items() if set(cases) & set(found)]
+        missing = sorted({c for name in touched for c in record["splits"][name]} - set(found))
+        if missing:
+            raise ConversionError(
+                f"submission incomplete: {len(missing)} case(s) of the subset(s) {', '.join(touched)} have no "
+                f"prediction in {predictions}: {missing}. Predict them, or give --partial to write only these"
+            )
     if not found:
         raise ConversionError(f"no predictions (*{NIFTI}) in {predictions}")
     names = [record["cases"][c]["submission_name"] for c in found]
@@ -87,20 +98,32 @@ def write_submission(
         raise ConversionError(f"output {output} exists already; choose a new folder")
     label_map = {int(k): v for k, v in record["labels_nnunet_to_original"].items()}
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    except OSError as error:
+        raise ConversionError(f"cannot write the submission into {output.parent}: {error.strerror or error}") from None
     try:
         for case, name in zip(found, names):
             reference = sitk.ReadImage(str(_reference_image(dataset_folder, case)))
-            prediction = sitk.ReadImage(str(predictions / f"{case}{NIFTI}"))
+            path = predictions / f"{case}{NIFTI}"
+            try:
+                read_label_values(path)  # complete file, integer values (ITK would read NaN as 0)
+            except DamagedFileError as error:
+                raise ConversionError(f"prediction of case {case}: {error}") from None
+            prediction = sitk.ReadImage(str(path))
             check_geometry(reference, prediction, case, tolerance)
             values = np.unique(sitk.GetArrayViewFromImage(prediction))
-            unexpected = sorted(set(values.tolist()) - set(label_map))
+            unexpected = sorted(set(int(v) for v in values.tolist()) - set(label_map))
             if unexpected:
                 raise ConversionError(f"prediction of case {case} has label values {unexpected} not in the dataset")
             out = relabel(prediction, label_map)
             out.CopyInformation(reference)
             sitk.WriteImage(out, str(staging / name), True)
+            if not np.array_equal(
+                sitk.GetArrayFromImage(sitk.ReadImage(str(staging / name))), sitk.GetArrayFromImage(out)
+            ):
+                raise ConversionError(f"{name} could not be written completely to {staging}; is the disk full?")
         os.rename(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -134,6 +157,11 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("-o", "--output", required=True, help="new output folder")
         p.add_argument("--zip", action="store_true", help="also write <output>.zip")
         p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="geometry tolerance")
+        p.add_argument(
+            "--partial",
+            action="store_true",
+            help="write the predictions found even if cases of their subset are missing",
+        )
         if name != "acdc":
             choices = ("train", "val", "test")
             default = "test" if name == "amos" else None
@@ -145,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "acdc":
             _check_protocol(Path(args.raw_dataset), "acdc", "acdc")
         subset = "test" if args.command == "acdc" else args.subset
-        out = write_submission(args.predictions, args.raw_dataset, args.output, subset, args.zip, args.tolerance)
+        out = write_submission(
+            args.predictions, args.raw_dataset, args.output, subset, args.zip, args.tolerance, args.partial
+        )
     except ConversionError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {len(list(out.iterdir()))} files to {out}" + (f" and {out}.zip" if args.zip else ""))

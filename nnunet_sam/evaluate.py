@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from nnunet_sam.file_checks import DamagedFileError, is_nifti, load_nifti
 from nnunet_sam.metrics import DEFAULT_NSD_TOLERANCE_MM, METRIC_NAMES, label_metrics
 
 __all__ = [
@@ -325,14 +326,42 @@ def _check_geometry(ref_shape, ref_props, pred_shape, pred_props, case: str) -> 
         raise EvaluationError(f"case {case}: geometry of prediction and reference differ: " + "; ".join(differing))
 
 
-def _check_label_values(seg: np.ndarray, allowed: set[int], what: str, path: Path) -> None:
-    unknown = sorted(float(v) for v in np.unique(seg) if float(v) not in allowed)
+def _check_label_values(values: np.ndarray, allowed: set[int], what: str, path: Path) -> None:
+    """``values``: the distinct values of a label map (as stored in the file where it is NIfTI)."""
+    values = np.asarray(values)
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.isfinite(values).all():
+            raise EvaluationError(f"{what} {path} holds non-finite voxels (NaN or inf); a label map holds integers")
+        fractional = values[values != np.round(values)]
+        if fractional.size:
+            raise EvaluationError(
+                f"{what} {path} holds fractional values {[float(v) for v in fractional[:10]]}; a label map holds "
+                "integers (was it written from probabilities or resampled with linear interpolation?)"
+            )
+    unknown = sorted(int(v) for v in values if int(v) not in allowed)
     if unknown:
-        shown = [int(v) if float(v).is_integer() else v for v in unknown]
         raise EvaluationError(
-            f"{what} {path} contains label values {shown} that dataset.json does not define "
+            f"{what} {path} contains label values {unknown} that dataset.json does not define "
             f"(defined: {sorted(allowed)})"
         )
+
+
+def _stored_values(path: Path, what: str) -> np.ndarray | None:
+    """The distinct values of a NIfTI label file as stored (nibabel), after checking the file is complete; None for
+    other formats. ITK would read a truncated file's missing voxels and NaN voxels as 0 (background)."""
+    if not is_nifti(path):
+        return None
+    try:
+        return np.unique(np.asanyarray(load_nifti(path).dataobj))
+    except DamagedFileError as error:
+        raise EvaluationError(f"{what}: {error}") from None
+
+
+def _read(reader, path: Path, what: str) -> tuple[np.ndarray, dict]:
+    try:
+        return reader.read_seg(str(path))
+    except Exception as error:  # ITK and the other readers raise many types for a broken file
+        raise EvaluationError(f"{what} {path} cannot be read ({type(error).__name__}: {error})") from None
 
 
 def evaluate_case(
@@ -343,18 +372,25 @@ def evaluate_case(
     tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
     case: str = "",
 ) -> dict[int, dict[str, float]]:
-    """Per-class metrics of one case; raises :class:`EvaluationError` on geometry or label-value problems.
+    """Per-class metrics of one case; raises :class:`EvaluationError` on damaged files, geometry or label values.
 
     Files are read with ``reader_class`` (an nnU-Net ``BaseReaderWriter``): arrays of shape (1, *spatial)
-    with ``properties['spacing']`` in the same axis order.
+    with ``properties['spacing']`` in the same axis order. NIfTI files are first checked with
+    :func:`nnunet_sam.file_checks.load_nifti` (complete, usable header) and their values taken as stored.
     """
+    reference_file, prediction_file = Path(reference_file), Path(prediction_file)
+    stored = {
+        what: _stored_values(path, what)
+        for what, path in (("reference", reference_file), ("prediction", prediction_file))
+    }
     reader = reader_class()
-    ref, ref_props = reader.read_seg(str(reference_file))
-    pred, pred_props = reader.read_seg(str(prediction_file))
+    ref, ref_props = _read(reader, reference_file, "reference")
+    pred, pred_props = _read(reader, prediction_file, "prediction")
     _check_geometry(ref.shape, ref_props, pred.shape, pred_props, case or str(reference_file))
     allowed = {0, *(int(k) for k in labels)}
-    _check_label_values(ref, allowed, "reference", Path(reference_file))
-    _check_label_values(pred, allowed, "prediction", Path(prediction_file))
+    for what, path, array in (("reference", reference_file, ref), ("prediction", prediction_file, pred)):
+        values = stored[what] if stored[what] is not None else np.unique(array)
+        _check_label_values(values, allowed, what, path)
     ref, pred = ref[0], pred[0]
     spacing = [float(s) for s in ref_props["spacing"]]
     assert len(spacing) == ref.ndim, f"reader gave spacing {spacing} for an array of shape {ref.shape}"

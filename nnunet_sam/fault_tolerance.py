@@ -1,10 +1,16 @@
-"""Fault tolerance for long trainings: atomic checkpoint files and a check for non-finite training steps.
+"""Fault tolerance: atomic files, a lock per training folder, damaged-checkpoint fallback, non-finite steps.
 
 A checkpoint is first written to a hidden temporary file next to its final name (``.NAME.PID-RANDOM.tmp``),
 flushed and fsynced, then renamed over the final name with ``os.replace`` (atomic on POSIX file systems) and the
 folder is fsynced. A process killed at any moment therefore leaves either the previous complete file or the new
 complete file, plus at most one temporary file that nnU-Net never reads and :func:`remove_stale_temp_files`
 deletes.
+
+Other outputs (segmentations, probabilities, JSON) go through :func:`staged_file`: the writer gets a path inside a
+private folder created with an unpredictable name (``tempfile.mkdtemp``: exclusive creation, mode 0700), so a
+planted file or symlink can never be written through, and the result is renamed into place only when complete.
+A training holds an exclusive lock on its fold folder (:func:`lock_folder`) for its lifetime, so two trainings
+never write the same checkpoints; :func:`intact_checkpoint` finds the newest undamaged checkpoint for ``--c``.
 """
 
 from __future__ import annotations
@@ -12,10 +18,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import shutil
+import sys
+import tempfile
+import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 import torch
 import torch.distributed as dist
@@ -27,6 +39,14 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (e.g. the disk is full); the previous file under that name is unchanged."""
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds the lock of this folder (e.g. a training of the same fold is running)."""
+
+
+class DamagedCheckpointError(RuntimeError):
+    """No intact checkpoint to load; the message names every damaged file and what is wrong with it."""
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -113,3 +133,138 @@ def all_finite(*values: torch.Tensor, across_ranks: bool = False) -> bool:
     if across_ranks:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok)
+
+
+# ---- staged outputs (segmentations, probabilities, JSON) -------------------------------------------------------
+PARTIAL_MARK = ".partial-"
+# .NAME.partial-PID-RANDOM (a private folder of staged_file) or .NAME.partial-PID.ENDING (older releases' files)
+_PARTIAL = re.compile(r"\..+\.partial-(\d+)(-[A-Za-z0-9_]+|\..+)")
+
+
+@contextlib.contextmanager
+def staged_file(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path to write ``path``'s content to; renamed to ``path`` when the body ends without error.
+
+    The temporary path lies in a new private folder next to ``path`` (``.NAME.partial-PID-RANDOM``, created
+    exclusively by ``tempfile.mkdtemp``) and keeps ``path``'s name, so writers choose the same format by its
+    ending. On any error the folder is removed and ``path`` is untouched. A process killed meanwhile leaves the
+    folder, which :func:`remove_stale_partial_files` deletes.
+    """
+    path = Path(path)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}{PARTIAL_MARK}{os.getpid()}-", dir=path.parent))
+    try:
+        yield str(folder / path.name)
+        os.replace(folder / path.name, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_text_file(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` completely or not at all (flushed and fsynced before the rename)."""
+    with staged_file(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_partial_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete what :func:`staged_file` (or an older release's checked write) left in ``folder`` when its process
+    was killed. Entries of processes still running (another part of the same prediction) are kept; symlinks are
+    removed, never followed."""
+    removed = []
+    for entry in Path(folder).iterdir():
+        match = _PARTIAL.fullmatch(entry.name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+# ---- one training per fold folder ------------------------------------------------------------------------------
+LOCK_FILE = ".nnunet_sam_training.lock"
+
+
+def lock_folder(folder: str | os.PathLike, what: str = "training") -> TextIO:
+    """Hold an exclusive lock on ``folder`` until the returned file is closed or the process ends (``flock``: the
+    kernel releases it even on SIGKILL). Raises :class:`FolderBusyError` naming the process holding it."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise FolderBusyError(
+            f"another {what} is running in {folder}: {holder}. Two runs would overwrite each other's "
+            f"checkpoints; wait for it to end (or stop it), or use another fold, trainer or plans."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"PID {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv)})\n")
+    handle.flush()
+    return handle
+
+
+# ---- damaged checkpoints ---------------------------------------------------------------------------------------
+CHECKPOINT_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with the torch checkpoint ``path`` (missing, empty, truncated, a corrupt member), or None.
+
+    torch writes a zip archive: the check reads its directory and every member's CRC, and unpickles nothing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size == 0:
+        return "an empty (0-byte) file"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        return f"damaged or truncated ({type(error).__name__}: {error})"
+    if bad is not None:
+        return f"damaged (member {bad} fails its CRC check)"
+    return None
+
+
+def intact_checkpoint(path: str | os.PathLike) -> tuple[Path, str | None]:
+    """``path`` if it is an intact checkpoint; else the first intact one of :data:`CHECKPOINT_ORDER` in its folder,
+    with a note saying which file is damaged and which one is used. Raises :class:`DamagedCheckpointError`."""
+    path = Path(path)
+    problem = checkpoint_problem(path)
+    if problem is None:
+        return path, None
+    problems = {path.name: problem}
+    for name in CHECKPOINT_ORDER:
+        candidate = path.with_name(name)
+        if name in problems or not candidate.exists():
+            continue
+        problems[name] = checkpoint_problem(candidate)
+        if problems[name] is None:
+            return candidate, f"{path} is {problem}; continuing from {name} instead"
+    listed = "; ".join(f"{name}: {what}" for name, what in problems.items())
+    raise DamagedCheckpointError(
+        f"no intact checkpoint in {path.parent} ({listed}). Start the training again without --c "
+        "(or restore a checkpoint from a backup)."
+    )

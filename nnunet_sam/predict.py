@@ -6,35 +6,58 @@ takes the common arguments of ``nnUNetv2_predict`` and works on the same model f
 after the other in this process (nnU-Net's own preprocessing, sliding window and export): every case is checked
 first (:func:`check_case`), a case that cannot be segmented correctly is skipped with a message naming the case
 and the problem, the others are predicted, and the command lists the failures at the end and exits with 1.
+Before any work it refuses (exit 2) what makes the whole run impossible or harmful: a missing input folder, an
+unwritable or full output folder, an untrained fold or damaged checkpoint, and an output folder whose files would
+overwrite inputs of the run. Every output is written completely or not at all
+(:func:`nnunet_sam.fault_tolerance.staged_file`).
 See docs/bad_inputs.md for what is checked and what nnU-Net does with each bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 
-import nibabel
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import save_json, save_pickle
+from batchgenerators.utilities.file_and_folder_operations import save_pickle
 from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+from nnunet_sam.fault_tolerance import (
+    DISK_FULL_ERRNOS,
+    checkpoint_problem,
+    remove_stale_partial_files,
+    staged_file,
+    write_text_file,
+)
+from nnunet_sam.file_checks import DamagedFileError, load_nifti
 
 NON_FINITE = "non-finite voxels (NaN or inf)"
 NON_FINITE_ADVICE = (
     "a segmentation of them would be meaningless (ITK's NIfTI reader even turns them into 0 silently). "
     "Replace them (e.g. by the background intensity) and predict again"
 )
+# a resampled case larger than this (voxels) is refused: a wrong header spacing (e.g. 1e30 mm), not an image
+MAX_RESAMPLED_VOXELS = 2**32
+# image formats nnU-Net's readers take: a file in another one than the model's is reported, not silently skipped
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gipl", ".tif", ".tiff", ".png", ".bmp")
 
 
 class BadCaseError(ValueError):
     """A prediction input that cannot be segmented correctly; the message names the case and the problem."""
+
+
+class UnusableArgumentsError(ValueError):
+    """Arguments or files that make the whole run impossible (exit code 2, before any case is predicted)."""
 
 
 def check_case(case: str, image: np.ndarray, properties: dict, channel_names: Sequence[str], model_is_3d: bool) -> None:
@@ -51,6 +74,11 @@ def check_case(case: str, image: np.ndarray, properties: dict, channel_names: Se
         raise BadCaseError(
             f"{case}: {image.shape[0]} channel(s) but the model expects {len(channel_names)} "
             f"({', '.join(channel_names)}): one file per channel, named CASE_0000, CASE_0001, ..."
+        )
+    spacing = np.asarray(properties.get("spacing", ()), dtype=np.float64)
+    if spacing.size and not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        raise BadCaseError(
+            f"{case}: the voxel spacing {spacing.tolist()} is zero, negative or not finite; fix the image header"
         )
     if model_is_3d and image.shape[1] == 1:
         raise BadCaseError(
@@ -73,16 +101,21 @@ def check_case(case: str, image: np.ndarray, properties: dict, channel_names: Se
 
 
 def check_nifti_file(case: str, files: Sequence[str]) -> None:
-    """Raise :class:`BadCaseError` for what ITK's NIfTI reader would hide: sheared axes and NaN/inf voxels.
+    """Raise :class:`BadCaseError` for what ITK's NIfTI reader would hide: a file cut short (ITK fills the missing
+    voxels with 0), a zero or non-finite spacing (ITK reads 1 mm), a NaN affine, sheared axes and NaN/inf voxels.
 
     ITK replaces a non-orthogonal affine by an orthogonal one (a warning on stderr only), so the prediction would be
-    written with another geometry, and reads NaN and inf voxels as 0. Only the file itself shows either; the voxel
-    data are read only for floating-point files (integer NIfTI cannot hold NaN).
+    written with another geometry, and reads NaN and inf voxels as 0. Only the file itself shows any of these
+    (:func:`nnunet_sam.file_checks.load_nifti`); the voxel values are read only for floating-point files (integer
+    NIfTI cannot hold NaN).
     """
     for file in files:
         if not file.endswith((".nii", ".nii.gz")):
             continue
-        nifti = nibabel.load(file)
+        try:
+            nifti = load_nifti(file)
+        except DamagedFileError as error:
+            raise BadCaseError(f"{case}: {error}") from None
         axes = np.asarray(nifti.affine, dtype=np.float64)[:3, :3]
         axes = axes / np.linalg.norm(axes, axis=0, keepdims=True)
         if not np.allclose(axes.T @ axes, np.eye(3), atol=1e-4):
@@ -95,6 +128,38 @@ def check_nifti_file(case: str, files: Sequence[str]) -> None:
             bad = int((~np.isfinite(np.asanyarray(nifti.dataobj))).sum())
             if bad:
                 raise BadCaseError(f"{case}: {NON_FINITE}: {os.path.basename(file)}: {bad}; {NON_FINITE_ADVICE}")
+
+
+def check_channel_numbers(case: str, files: Sequence[str], file_ending: str, channel_names: Sequence[str]) -> None:
+    """Raise :class:`BadCaseError` unless the files are exactly CASE_0000 ... CASE_{C-1} for the model's C channels
+    (nnU-Net only counts them, so a lone CASE_0001 would be read as channel 0)."""
+    found = [os.path.basename(f)[len(case) + 1 : -len(file_ending)] for f in files]
+    expected = [f"{c:04d}" for c in range(len(channel_names))]
+    if sorted(found) != expected:
+        names = ", ".join(f"{e} ({n})" for e, n in zip(expected, channel_names))
+        raise BadCaseError(
+            f"{case}: channel file(s) _{', _'.join(sorted(found))} but the model's dataset.json declares channel(s) "
+            f"{names}: one file CASE_XXXX{file_ending} per channel number"
+        )
+
+
+def check_resampled_size(case: str, image: np.ndarray, properties: dict, target_spacing: Sequence[float]) -> None:
+    """Raise :class:`BadCaseError` if resampling to the model's spacing would make an absurdly large volume (a header
+    spacing such as 1e30 mm), instead of running out of memory somewhere in nnU-Net's preprocessing."""
+    spacing = [float(s) for s in properties["spacing"]]
+    if len(spacing) != len(target_spacing):
+        return
+    new_shape = compute_new_shape(image.shape[1:], spacing, target_spacing)
+    if float(np.prod(np.asarray(new_shape, dtype=np.float64))) > MAX_RESAMPLED_VOXELS:
+        raise BadCaseError(
+            f"{case}: the voxel spacing {_numbers(spacing)} mm would resample the image of shape "
+            f"{list(image.shape[1:])} to {_numbers(new_shape)} voxels at the model's spacing "
+            f"{_numbers(target_spacing)} mm; the header's spacing is wrong. Fix it and predict again"
+        )
+
+
+def _numbers(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
 
 
 def cases_in_folder(folder: str, file_ending: str) -> tuple[dict[str, list[str]], list[str]]:
@@ -114,6 +179,101 @@ def cases_in_folder(folder: str, file_ending: str) -> tuple[dict[str, list[str]]
     return cases, misnamed
 
 
+def other_format_files(folder: str, file_ending: str) -> list[str]:
+    """Image files in ``folder`` in another format than the model's (e.g. ``a_0000.nii`` for a ``.nii.gz`` model):
+    nnU-Net skips them without a word."""
+    return sorted(
+        name
+        for name in os.listdir(folder)
+        if not name.endswith(file_ending) and name.lower().endswith(IMAGE_ENDINGS) and not name.startswith(".")
+    )
+
+
+def check_folders(input_folder: str, output_folder: str) -> None:
+    """Raise :class:`UnusableArgumentsError` unless ``input_folder`` is a folder and ``output_folder`` is (or can be
+    made) a writable folder; leaves nothing behind in the output folder."""
+    if not os.path.isdir(input_folder):
+        what = "is a file, not a folder" if os.path.exists(input_folder) else "does not exist"
+        raise UnusableArgumentsError(f"the input folder -i {input_folder} {what}")
+    if os.path.exists(output_folder) and not os.path.isdir(output_folder):
+        raise UnusableArgumentsError(f"the output folder -o {output_folder} is a file; give a folder")
+    try:
+        os.makedirs(output_folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_folder) as probe:  # a full disk fails here, not in dataset.json
+            probe.write(b"\0" * 65536)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        message = f"cannot write into the output folder -o {output_folder}: {_describe(error)}"
+        raise UnusableArgumentsError(message) from None
+
+
+def output_collisions(
+    cases: dict[str, list[str]], output_folder: str, file_ending: str, save_probabilities: bool
+) -> list[str]:
+    """Input files of this run that an output would overwrite (``-o`` equal to or around ``-i``): e.g. the mask of
+    case ``a_0000`` is ``a_0000.nii.gz``, the image file of channel 0 of case ``a``."""
+    inputs = {os.path.realpath(f): f for files in cases.values() for f in files}
+    names = ["dataset.json", "plans.json"]
+    for case in cases:
+        names += [case + file_ending] + ([case + ".npz", case + ".pkl"] if save_probabilities else [])
+    return sorted(inputs[p] for p in (os.path.realpath(os.path.join(output_folder, n)) for n in names) if p in inputs)
+
+
+def check_checkpoints(model_folder: str, folds: Sequence[int | str], checkpoint: str) -> None:
+    """Raise :class:`UnusableArgumentsError` unless every fold's ``checkpoint`` exists and is intact; the message
+    names the damaged or missing file and the checkpoints that do exist (``-chk NAME``)."""
+    if not os.path.isfile(os.path.join(model_folder, "dataset.json")):
+        raise UnusableArgumentsError(f"{model_folder} is not an nnU-Net model folder (no dataset.json)")
+    for fold in folds:
+        folder = os.path.join(model_folder, f"fold_{fold}")
+        if not os.path.isdir(folder):
+            trained = sorted(n[5:] for n in os.listdir(model_folder) if n.startswith("fold_"))
+            raise UnusableArgumentsError(
+                f"fold {fold} was never trained: no {folder}. Trained folds: {', '.join(trained) or 'none'} (-f)"
+            )
+        problem = checkpoint_problem(os.path.join(folder, checkpoint))
+        if problem is not None:
+            others = sorted(
+                n for n in os.listdir(folder) if n.endswith(".pth") and n != checkpoint and not n.startswith(".")
+            )
+            intact = [n for n in others if checkpoint_problem(os.path.join(folder, n)) is None]
+            raise UnusableArgumentsError(
+                f"{os.path.join(folder, checkpoint)} is {problem}. Intact checkpoints in {folder}: "
+                f"{', '.join(intact) or 'none'} (choose one with -chk NAME)"
+            )
+
+
+def check_run(
+    input_folder: str,
+    output_folder: str,
+    model_folder: str,
+    folds: Sequence[int | str],
+    checkpoint: str,
+    save_probabilities: bool,
+) -> None:
+    """Everything that makes a prediction run impossible or harmful, checked before the model is loaded (raises
+    :class:`UnusableArgumentsError`): :func:`check_folders`, :func:`check_checkpoints` and
+    :func:`output_collisions` (an ``-o`` that would overwrite input files of the run)."""
+    check_folders(input_folder, output_folder)
+    check_checkpoints(model_folder, folds, checkpoint)
+    with open(os.path.join(model_folder, "dataset.json"), encoding="utf-8") as f:
+        ending = json.load(f)["file_ending"]
+    cases, _ = cases_in_folder(input_folder, ending)
+    collisions = output_collisions(cases, output_folder, ending, save_probabilities)
+    if collisions:
+        raise UnusableArgumentsError(
+            f"the output folder -o {output_folder} would overwrite input file(s) of this run: "
+            f"{', '.join(collisions)}. Give an output folder outside the input folder"
+        )
+
+
+def _describe(error: OSError) -> str:
+    """An OSError as the user should read it: the cause, and for a full disk that it is full."""
+    text = f"{error.strerror or error} ({type(error).__name__})"
+    return f"{text}: disk full" if error.errno in DISK_FULL_ERRNOS else text
+
+
 def read_and_check(
     case: str, files: Sequence[str], reader, channel_names: Sequence[str], model_is_3d: bool
 ) -> tuple[np.ndarray, dict]:
@@ -130,36 +290,43 @@ def write_checked(
     """Write ``segmentation`` (Z, Y, X; (1, Y, X) for 2D images) to ``output_file`` only if it reads back equal.
 
     ITK's NIfTI writer does not raise on a full disk: it prints an error and leaves a truncated file that may even
-    read back without error. The segmentation is therefore written to a hidden temporary file in the output
-    folder, read back and compared voxel by voxel, and only then renamed to ``output_file``; otherwise the
-    temporary file is removed and :class:`BadCaseError` names the case (an existing ``output_file`` is kept).
+    read back without error. The segmentation is therefore written into a private temporary folder next to
+    ``output_file`` (:func:`nnunet_sam.fault_tolerance.staged_file`: an unpredictable name created exclusively, so
+    nothing planted there is written through), read back and compared voxel by voxel, and only then renamed to
+    ``output_file``; otherwise :class:`BadCaseError` names the case and the cause (an existing file is kept).
     """
-    folder, name = os.path.split(output_file)
-    temporary = os.path.join(folder, f".{name}.partial-{os.getpid()}{_ending(name)}")
     try:
-        writer.write_seg(segmentation, temporary, properties)
-        written = writer.read_seg(temporary)[0][0]
-        complete = written.shape == segmentation.shape and np.array_equal(written, segmentation)
+        with staged_file(output_file) as temporary:
+            writer.write_seg(segmentation, temporary, properties)
+            written = writer.read_seg(temporary)[0][0]
+            if written.shape != segmentation.shape or not np.array_equal(written, segmentation):
+                raise BadCaseError("the file read back differs from the prediction; is the disk full?")
+    except BadCaseError as error:
+        reason = str(error)
+    except OSError as error:
+        reason = _describe(error)
     except Exception as error:
-        complete, reason = False, f"{type(error).__name__}: {error}"
+        reason = f"{type(error).__name__}: {error}; is the disk full?"
     else:
-        reason = "the file read back differs from the prediction"
-    if not complete:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        return
+    raise BadCaseError(
+        f"{case}: the segmentation could not be written completely to {output_file} ({reason}). Nothing was "
+        "written for this case"
+    )
+
+
+def save_probabilities_checked(case: str, output: str, probabilities: np.ndarray, properties: dict) -> None:
+    """``output``.npz and ``output``.pkl (nnU-Net's --save_probabilities files), each complete or not at all."""
+    try:
+        with staged_file(output + ".npz") as temporary:
+            np.savez_compressed(temporary, probabilities=probabilities)
+        with staged_file(output + ".pkl") as temporary:
+            save_pickle(properties, temporary)
+    except OSError as error:
         raise BadCaseError(
-            f"{case}: the segmentation could not be written completely to {output_file} ({reason}); is the disk "
-            "full? Nothing was written for this case"
-        )
-    os.replace(temporary, output_file)
-
-
-def _ending(name: str) -> str:
-    """The file ending nnU-Net's writers choose the format by (``.nii.gz``, ``.nrrd``, ...)."""
-    for ending in (".nii.gz", ".seg.nrrd"):
-        if name.endswith(ending):
-            return ending
-    return os.path.splitext(name)[1]
+            f"{case}: the probabilities could not be written to {output}.npz/.pkl ({_describe(error)}); nothing "
+            "was written for this case"
+        ) from None
 
 
 def preprocess_case(
@@ -222,23 +389,26 @@ def predict_cases(
     reader = plans.image_reader_writer_class()
     preprocessor = configuration.preprocessor_class(verbose=False)
     os.makedirs(output_folder, exist_ok=True)
-    save_json(dataset_json, os.path.join(output_folder, "dataset.json"), sort_keys=False)
-    save_json(plans.plans, os.path.join(output_folder, "plans.json"), sort_keys=False)
+    for path in remove_stale_partial_files(output_folder):
+        print(f"removed {path.name}, a partial file left by a killed run", file=sys.stderr)
+    for name, content in (("dataset.json", dataset_json), ("plans.json", plans.plans)):
+        write_text_file(os.path.join(output_folder, name), json.dumps(content, indent=4))
     failures: dict[str, str] = {}
     for case, files in sorted(cases.items()):
         output = os.path.join(output_folder, case)
         if not overwrite and os.path.isfile(output + dataset_json["file_ending"]):
             continue
         try:
+            check_channel_numbers(case, files, dataset_json["file_ending"], channel_names)
             image, properties = read_and_check(case, files, reader, channel_names, model_is_3d)
+            check_resampled_size(case, image, properties, configuration.spacing)
             data, properties = preprocess_case(predictor, case, image, properties, preprocessor)
             if prepare is not None:
                 prepare(case, image, properties, data)
             result = predict_preprocessed(predictor, case, data, properties, save_probabilities)
             segmentation = result[0] if save_probabilities else result
             if save_probabilities:  # numpy and pickle raise on a full disk, unlike ITK's NIfTI writer
-                np.savez_compressed(output + ".npz", probabilities=result[1])
-                save_pickle(properties, output + ".pkl")
+                save_probabilities_checked(case, output, result[1], properties)
             write_checked(case, segmentation, reader, output + dataset_json["file_ending"], properties)
         except Exception as error:  # one bad case must not stop the others
             message = str(error) if isinstance(error, BadCaseError) else f"{case}: {type(error).__name__}: {error}"
@@ -288,6 +458,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     model_folder, folds = model_folder_and_folds(parser, args)
+    try:
+        check_run(args.i, args.o, model_folder, folds, args.chk, args.save_probabilities)
+    except UnusableArgumentsError as error:
+        parser.error(str(error))
     predictor = nnUNetPredictor(
         tile_step_size=args.step_size,
         use_mirroring=not args.disable_tta,
@@ -297,10 +471,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     predictor.initialize_from_trained_model_folder(model_folder, folds, args.chk)
     ending = predictor.dataset_json["file_ending"]
     cases, misnamed = cases_in_folder(args.i, ending)
-    failures = predict_cases(predictor, cases, args.o, args.save_probabilities, not args.continue_prediction)
+    try:
+        failures = predict_cases(predictor, cases, args.o, args.save_probabilities, not args.continue_prediction)
+    except OSError as error:  # dataset.json / plans.json of the output folder
+        print(f"error: cannot write into {args.o}: {_describe(error)}; nothing was predicted", file=sys.stderr)
+        return 2
     print(f"{len(cases) - len(failures)} of {len(cases)} case(s) predicted into {args.o}")
     for name in misnamed:
         failures[name] = f"{name}: not named CASE_XXXX{ending} (XXXX = channel number, e.g. _0000); not predicted"
+    for name in other_format_files(args.i, ending):
+        failures[name] = f"{name}: not a {ending} file, the format of this model's data; not predicted (convert it)"
     if failures:
         print(f"{len(failures)} case(s) failed:", file=sys.stderr)
         for message in failures.values():

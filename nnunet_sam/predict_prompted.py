@@ -51,8 +51,10 @@ from nnunet_sam import geometry
 from nnunet_sam.geometry import to_preprocessed
 from nnunet_sam.predict import (
     BadCaseError,
+    UnusableArgumentsError,
     add_model_arguments,
     cases_in_folder,
+    check_run,
     model_folder_and_folds,
     predict_cases,
 )
@@ -302,11 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_folder, folds = model_folder_and_folds(parser, args)
     try:
         read_points_file(args.points)  # a broken file stops the command before the model is loaded
+        check_run(args.i, args.o, model_folder, folds, args.chk, args.save_probabilities)
         predictor = initialize_predictor(
             model_folder, folds, args.chk, args.step_size, not args.disable_tta, args.device
         )
         failures = predict_prompted(predictor, args.i, args.points, args.o, args.save_probabilities)
-    except UnusableInputError as error:
+    except (UnusableInputError, UnusableArgumentsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if failures:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_sam import geometry
-from nnunet_sam.predict import BadCaseError, read_and_check, write_checked
+from nnunet_sam.predict import BadCaseError, UnusableArgumentsError, check_checkpoints, read_and_check, write_checked
 from nnunet_sam.prompting.radsam_prompts import Prompts
 
 PromptKind = Literal["point", "box", "mask"]
@@ -334,6 +334,28 @@ class Geometry:
         return float(z), float(y), float(x)
 
 
+# Each correction re-segments its slice and the slices beyond it up to the boundary (cost ~ corrections x slices)
+MAX_CORRECTIONS = 1000
+
+
+def _slice_index(value, what: str) -> int:
+    """A slice index from a prompt file: an integer (12 or 12.0), never a fraction, a boolean, NaN or a string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value != int(value):
+        raise PromptError(f"{what} must be an integer slice index, got {json.dumps(value)}")
+    return int(value)
+
+
+def _numbers(value, count: int, what: str) -> list[float]:
+    """``count`` finite numbers (coordinates) from a prompt file."""
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != count
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)
+    ):
+        raise PromptError(f"{what} must be {count} finite numbers, got {json.dumps(value)}")
+    return [float(v) for v in value]
+
+
 @dataclass(frozen=True)
 class PromptFile:
     """A prompt file mapped to the preprocessed grid."""
@@ -366,30 +388,43 @@ def read_prompt_file(path: str, geometry: Geometry, mask_prompt: np.ndarray | No
     if space not in ("voxel", "world"):
         raise PromptError(f"unknown 'space' '{space}': use 'voxel' or 'world'")
 
-    def voxel(point, z=None) -> tuple[int, float, float]:
+    def voxel(point, z=None, what: str = "point") -> tuple[int, float, float]:
         """A prompt point -> (slice, y, x) in the preprocessed grid."""
         if space == "world":
-            z, y, x = geometry.world_to_voxel(point)
+            z, y, x = geometry.world_to_voxel(_numbers(point, 3, f"a world-space {what} [x, y, z]"))
             z = round(z)
         else:
-            if z is None or not isinstance(point, (list, tuple)) or len(point) != 2:
-                raise PromptError(f"a voxel-space point needs a slice and [y, x], got slice {z}, point {point}")
-            y, x = point
+            if z is None:
+                raise PromptError(f"a voxel-space {what} needs a 'slice' and [y, x], got no slice")
+            z = _slice_index(z, f"the 'slice' of the {what}")
+            y, x = _numbers(point, 2, f"a voxel-space {what} [y, x]")
         return geometry.slice(int(z)), *geometry.inplane(float(y), float(x))
 
     boundaries = spec.get("boundaries")
     if boundaries is not None:
-        if len(boundaries) != 2:
-            raise PromptError(f"'boundaries' must be [lower, upper] slice indices, got {boundaries}")
-        if boundaries[0] > boundaries[1]:
-            raise PromptError(
-                f"boundaries reversed: lower slice {boundaries[0]} > upper slice {boundaries[1]}; give [lower, upper]"
-            )
-        boundaries = (geometry.slice(int(boundaries[0])), geometry.slice(int(boundaries[1])))
+        if not isinstance(boundaries, list) or len(boundaries) != 2:
+            raise PromptError(f"'boundaries' must be [lower, upper] slice indices, got {json.dumps(boundaries)}")
+        lower, upper = (_slice_index(b, "each of 'boundaries'") for b in boundaries)
+        if lower > upper:
+            raise PromptError(f"boundaries reversed: lower slice {lower} > upper slice {upper}; give [lower, upper]")
+        boundaries = (geometry.slice(lower), geometry.slice(upper))
+    listed = spec.get("corrections", [])
+    if not isinstance(listed, list) or not all(isinstance(c, dict) for c in listed):
+        raise PromptError(
+            f"'corrections' must be a list of objects with 'point' (and 'positive'), got {json.dumps(listed)[:200]}"
+        )
+    if len(listed) > MAX_CORRECTIONS:
+        raise PromptError(
+            f"{len(listed)} corrections; at most {MAX_CORRECTIONS} are taken (each one re-segments its slice and the "
+            "slices beyond it, so the time grows with corrections x slices). Split the editing into several runs"
+        )
     corrections = []
-    for c in spec.get("corrections", []):
-        z, y, x = voxel(c.get("point"), c.get("slice"))
-        corrections.append(Correction(z, y, x, bool(c.get("positive", True))))
+    for i, c in enumerate(listed):
+        positive = c.get("positive", True)
+        if not isinstance(positive, bool):
+            raise PromptError(f"correction {i}: 'positive' must be true or false, got {json.dumps(positive)}")
+        z, y, x = voxel(c.get("point"), c.get("slice"), f"correction {i}")
+        corrections.append(Correction(z, y, x, positive))
 
     kind = spec.get("kind")
     prompt = None
@@ -401,19 +436,21 @@ def read_prompt_file(path: str, geometry: Geometry, mask_prompt: np.ndarray | No
         if space == "world":
             if not isinstance(box, list) or len(box) != 2:
                 raise PromptError(f"a world-space box needs two corners [[x, y, z], [x, y, z]], got {box}")
-            (z0, y0, x0), (z1, y1, x1) = voxel(box[0]), voxel(box[1])
+            (z0, y0, x0), (z1, y1, x1) = voxel(box[0], what="box corner"), voxel(box[1], what="box corner")
             if z0 != z1:
                 raise PromptError(f"the box corners lie on different slices ({z0}, {z1})")
         else:
-            if not isinstance(box, list) or len(box) != 4:
-                raise PromptError(f"a voxel-space box needs [y0, x0, y1, x1], got {box}")
-            z0, y0, x0 = voxel(box[:2], spec.get("slice"))
-            _, y1, x1 = voxel(box[2:], spec.get("slice"))
+            _numbers(box, 4, "a voxel-space box [y0, x0, y1, x1]")
+            z0, y0, x0 = voxel(box[:2], spec.get("slice"), "box")
+            _, y1, x1 = voxel(box[2:], spec.get("slice"), "box")
         prompt = Prompt("box", z0, box=(y0, x0, y1, x1))
     elif kind == "mask":
         if mask_prompt is None:
             raise PromptError("a mask prompt needs the mask file (nnunet_sam_radsam --mask FILE)")
-        z = geometry.slice(int(spec.get("slice", -1))) if space == "voxel" else voxel(spec.get("point"))[0]
+        if space == "voxel":
+            z = geometry.slice(_slice_index(spec.get("slice"), "the 'slice' of the mask prompt"))
+        else:
+            z = voxel(spec.get("point"))[0]
         prompt = Prompt("mask", z, mask=mask_prompt[z])
         if not prompt.mask.any():
             raise PromptError(f"the mask prompt is empty on slice {spec.get('slice')}: nothing to segment")
@@ -445,8 +482,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     fold = args.f if args.f == "all" else int(args.f)
+    inputs = [*args.i, args.prompt, *(f for f in (args.mask, args.start) if f)]
+    if any(os.path.realpath(args.o) == os.path.realpath(f) for f in inputs):
+        parser.error(f"the output -o {args.o} is an input of this run; it would be overwritten. Give a new file")
+    if args.label == 0:
+        parser.error("--label 0 is the background: the mask would be empty. Give the structure's label value")
+    try:
+        check_checkpoints(args.m, [fold], args.chk)
+        with open(os.path.join(args.m, "dataset.json"), encoding="utf-8") as f:
+            labels = json.load(f)["labels"]
+    except UnusableArgumentsError as error:
+        parser.error(str(error))
+    classes = sorted(v for v in labels.values() if isinstance(v, int) and not isinstance(v, bool) and v != 0)
+    if args.label not in classes:
+        parser.error(f"--label {args.label} is not a class of the model; its classes are {classes}")
     try:
         model = RadSAMModel(args.m, fold, args.chk, args.device)
         image, properties = model.read(args.i)

@@ -349,3 +349,63 @@ def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         importlib.import_module(f"nnunet_sam.dataset_conversion.{command}").main(["--help"])
     assert exit_info.value.code == 0 and "--dataset-id" in capsys.readouterr().out
+
+
+# ---- non-integer labels (issue 17 item 8) -----------------------------------------------------------------------
+def _as_float_labels(path: Path, fractional: bool) -> None:
+    """Rewrite a label file as float32: integer values (fine), or with one voxel of value + 0.5."""
+    img = sitk.ReadImage(str(path))
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    if fractional:
+        arr[arr > 0] += 0.5  # e.g. a label map resampled with linear interpolation
+    new = sitk.GetImageFromArray(arr)
+    new.CopyInformation(img)
+    write(new, path)
+
+
+def _convert_with_float_label(root: Path, converter: str, fractional: bool) -> tuple[Path | None, str]:
+    """Run ``converter`` with one float label file; returns (dataset folder, the case id of that file)."""
+    from nnunet_sam.dataset_conversion.tumour import convert_tumour
+
+    if converter == "synapse":
+        src = make_btcv(root / "btcv")
+        _as_float_labels(src / "label" / "label0005.nii.gz", fractional)
+        return (lambda: convert_synapse(src, dataset_id=120)), "0005"
+    if converter == "acdc":
+        src = make_acdc(root / "database", per_group=1)
+        _as_float_labels(src / "training" / "patient003" / "patient003_frame01_gt.nii.gz", fractional)
+        return (lambda: convert_acdc(src, dataset_id=27)), "patient003_frame01"
+    if converter in ("msd_pancreas", "tumour"):
+        task = make_msd_pancreas(root / "msd", n=10)
+        _as_float_labels(task / "labelsTr" / "pancreas_003.nii.gz", fractional)
+        if converter == "tumour":
+            return (lambda: convert_tumour("msd_pancreas", task, dataset_id=8)), "pancreas_003"
+        return (lambda: convert_msd_pancreas(task, dataset_id=7, num_processes=1)), "pancreas_003"
+    if converter == "amos":
+        src = make_amos(root / "amos22")
+        _as_float_labels(src / "labelsTr" / "amos_0004.nii.gz", fractional)
+        return (lambda: convert_amos(src, task=1, dataset_id=218)), "amos_0004"
+    images, labels = make_nih_pancreas(root / "tcia", numbers=(1, 2, 3, 4))
+    _as_float_labels(labels / "label0002.nii.gz", fractional)
+    return (lambda: convert_nih_pancreas(images, labels, dataset_id=82)), "0002"
+
+
+CONVERTERS = ("synapse", "acdc", "msd_pancreas", "tumour", "amos", "nih_pancreas")
+
+
+@pytest.mark.parametrize("converter", CONVERTERS)
+def test_fractional_label_values_are_refused_by_every_converter(nnunet_env, converter):
+    """Before: ACDC, MSD and AMOS copied 1.5 into labelsTr, NIH made it 1, Synapse and tumour raised IndexError."""
+    convert, case = _convert_with_float_label(nnunet_env, converter, fractional=True)
+    with pytest.raises(ConversionError, match=rf"fractional label values in case {case}: \[\d\.5"):
+        convert()
+    assert _leftovers(nnunet_env) == []
+
+
+@pytest.mark.parametrize("converter", ["synapse", "tumour", "nih_pancreas"])
+def test_float_label_files_with_integer_values_are_converted(nnunet_env, converter):
+    """The converters that relabel (lookup table) cast them; before, Synapse and tumour raised IndexError."""
+    convert, case = _convert_with_float_label(nnunet_env, converter, fractional=False)
+    out = convert() or next((nnunet_env / "raw").glob("Dataset*"))
+    written = [p for sub in ("labelsTr", "labelsTs") for p in (out / sub).glob(f"*{case}.nii.gz")]
+    assert len(written) == 1 and np.issubdtype(_array(written[0]).dtype, np.integer) and _array(written[0]).max() > 0

@@ -335,6 +335,107 @@ def test_training_start_removes_partial_checkpoints_of_a_killed_run(trainer, mon
     assert f"Removed {stale.name}" in _log(trainer)
 
 
+def _no_nnunet_train_start_end(monkeypatch) -> None:
+    """nnU-Net's own on_train_start/on_train_end need the preprocessed data; the SAM trainer's parts run."""
+    monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: None)
+    monkeypatch.setattr(nnUNetTrainer, "on_train_end", lambda self: None)
+
+
+_HOLD_LOCK = """
+import sys, time
+from nnunet_sam.fault_tolerance import lock_folder
+handle = lock_folder(sys.argv[1])
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_second_training_of_the_same_fold_is_refused_naming_the_first(tmp_path, monkeypatch):
+    """Issue 17 item 3: two trainings of one fold folder would overwrite each other's checkpoint_best.pth."""
+    _no_nnunet_train_start_end(monkeypatch)
+    first = _make_trainer(tmp_path, monkeypatch)
+    first.on_train_start()
+    second = _make_trainer(tmp_path, monkeypatch)
+    assert second.output_folder == first.output_folder
+    with pytest.raises(fault_tolerance.FolderBusyError, match=rf"another training is running in .*: PID {os.getpid()}"):
+        second.on_train_start()
+    first.on_train_end()  # released at the end of the training ...
+    second.on_train_start()
+    second.on_train_end()
+    # ... and when the process holding it dies, even by SIGKILL
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, first.output_folder], stdout=subprocess.PIPE, text=True, env=_quiet_env()
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(fault_tolerance.FolderBusyError, match=rf"PID {holder.pid} since"):
+            fault_tolerance.lock_folder(first.output_folder)
+    finally:
+        holder.kill()
+        holder.wait()
+    fault_tolerance.lock_folder(first.output_folder).close()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_continue_from_a_damaged_checkpoint_falls_back_to_an_intact_one(tmp_path, monkeypatch, damage):
+    """Issue 17 item 12: --c with a 0-byte or truncated checkpoint_latest.pth continues from checkpoint_best.pth."""
+    first = _make_trainer(tmp_path, monkeypatch)
+    first.save_every = 1
+    first.train_step(_batch())
+    _end_epoch(first, 0.5)  # writes checkpoint_latest and checkpoint_best (epoch 1)
+    best_weights = _weights(first)
+    first.train_step(_batch())
+    _end_epoch(first, 0.1)  # latest: epoch 2
+    latest = Path(first.output_folder) / "checkpoint_latest.pth"
+    latest.write_bytes(b"") if damage == "empty" else latest.write_bytes(latest.read_bytes()[:50_000])
+
+    resumed = _make_trainer(tmp_path, monkeypatch, seed=1)
+    resumed._continue_training = True  # what nnUNetv2_train --c puts into the plans
+    resumed.load_checkpoint(str(latest))  # the file nnU-Net's --c picks
+    assert resumed.current_epoch == 1 and _same(best_weights.values(), _weights(resumed).values())
+    assert re.search(
+        rf"WARNING: {latest} is (an empty|damaged or truncated).* continuing from checkpoint_best", _log(resumed)
+    )
+
+    plain = _make_trainer(tmp_path, monkeypatch, seed=1)  # --val or a direct load: no silent substitute
+    with pytest.raises(fault_tolerance.DamagedCheckpointError, match=rf"{latest} is"):
+        plain.load_checkpoint(str(latest))
+    (Path(first.output_folder) / "checkpoint_best.pth").write_bytes(b"")
+    with pytest.raises(
+        fault_tolerance.DamagedCheckpointError, match=r"no intact checkpoint in .*checkpoint_best.pth: an empty"
+    ):
+        resumed.load_checkpoint(str(latest))
+
+
+def test_resume_after_a_kill_during_the_first_best_save_writes_checkpoint_best(tmp_path, monkeypatch):
+    """Issue 17 item 19: the kill lands in the save of the first checkpoint_best.pth; the resumed run writes it."""
+    first = _make_trainer(tmp_path, monkeypatch)
+    first.save_every = 1
+    first.train_step(_batch())
+    real_save = first.save_checkpoint
+
+    def killed_at_best(filename):
+        if filename.endswith("checkpoint_best.pth"):
+            raise KeyboardInterrupt  # what a kill inside the atomic write leaves: nothing under the final name
+        real_save(filename)
+
+    first.save_checkpoint = killed_at_best
+    with pytest.raises(KeyboardInterrupt):
+        _end_epoch(first, 0.5)
+    folder = Path(first.output_folder)
+    assert (folder / "checkpoint_latest.pth").is_file() and not (folder / "checkpoint_best.pth").exists()
+
+    _no_nnunet_train_start_end(monkeypatch)
+    resumed = _make_trainer(tmp_path, monkeypatch, seed=1)
+    resumed.load_checkpoint(str(folder / "checkpoint_latest.pth"))
+    resumed.on_train_start()
+    assert resumed._best_ema == pytest.approx(0.5)
+    best = torch.load(folder / "checkpoint_best.pth", weights_only=False)
+    assert best["current_epoch"] == 1 and _same(_weights(first).values(), best["network_weights"].values())
+    assert "checkpoint_best.pth is missing after the resume" in _log(resumed)
+    resumed.on_train_end()
+
+
 # ---- SIGKILL of real trainings (slow) -------------------------------------------------------------------------
 _KILL_TEST_TRAINERS = textwrap.dedent(
     """

@@ -173,3 +173,53 @@ def test_help(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0 and "--raw-dataset" in capsys.readouterr().out
+
+
+# ---- issue 17: incomplete, float and unwritable submissions -------------------------------------------------------
+def test_submission_missing_a_case_of_its_subset_is_refused_unless_partial(nnunet_env, synapse_predictions, capsys):
+    """Item 9: without --subset, 11 of the 12 test cases were written with exit code 0."""
+    dataset, pred = synapse_predictions
+    (pred / "synapse_0038.nii.gz").unlink()
+    args = ["from-nnunet", "-p", str(pred), "-r", str(dataset), "-o", str(nnunet_env / "submission")]
+    with pytest.raises(SystemExit, match=r"submission incomplete: 1 case\(s\) of the subset\(s\) test .*synapse_0038"):
+        main(args)
+    assert not (nnunet_env / "submission").exists() and not list(nnunet_env.glob(".submission*"))
+    main([*args, "--partial"])
+    assert len(list((nnunet_env / "submission").iterdir())) == len(SYNAPSE_TEST_IDS) - 1
+
+
+def test_float_predictions_are_cast_and_fractional_ones_refused(nnunet_env, synapse_predictions):
+    """Items 8 and 15: a float prediction file raised IndexError; integer values are fine, 1.5 is refused."""
+    dataset, pred = synapse_predictions
+    path = pred / "synapse_0001.nii.gz"
+    from_integers = _array(write_submission(pred, dataset, nnunet_env / "s1") / "label0001.nii.gz")
+    img = sitk.ReadImage(str(path))
+    as_float = sitk.Cast(img, sitk.sitkFloat32)
+    sitk.WriteImage(as_float, str(path), True)
+    from_floats = _array(write_submission(pred, dataset, nnunet_env / "s2") / "label0001.nii.gz")
+    assert from_floats.dtype == np.uint8 and from_integers.max() > 0
+    np.testing.assert_array_equal(from_floats, from_integers)
+    arr = sitk.GetArrayFromImage(as_float)
+    arr[arr > 0] += 0.5
+    fractional = sitk.GetImageFromArray(arr)
+    fractional.CopyInformation(img)
+    sitk.WriteImage(fractional, str(path), True)
+    with pytest.raises(ConversionError, match=r"prediction of case synapse_0001: .* holds fractional label values"):
+        write_submission(pred, dataset, nnunet_env / "s3")
+    (pred / "synapse_0001.nii.gz").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ConversionError, match=r"prediction of case synapse_0001: .* is damaged"):
+        write_submission(pred, dataset, nnunet_env / "s3")
+    assert not (nnunet_env / "s3").exists()
+
+
+def test_unwritable_submission_folder_is_named(nnunet_env, synapse_predictions, monkeypatch):
+    """Item 15: a read-only output folder (simulated: tests may run as root) gave a PermissionError traceback."""
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    dataset, pred = synapse_predictions
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    with pytest.raises(ConversionError, match=rf"cannot write the submission into {nnunet_env}: Permission denied"):
+        write_submission(pred, dataset, nnunet_env / "submission")

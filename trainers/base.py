@@ -34,7 +34,16 @@ from nnunet_sam.backbones.checkpoints import (
 )
 from nnunet_sam.backbones.sam_vit import get_backbone
 from nnunet_sam.dataset_checks import check_training_data
-from nnunet_sam.fault_tolerance import NonFiniteTrainingError, all_finite, atomic_write, remove_stale_temp_files
+from nnunet_sam.fault_tolerance import (
+    DamagedCheckpointError,
+    NonFiniteTrainingError,
+    all_finite,
+    atomic_write,
+    checkpoint_problem,
+    intact_checkpoint,
+    lock_folder,
+    remove_stale_temp_files,
+)
 from nnunet_sam.model_record import PLANS_KEY, RECORD_FORMAT, ModelRecord, build_from_record, options_to_json
 from nnunet_sam.planning import PatchRule, VolumePatchRule, sam_settings
 from nnunet_sam.slim_checkpoints import SLIM_ENV, attach_expansion, base_record, slim_requested, slim_saving
@@ -116,6 +125,7 @@ class SAMTrainer(nnUNetTrainer):
         )
         record = self.new_record(record).to_block()
         planned_patch = list(config["patch_size"])
+        continue_training = bool(plans.get("continue_training", False))  # nnUNetv2_train --c (nnU-Net pops it)
         config["patch_size"] = record["patch_size"]
         config[PLANS_KEY] = record
         checkpoint_path = find_checkpoint(spec, required=spec.requires_checkpoint)
@@ -137,6 +147,8 @@ class SAMTrainer(nnUNetTrainer):
         self.sam_record = record
         self._sam_state = sam_state
         self._sam_checkpoint_path = checkpoint_path
+        self._continue_training = continue_training
+        self._fold_lock = None
         self._weights_from_nnunet_checkpoint = False
         self._nonfinite_steps_in_a_row = 0
         self._slim_record = base_record(checkpoint_path, spec, record["sam_input_size"]) if slim else None
@@ -242,6 +254,14 @@ class SAMTrainer(nnUNetTrainer):
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         self._weights_from_nnunet_checkpoint = True  # every SAM weight comes from the nnU-Net checkpoint
+        if isinstance(filename_or_checkpoint, str):  # a damaged file: name it; --c falls back to an intact one
+            if self._continue_training:
+                path, note = intact_checkpoint(filename_or_checkpoint)
+                if note is not None:
+                    self.print_to_log_file(f"WARNING: {note}", also_print_to_console=True)
+                filename_or_checkpoint = str(path)
+            elif (problem := checkpoint_problem(filename_or_checkpoint)) is not None:
+                raise DamagedCheckpointError(f"{filename_or_checkpoint} is {problem}")
         super().load_checkpoint(filename_or_checkpoint)
         # nnU-Net saves checkpoint_latest before it updates _best_ema for that epoch, so after --c a later, worse
         # EMA could overwrite checkpoint_best. The best EMA so far is the maximum of the logged EMAs.
@@ -266,10 +286,26 @@ class SAMTrainer(nnUNetTrainer):
 
     # ---- fault tolerance (nnunet_sam.fault_tolerance) ----------------------------------------------------------
     def on_train_start(self) -> None:
+        if self.local_rank == 0:  # before anything is written: a second training of this fold stops here
+            self._fold_lock = lock_folder(self.output_folder)
         super().on_train_start()
         if self.local_rank == 0:
             for path in remove_stale_temp_files(self.output_folder):
                 self.print_to_log_file(f"Removed {path.name}, a partial checkpoint left by a killed process")
+            best = os.path.join(self.output_folder, "checkpoint_best.pth")
+            if self._best_ema is not None and not os.path.isfile(best):  # killed while the first best was saved
+                self.print_to_log_file("checkpoint_best.pth is missing after the resume: writing it from this state")
+                self.current_epoch -= 1  # the loaded state is the end of the previous epoch, as nnU-Net saves it
+                try:
+                    self.save_checkpoint(best)
+                finally:
+                    self.current_epoch += 1
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self._fold_lock is not None:
+            self._fold_lock.close()  # releases the lock
+            self._fold_lock = None
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, written atomically: a kill or a full disk never leaves a broken ``filename``.
