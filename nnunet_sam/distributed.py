@@ -209,13 +209,22 @@ class RankMonitor:
         except Exception as error:
             return self._store_lost(error)
         reasons = [f"{self.describe(r)} failed: {message}" for r, message in failed.items()]
-        reasons += [f"{self.describe(r)} was lost (no heartbeat for {3 * HEARTBEAT_S:g} s)" for r in stalled]
+        if stalled:
+            reasons.append(self._lost(stalled, 3 * HEARTBEAT_S))
         return "; ".join(reasons) or None
+
+    def _lost(self, ranks: list[int], seconds: float) -> str:
+        names = ", ".join(self.describe(r) for r in ranks)
+        return (
+            f"{names} {'was' if len(ranks) == 1 else 'were'} lost: no heartbeat for {seconds:g} s (killed, "
+            "stalled, or its node is gone)"
+        )
 
     def _store_lost(self, error: Exception) -> str:
         return (
             f"the rendezvous store at {self.info.store_host}:{self.info.store_port} does not answer "
-            f"({type(error).__name__}: {error}); its host, the node of rank 0, was lost"
+            f"({type(error).__name__}: {error}); the node that holds it (the rendezvous endpoint's; rank 0's "
+            "without torchrun) was lost"
         )
 
     def _watch(self) -> None:
@@ -235,11 +244,10 @@ class RankMonitor:
                     elif now - seen[rank][1] > self.lost_after and not self._done(rank):
                         lost.append(rank)
                 if lost:
-                    names = ", ".join(self.describe(r) for r in lost)
-                    note = f"{names}: no heartbeat for {self.lost_after:g} s (killed, stalled, or its node is gone)"
+                    note = self._lost(lost, self.lost_after)
                     if me == 0:
-                        self.store.set("abort", f"lost {note}")
-                    self._exit(f"lost {note}")
+                        self.store.set("abort", note)
+                    self._exit(note)
             except Exception as error:  # the store is unreachable
                 if not self._stop.is_set():
                     self._exit(self._store_lost(error))
