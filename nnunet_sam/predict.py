@@ -274,6 +274,12 @@ def _describe(error: OSError) -> str:
     return f"{text}: disk full" if error.errno in DISK_FULL_ERRNOS else text
 
 
+def cases_of_part(cases: dict[str, list[str]], num_parts: int, part_id: int) -> dict[str, list[str]]:
+    """Part ``part_id`` of ``num_parts`` as ``nnUNetv2_predict -num_parts -part_id`` takes it: every
+    ``num_parts``-th case of the sorted case names, from the ``part_id``-th on (disjoint parts, together all cases)."""
+    return {case: cases[case] for case in sorted(cases)[part_id::num_parts]}
+
+
 def read_and_check(
     case: str, files: Sequence[str], reader, channel_names: Sequence[str], model_is_3d: bool
 ) -> tuple[np.ndarray, dict]:
@@ -450,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-i", required=True, help="input folder (CASE_0000.nii.gz, CASE_0001.nii.gz, ...)")
     parser.add_argument("-o", required=True, help="output folder")
     parser.add_argument("--continue_prediction", action="store_true", help="skip cases whose output exists")
+    parser.add_argument(
+        "-num_parts", type=int, default=1, help="split the cases into this many parts (one per machine or job)"
+    )
+    parser.add_argument(
+        "-part_id", type=int, default=0, help="the part this run predicts, 0 to num_parts - 1 (as nnUNetv2_predict)"
+    )
     add_model_arguments(parser, trainer="nnUNetTrainer", configuration=None)
     return parser
 
@@ -462,6 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_run(args.i, args.o, model_folder, folds, args.chk, args.save_probabilities)
     except UnusableArgumentsError as error:
         parser.error(str(error))
+    if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
+        parser.error(f"-part_id must be 0 to num_parts - 1 (got -part_id {args.part_id} -num_parts {args.num_parts})")
     predictor = nnUNetPredictor(
         tile_step_size=args.step_size,
         use_mirroring=not args.disable_tta,
@@ -471,18 +485,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     predictor.initialize_from_trained_model_folder(model_folder, folds, args.chk)
     ending = predictor.dataset_json["file_ending"]
     cases, misnamed = cases_in_folder(args.i, ending)
+    part = f" of part {args.part_id} (-num_parts {args.num_parts}, {len(cases)} in the folder)"
+    part = part if args.num_parts > 1 else ""
+    cases = cases_of_part(cases, args.num_parts, args.part_id)
     try:
         failures = predict_cases(predictor, cases, args.o, args.save_probabilities, not args.continue_prediction)
     except OSError as error:  # dataset.json / plans.json of the output folder
         print(f"error: cannot write into {args.o}: {_describe(error)}; nothing was predicted", file=sys.stderr)
         return 2
-    print(f"{len(cases) - len(failures)} of {len(cases)} case(s) predicted into {args.o}")
-    for name in misnamed:
+    print(f"{len(cases) - len(failures)} of {len(cases)} case(s){part} predicted into {args.o}")
+    for name in misnamed if args.part_id == 0 else []:  # in no part: part 0 reports them
         failures[name] = f"{name}: not named CASE_XXXX{ending} (XXXX = channel number, e.g. _0000); not predicted"
-    for name in other_format_files(args.i, ending):
+    for name in other_format_files(args.i, ending) if args.part_id == 0 else []:
         failures[name] = f"{name}: not a {ending} file, the format of this model's data; not predicted (convert it)"
     if failures:
-        print(f"{len(failures)} case(s) failed:", file=sys.stderr)
+        print(f"{len(failures)} case(s){part} failed:", file=sys.stderr)
         for message in failures.values():
             print(f"  {message}", file=sys.stderr)
         return 1

@@ -1,7 +1,7 @@
 """Multi-GPU training (nnU-Net's ``-num_gpus``, DistributedDataParallel) of the SAM trainers, on CPU with gloo.
 
 Two processes each build the network with the trainer's own code (network, frozen/trainable split, loss,
-optimiser), wrap it as ``SAMTrainer.initialize`` does (nnU-Net's DDP wrapper, then ``wrap_ddp`` on its module)
+optimiser), wrap it with ``wrap_ddp`` as ``SAMTrainer.initialize`` does (here after a stock wrapper, same network)
 and train a few steps on their half of a global batch. The parent repeats every step in one process on the whole
 batch from the same weights: gradients must be identical across ranks and equal the one-process ones.
 All cases run in one spawn (starting two interpreters is most of the time).
@@ -114,7 +114,7 @@ def _worker(rank: int, port: int, out: Path, checkpoints: Path) -> None:
         for case in CASES:
             trainer = _trainer(case, checkpoints)
             assert trainer.is_ddp
-            # As SAMTrainer.initialize: nnU-Net wraps (device_ids=None on CPU), we re-wrap its module.
+            # SAMTrainer.initialize builds wrap_ddp's wrapper in place of nnU-Net's; re-wrapping is the same network
             stock = DistributedDataParallel(trainer.network)
             trainer.network = wrap_ddp(stock.module, torch.device("cpu"))
             del stock

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -34,6 +35,7 @@ from nnunet_sam.backbones.checkpoints import (
 )
 from nnunet_sam.backbones.sam_vit import get_backbone
 from nnunet_sam.dataset_checks import check_training_data
+from nnunet_sam.distributed import check_batch_split, nnunet_ddp_wrapper, rank_device
 from nnunet_sam.fault_tolerance import (
     DamagedCheckpointError,
     NonFiniteTrainingError,
@@ -139,6 +141,9 @@ class SAMTrainer(nnUNetTrainer):
             )
 
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp:  # nnU-Net picks cuda:<global rank>, wrong beyond one node and for gloo on CPUs
+            self.device = rank_device(device)
+            self.grad_scaler = self.grad_scaler if self.device.type == "cuda" else None
         self.enable_deep_supervision = False
         self.initial_lr = self.learning_rate or self.initial_lr
         self.num_epochs = self.epochs or self.num_epochs
@@ -232,9 +237,8 @@ class SAMTrainer(nnUNetTrainer):
 
     # ---- weights and optimiser ---------------------------------------------------------------------------
     def initialize(self) -> None:
-        super().initialize()
-        if self.is_ddp:  # replace nnU-Net's DDP wrapper, which expects every trainable parameter in every step
-            self.network = wrap_ddp(self.network.module, self.device)
+        with nnunet_ddp_wrapper(lambda network: wrap_ddp(network, self.device)):
+            super().initialize()
         net = self._plain_network()
         if self._sam_state is not None and not self._weights_from_nnunet_checkpoint:
             state = resize_to_input(self._sam_state, get_backbone(self.backbone), self.sam_record["sam_input_size"])
@@ -244,6 +248,11 @@ class SAMTrainer(nnUNetTrainer):
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
         self.print_to_log_file(f"Parameters: {trainable:,} trainable, {frozen:,} frozen")
+
+    def _set_batch_size_and_oversample(self) -> None:
+        if self.is_ddp:  # ranks must share the batch evenly (nnunet_sam.distributed)
+            check_batch_split(self.configuration_manager.batch_size, dist.get_world_size())
+        super()._set_batch_size_and_oversample()
 
     def get_tr_and_val_datasets(self):
         """nnU-Net's datasets of this fold (built when training starts), checked against dataset.json first."""

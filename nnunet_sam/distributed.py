@@ -1,0 +1,321 @@
+"""Training on any number of nodes under PyTorch's torchrun: process group, rank devices, lost ranks.
+
+torchrun (``torch.distributed.run``) starts one process per device on every node and tells each its place through
+the environment: ``RANK`` (global), ``LOCAL_RANK`` (on its node), ``WORLD_SIZE`` and ``MASTER_ADDR``/``MASTER_PORT``
+(the rendezvous store). :func:`start` joins the process group (NCCL on GPUs, gloo on CPUs) with a timeout on
+collectives and starts a :class:`RankMonitor`, which names a rank that died or stalled and stops the others
+instead of letting them wait in a collective.
+
+nnU-Net's trainer does the rest as for ``nnUNetv2_train -num_gpus``: it splits the global batch over the
+``WORLD_SIZE`` ranks (``_set_batch_size_and_oversample``), and writes checkpoints, logs and progress.png on global
+rank 0 only (its ``local_rank`` attribute holds the global rank). The SAM trainers add the rest through
+:func:`rank_device`, :func:`nnunet_ddp_wrapper` and :func:`check_batch_split`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+TIMEOUT_ENV = "nnUNet_SAM_dist_timeout"
+LOST_AFTER_ENV = "nnUNet_SAM_dist_lost_after"
+DEFAULT_TIMEOUT_S = 1800.0  # a collective may wait this long (rank 0 alone unpacks data, computes metrics, ...)
+DEFAULT_LOST_AFTER_S = 60.0  # a rank whose heartbeat stops this long is lost
+HEARTBEAT_S = 1.0
+
+
+class DistributedSetupError(ValueError):
+    """A distributed setting this run cannot use; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """This process's place in a torchrun job, from the environment torchrun sets."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    store_host: str
+    store_port: int
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> RankInfo | None:
+        """None when not started by torchrun (no ``WORLD_SIZE``/``RANK``)."""
+        if "WORLD_SIZE" not in environ or "RANK" not in environ:
+            return None
+        try:
+            return cls(
+                rank=int(environ["RANK"]),
+                local_rank=int(environ.get("LOCAL_RANK", "0")),
+                world_size=int(environ["WORLD_SIZE"]),
+                store_host=environ["MASTER_ADDR"],
+                store_port=int(environ["MASTER_PORT"]),
+            )
+        except (KeyError, ValueError) as error:
+            raise DistributedSetupError(
+                f"incomplete torchrun environment ({type(error).__name__}: {error}): RANK, LOCAL_RANK, WORLD_SIZE, "
+                "MASTER_ADDR and MASTER_PORT must all be set; start the command with torchrun"
+            ) from None
+
+
+def seconds_from_env(name: str, default: float, environ: Mapping[str, str] = os.environ) -> float:
+    """A positive number of seconds from ``environ[name]``, or ``default`` when unset."""
+    value = environ.get(name)
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise DistributedSetupError(f"${name}={value!r}: expected a positive number of seconds (default {default:g})")
+    return seconds
+
+
+def rank_device(requested: torch.device) -> torch.device:
+    """This rank's device in a process group.
+
+    CUDA: the current device, which :func:`start` sets from ``LOCAL_RANK`` (nnU-Net's ``-num_gpus`` sets it from
+    the rank, on one node). nnU-Net itself picks ``cuda:<global rank>``, which does not exist on a second node, and
+    CUDA even for ``-device cpu``. CPU (gloo): ``requested``.
+    """
+    if requested.type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return requested
+
+
+def check_batch_split(batch_size: int, world_size: int) -> None:
+    """Raise :class:`DistributedSetupError` unless ``world_size`` ranks share ``batch_size`` evenly.
+
+    DDP averages the ranks' gradients with equal weights, so only equal shares give the gradient of the whole
+    batch, as one process computes it (nnU-Net itself gives the first ranks one sample more).
+    """
+    if batch_size % world_size:
+        fitting = ", ".join(str(n) for n in range(1, batch_size + 1) if batch_size % n == 0)
+        raise DistributedSetupError(
+            f"the global batch of {batch_size} (the plans' batch_size) cannot be split evenly over {world_size} "
+            f"processes, so the gradients would differ from one process's. Start a number of processes in all "
+            f"(nodes x --nproc-per-node) that divides {batch_size}: {fitting}"
+        )
+
+
+@contextmanager
+def nnunet_ddp_wrapper(wrap: Callable[[nn.Module], nn.Module]) -> Iterator[None]:
+    """While active, ``nnUNetTrainer.initialize`` wraps its network with ``wrap(network)``.
+
+    nnU-Net's own call, ``DistributedDataParallel(network, device_ids=[rank])``, takes the global rank for a GPU
+    index (one node only), refuses CPU modules, and expects every trainable parameter to get a gradient in
+    every step.
+    """
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as nnunet_trainer_module  # keeps this module light
+
+    original = nnunet_trainer_module.DDP
+    nnunet_trainer_module.DDP = lambda module, device_ids=None: wrap(module)
+    try:
+        yield
+    finally:
+        nnunet_trainer_module.DDP = original
+
+
+class RankMonitor:
+    """Heartbeats of every rank in the rendezvous store, to name a rank that died or stalled.
+
+    A thread in every rank counts its heartbeat every ``HEARTBEAT_S`` seconds. Rank 0 watches all ranks, the others
+    watch rank 0 and an abort note: when a watched rank's count has not moved for ``lost_after`` seconds, the
+    watcher prints a message naming it and ends its process with exit code 1; rank 0 first leaves the note, so
+    that every rank stops with the same message. A collective that fails first (gloo notices a closed socket at
+    once; any backend gives up after the timeout) is explained by :meth:`explain`.
+    """
+
+    def __init__(self, info: RankInfo, lost_after: float, store: dist.Store | None = None) -> None:
+        if store is None:
+            store = dist.TCPStore(
+                info.store_host, info.store_port, is_master=False, timeout=timedelta(seconds=30), wait_for_workers=False
+            )
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.store = dist.PrefixStore(f"nnunet_sam/attempt_{attempt}", store)
+        self.info = info
+        self.lost_after = lost_after
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="nnunet_sam rank monitor", daemon=True)
+        self.store.set(f"host/{info.rank}", f"{socket.gethostname()}, local rank {info.local_rank}")
+
+    # ---- names and keys ----------------------------------------------------------------------------------------
+    def describe(self, rank: int) -> str:
+        """``rank 1 (node-b, local rank 0)``."""
+        try:
+            host = self.store.get(f"host/{rank}").decode()
+        except Exception:  # the store is gone
+            host = "host unknown"
+        return f"rank {rank} ({host})"
+
+    def _beats(self, ranks: list[int]) -> dict[int, int]:
+        return {r: self.store.add(f"beat/{r}", 0) for r in ranks}
+
+    def _done(self, rank: int) -> bool:
+        return self.store.check([f"done/{rank}"])
+
+    def _others(self) -> list[int]:
+        return [r for r in range(self.info.world_size) if r != self.info.rank]
+
+    # ---- life cycle ------------------------------------------------------------------------------------------------
+    def start(self) -> RankMonitor:
+        self.store.add(f"beat/{self.info.rank}", 1)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """This rank finished normally: stop watching, and let the watchers know."""
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.store.set(f"done/{self.info.rank}", "1")
+        except Exception:  # rank 0's node may have finished and taken the store with it
+            pass
+
+    def report_failure(self, error: BaseException) -> None:
+        """Leave this rank's own error in the store, for the message of the ranks it leaves waiting."""
+        self._stop.set()
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        try:
+            self.store.set(f"failed/{self.info.rank}", f"{type(error).__name__}: {first_line}")
+        except Exception:
+            pass
+
+    def explain(self) -> str | None:
+        """After a failed collective: which ranks reported an error or stopped beating; None if none did.
+
+        Samples the others' heartbeats twice, ``3 * HEARTBEAT_S`` apart.
+        """
+        self._stop.set()
+        others = self._others()
+        try:
+            before = self._beats(others)
+            time.sleep(3 * HEARTBEAT_S)
+            after = self._beats(others)
+            failed = {r: self.store.get(f"failed/{r}").decode() for r in others if self.store.check([f"failed/{r}"])}
+            stalled = [r for r in others if after[r] == before[r] and r not in failed and not self._done(r)]
+        except Exception as error:
+            return self._store_lost(error)
+        reasons = [f"{self.describe(r)} failed: {message}" for r, message in failed.items()]
+        if stalled:
+            reasons.append(self._lost(stalled, 3 * HEARTBEAT_S))
+        return "; ".join(reasons) or None
+
+    def _lost(self, ranks: list[int], seconds: float) -> str:
+        names = ", ".join(self.describe(r) for r in ranks)
+        return (
+            f"{names} {'was' if len(ranks) == 1 else 'were'} lost: no heartbeat for {seconds:g} s (killed, "
+            "stalled, or its node is gone)"
+        )
+
+    def _store_lost(self, error: Exception) -> str:
+        return (
+            f"the rendezvous store at {self.info.store_host}:{self.info.store_port} does not answer "
+            f"({type(error).__name__}: {error}); the node that holds it (the rendezvous endpoint's; rank 0's "
+            "without torchrun) was lost"
+        )
+
+    def _watch(self) -> None:
+        me = self.info.rank
+        watched = self._others() if me == 0 else [0]
+        seen = {r: (-1, time.monotonic()) for r in watched}
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.store.add(f"beat/{me}", 1)
+                if self.store.check(["abort"]):
+                    self._exit(self.store.get("abort").decode())
+                now = time.monotonic()
+                lost = []
+                for rank, count in self._beats(watched).items():
+                    if count != seen[rank][0]:
+                        seen[rank] = (count, now)
+                    elif now - seen[rank][1] > self.lost_after and not self._done(rank):
+                        lost.append(rank)
+                if lost:
+                    note = self._lost(lost, self.lost_after)
+                    if me == 0:
+                        self.store.set("abort", note)
+                    self._exit(note)
+            except Exception as error:  # the store is unreachable
+                if not self._stop.is_set():
+                    self._exit(self._store_lost(error))
+                return
+
+    def _exit(self, reason: str) -> None:
+        stop_message(self.info.rank, reason)
+        os._exit(1)
+
+
+def stop_message(rank: int, reason: str) -> None:
+    """Print why this rank stops (stderr, flushed: the caller may end the process with ``os._exit``)."""
+    sys.stdout.flush()
+    print(
+        f"nnunet_sam: training stopped on rank {rank}: {reason}. Continue with --c on the nodes left "
+        "(any number of processes that divides the batch size).",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def start(info: RankInfo, device_type: str) -> RankMonitor:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU; ``env://``) and start the rank monitor.
+
+    Collectives time out after ``$nnUNet_SAM_dist_timeout`` seconds (default 1800), a rank counts as lost after
+    ``$nnUNet_SAM_dist_lost_after`` seconds without a heartbeat (default 60).
+    """
+    timeout = timedelta(seconds=seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    lost_after = seconds_from_env(LOST_AFTER_ENV, DEFAULT_LOST_AFTER_S)
+    if device_type == "cuda":
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if info.local_rank >= available:
+            raise DistributedSetupError(
+                f"LOCAL_RANK {info.local_rank} needs GPU {info.local_rank}, but this node shows {available}: start at "
+                "most one process per GPU (--nproc-per-node), or train on CPUs with -device cpu"
+            )
+        torch.cuda.set_device(info.local_rank)
+    elif device_type != "cpu":
+        raise DistributedSetupError(f"-device {device_type}: several processes need cuda (NCCL) or cpu (gloo)")
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+    return RankMonitor(info, lost_after).start()
+
+
+def run_as_rank(work: Callable[[], object], info: RankInfo, device_type: str) -> int:
+    """Run ``work`` as one rank of a torchrun job; returns the exit code (0; 2 for settings the job cannot use).
+
+    Joins the process group (:func:`start`). When ``work`` raises and another rank failed or was lost, this rank
+    stops with a message naming that rank (exit code 1); otherwise it leaves its own error for the others and
+    raises it.
+    """
+    try:
+        monitor = start(info, device_type)
+    except DistributedSetupError as error:
+        print(f"nnunet_sam: {error}", file=sys.stderr)
+        return 2
+    try:
+        work()
+    except DistributedSetupError as error:  # every rank finds the same, before the first training step
+        monitor.report_failure(error)
+        print(f"nnunet_sam: {error}", file=sys.stderr)
+        return 2
+    except BaseException as error:
+        reason = monitor.explain()
+        if reason is not None:  # another rank failed or was lost: that is the cause, not this rank's error
+            stop_message(info.rank, reason)
+            os._exit(1)  # a broken process group can block in its destructors
+        monitor.report_failure(error)
+        raise
+    monitor.stop()
+    dist.destroy_process_group()
+    return 0
