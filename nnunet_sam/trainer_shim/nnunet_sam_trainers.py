@@ -8,6 +8,9 @@ importable under both ``fork`` and ``spawn``. Keep this folder free of other mod
 
 from nnunet_sam.trainers.masksam import (
     MaskSAMTrainer,
+    MaskSAMTrainer_ACDC,
+    MaskSAMTrainer_AMOS,
+    MaskSAMTrainer_Synapse,
     MaskSAMTrainer_LiteMedSAM,
     MaskSAMTrainer_LiteMedSAM_demo,
     MaskSAMTrainer_MedSAM,
@@ -18,6 +21,7 @@ from nnunet_sam.trainers.masksam import (
 )
 from nnunet_sam.trainers.pansam import (
     PanSAMTrainer,
+    PanSAMTrainer_NIH,
     PanSAMTrainer_LiteMedSAM,
     PanSAMTrainer_MedSAM,
     PanSAMTrainer_tiny,
@@ -27,6 +31,7 @@ from nnunet_sam.trainers.pansam import (
 )
 from nnunet_sam.trainers.radsam import (
     RadSAMTrainer,
+    RadSAMTrainer_AMOS,
     RadSAMTrainer_LiteMedSAM,
     RadSAMTrainer_MedSAM,
     RadSAMTrainer_tiny,
@@ -38,6 +43,7 @@ from nnunet_sam.trainers.sam3d_adapter import (
     SAM3DAdapterTrainer,
     SAM3DAdapterTrainer_MedSAM,
     SAM3DAdapterTrainer_prompted,
+    SAM3DAdapterTrainer_prompted_paper,
     SAM3DAdapterTrainer_prompted_tiny,
     SAM3DAdapterTrainer_prompted_tiny_demo,
     SAM3DAdapterTrainer_tiny,
@@ -57,6 +63,7 @@ from nnunet_sam.trainers.self_prompt_sam import (
     SelfPromptSAMTrainer_S7,
     SelfPromptSAMTrainer_S8,
     SelfPromptSAMTrainer_S9,
+    SelfPromptSAMTrainer_paper,
     SelfPromptSAMTrainer_tiny,
     SelfPromptSAMTrainer_tiny_demo,
     SelfPromptSAMTrainer_vith,
@@ -110,4 +117,11 @@ __all__ = [
     "PanSAMTrainer_LiteMedSAM",
     "PanSAMTrainer_tiny",
     "PanSAMTrainer_tiny_demo",
+    "MaskSAMTrainer_ACDC",
+    "MaskSAMTrainer_AMOS",
+    "MaskSAMTrainer_Synapse",
+    "PanSAMTrainer_NIH",
+    "RadSAMTrainer_AMOS",
+    "SAM3DAdapterTrainer_prompted_paper",
+    "SelfPromptSAMTrainer_paper",
 ]
