@@ -37,7 +37,7 @@ class SAM3DAdapterOptions:
 
 
 class SAM3DAdapterNetwork(nn.Module):
-    """Input (B, M, D, P, P) -> class logits (B, C, D, P, P).
+    """Input (B, M, D, P, P) -> class logits (B, C, D, P, P); SAM sees every slice at ``sam_input_size`` px.
 
     ``forward(x, points=None, labels=None)``: points (B, K, 3) voxel (z, y, x) of the patch with labels (B, K)
     (class k >= 1, 0 background, -1 padding) for a prompted network (none: global queries only). With
@@ -51,10 +51,10 @@ class SAM3DAdapterNetwork(nn.Module):
         in_channels: int,
         num_classes: int,
         patch_size: Sequence[int],
-        sam_input_size: int,
         slice_group: int,
         window: int,
         options: SAM3DAdapterOptions | None = None,
+        sam_input_size: int | None = None,
     ) -> None:
         super().__init__()
         self.options = options = options or SAM3DAdapterOptions()
@@ -66,9 +66,9 @@ class SAM3DAdapterNetwork(nn.Module):
                 f"3DSAM-adapter runs SAM's ViT on a 3D token grid; backbone '{backbone}' is not a SAM ViT."
             )
         self.patch = tuple(int(s) for s in patch_size)
-        # SAM input size S: every slice is interpolated from P to S px before the frozen patch embedding (the
-        # public code feeds its 128^3 crops at x4, one token = 4x4 voxels); the token grid is S / ViT patch.
-        size = int(sam_input_size)
+        # SAM input size S (None: P): every slice is interpolated from P to S px before the frozen patch embedding
+        # (the public code feeds its 128^3 crops at x4, one token = 4x4 voxels); the token grid is S / ViT patch.
+        size = int(sam_input_size or self.patch[-1])
         grid = size // spec.patch_size
         self.sam = build_sam(spec, size)
         self.sam.requires_grad_(False)

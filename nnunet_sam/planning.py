@@ -162,10 +162,12 @@ def sam_settings(
         )
     planned = user.get("patch_size") or fixed_patch or derive_patch(configuration["patch_size"], spec, rule)
     patch = [int(s) for s in planned]
-    size = user.get("sam_input_size") or sam_input_size
-    if not size:
-        scale = user.get("input_scale") or input_scale
-        size = scaled_input_size(patch[-1], float(scale)) if scale else patch[-1]
+    # SAM input size: the plans block's size or scale, then the trainer's size or scale, else the patch.
+    size = patch[-1]
+    for fixed, scale in ((user.get("sam_input_size"), user.get("input_scale")), (sam_input_size, input_scale)):
+        if fixed or scale:
+            size = fixed or scaled_input_size(patch[-1], float(scale))
+            break
     record = {
         "backbone": spec.name,
         "patch_size": patch,

@@ -16,7 +16,7 @@ from nnunet_sam.backbones.checkpoints import resize_to_input
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone, reference_shapes
 from nnunet_sam.benchmark import _allow_meta_masks, on_meta
 from nnunet_sam.model_record import ModelRecord
-from nnunet_sam.planning import PatchError
+from nnunet_sam.planning import PatchError, sam_settings
 from nnunet_sam.prompting.radsam_prompts import SimulatedInteraction
 from nnunet_sam.trainers import masksam, pansam, radsam, sam3d_adapter, self_prompt_sam
 
@@ -173,3 +173,13 @@ def test_a_scale_that_gives_no_whole_pixel_count_is_refused():
     cls = type("Odd", (masksam.MaskSAMTrainer_tiny,), {"input_scale": 1.3, "fixed_patch": (4, 32, 32)})
     with pytest.raises(PatchError, match="input_scale 1.3 .* not a whole number"):
         cls.sam_block({"patch_size": [4, 32, 32]}, 3)
+
+
+def test_the_plans_block_scale_wins_over_the_trainer_settings():
+    spec, rule = get_backbone("tiny"), masksam.MaskSAMTrainer_tiny.patch_rule()
+    config = {"patch_size": [4, 32, 32], "nnunet_sam": {"input_scale": 2}}
+    assert sam_settings(config, spec, rule, 3, sam_input_size=256, input_scale=4)["sam_input_size"] == 64
+    config = {"patch_size": [4, 32, 32]}
+    assert sam_settings(config, spec, rule, 3, sam_input_size=256, input_scale=4)["sam_input_size"] == 256
+    assert sam_settings(config, spec, rule, 3, input_scale=4)["sam_input_size"] == 128
+    assert sam_settings(config, spec, rule, 3)["sam_input_size"] == 32
