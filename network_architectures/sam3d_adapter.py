@@ -37,7 +37,7 @@ class SAM3DAdapterOptions:
 
 
 class SAM3DAdapterNetwork(nn.Module):
-    """Input (B, M, D, P, P) -> class logits (B, C, D, P, P).
+    """Input (B, M, D, P, P) -> class logits (B, C, D, P, P); SAM sees every slice at ``sam_input_size`` px.
 
     ``forward(x, points=None, labels=None)``: points (B, K, 3) voxel (z, y, x) of the patch with labels (B, K)
     (class k >= 1, 0 background, -1 padding) for a prompted network (none: global queries only). With
@@ -54,6 +54,7 @@ class SAM3DAdapterNetwork(nn.Module):
         slice_group: int,
         window: int,
         options: SAM3DAdapterOptions | None = None,
+        sam_input_size: int | None = None,
     ) -> None:
         super().__init__()
         self.options = options = options or SAM3DAdapterOptions()
@@ -65,19 +66,22 @@ class SAM3DAdapterNetwork(nn.Module):
                 f"3DSAM-adapter runs SAM's ViT on a 3D token grid; backbone '{backbone}' is not a SAM ViT."
             )
         self.patch = tuple(int(s) for s in patch_size)
-        size = self.patch[-1]
+        # SAM input size S (None: P): every slice is interpolated from P to S px before the frozen patch embedding
+        # (the public code feeds its 128^3 crops at x4, one token = 4x4 voxels); the token grid is S / ViT patch.
+        size = int(sam_input_size or self.patch[-1])
+        grid = size // spec.patch_size
         self.sam = build_sam(spec, size)
         self.sam.requires_grad_(False)
         for module in self.sam.image_encoder.modules():  # the method tunes the encoder's norms
             if isinstance(module, nn.LayerNorm) or type(module).__name__ == "LayerNorm2d":
                 module.requires_grad_(True)
-        self.stem = PlainStem(size, size)
+        self.stem = PlainStem(self.patch[-1], size)
         self.encoder = VolumetricEncoder(
             spec.embed_dim,
             spec.num_heads,
             spec.depth,
             self.patch[0],
-            size // spec.patch_size,
+            grid,
             slice_group,
             window,
             spec.feature_indices,
@@ -90,7 +94,7 @@ class SAM3DAdapterNetwork(nn.Module):
             spec.embed_dim,
             len(spec.feature_indices),
             num_classes,
-            num_stages=round(math.log2(spec.patch_size)),
+            num_stages=max(1, round(math.log2(self.patch[-1] / grid))),  # x2 steps from the token grid to P
         )
 
     def forward(
@@ -103,8 +107,8 @@ class SAM3DAdapterNetwork(nn.Module):
         return_all = self.training if return_all is None else return_all
         b, m, d, h, w = x.shape
         assert (d, h, w) == self.patch, f"input patch {(d, h, w)} != network patch {self.patch}"
-        slices = self.stem(x.transpose(1, 2).reshape(b * d, m, h, w))  # (B * D, 3, P, P)
-        slices = slices.view(b, d, 3, h, w).transpose(1, 2)
+        slices = self.stem(x.transpose(1, 2).reshape(b * d, m, h, w))  # (B * D, 3, S, S)
+        slices = slices.reshape(b, d, 3, *slices.shape[-2:]).transpose(1, 2)
         embedding, features = self.encoder(self.sam.image_encoder, slices)
         if self.prompt_encoder is not None:
             points = None if points is None else points.to(x.device)

@@ -6,8 +6,11 @@ Rule (applied when the configuration in the plans has no ``nnunet_sam`` block):
 * in-plane size P = ``tile * k`` with k = ceil(max(planned in-plane size) / tile) clipped to
   [1, ``max_tiles``], where ``tile = patch_size * window_size`` of the backbone (224 px for SAM's ViTs):
   square, a whole number of attention windows (no window padding), as close to the plan as allowed;
-* SAM input size = P unless the trainer fixes ``sam_input_size``;
+* SAM input size = P unless the trainer fixes ``sam_input_size`` or an ``input_scale`` s (SAM input = s * P:
+  SAM sees the patch at s times its size, one token = ViT patch / s voxels);
 * queries N = max(8, ceil(1.5 * C)) with C classes including background, unless the trainer fixes it.
+
+A trainer (a paper preset) may also fix the patch itself (``fixed_patch``) instead of deriving it from the plan.
 
 A plans file whose configuration already holds an ``nnunet_sam`` block (for example a copy of the plans
 edited by hand and passed with ``-p``) overrides the rule field by field; the block written into the plans
@@ -80,8 +83,12 @@ def derive_volume_patch(planned: Sequence[int], spec: BackboneSpec, rule: Volume
     return [tokens * rule.slice_group, size, size]
 
 
-def check_volume_patch(patch: Sequence[int], spec: BackboneSpec, rule: VolumePatchRule) -> None:
-    """Raise PatchError unless ``patch`` is a 3D patch whose token grid is a whole number of windows per axis."""
+def check_volume_patch(
+    patch: Sequence[int], spec: BackboneSpec, rule: VolumePatchRule, input_size: int | None = None
+) -> None:
+    """Raise PatchError unless ``patch`` is a 3D patch whose token grid is a whole number of windows per axis.
+
+    The in-plane token grid is that of the SAM input (``input_size``, default: the in-plane patch)."""
     fix = "Fix the nnunet_sam block of the plans or remove it to use the automatic rule."
     if len(patch) != 3:
         raise PatchError(
@@ -90,7 +97,8 @@ def check_volume_patch(patch: Sequence[int], spec: BackboneSpec, rule: VolumePat
         )
     if patch[0] % rule.slice_group != 0:
         raise PatchError(f"Patch depth {patch[0]} is not a multiple of the slice group {rule.slice_group}. {fix}")
-    grid = (patch[0] // rule.slice_group, patch[1] // spec.patch_size, patch[2] // spec.patch_size)
+    tokens = (input_size or patch[-1]) // spec.patch_size
+    grid = (patch[0] // rule.slice_group, tokens, tokens)
     if any(n > rule.window and n % rule.window != 0 for n in grid):
         raise PatchError(
             f"Patch {list(patch)} gives a token grid {list(grid)} that is not a whole number of "
@@ -122,6 +130,17 @@ def check_settings(record: dict, spec: BackboneSpec, num_classes: int) -> None:
         )
 
 
+def scaled_input_size(patch: int, input_scale: float) -> int:
+    """SAM input size for an in-plane patch seen at ``input_scale`` times its size (must be a whole number)."""
+    size = patch * input_scale
+    if input_scale <= 0 or abs(size - round(size)) > 1e-6:
+        raise PatchError(
+            f"input_scale {input_scale} times the in-plane patch {patch} is not a whole number of pixels: choose "
+            "a scale (or a sam_input_size) that gives one."
+        )
+    return round(size)
+
+
 def sam_settings(
     configuration: dict,
     spec: BackboneSpec,
@@ -129,18 +148,34 @@ def sam_settings(
     num_classes: int,
     num_queries: int | None = None,
     sam_input_size: int | None = None,
+    input_scale: float | None = None,
+    fixed_patch: Sequence[int] | None = None,
 ) -> dict:
-    """The ``nnunet_sam`` block for one plans configuration: user block fields first, then the rule."""
+    """The ``nnunet_sam`` block for one plans configuration: user block fields first, then the trainer's settings
+    (``fixed_patch``, ``sam_input_size`` or ``input_scale``, ``num_queries``), then the rule."""
     user = dict(configuration.get(PLANS_KEY) or {})
-    patch = [int(s) for s in user.get("patch_size") or derive_patch(configuration["patch_size"], spec, rule)]
+    if fixed_patch is not None and len(fixed_patch) != len(configuration["patch_size"]):
+        kind = "3d (3d_fullres)" if len(fixed_patch) == 3 else "2d"
+        raise PatchError(
+            f"This trainer fixes the patch {list(fixed_patch)}, which is for a {kind} configuration, but the "
+            f"configuration's patch is {list(configuration['patch_size'])}. Train the {kind} configuration."
+        )
+    planned = user.get("patch_size") or fixed_patch or derive_patch(configuration["patch_size"], spec, rule)
+    patch = [int(s) for s in planned]
+    # SAM input size: the plans block's size or scale, then the trainer's size or scale, else the patch.
+    size = patch[-1]
+    for fixed, scale in ((user.get("sam_input_size"), user.get("input_scale")), (sam_input_size, input_scale)):
+        if fixed or scale:
+            size = fixed or scaled_input_size(patch[-1], float(scale))
+            break
     record = {
         "backbone": spec.name,
         "patch_size": patch,
-        "sam_input_size": int(user.get("sam_input_size") or sam_input_size or patch[-1]),
+        "sam_input_size": int(size),
         "num_queries": int(user.get("num_queries") or num_queries or default_num_queries(num_classes)),
     }
     check_settings(record, spec, num_classes)
     if isinstance(rule, VolumePatchRule):
-        check_volume_patch(patch, spec, rule)
+        check_volume_patch(patch, spec, rule, record["sam_input_size"])
         record.update(slice_group=rule.slice_group, window=rule.window)
     return record

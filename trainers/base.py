@@ -77,11 +77,17 @@ class SAMTrainer(nnUNetTrainer):
     backbone: str = "vit_b"
     max_depth: int = 8  # slices per patch (see nnunet_sam.planning)
     max_tiles: int = 1  # in-plane patch = max_tiles attention windows at most (224 px each for SAM ViTs)
-    sam_input_size: int | None = None  # None: the in-plane patch size
+    sam_input_size: int | None = None  # None: the in-plane patch size times input_scale
+    input_scale: float | None = None  # SAM sees the patch at this many times its size (None: 1); see planning
+    # Paper presets fix the patch ([D, P, P] or [P, P]) and the batch size instead of nnU-Net's plan; both go
+    # into the plans copy the trainer holds (the patch also into the saved record). None: the patch rule / plans.
+    fixed_patch: tuple[int, ...] | None = None
+    fixed_batch_size: int | None = None
     num_queries: int | None = None  # None: max(8, ceil(1.5 * classes))
     # Optimiser: nnU-Net's SGD (momentum 0.99, Nesterov) or AdamW; initial_lr None keeps nnU-Net's 1e-2.
     optimizer_name: str = "sgd"
     learning_rate: float | None = None
+    optimizer_weight_decay: float | None = None  # None keeps nnU-Net's 3e-5
     # Schedule overrides (None keeps nnU-Net's 1000 epochs x 250 training / 50 validation iterations).
     epochs: int | None = None
     iterations_per_epoch: int | None = None
@@ -117,19 +123,13 @@ class SAMTrainer(nnUNetTrainer):
         config = plans["configurations"][configuration]
         if "inherits_from" in config and "patch_size" not in config:
             config["patch_size"] = PlansManager(plans).get_configuration(configuration).patch_size
-        record = sam_settings(
-            config,
-            spec,
-            self.patch_rule(),
-            label_manager.num_segmentation_heads,
-            self.num_queries,
-            self.sam_input_size,
-        )
-        record = self.new_record(record).to_block()
+        record = self.sam_block(config, label_manager.num_segmentation_heads)
         planned_patch = list(config["patch_size"])
         continue_training = bool(plans.get("continue_training", False))  # nnUNetv2_train --c (nnU-Net pops it)
         config["patch_size"] = record["patch_size"]
         config[PLANS_KEY] = record
+        if self.fixed_batch_size is not None:
+            config["batch_size"] = int(self.fixed_batch_size)
         checkpoint_path = find_checkpoint(spec, required=spec.requires_checkpoint)
         sam_state = load_checkpoint(checkpoint_path, spec) if checkpoint_path is not None else None
         slim = slim_requested(self.slim_checkpoints)
@@ -146,6 +146,8 @@ class SAMTrainer(nnUNetTrainer):
             self.grad_scaler = self.grad_scaler if self.device.type == "cuda" else None
         self.enable_deep_supervision = False
         self.initial_lr = self.learning_rate or self.initial_lr
+        if self.optimizer_weight_decay is not None:
+            self.weight_decay = self.optimizer_weight_decay
         self.num_epochs = self.epochs or self.num_epochs
         self.num_iterations_per_epoch = self.iterations_per_epoch or self.num_iterations_per_epoch
         self.num_val_iterations_per_epoch = self.val_iterations_per_epoch or self.num_val_iterations_per_epoch
@@ -161,7 +163,8 @@ class SAMTrainer(nnUNetTrainer):
             f"{type(self).__name__}: backbone {spec.name}, nnU-Net patch {planned_patch} -> SAM patch "
             f"{record['patch_size']}, SAM input {record['sam_input_size']} px "
             f"({record['sam_input_size'] // spec.patch_size}x{record['sam_input_size'] // spec.patch_size} tokens), "
-            f"{record['num_queries']} queries, SAM weights: {checkpoint_path or 'random (no checkpoint)'}"
+            f"{record['num_queries']} queries, batch size {self.configuration_manager.batch_size}, SAM weights: "
+            f"{checkpoint_path or 'random (no checkpoint)'}"
         )
         if self._slim_record is not None:
             self.print_to_log_file(
@@ -174,6 +177,23 @@ class SAMTrainer(nnUNetTrainer):
     def patch_rule(cls) -> PatchRule | VolumePatchRule:
         """How the SAM patch follows from nnU-Net's plan (nnunet_sam.planning); volumetric methods override it."""
         return PatchRule(cls.max_depth, cls.max_tiles)
+
+    @classmethod
+    def sam_block(cls, configuration: dict, num_classes: int) -> dict:
+        """The record block a training of this trainer saves for one plans configuration (its ``patch_size`` and
+        optional ``nnunet_sam`` block): the patch rule or ``fixed_patch``, the SAM input size (``sam_input_size``
+        or ``input_scale``), the queries and the options (nnunet_sam.planning.sam_settings, ``new_record``)."""
+        block = sam_settings(
+            configuration,
+            get_backbone(cls.backbone),
+            cls.patch_rule(),
+            num_classes,
+            cls.num_queries,
+            cls.sam_input_size,
+            cls.input_scale,
+            cls.fixed_patch,
+        )
+        return cls.new_record(block).to_block()
 
     @classmethod
     def record_options(cls) -> Any:

@@ -185,3 +185,29 @@ class PanSAMTrainer_tiny(Tiny, PanSAMTrainer):
 
 class PanSAMTrainer_tiny_demo(CPUDemo, PanSAMTrainer_tiny):
     """A few minutes of CPU training: 20 epochs of 30 steps, stages 8 / 8 / 4 epochs."""
+
+
+# ---- paper presets (README "Paper presets"; every value with its source) ----------------------------------------
+class PanSAMTrainer_NIH(PanSAMTrainer):
+    """PanSAM as trained on NIH Pancreas-CT (3d_fullres, one structure).
+
+    * backbone SAM ViT-B: paper, section 4 (its appendix on cost names ViT-H; ``PanSAMTrainer_vith`` exists);
+    * whole 512x512 slice resized to 1024 px (input_scale 2, plain interpolation: the method has no learned stem):
+      paper, section 4, "Preprocessing";
+    * Adam, LR 5e-4, weight decay 5e-5, Dice weight 0.05, batch of 8 slices: paper, appendix (implementation).
+      Here AdamW (decoupled weight decay 5e-5) and the per-stage poly schedule instead of OneCycle (one schedule
+      for all SAM trainers);
+    * batch: the paper's 8 slices per step are 2 patches of 4 slices here (SAM runs on 8 slices per step as in
+      the paper; 4 slices give the 3x3x3 aggregator neighbours on both sides of the inner slices);
+    * epochs: not stated; nnU-Net's 1000 of 250 iterations, split 0.4 / 0.4 / 0.2 between the stages.
+    """
+
+    backbone = "vit_b"
+    fixed_patch = (4, 512, 512)
+    input_scale = 2
+    optimizer_name = "adamw"
+    learning_rate = 5e-4
+    optimizer_weight_decay = 5e-5
+    dice_weight = 0.05
+    fixed_batch_size = 2
+    epochs = 1000

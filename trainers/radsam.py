@@ -155,3 +155,23 @@ class RadSAMTrainer_tiny_demo(CPUDemo, RadSAMTrainer_tiny):
     epochs = 20
     iterations_per_epoch = 25
     val_iterations_per_epoch = 2
+
+
+# ---- paper presets (README "Paper presets"; every value with its source) ----------------------------------------
+class RadSAMTrainer_AMOS(RadSAMTrainer):
+    """RadSAM as trained on AMOS CT (2d configuration).
+
+    * backbone SAM ViT-B, CT window [-500, 1000] HU, slices of 512 px resized to 1024 px (input_scale 2, plain
+      interpolation): paper, sections 3.1-3.2 (ViT-L is an ablation, section 6);
+    * batch size, optimiser and LR: not stated (section 3.4: 32 V100s, about 4 passes over all slice / prompt
+      pairs). Chosen: batch 2, the batch of the other 1024-px presets that fits one GPU, and this package's
+      RadSAM optimiser (nnU-Net's SGD, LR 0.01, poly 0.9) over all of SAM;
+    * epochs: nnU-Net's 1000 of 250 iterations (section 3.4's 4 passes over every slice of AMOS are a different unit).
+    """
+
+    backbone = "vit_b"
+    fixed_patch = (512, 512)
+    input_scale = 2
+    optimizer_name = "sgd"
+    fixed_batch_size = 2
+    epochs = 1000

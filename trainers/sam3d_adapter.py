@@ -84,3 +84,27 @@ class SAM3DAdapterTrainer_prompted_tiny(Tiny, SAM3DAdapterTrainer_prompted):
 
 class SAM3DAdapterTrainer_prompted_tiny_demo(CPUDemo, SAM3DAdapterTrainer_prompted_tiny):
     pass
+
+
+# ---- paper presets (README "Paper presets"; every value with its source) ----------------------------------------
+class SAM3DAdapterTrainer_prompted_paper(SAM3DAdapterTrainer_prompted):
+    """3DSAM-adapter as trained for its tumour benchmarks (KiTS, LiTS, MSD colon and pancreas; 3d_fullres).
+
+    * backbone SAM ViT-B; crops of 128x128x128 voxels, upsampled x4 in-plane before the frozen patch embedding
+      (SAM input 512 px, input_scale 4: one token = 4x4 voxels in-plane), 4 slices per depth token (token grid
+      32x32x32); AdamW, LR 4e-4, 500 epochs, batch size 1: public code (med-air 3DSAM-adapter);
+    * windows of 8 tokens per axis (4x4x4 windows of 512 tokens): this package's volumetric attention;
+    * the public code decays the LR linearly; this trainer keeps nnU-Net's poly schedule (the one schedule of
+      all SAM trainers). One click per foreground class and patch in training (``points_per_class``), as the
+      paper's one-point evaluation.
+    """
+
+    backbone = "vit_b"
+    fixed_patch = (128, 128, 128)
+    input_scale = 4
+    slice_group = 4
+    window = 8
+    epochs = 500
+    optimizer_name = "adamw"
+    learning_rate = 4e-4
+    fixed_batch_size = 1

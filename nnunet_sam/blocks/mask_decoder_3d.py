@@ -58,6 +58,7 @@ class AggregatingMaskDecoder3D(nn.Module):
         t, g = x.shape[2], x.shape[-1]
         for i, stage in enumerate(self.stages, start=1):
             last = i == len(self.stages)
-            size = tuple(out_shape) if last else (min(t * 2**i, out_shape[0]), g * 2**i, g * 2**i)
+            side = min(g * 2**i, out_shape[-1])  # a SAM input larger than the patch: never beyond the patch
+            size = tuple(out_shape) if last else (min(t * 2**i, out_shape[0]), side, side)
             x = F.interpolate(stage(x), size=size, mode="trilinear", align_corners=False)
         return self.head(x)

@@ -8,9 +8,12 @@ importable under both ``fork`` and ``spawn``. Keep this folder free of other mod
 
 from nnunet_sam.trainers.masksam import (
     MaskSAMTrainer,
+    MaskSAMTrainer_ACDC,
+    MaskSAMTrainer_AMOS,
     MaskSAMTrainer_LiteMedSAM,
     MaskSAMTrainer_LiteMedSAM_demo,
     MaskSAMTrainer_MedSAM,
+    MaskSAMTrainer_Synapse,
     MaskSAMTrainer_tiny,
     MaskSAMTrainer_tiny_demo,
     MaskSAMTrainer_vith,
@@ -20,6 +23,7 @@ from nnunet_sam.trainers.pansam import (
     PanSAMTrainer,
     PanSAMTrainer_LiteMedSAM,
     PanSAMTrainer_MedSAM,
+    PanSAMTrainer_NIH,
     PanSAMTrainer_tiny,
     PanSAMTrainer_tiny_demo,
     PanSAMTrainer_vith,
@@ -27,6 +31,7 @@ from nnunet_sam.trainers.pansam import (
 )
 from nnunet_sam.trainers.radsam import (
     RadSAMTrainer,
+    RadSAMTrainer_AMOS,
     RadSAMTrainer_LiteMedSAM,
     RadSAMTrainer_MedSAM,
     RadSAMTrainer_tiny,
@@ -38,6 +43,7 @@ from nnunet_sam.trainers.sam3d_adapter import (
     SAM3DAdapterTrainer,
     SAM3DAdapterTrainer_MedSAM,
     SAM3DAdapterTrainer_prompted,
+    SAM3DAdapterTrainer_prompted_paper,
     SAM3DAdapterTrainer_prompted_tiny,
     SAM3DAdapterTrainer_prompted_tiny_demo,
     SAM3DAdapterTrainer_tiny,
@@ -50,6 +56,7 @@ from nnunet_sam.trainers.self_prompt_sam import (
     SelfPromptSAMTrainer_LiteMedSAM,
     SelfPromptSAMTrainer_LiteMedSAM_demo,
     SelfPromptSAMTrainer_MedSAM,
+    SelfPromptSAMTrainer_paper,
     SelfPromptSAMTrainer_S1,
     SelfPromptSAMTrainer_S2,
     SelfPromptSAMTrainer_S3,
@@ -110,4 +117,11 @@ __all__ = [
     "PanSAMTrainer_LiteMedSAM",
     "PanSAMTrainer_tiny",
     "PanSAMTrainer_tiny_demo",
+    "MaskSAMTrainer_ACDC",
+    "MaskSAMTrainer_AMOS",
+    "MaskSAMTrainer_Synapse",
+    "PanSAMTrainer_NIH",
+    "RadSAMTrainer_AMOS",
+    "SAM3DAdapterTrainer_prompted_paper",
+    "SelfPromptSAMTrainer_paper",
 ]

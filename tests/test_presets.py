@@ -1,0 +1,121 @@
+"""Paper presets: every preset trainer has exactly the settings of its README row and is found by nnU-Net."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from sam_testing import dataset_json, minimal_plans, write_standin_checkpoint
+
+from nnunet_sam.backbones.sam_vit import get_backbone
+from nnunet_sam.benchmark import on_meta
+from nnunet_sam.trainer_shim import nnunet_sam_trainers as shim
+from nnunet_sam.trainers import masksam, pansam, radsam, sam3d_adapter, self_prompt_sam
+from nnunet_sam.trainers.base import SAMTrainer
+
+CPU = torch.device("cpu")
+
+# name: (module, configuration, planned patch, foreground labels, expected settings) -- the README table's rows.
+PRESETS = {
+    "MaskSAMTrainer_ACDC": (masksam, "3d_fullres", [10, 256, 224], 3, dict(
+        backbone="vit_b", patch=[4, 256, 256], input=1024, queries=8, epochs=500, batch=2, optimizer="sgd",
+        lr=1e-2, weight_decay=3e-5, mask_weights=(1.5, 1.5))),
+    "MaskSAMTrainer_AMOS": (masksam, "3d_fullres", [64, 160, 192], 15, dict(
+        backbone="vit_h", patch=[9, 512, 512], input=512, queries=24, epochs=1000, batch=2, optimizer="sgd",
+        lr=1e-2, weight_decay=3e-5, mask_weights=None)),
+    "MaskSAMTrainer_Synapse": (masksam, "3d_fullres", [64, 160, 160], 8, dict(
+        backbone="vit_h", patch=[26, 256, 256], input=256, queries=14, epochs=1000, batch=2, optimizer="sgd",
+        lr=1e-2, weight_decay=3e-5, mask_weights=(1.5, 1.5))),
+    "SelfPromptSAMTrainer_paper": (self_prompt_sam, "3d_fullres", [10, 256, 224], 3, dict(
+        backbone="vit_b", patch=[4, 256, 256], input=1024, queries=None, epochs=1000, batch=2, optimizer="sgd",
+        lr=1e-2, weight_decay=3e-5, mask_weights=None)),
+    "SAM3DAdapterTrainer_prompted_paper": (sam3d_adapter, "3d_fullres", [64, 160, 160], 1, dict(
+        backbone="vit_b", patch=[128, 128, 128], input=512, queries=None, epochs=500, batch=1, optimizer="adamw",
+        lr=4e-4, weight_decay=3e-5, mask_weights=None)),
+    "PanSAMTrainer_NIH": (pansam, "3d_fullres", [64, 160, 160], 1, dict(
+        backbone="vit_b", patch=[4, 512, 512], input=1024, queries=None, epochs=1000, batch=2, optimizer="adamw",
+        lr=5e-4, weight_decay=5e-5, mask_weights=None)),
+    "RadSAMTrainer_AMOS": (radsam, "2d", [448, 448], 15, dict(
+        backbone="vit_b", patch=[512, 512], input=1024, queries=None, epochs=1000, batch=2, optimizer="sgd",
+        lr=1e-2, weight_decay=3e-5, mask_weights=None)),
+}  # fmt: skip
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    for var in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    monkeypatch.setenv("nnUNet_SAM_checkpoints", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_has_the_settings_of_its_table_row(workspace, name):
+    module, configuration, planned, foreground, want = PRESETS[name]
+    cls = getattr(module, name)
+    spec = get_backbone(cls.backbone)
+    write_standin_checkpoint(workspace / str(spec.checkpoint_file), cls.backbone)
+    trainer = cls(minimal_plans(planned, configuration), configuration, 0, dataset_json(foreground), CPU)
+    saved = trainer.plans_manager.plans["configurations"][configuration]
+    block = json.loads(json.dumps(saved["nnunet_sam"]))
+    assert block["backbone"] == want["backbone"] == spec.name
+    assert block["patch_size"] == saved["patch_size"] == want["patch"]
+    assert block["sam_input_size"] == want["input"]
+    if want["queries"] is not None:
+        assert block["num_queries"] == want["queries"]
+    assert trainer.configuration_manager.batch_size == want["batch"]
+    assert trainer.num_epochs == want["epochs"] and trainer.num_iterations_per_epoch == 250
+    assert cls.optimizer_name == want["optimizer"]
+    assert trainer.initial_lr == pytest.approx(want["lr"]) and trainer.weight_decay == pytest.approx(
+        want["weight_decay"]
+    )
+    if want["mask_weights"] is not None:  # read by the MaskSAM loss (trainer attributes of that name)
+        assert (cls.mask_bce_weight, cls.mask_dice_weight) == want["mask_weights"]
+
+    # the network the model's record rebuilds (nnUNetv2_predict) has that resolution
+    net = on_meta(lambda: cls.build_network(block, 1, foreground + 1))
+    grid = want["input"] // spec.patch_size
+    assert net.sam.image_encoder.pos_embed.shape[1:3] == (grid, grid)
+    if isinstance(net, sam3d_adapter.SAM3DAdapterNetwork):
+        assert net.encoder.grid == (want["patch"][0] // cls.slice_group, grid, grid)
+    elif hasattr(net, "num_queries"):
+        assert net.num_queries == want["queries"]
+    if cls.input_scale in (2, 4) and getattr(net.stem, "learned_upsampling", None) is not None:
+        assert net.stem.learned_upsampling  # MaskSAM's stem / Self-Prompt-SAM's MAdapter learn the x2^k
+
+
+def test_a_preset_refuses_a_configuration_of_the_other_dimensionality(workspace):
+    write_standin_checkpoint(workspace / "sam_vit_b_01ec64.pth", "vit_b")
+    with pytest.raises(ValueError, match=r"fixes the patch \[4, 256, 256\].*3d .*Train the 3d"):
+        masksam.MaskSAMTrainer_ACDC(minimal_plans([256, 256], "2d"), "2d", 0, dataset_json(3), CPU)
+
+
+def test_every_trainer_class_is_exported_to_nnunet():
+    """Each trainer class of the trainers modules (presets included) is in the shim nnU-Net imports."""
+    defined = {
+        name
+        for module in (masksam, self_prompt_sam, sam3d_adapter, pansam, radsam)
+        for name, obj in inspect.getmembers(module, inspect.isclass)
+        if issubclass(obj, SAMTrainer) and obj is not SAMTrainer and obj.__module__ == module.__name__
+    }
+    assert set(PRESETS) <= defined
+    assert defined == set(shim.__all__)
+
+
+def test_nnunet_finds_every_preset_by_name(tmp_path):
+    """The lookup of ``nnUNetv2_train -tr NAME`` in a fresh interpreter (the start-up hook registers the shim)."""
+    code = (
+        "import json\n"
+        "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
+        f"print('RESULT:' + json.dumps({{n: find(n).__module__ for n in {sorted(PRESETS)!r}}}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_extTrainer", "NNUNET_SAM_NO_REGISTER")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout.split("RESULT:")[-1])
+    assert found == {name: PRESETS[name][0].__name__ for name in PRESETS}
