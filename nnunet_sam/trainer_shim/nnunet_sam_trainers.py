@@ -4,124 +4,29 @@ nnU-Net imports every module of this folder as a top-level module and drops it f
 afterwards, so classes *defined* here could not be pickled. This module therefore only re-exports the
 trainers from the installed package, where their ``__module__`` (``nnunet_sam.trainers.*``) stays
 importable under both ``fork`` and ``spawn``. Keep this folder free of other modules and of ``__init__.py``.
+
+Every trainer class defined in a module of ``nnunet_sam.trainers`` is exported (a new trainer needs no entry here).
 """
 
-from nnunet_sam.trainers.masksam import (
-    MaskSAMTrainer,
-    MaskSAMTrainer_ACDC,
-    MaskSAMTrainer_AMOS,
-    MaskSAMTrainer_LiteMedSAM,
-    MaskSAMTrainer_LiteMedSAM_demo,
-    MaskSAMTrainer_MedSAM,
-    MaskSAMTrainer_Synapse,
-    MaskSAMTrainer_tiny,
-    MaskSAMTrainer_tiny_demo,
-    MaskSAMTrainer_vith,
-    MaskSAMTrainer_vitl,
-)
-from nnunet_sam.trainers.pansam import (
-    PanSAMTrainer,
-    PanSAMTrainer_LiteMedSAM,
-    PanSAMTrainer_MedSAM,
-    PanSAMTrainer_NIH,
-    PanSAMTrainer_tiny,
-    PanSAMTrainer_tiny_demo,
-    PanSAMTrainer_vith,
-    PanSAMTrainer_vitl,
-)
-from nnunet_sam.trainers.radsam import (
-    RadSAMTrainer,
-    RadSAMTrainer_AMOS,
-    RadSAMTrainer_LiteMedSAM,
-    RadSAMTrainer_MedSAM,
-    RadSAMTrainer_tiny,
-    RadSAMTrainer_tiny_demo,
-    RadSAMTrainer_vith,
-    RadSAMTrainer_vitl,
-)
-from nnunet_sam.trainers.sam3d_adapter import (
-    SAM3DAdapterTrainer,
-    SAM3DAdapterTrainer_MedSAM,
-    SAM3DAdapterTrainer_prompted,
-    SAM3DAdapterTrainer_prompted_paper,
-    SAM3DAdapterTrainer_prompted_tiny,
-    SAM3DAdapterTrainer_prompted_tiny_demo,
-    SAM3DAdapterTrainer_tiny,
-    SAM3DAdapterTrainer_tiny_demo,
-    SAM3DAdapterTrainer_vith,
-    SAM3DAdapterTrainer_vitl,
-)
-from nnunet_sam.trainers.self_prompt_sam import (
-    SelfPromptSAMTrainer,
-    SelfPromptSAMTrainer_LiteMedSAM,
-    SelfPromptSAMTrainer_LiteMedSAM_demo,
-    SelfPromptSAMTrainer_MedSAM,
-    SelfPromptSAMTrainer_paper,
-    SelfPromptSAMTrainer_S1,
-    SelfPromptSAMTrainer_S2,
-    SelfPromptSAMTrainer_S3,
-    SelfPromptSAMTrainer_S6,
-    SelfPromptSAMTrainer_S7,
-    SelfPromptSAMTrainer_S8,
-    SelfPromptSAMTrainer_S9,
-    SelfPromptSAMTrainer_tiny,
-    SelfPromptSAMTrainer_tiny_demo,
-    SelfPromptSAMTrainer_vith,
-    SelfPromptSAMTrainer_vitl,
-)
+import importlib as _importlib
+import inspect as _inspect
+import pkgutil as _pkgutil
 
-__all__ = [
-    "MaskSAMTrainer",
-    "MaskSAMTrainer_vitl",
-    "MaskSAMTrainer_vith",
-    "MaskSAMTrainer_MedSAM",
-    "MaskSAMTrainer_LiteMedSAM",
-    "MaskSAMTrainer_LiteMedSAM_demo",
-    "MaskSAMTrainer_tiny",
-    "MaskSAMTrainer_tiny_demo",
-    "SelfPromptSAMTrainer",
-    "SelfPromptSAMTrainer_vitl",
-    "SelfPromptSAMTrainer_vith",
-    "SelfPromptSAMTrainer_MedSAM",
-    "SelfPromptSAMTrainer_LiteMedSAM",
-    "SelfPromptSAMTrainer_LiteMedSAM_demo",
-    "SelfPromptSAMTrainer_tiny",
-    "SelfPromptSAMTrainer_tiny_demo",
-    "SelfPromptSAMTrainer_S1",
-    "SelfPromptSAMTrainer_S2",
-    "SelfPromptSAMTrainer_S3",
-    "SelfPromptSAMTrainer_S6",
-    "SelfPromptSAMTrainer_S7",
-    "SelfPromptSAMTrainer_S8",
-    "SelfPromptSAMTrainer_S9",
-    "SAM3DAdapterTrainer",
-    "SAM3DAdapterTrainer_vitl",
-    "SAM3DAdapterTrainer_vith",
-    "SAM3DAdapterTrainer_MedSAM",
-    "SAM3DAdapterTrainer_tiny",
-    "SAM3DAdapterTrainer_tiny_demo",
-    "SAM3DAdapterTrainer_prompted",
-    "SAM3DAdapterTrainer_prompted_tiny",
-    "SAM3DAdapterTrainer_prompted_tiny_demo",
-    "RadSAMTrainer",
-    "RadSAMTrainer_vitl",
-    "RadSAMTrainer_vith",
-    "RadSAMTrainer_MedSAM",
-    "RadSAMTrainer_LiteMedSAM",
-    "RadSAMTrainer_tiny",
-    "RadSAMTrainer_tiny_demo",
-    "PanSAMTrainer",
-    "PanSAMTrainer_vitl",
-    "PanSAMTrainer_vith",
-    "PanSAMTrainer_MedSAM",
-    "PanSAMTrainer_LiteMedSAM",
-    "PanSAMTrainer_tiny",
-    "PanSAMTrainer_tiny_demo",
-    "MaskSAMTrainer_ACDC",
-    "MaskSAMTrainer_AMOS",
-    "MaskSAMTrainer_Synapse",
-    "PanSAMTrainer_NIH",
-    "RadSAMTrainer_AMOS",
-    "SAM3DAdapterTrainer_prompted_paper",
-    "SelfPromptSAMTrainer_paper",
-]
+import nnunet_sam.trainers as _package
+from nnunet_sam.trainers.base import SAMTrainer as _SAMTrainer
+
+
+def _trainers() -> dict[str, type]:
+    found = {}
+    for info in _pkgutil.iter_modules(_package.__path__):
+        module = _importlib.import_module(f"{_package.__name__}.{info.name}")
+        for name, obj in vars(module).items():
+            if _inspect.isclass(obj) and issubclass(obj, _SAMTrainer) and obj.__module__ == module.__name__:
+                found[name] = obj
+    found.pop("SAMTrainer", None)  # the abstract base is not a trainer to run
+    return found
+
+
+_exported = _trainers()
+globals().update(_exported)
+__all__ = sorted(_exported)
