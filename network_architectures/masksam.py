@@ -42,31 +42,29 @@ class MaskSAMOptions:
     mask_prompt_resize: MaskPromptResize = field(default="area", metadata={"legacy": "bilinear"})
 
 
-def _rows(**rows: dict) -> dict[str, MaskSAMOptions]:
-    return {name: MaskSAMOptions(**kwargs) for name, kwargs in rows.items()}
-
-
-_VANILLA = {"encoder_adapter": "vanilla", "decoder_token_adapter": "vanilla", "decoder_image_adapter": "vanilla"}
-
-
 def _everywhere(kind: AdapterKind) -> dict:
     return {"encoder_adapter": kind, "decoder_token_adapter": kind, "decoder_image_adapter": kind}
 
 
+_B4 = {"box_source": "mean", "depth_embedding": False, **_everywhere("vanilla")}
+
 # Table 4 of the paper (ACDC). PG = prompt generator: MaskPG (auxiliary masks; box prompt = their bounding box),
 # BBoxPG (learned boxes only), MaskBBoxPG (mask prompt + learned box), MaskAvgBBoxPG (mask prompt + the mean of the
 # learned box and the mask's box); vAdapter = vanilla adapter; DPosEmbed = depth positional embeddings.
-ABLATION_ROWS: dict[str, MaskSAMOptions] = _rows(
-    B1={"box_source": "mask", "depth_embedding": False, **_VANILLA},  # MaskPG + vAdapter
-    B2={"box_source": "learned", "mask_prompt": False, "depth_embedding": False, **_VANILLA},  # BBoxPG + vAdapter
-    B3={"box_source": "learned", "depth_embedding": False, **_VANILLA},  # MaskBBoxPG + vAdapter
-    B4={"box_source": "mean", "depth_embedding": False, **_VANILLA},  # MaskAvgBBoxPG + vAdapter
-    B5={"box_source": "mean", **_VANILLA},  # B4 + DPosEmbed
-    B6=_everywhere("dmlp_after"),  # B5 with a depth MLP after every adapter's up projection
-    B7=_everywhere("dmlp_before"),  # B5 with a depth MLP before every adapter's down projection
-    B8=_everywhere("dmlp"),  # B5 with DMLPAdapters everywhere
-    B9={},  # B8 with DConvAdapters on image embeddings (encoder, decoder image->token): the full model
-)
+ABLATION_ROWS: dict[str, MaskSAMOptions] = {
+    name: MaskSAMOptions(**kwargs)
+    for name, kwargs in {
+        "B1": {**_B4, "box_source": "mask"},  # MaskPG + vAdapter
+        "B2": {**_B4, "box_source": "learned", "mask_prompt": False},  # BBoxPG + vAdapter
+        "B3": {**_B4, "box_source": "learned"},  # MaskBBoxPG + vAdapter
+        "B4": _B4,  # MaskAvgBBoxPG + vAdapter
+        "B5": {**_B4, "depth_embedding": True},  # B4 + DPosEmbed
+        "B6": _everywhere("dmlp_after"),  # B5 with a depth MLP after every adapter's up projection
+        "B7": _everywhere("dmlp_before"),  # B5 with a depth MLP before every adapter's down projection
+        "B8": _everywhere("dmlp"),  # B5 with DMLPAdapters everywhere
+        "B9": {},  # B8 with DConvAdapters on image embeddings (encoder, decoder image->token): the full model
+    }.items()
+}
 
 
 class MaskSAMNetwork(FoldedSAM):

@@ -76,7 +76,7 @@ def test_decoder_runs_once_per_forward_for_all_queries_and_slices(queries, depth
     "options",
     [
         {},  # B9, the full model
-        {"box_source": "mask"},  # B1
+        {"box_source": "mask"},  # B1's prompt generator (MaskPG) on the full model
         {"box_source": "learned", "mask_prompt": False, "encoder_adapter": "vanilla", "depth_embedding": False},
     ],
 )
