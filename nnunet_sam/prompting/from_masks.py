@@ -25,7 +25,7 @@ def prompt_mask(logits: torch.Tensor, size: int, resize: MaskPromptResize = "are
     assert logits.dim() >= 2, f"logits must be (..., H, W), got shape {tuple(logits.shape)}"
     assert resize in ("area", "bilinear"), f"unknown mask prompt resize '{resize}' (area or bilinear)"
     lead, (h, w) = logits.shape[:-2], logits.shape[-2:]
-    flat = logits.reshape(-1, 1, h, w)
+    flat = logits.reshape(1, -1, h, w)  # maps as channels: one memory layout whatever their number
     if resize == "bilinear" or (h <= size and w <= size):
         out = torch.nn.functional.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False)
     else:
