@@ -10,7 +10,7 @@ depth adapters see neighbouring slices of the same volume and query.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import nn
 from nnunet_sam.blocks.adapters import AdapterKind
 from nnunet_sam.blocks.folded_sam import FoldedSAM
 from nnunet_sam.mask_classification import semantic_log_probs
-from nnunet_sam.prompting.from_masks import BoxSource, box_prompts
+from nnunet_sam.prompting.from_masks import BoxSource, MaskPromptResize, box_prompts, prompt_mask
 from nnunet_sam.prompting.generators import FeaturePyramidDecoder, MaskBoxPromptGenerator
 
 
@@ -27,9 +27,9 @@ from nnunet_sam.prompting.generators import FeaturePyramidDecoder, MaskBoxPrompt
 class MaskSAMOptions:
     """Switches of the paper's ablation (Table 4); the defaults are the full model B9.
 
-    B1 MaskPG: box_source="mask". B2 BBoxPG: box_source="learned", mask_prompt=False. B3 MaskBBoxPG:
-    box_source="learned". B4 MaskAvgBBoxPG: box_source="mean" with vanilla adapters and no depth embedding.
-    B5: B4 + depth_embedding. B8: B5 with "dmlp" adapters everywhere. B9: B8 with "dconv" on image tokens.
+    ``ABLATION_ROWS`` below spells out every row B1-B9 (trainers ``MaskSAMTrainer_B1`` ... ``_B9``).
+    ``mask_prompt_resize``: how the auxiliary masks shrink to SAM's mask-prompt size (:func:`prompt_mask`);
+    models saved before the option existed used "bilinear", which can drop 1-2 px structures from the prompt.
     """
 
     box_source: BoxSource = "mean"
@@ -39,6 +39,32 @@ class MaskSAMOptions:
     decoder_token_adapter: AdapterKind = "dmlp"
     decoder_image_adapter: AdapterKind = "dconv"
     gradient_checkpointing: bool = False
+    mask_prompt_resize: MaskPromptResize = field(default="area", metadata={"legacy": "bilinear"})
+
+
+def _everywhere(kind: AdapterKind) -> dict:
+    return {"encoder_adapter": kind, "decoder_token_adapter": kind, "decoder_image_adapter": kind}
+
+
+_B4 = {"box_source": "mean", "depth_embedding": False, **_everywhere("vanilla")}
+
+# Table 4 of the paper (ACDC). PG = prompt generator: MaskPG (auxiliary masks; box prompt = their bounding box),
+# BBoxPG (learned boxes only), MaskBBoxPG (mask prompt + learned box), MaskAvgBBoxPG (mask prompt + the mean of the
+# learned box and the mask's box); vAdapter = vanilla adapter; DPosEmbed = depth positional embeddings.
+ABLATION_ROWS: dict[str, MaskSAMOptions] = {
+    name: MaskSAMOptions(**kwargs)
+    for name, kwargs in {
+        "B1": {**_B4, "box_source": "mask"},  # MaskPG + vAdapter
+        "B2": {**_B4, "box_source": "learned", "mask_prompt": False},  # BBoxPG + vAdapter
+        "B3": {**_B4, "box_source": "learned"},  # MaskBBoxPG + vAdapter
+        "B4": _B4,  # MaskAvgBBoxPG + vAdapter
+        "B5": {**_B4, "depth_embedding": True},  # B4 + DPosEmbed
+        "B6": _everywhere("dmlp_after"),  # B5 with a depth MLP after every adapter's up projection
+        "B7": _everywhere("dmlp_before"),  # B5 with a depth MLP before every adapter's down projection
+        "B8": _everywhere("dmlp"),  # B5 with DMLPAdapters everywhere
+        "B9": {},  # B8 with DConvAdapters on image embeddings (encoder, decoder image->token): the full model
+    }.items()
+}
 
 
 class MaskSAMNetwork(FoldedSAM):
@@ -95,9 +121,8 @@ class MaskSAMNetwork(FoldedSAM):
         boxes = box_prompts(proposals.boxes, proposals.masks, self.options.box_source)  # (B * D, N, 4)
         mask_prompt = None
         if self.options.mask_prompt:
-            mask_prompt = F.interpolate(
-                proposals.masks, size=prompt_encoder.mask_input_size, mode="bilinear", align_corners=False
-            )
+            size = prompt_encoder.mask_input_size[-1]
+            mask_prompt = prompt_mask(proposals.masks, size, self.options.mask_prompt_resize)
             mask_prompt = self.to_rows(mask_prompt)[:, None]
         sparse, dense = prompt_encoder(points=None, boxes=self.to_rows(boxes) * self.input_size, masks=mask_prompt)
         class_tokens = self.to_rows(self.class_tokens.weight + proposals.tokens)[:, None]  # (R, 1, C)

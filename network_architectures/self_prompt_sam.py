@@ -1,16 +1,16 @@
 """Self-Prompt-SAM: SAM prompted by its own multi-scale auxiliary masks, one decoder row per class.
 
 Composition only: an MAdapter stem (or a plain one), SAM's frozen image encoder with DFused (depth-MLP)
-adapters, the MSPGenerator (deeply supervised auxiliary class masks), prompts per foreground class taken from
-its auxiliary mask (box, most interior point, the mask itself), SAM's frozen prompt encoder and mask decoder
-with adapters, and the MC-Adapter from the per-class binary logits to multi-class logits.
+adapters, the MSPGenerator (deeply supervised auxiliary class masks), prompts per class (background included by
+default) taken from its auxiliary mask (box, most interior point, the mask itself), SAM's frozen prompt encoder
+and mask decoder with adapters, and the MC-Adapter from the per-class binary logits to multi-class logits.
 Decoder rows are ordered (volume, class, slice) with the slice fastest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -20,7 +20,7 @@ from torch import nn
 from nnunet_sam.blocks.adapters import AdapterKind
 from nnunet_sam.blocks.folded_sam import FoldedSAM
 from nnunet_sam.blocks.mc_adapter import MCAdapter, binary_to_multiclass
-from nnunet_sam.prompting.from_masks import box_prompts, point_prompts
+from nnunet_sam.prompting.from_masks import MaskPromptResize, box_prompts, point_prompts, prompt_mask
 from nnunet_sam.prompting.generators import FeaturePyramidDecoder, MultiScaleMaskGenerator
 
 
@@ -28,10 +28,12 @@ from nnunet_sam.prompting.generators import FeaturePyramidDecoder, MultiScaleMas
 class SelfPromptSAMOptions:
     """Switches of the paper's ablation (Table 3); the defaults are the full model S9.
 
-    S1: generator="stacked", adapter=None, depth_embedding=False, madapter=False, mc_adapter=False.
-    S2: S1 with generator="multiscale". S3: S2 + adapter="vanilla". S6: adapter="dmlp" (DFusedAdapter).
-    S7: S6 + depth_embedding. S8: S7 + madapter. S9: S8 + mc_adapter. (S4/S5, depth MLPs before/after a
-    vanilla adapter, are not implemented.)
+    ``ABLATION_ROWS`` below spells out every row S1-S9 (trainers ``SelfPromptSAMTrainer_S1`` ... ``_S9``).
+    ``prompt_background``: prompt SAM for background too, as the paper does (Fig. 3b: one output per class,
+    background included), so the decoder gives C binary masks that become the C multi-class logits; False prompts the
+    foreground classes only and gives background a fixed logit of 0 (models saved before the option existed).
+    ``mask_prompt_resize``: how the auxiliary masks shrink to SAM's mask-prompt size (:func:`prompt_mask`); "area"
+    keeps every class present at full resolution present in its mask, box and point prompts.
     """
 
     generator: Literal["multiscale", "stacked"] = "multiscale"
@@ -40,6 +42,54 @@ class SelfPromptSAMOptions:
     madapter: bool = True
     mc_adapter: bool = True
     gradient_checkpointing: bool = False
+    prompt_background: bool = field(default=True, metadata={"legacy": False})
+    mask_prompt_resize: MaskPromptResize = field(default="area", metadata={"legacy": "bilinear"})
+
+
+_S2 = {"generator": "multiscale", "adapter": None, "depth_embedding": False, "madapter": False, "mc_adapter": False}
+
+# Table 3 of the paper (ACDC). vAdapter = vanilla adapter, DFusedAdapter = depth MLP in the middle of the adapter,
+# DPosEmbed = depth positional embeddings, MAdapter = learned modality stem, MC-Adapter = binary -> multi-class convs.
+ABLATION_ROWS: dict[str, SelfPromptSAMOptions] = {
+    name: SelfPromptSAMOptions(**kwargs)
+    for name, kwargs in {
+        "S1": {**_S2, "generator": "stacked"},  # SAM + stacked CNN prompt generator, no adapters
+        "S2": _S2,  # SAM + MSPGenerator
+        "S3": {**_S2, "adapter": "vanilla"},  # + vAdapter
+        "S4": {**_S2, "adapter": "dmlp_before"},  # + vAdapter with depth MLPs before it
+        "S5": {**_S2, "adapter": "dmlp_after"},  # + vAdapter with depth MLPs after it
+        "S6": {**_S2, "adapter": "dmlp"},  # + DFusedAdapter
+        "S7": {**_S2, "adapter": "dmlp", "depth_embedding": True},  # + DPosEmbed
+        "S8": {**_S2, "adapter": "dmlp", "depth_embedding": True, "madapter": True},  # + MAdapter
+        "S9": {},  # + MC-Adapter: the full model
+    }.items()
+}
+
+
+def class_prompts(
+    aux: torch.Tensor, size: int, image_size: int, background: bool, resize: MaskPromptResize = "area"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-class prompts from the generator's finest class logits.
+
+    Class c is scored against the rest, ``log p_c - log(1 - p_c)`` with p the softmax over classes, as SAM-style mask
+    logits; the mask prompt is their reduction to ``size`` (:func:`prompt_mask`), the box its bounding box (the whole
+    image where it is empty) and the point its most interior pixel (a padding point, label -1, where it is empty).
+
+    Arguments:
+      aux (Tensor): (S, C, H, W) class logits.
+      size (int): SAM's mask-prompt size. image_size (int): SAM's input size (box and point frame).
+      background (bool): prompt background (class 0) too; otherwise classes 1..C-1 only.
+
+    Returns:
+      masks (S, K, size, size), boxes (S, K, 4) in pixels of the input frame, points (S, K, 2), labels (S, K); K = C
+      with background, C - 1 without.
+    """
+    log_p = torch.log_softmax(aux.float(), dim=1)[:, 0 if background else 1 :]
+    class_logits = log_p - torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))  # (S, K, H, W)
+    masks = prompt_mask(class_logits, size, resize)
+    boxes = box_prompts(None, masks, source="mask") * image_size  # empty mask -> whole image
+    points, labels = point_prompts(masks, image_size)  # empty mask -> padding point (label -1)
+    return masks, boxes, points, labels
 
 
 class SelfPromptSAMNetwork(FoldedSAM):
@@ -47,8 +97,9 @@ class SelfPromptSAMNetwork(FoldedSAM):
 
     ``forward(x, return_all=None, run_decoder=True)``: ``run_decoder=False`` (training stage 1) skips the prompt
     encoder and mask decoder. With ``return_all`` (or in training mode) forward returns a dict: "aux" list of
-    per-level class logits (B, C, D, r, r) coarse to fine, and with the decoder "binary" (B, D, C - 1, P, P)
-    per-class logits and "logits" (B, C, D, P, P); "semantic" holds the logits nnU-Net sees ((B, C, P, P) for 2d).
+    per-level class logits (B, C, D, r, r) coarse to fine, and with the decoder "binary" (B, D, K, P, P) per-class
+    logits (K = ``num_prompts``: C, or C - 1 without the background prompt) and "logits" (B, C, D, P, P);
+    "semantic" holds the logits nnU-Net sees ((B, C, P, P) for 2d).
     """
 
     def __init__(
@@ -82,7 +133,10 @@ class SelfPromptSAMNetwork(FoldedSAM):
             spec.feature_dims, spec.prompt_dim, num_features, spec.patch_size, spec.prompt_dim
         )
         self.generator = MultiScaleMaskGenerator(pyramid, num_classes)
-        self.mc_adapter = MCAdapter(num_classes - 1) if options.mc_adapter else None
+        self.num_prompts = num_classes if options.prompt_background else num_classes - 1
+        self.mc_adapter = (
+            MCAdapter(num_classes - 1, background_prompted=options.prompt_background) if options.mc_adapter else None
+        )
 
     def prompt_generation_modules(self) -> list[nn.Module]:
         """The modules that train in stage 1 (everything upstream of the auxiliary masks)."""
@@ -90,7 +144,7 @@ class SelfPromptSAMNetwork(FoldedSAM):
 
     def forward(self, x: torch.Tensor, return_all: bool | None = None, run_decoder: bool = True) -> torch.Tensor | dict:
         return_all = self.training if return_all is None else return_all
-        p, k = self.patch, self.num_classes - 1
+        p, k = self.patch, self.num_prompts
         embedding, features = self.encode(x)
         b, d = embedding.shape[0] // self.depth, self.depth
         aux = self.generator(embedding, features)  # [(B * D, C, r, r)] coarse to fine
@@ -104,29 +158,33 @@ class SelfPromptSAMNetwork(FoldedSAM):
         if run_decoder:
             binary = self._prompt_and_decode(embedding, aux[-1])  # (B, D, K, P, P)
             logits = binary.reshape(b * d, k, p, p)
-            logits = self.mc_adapter(logits) if self.mc_adapter is not None else binary_to_multiclass(logits)
+            if self.mc_adapter is not None:
+                logits = self.mc_adapter(logits)
+            elif not self.options.prompt_background:
+                logits = binary_to_multiclass(logits)
             outputs["binary"] = binary
             semantic = outputs["logits"] = to_volume(logits)
         outputs["semantic"] = semantic[:, :, 0] if self.is_2d else semantic
         return outputs if return_all else outputs["semantic"]
 
     def _prompt_and_decode(self, embedding: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
-        """Prompt SAM with every foreground class's auxiliary mask (box, interior point, mask).
+        """Prompt SAM with every prompted class's auxiliary mask (box, interior point, mask).
 
-        aux (B * D, C, S, S) class logits -> per-class binary mask logits (B, D, C - 1, P, P).
+        aux (B * D, C, S, S) class logits -> per-class binary mask logits (B, D, K, P, P), K = ``num_prompts``.
         """
-        k = self.num_classes - 1
+        k = self.num_prompts
         prompt_encoder = self.sam.prompt_encoder
-        # foreground class c against the rest, log p_c - log(1 - p_c), as SAM-style mask logits
-        log_p = torch.log_softmax(aux.float(), dim=1)[:, 1:]
-        class_logits = log_p - torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))  # (B * D, K, S, S)
-        low_res = F.interpolate(class_logits, size=prompt_encoder.mask_input_size, mode="bilinear")
-        boxes = box_prompts(None, low_res, source="mask") * self.input_size  # empty mask -> whole image
-        points, labels = point_prompts(low_res, self.input_size)  # empty mask -> padding point (label -1)
+        masks, boxes, points, labels = class_prompts(
+            aux,
+            prompt_encoder.mask_input_size[-1],
+            self.input_size,
+            self.options.prompt_background,
+            self.options.mask_prompt_resize,
+        )
         sparse, dense = prompt_encoder(
             points=(self.to_rows(points)[:, None], self.to_rows(labels)[:, None]),
             boxes=self.to_rows(boxes),
-            masks=self.to_rows(low_res)[:, None].to(embedding.dtype),
+            masks=self.to_rows(masks)[:, None].to(embedding.dtype),
         )
-        masks, _ = self.decode(embedding, k, sparse, dense)
-        return self.from_rows(masks, k)
+        decoded, _ = self.decode(embedding, k, sparse, dense)
+        return self.from_rows(decoded, k)

@@ -2,14 +2,18 @@
 
 Every 2D slice of a (B, 1, D, H, W) target is its own set-prediction problem. Its ground-truth segments
 are the classes present in the slice (see ``segments_from_labels``). The N queries of the slice are
-matched one-to-one to those segments by minimum cost; every matched pair contributes mask (BCE + Dice on
-final and auxiliary masks) and box (L1 + GIoU) losses, and every query contributes a cross-entropy term
-whose target is the matched class or "no object" for unmatched queries.
+matched one-to-one to those segments by minimum cost (mask costs on uniformly sampled pixels); every matched
+pair contributes mask (BCE + Dice on final and auxiliary masks, at importance-sampled pixels as in Mask2Former) and
+box (L1 + GIoU) losses, and every query contributes a cross-entropy term whose target is the matched class or
+"no object" for unmatched queries.
 
 All losses and costs are computed in float32 with autocast disabled, whatever the input dtype.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -24,13 +28,54 @@ from nnunet_sam.matching import match_slices
 # Loss and matching-cost weights of the public MaskSAM code.
 CLASS_WEIGHT = 0.2
 NO_OBJECT_WEIGHT = 0.1  # cross-entropy class weight of "no object" (real classes weigh 1)
-MASK_BCE_WEIGHT = 1.2
+MASK_BCE_WEIGHT = 1.2  # the public code's AMOS trainer; its ACDC and Synapse trainers use 1.5 (PUBLIC_MASK_WEIGHTS)
 MASK_DICE_WEIGHT = 1.2
 AUX_MASK_WEIGHT = 0.5  # applied to the auxiliary mask's BCE and to its Dice
 BOX_L1_WEIGHT = 0.5
 BOX_GIOU_WEIGHT = 0.2
+# (final mask BCE, final mask Dice) weights of the public code's per-dataset trainers; presets set them through
+# MaskSAMTrainer.mask_bce_weight / mask_dice_weight.
+PUBLIC_MASK_WEIGHTS = {"ACDC": (1.5, 1.5), "Synapse": (1.5, 1.5), "AMOS": (1.2, 1.2)}
+# Mask2Former's point sampling as the public code configures it.
+OVERSAMPLE_RATIO = 2.0
+IMPORTANCE_SAMPLE_RATIO = 0.75
 
 _EPS = 1e-7
+
+
+def uncertain_pixels(
+    logits: Tensor,
+    num_points: int,
+    oversample_ratio: float = OVERSAMPLE_RATIO,
+    importance_sample_ratio: float = IMPORTANCE_SAMPLE_RATIO,
+) -> Tensor:
+    """Mask2Former's (PointRend's) importance sampling of loss points, on the pixel grid, for K predicted masks.
+
+    Draws ``oversample_ratio * num_points`` uniform candidate pixels per mask (with replacement), keeps the
+    ``importance_sample_ratio * num_points`` whose logit is closest to 0 (uncertainty ``-|logit|``) and adds uniform
+    pixels for the rest, so the loss concentrates on the uncertain boundary while still seeing the whole slice.
+    Mask2Former samples continuous positions and interpolates bilinearly; here masks and labels share the full
+    patch resolution, so points are pixels (interpolating the label map would only invent fractional targets).
+
+    Arguments:
+      logits (Tensor): (K, H * W) mask logits (no gradient is needed).
+      num_points (int): P, points per mask.
+
+    Returns:
+      (Tensor): (K, P) int64 flat pixel indices, the uncertain ones first.
+    """
+    assert oversample_ratio >= 1, f"oversample_ratio must be >= 1, got {oversample_ratio}"
+    assert 0 <= importance_sample_ratio <= 1, f"importance_sample_ratio {importance_sample_ratio} is not in [0, 1]"
+    assert logits.dim() == 2, f"logits must have shape (K, H * W), got {tuple(logits.shape)}"
+    k, num_pixels = logits.shape
+    num_candidates = max(int(num_points * oversample_ratio), 1)
+    num_uncertain = min(int(importance_sample_ratio * num_points), num_candidates)
+    with torch.no_grad():
+        candidates = torch.randint(num_pixels, (k, num_candidates), device=logits.device)
+        uncertainty = -logits.detach().gather(1, candidates).abs()
+        chosen = candidates.gather(1, uncertainty.topk(num_uncertain, dim=1).indices)
+        rest = torch.randint(num_pixels, (k, num_points - num_uncertain), device=logits.device)
+        return torch.cat([chosen, rest], dim=1)
 
 
 def pairwise_bce(logits: Tensor, targets: Tensor) -> Tensor:
@@ -165,8 +210,14 @@ class MaskSetCriterion(nn.Module):
     Arguments:
       num_classes (int): C, nnU-Net's number of segmentation classes including background. The class head
         has C + 1 outputs, the last one being "no object".
-      num_points (int): if a slice has more than this many pixels, mask costs and losses are evaluated on
-        one random subset of ``num_points`` pixel positions shared by all slices of the call.
+      num_points (int | None): points per mask for the mask costs and losses; None: half the pixels of a slice,
+        the public code's rule (128 * 128 * 2 points at 256 x 256, 256 * 256 * 2 at 512 x 512).
+      point_sampling (str): where the mask *loss* is evaluated. "importance" (default, the public code's
+        Mask2Former recipe): per matched mask (final and auxiliary separately), :func:`uncertain_pixels` with
+        ``oversample_ratio`` and ``importance_sample_ratio``. "pixels": one random
+        subset of ``num_points`` pixels shared by all slices (all pixels if there are fewer), exact pixel values.
+        Matching costs always use one uniform random pixel subset of ``num_points`` (the public matcher samples
+        uniform points too).
       class_weight, no_object_weight, mask_bce_weight, mask_dice_weight, aux_mask_weight, box_l1_weight,
       box_giou_weight (float): term weights, used identically for the matching cost and the loss.
       ddp (bool): training with DistributedDataParallel. The class and matched-pair means then divide by the
@@ -179,7 +230,10 @@ class MaskSetCriterion(nn.Module):
     def __init__(
         self,
         num_classes: int,
-        num_points: int = 112 * 112,
+        num_points: int | None = None,
+        point_sampling: Literal["importance", "pixels"] = "importance",
+        oversample_ratio: float = OVERSAMPLE_RATIO,
+        importance_sample_ratio: float = IMPORTANCE_SAMPLE_RATIO,
         class_weight: float = CLASS_WEIGHT,
         no_object_weight: float = NO_OBJECT_WEIGHT,
         mask_bce_weight: float = MASK_BCE_WEIGHT,
@@ -191,9 +245,13 @@ class MaskSetCriterion(nn.Module):
     ) -> None:
         super().__init__()
         assert num_classes >= 1, f"num_classes must be >= 1, got {num_classes}"
-        assert num_points >= 1, f"num_points must be >= 1, got {num_points}"
+        assert num_points is None or num_points >= 1, f"num_points must be >= 1 or None, got {num_points}"
+        assert point_sampling in ("importance", "pixels"), f"point_sampling '{point_sampling}': importance or pixels"
         self.num_classes = num_classes
         self.num_points = num_points
+        self.point_sampling = point_sampling
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
         self.class_weight = class_weight
         self.no_object_weight = no_object_weight
         self.mask_bce_weight = mask_bce_weight
@@ -261,20 +319,19 @@ class MaskSetCriterion(nn.Module):
 
         logits = outputs["pred_logits"].reshape(num_slices, queries, channels).float()
         pred_boxes = outputs["pred_boxes"].reshape(num_slices, queries, 4).float()
-        masks = outputs["pred_masks"].reshape(num_slices, queries, num_pixels)
-        aux_masks = outputs["aux_masks"].reshape(num_slices, queries, num_pixels)
+        masks = full_masks = outputs["pred_masks"].reshape(num_slices, queries, height, width)
+        aux_masks = full_aux = outputs["aux_masks"].reshape(num_slices, queries, height, width)
 
         labels = target.reshape(num_slices, height, width)
-        label_masks, present, gt_boxes = segments_from_labels(labels, num_classes)
-        label_masks = label_masks.reshape(num_slices, num_classes, num_pixels)
-        if num_pixels > self.num_points:
-            points = torch.randperm(num_pixels, device=device)[: self.num_points]
-            masks, aux_masks, label_masks = (
-                masks[..., points],
-                aux_masks[..., points],
-                label_masks[..., points],
-            )
-        masks, aux_masks, gt_masks = masks.float(), aux_masks.float(), label_masks.float()  # (S, N|C, P)
+        label_masks, present, gt_boxes = segments_from_labels(labels, num_classes)  # masks (S, C, H, W) bool
+        num_points = self.num_points or max(num_pixels // 2, 1)
+        points = torch.randperm(num_pixels, device=device)[:num_points] if num_points < num_pixels else None
+
+        def at_points(t: Tensor) -> Tensor:  # (S, N|C, H, W) -> (S, N|C, P) float32 at the uniform pixel subset
+            t = t.reshape(*t.shape[:2], num_pixels)
+            return (t if points is None else t[..., points]).float()
+
+        masks, aux_masks, gt_masks = at_points(masks), at_points(aux_masks), at_points(label_masks)
 
         with torch.no_grad():
             cost = self.class_weight * -logits.softmax(dim=-1)[..., :num_classes]
@@ -298,14 +355,19 @@ class MaskSetCriterion(nn.Module):
 
         # Mask and box terms, averaged over matched pairs.
         num_matched = self._mean_denominator(torch.tensor(float(slice_idx.numel()), device=device), minimum=1.0)
-        matched_gt = gt_masks[slice_idx, class_idx]  # (K, P)
-        matched_masks = masks[slice_idx, query_idx]
-        matched_aux = aux_masks[slice_idx, query_idx]
+        if self.point_sampling == "importance":
+            matched_gt_full = label_masks[slice_idx, class_idx]  # (K, H, W) bool
+            matched_masks, matched_gt = self._importance_sampled(full_masks[slice_idx, query_idx], matched_gt_full)
+            matched_aux, matched_aux_gt = self._importance_sampled(full_aux[slice_idx, query_idx], matched_gt_full)
+        else:
+            matched_gt = matched_aux_gt = gt_masks[slice_idx, class_idx]  # (K, P)
+            matched_masks = masks[slice_idx, query_idx]
+            matched_aux = aux_masks[slice_idx, query_idx]
         loss_bce = F.binary_cross_entropy_with_logits(matched_masks, matched_gt, reduction="none").mean(-1)
-        loss_aux_bce = F.binary_cross_entropy_with_logits(matched_aux, matched_gt, reduction="none").mean(-1)
+        loss_aux_bce = F.binary_cross_entropy_with_logits(matched_aux, matched_aux_gt, reduction="none").mean(-1)
         loss_bce, loss_aux_bce = loss_bce.sum() / num_matched, loss_aux_bce.sum() / num_matched
         loss_dice = dice_loss(matched_masks, matched_gt).sum() / num_matched
-        loss_aux_dice = dice_loss(matched_aux, matched_gt).sum() / num_matched
+        loss_aux_dice = dice_loss(matched_aux, matched_aux_gt).sum() / num_matched
 
         matched_pred_boxes = pred_boxes[slice_idx, query_idx]  # (K, 4)
         matched_gt_boxes = gt_boxes[slice_idx, class_idx]
@@ -328,6 +390,13 @@ class MaskSetCriterion(nn.Module):
         self.last_components = dict(zip(names, values.cpu().tolist()))
         return total
 
+    def _importance_sampled(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Matched mask logits and targets (K, H, W) -> their values (K, P) at importance-sampled pixels."""
+        logits, targets = logits.flatten(1), targets.flatten(1)
+        num_points = self.num_points or max(logits.shape[1] // 2, 1)
+        idx = uncertain_pixels(logits, num_points, self.oversample_ratio, self.importance_sample_ratio)
+        return logits.gather(1, idx).float(), targets.gather(1, idx).float()
+
     def _mean_denominator(self, count: Tensor, minimum: float = 0.0) -> Tensor:
         """max(count, minimum) for a mean over this call; under DDP max(sum of count over ranks, minimum) / ranks."""
         world = 1
@@ -338,11 +407,21 @@ class MaskSetCriterion(nn.Module):
         return count.clamp(min=minimum) / world
 
 
+def downsample_target(target: Tensor, size: Sequence[int]) -> Tensor:
+    """Label map (B, 1, *spatial) -> (B, 1, *size) by the label at each output cell's centre, as nnU-Net's own
+    deep-supervision targets (batchgeneratorsv2's ``DownsampleSegForDSTransform``, ``nearest-exact``).
+
+    Plain ``nearest`` takes the first pixel of each cell instead (224 -> 14: columns 0, 16, 32, ...), which shifts
+    coarse targets by half a cell (7.5 px at 14x14) against the logits they supervise.
+    """
+    return F.interpolate(target.float(), size=tuple(size), mode="nearest-exact")
+
+
 class DeepSupervisedSegLoss(nn.Module):
     """nnU-Net's CE + soft Dice on multi-class logits, over deep-supervision levels and a final output.
 
     ``forward(outputs, target)``: outputs["aux"] is a list of class logits (B, C, D, r, r) coarse to fine
-    (weights 2**i normalised, the finest weighs most, targets resized by nearest neighbour); when
+    (weights 2**i normalised, the finest weighs most, targets resized by :func:`downsample_target`); when
     outputs has "logits" (B, C, D, P, P), its CE + Dice is added with weight 1 (Self-Prompt-SAM's stage 2).
     A 2d target (B, 1, P, P) is treated as D = 1.
     """
@@ -366,7 +445,7 @@ class DeepSupervisedSegLoss(nn.Module):
         weights = [2.0**i for i in range(len(levels))]
         loss = 0.0
         for w, logits in zip(weights, levels):
-            t = target if logits.shape[2:] == target.shape[2:] else F.interpolate(target, logits.shape[2:])
+            t = target if logits.shape[2:] == target.shape[2:] else downsample_target(target, logits.shape[2:])
             loss = loss + w / sum(weights) * self.dc_ce(logits.float(), t)
         if "logits" in outputs:
             loss = loss + self.dc_ce(outputs["logits"].float(), target)

@@ -18,7 +18,7 @@ def _randomise(module: torch.nn.Module) -> None:
 
 def test_adapters_start_as_identity():
     x = torch.randn(6, 4, 4, 16)
-    for kind in ("vanilla", "dmlp", "dconv"):
+    for kind in ("vanilla", "dmlp", "dconv", "dmlp_before", "dmlp_after"):
         torch.testing.assert_close(Adapter(16, kind, depth=3)(x, 3), x)
         assert torch.count_nonzero(Adapter(16, kind, depth=3, skip=False)(x, 3)) == 0
 
@@ -50,7 +50,29 @@ def test_dmlp_adapter_mixes_slices_of_one_volume_at_the_same_position():
     assert not diff[1, :, [0, 1, 3, 4, 5, 6]].any(), "other token positions changed"
 
 
-@pytest.mark.parametrize("kind", ["dconv", "dmlp"])
+@pytest.mark.parametrize("kind", ["dmlp_before", "dmlp_after"])
+def test_depth_mlp_before_or_after_the_bottleneck_is_placed_where_named(kind):
+    """MaskSAM B6/B7, Self-Prompt-SAM S4/S5: a depth MLP (with skip) on the adapter's input or on its output."""
+    volumes, depth, dim = 2, 4, 8
+    adapter = Adapter(dim, kind, depth, skip=False)
+    _randomise(adapter)
+    mixer = adapter.mixer_before if kind == "dmlp_before" else adapter.mixer_after
+    assert adapter.mixer is None and mixer is not None and mixer.fc1.in_features == depth
+    x = torch.randn(volumes * depth, 5, dim)
+    with torch.no_grad():
+        if kind == "dmlp_before":
+            expected = adapter.up(adapter.act(adapter.down(mixer(x, depth))))
+        else:
+            expected = mixer(adapter.up(adapter.act(adapter.down(x))), depth)
+        torch.testing.assert_close(adapter(x, depth), expected)
+        # it mixes the slices of one volume at one token position, like the DMLPAdapter
+        y = x.clone()
+        y[depth + 1, 2] += 1.0
+        diff = (adapter(y, depth) - adapter(x, depth)).abs().sum(-1).view(volumes, depth, 5) > 0
+    assert diff[1, :, 2].all() and not diff[0].any() and not diff[1, :, [0, 1, 3, 4]].any()
+
+
+@pytest.mark.parametrize("kind", ["dconv", "dmlp", "dmlp_before", "dmlp_after"])
 def test_encoder_block_depth_mixing_uses_unpartitioned_grid(kind):
     """In a windowed block a change in one window of slice d reaches slice d+1 near that window only.
 

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from sam_testing import dataset_json, minimal_plans, write_tiny_checkpoint
 from torch.nn.parallel import DistributedDataParallel
 
+from nnunet_sam.losses import MaskSetCriterion
 from nnunet_sam.trainers.base import wrap_ddp
 from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
 from nnunet_sam.trainers.self_prompt_sam import SelfPromptSAMTrainer_tiny
@@ -71,6 +72,8 @@ def _trainer(case: str, checkpoints: Path):
     )
     trainer.optimizer, _ = trainer.configure_optimizers()  # applies the frozen/trainable rule
     trainer.loss = trainer._build_loss()
+    if isinstance(trainer.loss, MaskSetCriterion):  # random loss points differ between processes: every pixel, so
+        trainer.loss.point_sampling, trainer.loss.num_points = "pixels", PATCH[-1] * PATCH[-2]  # both compute one loss
     return trainer
 
 

@@ -207,7 +207,7 @@ def test_class_loss_and_total_match_hand_computation():
     outputs["pred_logits"] = torch.randn(1, 2, num_queries, num_classes + 1, generator=torch.Generator().manual_seed(3))
     outputs["aux_masks"] = outputs["aux_masks"] * 0.2  # softer auxiliary masks: distinct aux terms
     outputs["pred_boxes"] = outputs["pred_boxes"] + torch.tensor([0.01, -0.02, -0.01, 0.02])  # L1 = 0.06
-    criterion = MaskSetCriterion(num_classes=num_classes)
+    criterion = MaskSetCriterion(num_classes=num_classes, num_points=256, point_sampling="pixels")  # all pixels
     loss = criterion(outputs, target)
 
     gt_masks, present, _ = segments_from_labels(target.reshape(2, 16, 16), num_classes)
@@ -240,3 +240,79 @@ def test_class_loss_and_total_match_hand_computation():
     assert loss.item() == pytest.approx(expected_total, rel=1e-5)
     assert parts["box_l1"] == pytest.approx(0.06, abs=1e-5)
     assert 0.0 < parts["box_giou"] < 0.2
+
+
+@pytest.mark.parametrize("size", [14, 28])
+def test_deep_supervision_targets_are_nnunets_cell_centres(size):
+    """224 -> 14 / 28 picks the label at each cell's centre, exactly as nnU-Net's own deep-supervision targets."""
+    from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+
+    torch.manual_seed(0)
+    target = torch.randint(0, 4, (2, 1, 3, 224, 224)).float()
+    ours = losses.downsample_target(target, (3, size, size))
+    scale = (1.0, size / 224, size / 224)
+    nnunet = torch.stack([DownsampleSegForDSTransform([scale])(segmentation=t)["segmentation"][0] for t in target])
+    assert torch.equal(ours, nnunet.float())
+    assert not torch.equal(ours, F.interpolate(target, (3, size, size))), "plain nearest differs (first pixel)"
+
+    # the loss supervises each level with those targets: logits that fit them give (almost) no loss
+    logits = F.one_hot(ours[:, 0].long(), 4).permute(0, 4, 1, 2, 3).float() * 30
+    assert losses.DeepSupervisedSegLoss()({"aux": [logits]}, target).item() < 1e-3
+
+
+def test_importance_sampling_is_denser_where_the_mask_is_uncertain():
+    """Fixed logit map: an uncertain band (logit 0) over 1/8 of the slice, confident (+-10) elsewhere."""
+    torch.manual_seed(0)
+    logits = torch.full((64, 64), 10.0)
+    logits[:, 32:] = -10.0
+    logits[:, 28:36] = 0.0  # the band: 8 of 64 columns
+    num_points, masks = 2000, 8
+    idx = losses.uncertain_pixels(logits.flatten()[None].expand(masks, -1), num_points)
+    assert idx.shape == (masks, num_points)
+    in_band = ((idx % 64 >= 28) & (idx % 64 < 36)).float().mean().item()
+    # Uniform points would put 1/8 in the band (std 0.0026 over 16000 points). Here the 4000 candidates per mask hold
+    # ~500 band pixels, all among the 1500 most uncertain, plus 1/8 of the 500 uniform points: 0.28 of all points.
+    assert in_band == pytest.approx(0.25 + 0.25 / 8, abs=0.02)
+    uniform = losses.uncertain_pixels(logits.flatten()[None].expand(masks, -1), num_points, importance_sample_ratio=0)
+    assert ((uniform % 64 >= 28) & (uniform % 64 < 36)).float().mean().item() == pytest.approx(1 / 8, abs=0.01)
+
+
+def test_importance_sampling_density_falls_with_confidence():
+    """A ramp of logits: the closer a column's logit is to 0, the more points it gets."""
+    torch.manual_seed(1)
+    logits = torch.linspace(-8, 8, 64).expand(64, 64)  # logit varies along columns
+    idx = losses.uncertain_pixels(logits.flatten()[None].expand(8, -1), 2000)
+    distance = (logits.flatten()[idx]).abs()  # |logit| at every sampled point
+    counts = torch.histc(distance, bins=4, min=0, max=8).tolist()
+    # expected per mask: 1125, 625, 125, 125 (the 1500 most uncertain of 4000 candidates have |logit| < 3)
+    assert counts[0] > 1.5 * counts[1] > 1.5 * 3 * counts[2], f"points per |logit| bin should fall: {counts}"
+
+
+def test_importance_sampled_loss_is_finite_and_near_zero_for_a_perfect_prediction():
+    target = _target()
+    criterion = MaskSetCriterion(num_classes=4)
+    assert criterion.point_sampling == "importance"
+    perfect = criterion(_perfect_outputs(target, 4, 5), target)
+    assert perfect.item() < 0.05
+    assert criterion.last_components["mask_bce"] < 1e-3
+
+
+def test_public_per_dataset_mask_weights_reach_the_criterion(tmp_path, monkeypatch):
+    from sam_testing import dataset_json, minimal_plans
+
+    from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
+
+    assert losses.PUBLIC_MASK_WEIGHTS == {"ACDC": (1.5, 1.5), "Synapse": (1.5, 1.5), "AMOS": (1.2, 1.2)}
+    for var in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    monkeypatch.delenv("nnUNet_SAM_checkpoints", raising=False)
+
+    class ACDCWeights(MaskSAMTrainer_tiny):  # what a dataset preset sets
+        mask_bce_weight, mask_dice_weight = losses.PUBLIC_MASK_WEIGHTS["ACDC"]
+
+    for cls, expected in ((MaskSAMTrainer_tiny, (1.2, 1.2)), (ACDCWeights, (1.5, 1.5))):
+        trainer = cls(minimal_plans([24, 96, 96]), "3d_fullres", 0, dataset_json(3), torch.device("cpu"))
+        criterion = trainer._build_loss()
+        assert (criterion.mask_bce_weight, criterion.mask_dice_weight) == expected
+        assert criterion.point_sampling == "importance" and criterion.oversample_ratio == 2.0
+        assert criterion.importance_sample_ratio == 0.75

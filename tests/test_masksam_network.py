@@ -11,6 +11,15 @@ from nnunet_sam.network_architectures.masksam import MaskSAMNetwork, MaskSAMOpti
 from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Small tensors: intra-op threads only add contention on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _net(patch=(4, 32, 32), classes=3, queries=6, **options) -> MaskSAMNetwork:
     torch.manual_seed(0)
     return MaskSAMNetwork("tiny", 2, classes, queries, patch, patch[-1], MaskSAMOptions(**options))
@@ -67,7 +76,7 @@ def test_decoder_runs_once_per_forward_for_all_queries_and_slices(queries, depth
     "options",
     [
         {},  # B9, the full model
-        {"box_source": "mask"},  # B1
+        {"box_source": "mask"},  # B1's prompt generator (MaskPG) on the full model
         {"box_source": "learned", "mask_prompt": False, "encoder_adapter": "vanilla", "depth_embedding": False},
     ],
 )
@@ -78,15 +87,18 @@ def test_loss_decreases_on_one_fixed_batch(options):
     target = torch.zeros(2, 1, 2, 32, 32)
     target[:, :, :, 4:14, 6:20] = 1
     target[:, :, 1:, 18:28, 10:30] = 2
-    criterion = MaskSetCriterion(3)
+    criterion = MaskSetCriterion(3)  # importance-sampled mask points: the hard ones, whose loss falls slowest
+    every_pixel = MaskSetCriterion(3, num_points=32 * 32, point_sampling="pixels")  # the measure of progress
     optimiser = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
     losses = []
-    for _ in range(30):
-        loss = criterion(net(x), target)
+    for _ in range(40):
+        outputs = net(x)
+        loss = criterion(outputs, target)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        losses.append(loss.item())
+        with torch.no_grad():
+            losses.append(every_pixel({k: v.detach() for k, v in outputs.items()}, target).item())
     assert losses[-1] < 0.5 * losses[0], f"loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
@@ -106,3 +118,71 @@ def test_only_trainable_parameters_reach_the_optimizer(tmp_path, monkeypatch):
     trainable = {id(p) for p in trainer.network.parameters() if p.requires_grad}
     assert in_optimizer == trainable
     assert not any(p.requires_grad for p in trainer.network.sam.parameters()), "SAM weights must stay frozen"
+
+
+def _adapter_kind(module: torch.nn.Module) -> str | None:
+    return getattr(module, "kind", None)
+
+
+@pytest.mark.parametrize("row", [f"B{i}" for i in range(1, 10)])
+def test_ablation_rows_build_their_modules_and_train_one_step(row):
+    """Every row of the paper's Table 4 is a trainer whose network has that row's modules and trains."""
+    from nnunet_sam.network_architectures.masksam import ABLATION_ROWS
+    from nnunet_sam.prompting.from_masks import box_prompts
+    from nnunet_sam.trainers import masksam as trainers
+
+    options = getattr(trainers, f"MaskSAMTrainer_{row}").options
+    assert options == ABLATION_ROWS[row]
+    vanilla = row in ("B1", "B2", "B3", "B4", "B5")
+    expected_kinds = {
+        "B6": ("dmlp_after",) * 3,
+        "B7": ("dmlp_before",) * 3,
+        "B8": ("dmlp",) * 3,
+        "B9": ("dconv", "dmlp", "dconv"),
+    }.get(row, ("vanilla",) * 3)
+    torch.manual_seed(0)
+    net = MaskSAMNetwork("tiny", 2, 3, 6, (2, 32, 32), 32, options)
+    enc, dec = net.encoder_additions, net.decoder_additions
+    kinds = (_adapter_kind(enc.attn_adapters[0]), _adapter_kind(dec.self_attn[0]), _adapter_kind(dec.image_to_token[0]))
+    assert kinds == expected_kinds
+    assert all(_adapter_kind(a) == expected_kinds[0] for a in [*enc.attn_adapters, *enc.mlp_adapters])
+    assert all(_adapter_kind(a) == expected_kinds[1] for a in [*dec.token_to_image, *dec.mlp])
+    depth_embedding = row not in ("B1", "B2", "B3", "B4")
+    assert (enc.depth_embedding is not None) == (dec.depth_embedding is not None) == depth_embedding
+    assert vanilla == (expected_kinds == ("vanilla",) * 3)
+    assert (net.prompt_generator.box_head is None) == (row == "B1"), "MaskPG predicts no boxes"
+
+    seen = {}
+    net.prompt_generator.register_forward_hook(lambda m, a, out: seen.__setitem__("proposals", out))
+    net.sam.prompt_encoder.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("prompts", kw), with_kwargs=True)
+    x = torch.randn(2, 2, 2, 32, 32)
+    target = torch.zeros(2, 1, 2, 32, 32)
+    target[:, :, :, 4:14, 6:20] = 1
+    target[:, :, 1:, 18:28, 10:30] = 2
+    params = [p for p in net.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    loss = MaskSetCriterion(3)(net(x), target)
+    loss.backward()
+    torch.optim.SGD(params, lr=0.01).step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, params))
+
+    proposals, prompts = seen["proposals"], seen["prompts"]
+    assert (prompts["masks"] is None) == (row == "B2"), "BBoxPG gives no mask prompt"
+    source = {"B1": "mask", "B2": "learned", "B3": "learned"}.get(row, "mean")
+    expected_boxes = net.to_rows(box_prompts(proposals.boxes, proposals.masks, source)) * net.input_size
+    torch.testing.assert_close(prompts["boxes"], expected_boxes)
+
+
+def test_every_ablation_row_is_found_by_nnunets_trainer_lookup():
+    """``nnUNetv2_train ... -tr MaskSAMTrainer_B6`` (and every other row of both papers) finds the trainer."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunet_sam.network_architectures import masksam, self_prompt_sam
+
+    rows = [(f"MaskSAMTrainer_{r}", o) for r, o in masksam.ABLATION_ROWS.items()]
+    rows += [(f"SelfPromptSAMTrainer_{r}", o) for r, o in self_prompt_sam.ABLATION_ROWS.items()]
+    assert len(rows) == 18
+    for name, options in rows:
+        found = recursive_find_trainer_class_by_name(name)
+        assert found is not None and found.__name__ == name and found.options == options, name

@@ -6,7 +6,11 @@ import torch
 from torch import nn
 
 from nnunet_sam.losses import DeepSupervisedSegLoss
-from nnunet_sam.network_architectures.self_prompt_sam import SelfPromptSAMNetwork, SelfPromptSAMOptions
+from nnunet_sam.network_architectures.self_prompt_sam import (
+    ABLATION_ROWS,
+    SelfPromptSAMNetwork,
+    SelfPromptSAMOptions,
+)
 from nnunet_sam.trainers.base import CPUDemo, LiteMedSAM, LiteMedSAMCPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
 
 
@@ -70,32 +74,60 @@ class SelfPromptSAMTrainer_tiny_demo(CPUDemo, SelfPromptSAMTrainer_tiny):
     pass
 
 
-# The ablation of the paper's Table 3 (ACDC), each a trainer name (ViT-B).
+# The ablation of the paper's Table 3 (ACDC), each a trainer name (ViT-B): SelfPromptSAMTrainer_S1 ... _S9.
 class SelfPromptSAMTrainer_S1(SelfPromptSAMTrainer):
-    options = SelfPromptSAMOptions("stacked", None, depth_embedding=False, madapter=False, mc_adapter=False)
+    """Stacked-CNN prompt generator, no adapters."""
+
+    options = ABLATION_ROWS["S1"]
 
 
 class SelfPromptSAMTrainer_S2(SelfPromptSAMTrainer):
-    options = SelfPromptSAMOptions("multiscale", None, depth_embedding=False, madapter=False, mc_adapter=False)
+    """MSPGenerator, no adapters."""
+
+    options = ABLATION_ROWS["S2"]
 
 
 class SelfPromptSAMTrainer_S3(SelfPromptSAMTrainer):
-    options = SelfPromptSAMOptions("multiscale", "vanilla", depth_embedding=False, madapter=False, mc_adapter=False)
+    """S2 + vanilla adapters."""
+
+    options = ABLATION_ROWS["S3"]
+
+
+class SelfPromptSAMTrainer_S4(SelfPromptSAMTrainer):
+    """S2 + vanilla adapters with depth MLPs before them."""
+
+    options = ABLATION_ROWS["S4"]
+
+
+class SelfPromptSAMTrainer_S5(SelfPromptSAMTrainer):
+    """S2 + vanilla adapters with depth MLPs after them."""
+
+    options = ABLATION_ROWS["S5"]
 
 
 class SelfPromptSAMTrainer_S6(SelfPromptSAMTrainer):
-    options = SelfPromptSAMOptions("multiscale", "dmlp", depth_embedding=False, madapter=False, mc_adapter=False)
+    """S2 + DFusedAdapters."""
+
+    options = ABLATION_ROWS["S6"]
 
 
 class SelfPromptSAMTrainer_S7(SelfPromptSAMTrainer):
-    options = SelfPromptSAMOptions("multiscale", "dmlp", depth_embedding=True, madapter=False, mc_adapter=False)
+    """S6 + depth positional embeddings."""
+
+    options = ABLATION_ROWS["S7"]
 
 
 class SelfPromptSAMTrainer_S8(SelfPromptSAMTrainer):
-    options = SelfPromptSAMOptions("multiscale", "dmlp", depth_embedding=True, madapter=True, mc_adapter=False)
+    """S7 + MAdapter (learned modality stem)."""
+
+    options = ABLATION_ROWS["S8"]
 
 
 class SelfPromptSAMTrainer_S9(SelfPromptSAMTrainer):
+    """S8 + MC-Adapter: the full model (same as SelfPromptSAMTrainer)."""
+
+    options = ABLATION_ROWS["S9"]
+
     """Same as SelfPromptSAMTrainer (the full model)."""
 
 

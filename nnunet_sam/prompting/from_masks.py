@@ -9,6 +9,30 @@ import torch
 from nnunet_sam.mask_classification import boxes_from_masks
 
 BoxSource = Literal["mask", "learned", "mean"]
+MaskPromptResize = Literal["area", "bilinear"]
+
+
+def prompt_mask(logits: torch.Tensor, size: int, resize: MaskPromptResize = "area") -> torch.Tensor:
+    """Mask logits (..., H, W) -> SAM's mask-prompt logits (..., size, size).
+
+    ``area`` (default): when shrinking, each output cell is the mean logit of the pixels it covers (an antialiased
+    reduction), except that a cell containing a foreground pixel (logit > 0) whose mean is not positive takes its
+    largest logit: every structure present at full resolution, down to one pixel, stays foreground in the prompt and
+    so also yields a box and a point. Enlarging (or an equal size) is bilinear. ``bilinear``: bilinear at every size
+    without antialiasing (models saved before this option; shrinking by 4 samples 2 of every 4 pixels, so a 1- or
+    2-pixel line can vanish). Differentiable in both modes.
+    """
+    assert logits.dim() >= 2, f"logits must be (..., H, W), got shape {tuple(logits.shape)}"
+    assert resize in ("area", "bilinear"), f"unknown mask prompt resize '{resize}' (area or bilinear)"
+    lead, (h, w) = logits.shape[:-2], logits.shape[-2:]
+    flat = logits.reshape(1, -1, h, w)  # maps as channels: one memory layout whatever their number
+    if resize == "bilinear" or (h <= size and w <= size):
+        out = torch.nn.functional.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False)
+    else:
+        mean = torch.nn.functional.adaptive_avg_pool2d(flat, size)
+        peak = torch.nn.functional.adaptive_max_pool2d(flat, size)
+        out = torch.where((peak > 0) & (mean <= 0), peak, mean)
+    return out.reshape(*lead, size, size)
 
 
 def box_prompts(learned: torch.Tensor | None, mask_logits: torch.Tensor, source: BoxSource = "mean") -> torch.Tensor:
