@@ -128,8 +128,6 @@ class SelfPromptSAMTrainer_S9(SelfPromptSAMTrainer):
 
     options = ABLATION_ROWS["S9"]
 
-    """Same as SelfPromptSAMTrainer (the full model)."""
-
 
 # ---- paper presets (README "Paper presets"; every value with its source) ----------------------------------------
 class SelfPromptSAMTrainer_paper(SelfPromptSAMTrainer):
