@@ -141,6 +141,7 @@ setup(
             "nnunet_sam_convert_amos=nnunet_sam.dataset_conversion.amos:main",
             "nnunet_sam_convert_nih_pancreas=nnunet_sam.dataset_conversion.nih_pancreas:main",
             "nnunet_sam_convert_tumour=nnunet_sam.dataset_conversion.tumour:main",
+            "nnunet_sam_convert_abdomenct1k=nnunet_sam.dataset_conversion.abdomenct1k:main",
             "nnunet_sam_submission=nnunet_sam.dataset_conversion.submission:main",
         ]
     },
