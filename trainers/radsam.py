@@ -4,8 +4,10 @@ A 2D promptable SAM trained on nnU-Net's 2d batches with prompts simulated from 
 (:class:`~nnunet_sam.prompting.radsam_prompts.SimulatedInteraction`): every foreground class of a slice is one
 structure with its own prompt (a point inside it, a perturbed box or a noisy mask, drawn at random), followed by
 ``correction_rounds`` rounds of one correction click each with the previous prediction as the mask prompt. Loss:
-Dice + BCE over all rounds; structures with fewer than 15 pixels on a slice are left out. The 3D product (one prompt
--> a 3D mask, editing) is :mod:`nnunet_sam.radsam`; ``nnUNetv2_predict`` cannot run a promptable model.
+Dice + BCE over all rounds, on SAM's primary mask plus the best of its three other masks (the paper's oracle loss,
+``options.multimask_training``); structures with fewer than 15 pixels on a slice are left out. CT windows are
+varied at random per training slice (``hu_window_jitter``). The 3D product (one prompt -> a 3D mask, editing) is
+:mod:`nnunet_sam.radsam`; ``nnUNetv2_predict`` cannot run a promptable model.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnunet_sam.network_architectures.radsam import RadSAMLoss, RadSAMNetwork, intensity_windows
+from nnunet_sam.network_architectures.radsam import (
+    RadSAMLoss,
+    RadSAMNetwork,
+    RadSAMOptions,
+    apply_windows,
+    intensity_windows,
+    random_ct_windows,
+)
 from nnunet_sam.prompting.radsam_prompts import (
     MIN_LABEL_PIXELS,
     SimulatedInteraction,
@@ -35,8 +44,12 @@ class RadSAMTrainer(SAMTrainer):
 
     max_depth = 1
     max_tiles = 4
+    options: RadSAMOptions = RadSAMOptions()
     correction_rounds: int = 2
     ct_window_hu: tuple[float, float] = (-500.0, 1000.0)  # CT intensities clipped to this window, scaled to [0, 1]
+    # Training only: each bound of the CT window moves by up to this fraction of its width, at random per slice
+    # (the paper varies the window as augmentation; it gives no range). 0 turns it off.
+    hu_window_jitter: float = 0.1
 
     def __init__(
         self,
@@ -56,7 +69,9 @@ class RadSAMTrainer(SAMTrainer):
 
     @classmethod
     def build_network(cls, record: dict, num_input_channels: int, num_output_channels: int) -> nn.Module:
-        return RadSAMNetwork(record["backbone"], num_input_channels, record["patch_size"], record["sam_input_size"])
+        return RadSAMNetwork(
+            record["backbone"], num_input_channels, record["patch_size"], record["sam_input_size"], options=cls.options
+        )
 
     @classmethod
     def build_network_architecture(
@@ -91,7 +106,18 @@ class RadSAMTrainer(SAMTrainer):
         target = pick_structures(batch["target"].to(self.device), self.label_manager.num_segmentation_heads)
         reference = target[:, 0].bool()
         self._plain_network().queue_interaction(SimulatedInteraction(reference, self.correction_rounds))
-        return super().train_step({**batch, "target": target})
+        return super().train_step({**batch, "data": self.random_hu_windows(batch["data"]), "target": target})
+
+    def random_hu_windows(self, data: torch.Tensor) -> torch.Tensor:
+        """HU-window augmentation: CT channels of data (B, M, P, P) remapped so that the network's fixed window
+        acts as a random one per slice (:func:`random_ct_windows`); other channels unchanged."""
+        config = self.configuration_manager
+        properties = self.plans_manager.plans.get("foreground_intensity_properties_per_channel", {})
+        windows = intensity_windows(config.normalization_schemes, properties, self.ct_window_hu)
+        affine = random_ct_windows(
+            windows, config.normalization_schemes, properties, self.ct_window_hu, self.hu_window_jitter, len(data)
+        )
+        return apply_windows(data, affine)
 
     def validation_step(self, batch: dict) -> dict:
         """Loss and pseudo-Dice per class of the prediction from one simulated initial prompt per structure."""
@@ -99,8 +125,9 @@ class RadSAMTrainer(SAMTrainer):
         target = batch["target"].to(self.device, non_blocking=True)
         reference = structure_masks(target, self.label_manager.num_segmentation_heads)  # (B, K, P, P)
         self._plain_network().queue_interaction(SimulatedInteraction(reference.flatten(0, 1), rounds=0))
-        logits = self.network(data)  # (1, B, K, P, P)
+        logits = self.network(data)  # (1, B, K, P, P), or (1, B, K, 4, P, P) with SAM's four masks
         loss = self.loss(logits, target)
+        logits = logits[:, :, :, 0] if logits.dim() == 6 else logits  # the primary mask, as at prediction
         valid = (reference.flatten(2).sum(2) >= MIN_LABEL_PIXELS)[..., None, None]  # as in the loss
         prediction = ((logits[0] > 0) & valid).half()
         tp, fp, fn, _ = get_tp_fp_fn_tn(prediction, (reference & valid).half(), axes=[0, 2, 3])
@@ -117,6 +144,18 @@ class RadSAMTrainer(SAMTrainer):
             "RadSAM: nnU-Net's prompt-free validation is skipped; evaluate with nnunet_sam_radsam_benchmark "
             "(volume- and slice-level prompting, simulated edits)."
         )
+
+
+class RadSAMTrainer_AdamW(RadSAMTrainer):
+    """RadSAM fine-tuned with AdamW at a small learning rate (1e-5, weight decay nnU-Net's 3e-5, poly schedule).
+
+    The paper names no optimiser; fine-tuning all of SAM with nnU-Net's SGD at 1e-2 (``RadSAMTrainer``, the
+    default, kept so that every trainer shares nnU-Net's recipe) moves pretrained weights far more than the
+    small AdamW steps SAM fine-tuning usually takes.
+    """
+
+    optimizer_name = "adamw"
+    learning_rate = 1e-5
 
 
 class RadSAMTrainer_vitl(ViTL, RadSAMTrainer):
