@@ -339,3 +339,44 @@ def raw_labels(raw: Path) -> list[str]:
     """Foreground label names of a raw dataset, in value order."""
     labels = json.loads((raw / "dataset.json").read_text())["labels"]
     return [name for name, value in sorted(labels.items(), key=lambda kv: kv[1]) if value != 0]
+
+
+# ---- training clicks as the public code draws them ---------------------------------------------------------------
+def test_random_clicks_carry_the_class_under_them():
+    from nnunet_sam.prompting.point_sampler import random_clicks
+
+    target = torch.zeros(2, 1, 4, 6, 6)
+    target[0, 0, :, :3] = 1
+    target[1, 0, 2:] = 2
+    points, labels = random_clicks(target, 50, torch.Generator().manual_seed(0))
+    assert points.shape == (2, 50, 3) and labels.shape == (2, 50)
+    z, y, x = points.long().unbind(-1)
+    for b in range(2):
+        assert torch.equal(target[b, 0, z[b], y[b], x[b]].long(), labels[b])
+    assert set(labels[0].tolist()) == {0, 1} and set(labels[1].tolist()) == {0, 2}, "anywhere, background too"
+
+
+def test_prompted_trainer_trains_with_ten_clicks_per_object_and_twenty_random_ones():
+    from types import SimpleNamespace
+
+    from nnunet_sam.trainers.sam3d_adapter import SAM3DAdapterTrainer_prompted, SAM3DAdapterTrainer_prompted_tiny
+
+    assert SAM3DAdapterTrainer_prompted_tiny.points_per_class == 10
+    assert SAM3DAdapterTrainer_prompted_tiny.random_points == 20
+    queued = []
+    net = SimpleNamespace(queue_prompts=lambda p, lab: queued.append((p, lab)))
+    stub = SimpleNamespace(
+        label_manager=SimpleNamespace(num_segmentation_heads=3),
+        points_per_class=10,
+        random_points=20,
+        _plain_network=lambda: net,
+    )
+    target = torch.zeros(2, 1, 4, 8, 8)
+    target[:, 0, 1:3, 2:5, 2:5] = 1  # class 1 present, class 2 absent
+    SAM3DAdapterTrainer_prompted._queue_simulated_points(stub, {"target": [target]}, 20)
+    points, labels = queued[-1]
+    assert points.shape == (2, 2 * 10 + 20, 3)
+    assert (labels[:, :10] == 1).all() and (labels[:, 10:20] == -1).all(), "10 per class present, padding else"
+    assert ((labels[:, 20:] == 0) | (labels[:, 20:] == 1)).all()
+    SAM3DAdapterTrainer_prompted._queue_simulated_points(stub, {"target": target}, 0)  # validation: objects only
+    assert queued[-1][0].shape == (2, 20, 3)
