@@ -328,6 +328,8 @@ def test_tiny_trainers_train_and_predict_with_nnunet_tools(tmp_path):
     # Measured held-out mean Dice, automatic / prompted (nnU-Net's training is not seeded; 2 test cases):
     #   80 steps per trainer (this test): 0.181 / 0.263 (8 min 13 s, three other trainings on the 2 cores) and
     #   0.220 / 0.172 (6 min 22 s), 0.227 / 0.305 (8 min 20 s); 300 steps: 0.200 / 0.629; 240 steps: 0.580 / 0.249.
+    #   With the crop protocol and 10 + 20 training clicks (80 steps, machine shared by several trainings, about
+    #   45 min): 0.240 / 0.299 (liver 0.701 / 0.797, spleen 0.260 / 0.397, aorta and kidney 0 / 0).
     # Both always learn the liver; whether a model also picks up spleen and aorta within a few hundred steps (from
     # 0 to about 0.8 within 20 steps once it happens) varied from run to run for both modes, so at CPU budgets the
     # click does not reliably help and the test asserts only that both learnt (chance level, each organ's
