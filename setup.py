@@ -154,6 +154,7 @@ setup(
             "nnunet_sam_convert_nih_pancreas=nnunet_sam.dataset_conversion.nih_pancreas:main",
             "nnunet_sam_convert_tumour=nnunet_sam.dataset_conversion.tumour:main",
             "nnunet_sam_convert_submission=nnunet_sam.dataset_conversion.submission:main",
+            "nnunet_sam_convert_abdomenct1k=nnunet_sam.dataset_conversion.abdomenct1k:main",
             # names of version 0.1, kept for one release (nnunet_sam.cli.deprecated)
             "nnunet_sam_phantom=nnunet_sam.cli.deprecated:phantom",
             "nnunet_sam_radsam=nnunet_sam.cli.deprecated:radsam",

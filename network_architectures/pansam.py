@@ -31,7 +31,7 @@ from torch import nn
 
 from nnunet_sam.blocks.aggregator_3d import SliceAggregator3D
 from nnunet_sam.blocks.folded_sam import FoldedSAM
-from nnunet_sam.prompting.pansam_points import PointPromptConfig, generate_points
+from nnunet_sam.prompting.pansam_points import LEGACY_POINTS, PointPromptConfig, generate_points
 
 Output = Literal["coarse", "coarse_aggregated", "refined", "final"]
 OUTPUTS: tuple[str, ...] = ("coarse", "coarse_aggregated", "refined", "final")
@@ -49,7 +49,7 @@ class PanSAMOptions:
     clahe: bool = True
     clahe_tiles: int = 8
     clahe_clip: float = 2.0  # OpenCV's clipLimit (a multiple of the mean histogram bin count)
-    points: PointPromptConfig = field(default_factory=PointPromptConfig)
+    points: PointPromptConfig = field(default_factory=PointPromptConfig, metadata={"legacy": LEGACY_POINTS})
     point_seed: int = 0  # points at inference are sampled with a generator seeded with this value
     aggregator_hidden: int = 16
     aggregator_layers: int = 2
@@ -130,6 +130,7 @@ class PanSAMNetwork(FoldedSAM):
         self.prompt_encoder = copy.deepcopy(self.sam.prompt_encoder)
         self.refine_decoder = copy.deepcopy(self.sam.mask_decoder)
         self.aggregator = SliceAggregator3D(self.options.aggregator_hidden, self.options.aggregator_layers)
+        self.pixel_spacing: tuple[float, float] | None = None  # mm per row/column of the patch (set_pixel_spacing)
         for m in self.stage_modules(1) + self.stage_modules(2) + self.stage_modules(3):
             m.requires_grad_(True)
 
@@ -150,6 +151,11 @@ class PanSAMNetwork(FoldedSAM):
         self.requires_grad_(False)
         for m in self.stage_modules(stage, train_encoder):
             m.requires_grad_(True)
+
+    def set_pixel_spacing(self, spacing: Sequence[float]) -> None:
+        """In-plane spacing (mm per row, per column) of the patches, from the plans' configuration: the point
+        generator's windows are in millimetres (``options.points.window_unit_mm``); unset, they count pixels."""
+        self.pixel_spacing = (float(spacing[-2]), float(spacing[-1]))
 
     def init_prompt_stage_from_sam(self) -> None:
         """Start stage 2's prompt encoder and mask decoder from SAM's (after SAM's weights were loaded)."""
@@ -185,7 +191,8 @@ class PanSAMNetwork(FoldedSAM):
             generator = None
             if not self.training:
                 generator = torch.Generator(device=x.device).manual_seed(self.options.point_seed)
-            points, labels = generate_points(source, self.input_size, self.options.points, generator)
+            config = self.options.points.in_pixels(self.pixel_spacing)
+            points, labels = generate_points(source, self.input_size, config, generator)
             with _grad_if(self.stage_modules(2)) if output == "refined" else torch.no_grad():
                 logits = self._decode_with_points(embedding, points, labels)
             out.update(points=points, labels=labels)

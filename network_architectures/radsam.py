@@ -3,8 +3,9 @@
 Composition only: the shared SAM core (:class:`~nnunet_sam.blocks.folded_sam.FoldedSAM`) on 2D patches without
 adapters or depth embeddings (RadSAM keeps SAM's architecture and trains SAM itself), an input stem that windows
 the intensities (:class:`IntensityWindow`), copies the slice into SAM's three channels (``PlainStem``) and applies
-SAM's pixel normalisation, SAM's prompt encoder and SAM's mask decoder (primary mask output). One decoder row per
-prompt; K prompts per slice are decoded in one batched call.
+SAM's pixel normalisation, SAM's prompt encoder and SAM's mask decoder (primary mask output at prediction; with
+``options.multimask_training`` the simulated-interaction forward of training returns all four of SAM's masks for
+the paper's oracle loss). One decoder row per prompt; K prompts per slice are decoded in one batched call.
 
 Intensities (:func:`intensity_windows`): a CT channel is clipped to [-500, 1000] HU and scaled to [0, 1], as in
 the paper. nnU-Net stores CT channels z-scored with the dataset's foreground statistics (``CTNormalization``), so
@@ -17,14 +18,14 @@ pixel mean and standard deviation, SAM's own preprocessing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nnunet_sam.blocks.folded_sam import FoldedSAM
-from nnunet_sam.losses import dice_loss
+from nnunet_sam.losses import dice_bce_per_mask, oracle_multimask_loss
 from nnunet_sam.prompting.radsam_prompts import MIN_LABEL_PIXELS, Prompts, SimulatedInteraction, structure_masks
 
 CT_WINDOW_HU = (-500.0, 1000.0)
@@ -36,9 +37,55 @@ class RadSAMOptions:
     """Network options (class attribute ``options`` of a RadSAM trainer, saved in the model's record).
 
     ``ct_window_hu``: CT intensities are clipped to this window and scaled to [0, 1] (the paper's [-500, 1000] HU).
+    ``multimask_training``: in the simulated-interaction (training) forward, decode all four of SAM's masks, so
+    that the loss is the primary mask's plus the best of the three others (the paper); predictions always use the
+    primary mask, so this changes training only. Models saved before it existed trained the primary mask alone.
     """
 
     ct_window_hu: tuple[float, float] = CT_WINDOW_HU
+    multimask_training: bool = field(default=True, metadata={"legacy": False})
+
+
+def random_ct_windows(
+    windows: Sequence[tuple[float, float]],
+    normalization_schemes: Sequence[str],
+    intensity_properties: dict[str, dict],
+    ct_window_hu: tuple[float, float],
+    jitter: float,
+    count: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """HU-window augmentation: per sample and input channel, the (scale, shift) to apply to nnU-Net's normalised
+    intensities x before the network's own window (``windows``, see :func:`intensity_windows`) so that the
+    network sees ``clip((HU - low') / (high' - low'), 0, 1)`` for a random window: each bound of ``ct_window_hu``
+    moved by a uniform amount in [-jitter, +jitter] x its width. Non-CT channels and ``jitter`` 0 get the
+    identity (1, 0). Returns (count, M, 2).
+    """
+    out = torch.zeros(count, len(windows), 2)
+    out[..., 0] = 1.0
+    low, high = ct_window_hu
+    width = high - low
+    for m, scheme in enumerate(normalization_schemes):
+        if scheme != "CTNormalization" or jitter <= 0:
+            continue
+        moves = (torch.rand(count, 2, generator=generator) * 2 - 1) * jitter * width
+        new_low, new_high = low + moves[:, 0], high + moves[:, 1]
+        new_high = torch.maximum(new_high, new_low + 0.05 * width)  # never a reversed or empty window
+        props = intensity_properties[str(m)]
+        scale, shift = windows[m]
+        # the network computes scale * x' + shift; we want (HU - new_low) / (new_high - new_low), HU = x*std+mean
+        target_scale = props["std"] / (new_high - new_low)
+        target_shift = (props["mean"] - new_low) / (new_high - new_low)
+        out[:, m, 0] = target_scale / scale
+        out[:, m, 1] = (target_shift - shift) / scale
+    return out
+
+
+def apply_windows(x: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """x (B, M, ...) -> x * affine[:, :, 0] + affine[:, :, 1], per sample and channel (affine (B, M, 2))."""
+    shape = (*affine.shape[:2], *([1] * (x.dim() - 2)))
+    affine = affine.to(x.device, x.dtype)
+    return x * affine[..., 0].view(shape) + affine[..., 1].view(shape)
 
 
 def intensity_windows(
@@ -94,8 +141,10 @@ class RadSAMNetwork(FoldedSAM):
 
     Prompt coordinates are pixels of the P x P slice (:class:`~nnunet_sam.prompting.radsam_prompts.Prompts`).
     ``forward(x, interaction=...)`` (training) simulates the prompts instead: it returns (1 + rounds, B, K, P, P)
-    logits, the initial prediction and one per correction round, all decoded from one image embedding. The input
-    window starts as z-score windows; the trainer sets the plans' windows (:meth:`set_intensity_windows`).
+    logits, the initial prediction and one per correction round, all decoded from one image embedding; with
+    ``options.multimask_training`` (1 + rounds, B, K, 4, P, P), SAM's four masks, the primary first (the next
+    round's mask prompt is the primary mask). The input window starts as z-score windows; the trainer sets the
+    plans' windows (:meth:`set_intensity_windows`).
     """
 
     def __init__(
@@ -140,9 +189,11 @@ class RadSAMNetwork(FoldedSAM):
         (slice, structure)) the logits (1 + rounds, B, K, P, P) of its initial prompts and correction rounds."""
         embedding = self.embed(x)
         if interaction is not None:
-            logits = [self.decode_prompts(embedding, interaction.initial())]
+            every = self.options.multimask_training
+            logits = [self.decode_prompts(embedding, interaction.initial(), every)]
             for _ in range(interaction.rounds):
-                logits.append(self.decode_prompts(embedding, interaction.correct(logits[-1].flatten(0, 1))))
+                primary = logits[-1][:, :, 0] if every else logits[-1]
+                logits.append(self.decode_prompts(embedding, interaction.correct(primary.flatten(0, 1)), every))
             return torch.stack(logits)
         if prompts is None:
             raise ValueError(
@@ -151,16 +202,19 @@ class RadSAMNetwork(FoldedSAM):
             )
         return self.decode_prompts(embedding, prompts)
 
-    def decode_prompts(self, embedding: torch.Tensor, prompts: Prompts) -> torch.Tensor:
-        """Embeddings (B, C, g, g) and prompts of R = B * K rows -> mask logits (B, K, P, P)."""
+    def decode_prompts(self, embedding: torch.Tensor, prompts: Prompts, all_masks: bool = False) -> torch.Tensor:
+        """Embeddings (B, C, g, g) and prompts of R = B * K rows -> mask logits (B, K, P, P) (SAM's primary mask),
+        or (B, K, 4, P, P) with ``all_masks`` (SAM's four masks, the primary first)."""
         b, rows = embedding.shape[0], prompts.rows
         assert rows % b == 0, f"{rows} prompt rows for {b} slices: need the same number K of prompts per slice"
         assert prompts.masks.shape[-2:] == (self.patch, self.patch), (
             f"mask prompts of {tuple(prompts.masks.shape[-2:])} px for {self.patch} px slices"
         )
         sparse, dense = self.embed_prompts(prompts)
-        masks, _ = self.decode(embedding, rows // b, sparse.to(embedding.dtype), dense.to(embedding.dtype))
-        return masks.reshape(b, rows // b, self.patch, self.patch)
+        masks, _ = self.decode(
+            embedding, rows // b, sparse.to(embedding.dtype), dense.to(embedding.dtype), all_masks=all_masks
+        )
+        return masks.reshape(b, rows // b, *masks.shape[1:])
 
     def embed_prompts(self, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
         """SAM's sparse (R, N + 3, C) and dense (R, C, g, g) prompt embeddings of R rows.
@@ -188,7 +242,8 @@ class RadSAMLoss(nn.Module):
 
     Row k of a slice is label k + 1 of the target (K = 1: a binary target); a (slice, label) pair with fewer than
     ``min_pixels`` label pixels is no sample and is left out. Averaged over rounds and samples; 0 (with gradient)
-    when a batch has none.
+    when a batch has none. Logits with SAM's four masks (S, B, K, 4, P, P): per sample, the primary mask's loss
+    plus the best of the other three (:func:`~nnunet_sam.losses.oracle_multimask_loss`).
     """
 
     def __init__(self, min_pixels: int = MIN_LABEL_PIXELS) -> None:
@@ -196,13 +251,16 @@ class RadSAMLoss(nn.Module):
         self.min_pixels = min_pixels
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits if logits.dim() == 5 else logits[None]
+        multimask = logits.dim() == 6
+        logits = logits if logits.dim() - multimask == 5 else logits[None]
         reference = structure_masks(target, logits.shape[2] + 1)  # (B, K, P, P)
-        assert logits.shape[1:] == reference.shape, f"logits {tuple(logits.shape)} vs target {tuple(target.shape)}"
+        spatial = logits.shape[:3] + logits.shape[-2:]
+        assert spatial[1:] == reference.shape, f"logits {tuple(logits.shape)} vs target {tuple(target.shape)}"
         valid = reference.flatten(2).sum(2) >= self.min_pixels  # (B, K)
         if not valid.any():
             return logits.sum() * 0
-        chosen = logits[:, valid].float().flatten(2)  # (S, V, P * P)
-        ref = reference[valid].float().flatten(1).expand_as(chosen)
-        bce = F.binary_cross_entropy_with_logits(chosen, ref, reduction="none").mean(-1)
-        return (dice_loss(chosen, ref) + bce).mean()
+        chosen = logits[:, valid].float().flatten(-2)  # (S, V, [4,] P * P)
+        ref = reference[valid].flatten(1)  # (V, P * P)
+        ref = ref[:, None] if multimask else ref
+        per_mask = dice_bce_per_mask(chosen, ref)  # (S, V[, 4])
+        return (oracle_multimask_loss(per_mask) if multimask else per_mask).mean()

@@ -474,3 +474,20 @@ class FocalDiceLoss(nn.Module):
         focal = ((1 - p_true) ** self.gamma * bce).mean()
         dice = dice_loss(logits.flatten(1), y.flatten(1)).mean()
         return focal + self.beta * dice
+
+
+def dice_bce_per_mask(logits: Tensor, reference: Tensor) -> Tensor:
+    """Dice + BCE of every mask: logits (..., N) against the reference (..., N) (broadcast). Returns (...) float32."""
+    reference = reference.float().expand_as(logits)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), reference, reduction="none").mean(-1)
+    shape = logits.shape[:-1]
+    dice = dice_loss(logits.reshape(-1, logits.shape[-1]), reference.reshape(-1, logits.shape[-1]))
+    return dice.view(shape) + bce
+
+
+def oracle_multimask_loss(per_mask: Tensor) -> Tensor:
+    """RadSAM's multi-mask loss: the loss of the primary mask (index 0 of the last axis, SAM's single-mask output)
+    plus the smallest loss of the other masks (SAM's three multi-mask outputs; the "oracle" choice). per_mask
+    (..., M) with M >= 2 -> (...). The gradient reaches the primary mask and the best other mask only."""
+    assert per_mask.shape[-1] >= 2, f"need the primary and at least one other mask, got {per_mask.shape[-1]}"
+    return per_mask[..., 0] + per_mask[..., 1:].min(dim=-1).values

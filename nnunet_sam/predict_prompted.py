@@ -22,8 +22,11 @@ Input: the model folder, a folder of images named as for ``nnUNetv2_predict`` an
 
 ``label``: the class clicked, as its value or name in the model's ``dataset.json`` (0 / ``background``: a background
 click). Each case's points are mapped through nnU-Net's preprocessing (transpose, crop to non-zero, resampling with
-voxel centres aligned, as nnU-Net's resampling does) and then into every sliding-window patch; a point outside a
-patch is padding (label -1) for that patch; with mirroring, the points are mirrored with the patch. The output
+voxel centres aligned, as nnU-Net's resampling does). Then, by default (3DSAM-adapter's test protocol), one patch
+centred on the clicks (the centre of their bounding box, moved inside the image) is predicted and everything
+outside it is background; clicks that do not fit in that patch are reported and left out. ``--whole-volume``
+predicts every sliding-window patch instead, each with the points inside it (the others are padding, label -1).
+With mirroring, the points are mirrored with the patch. The output
 (one label map per case, the input's geometry) is written by nnU-Net's export and checked like
 ``nnunet_sam_predict`` (:func:`nnunet_sam.predict.predict_cases`).
 
@@ -60,6 +63,7 @@ from nnunet_sam.predict import (
 )
 
 COORDINATES = ("voxel", "world")
+OUTSIDE_CROP_LOGIT = -1e4  # foreground logits outside the crop of the clicks: background there
 
 
 class UnusableInputError(ValueError):
@@ -137,6 +141,16 @@ def check_inside(case: str, positions: np.ndarray, shape: Sequence[int], given: 
         )
 
 
+def crop_around(points: torch.Tensor, shape: Sequence[int], patch: Sequence[int]) -> list[int]:
+    """Start (corner) of the ``patch`` centred on the bounding box of points (K, 3) in an array of ``shape``
+    (>= patch per axis), moved inside the array where the centre is too close to a border."""
+    centre = (points.min(0).values + points.max(0).values) / 2
+    return [
+        int(min(max(np.floor(float(c) - (p - 1) / 2 + 0.5), 0), n - p))
+        for c, p, n in zip(centre.tolist(), patch, shape)
+    ]
+
+
 def points_in_patch(
     points: torch.Tensor, labels: torch.Tensor, start: Sequence[int], patch: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,15 +163,18 @@ def points_in_patch(
 
 
 class PromptedPredictor(nnUNetPredictor):
-    """nnU-Net's predictor passing each case's points to the network in every sliding-window patch.
+    """nnU-Net's predictor passing each case's points to the network.
 
     Set :attr:`points` (K, 3) float, preprocessed array indices, and :attr:`point_labels` (K,) long before
-    ``predict_logits_from_preprocessed_data``. Padding, slicers, Gaussian weighting and ensembling of folds are
-    nnU-Net's; the window loop is written here because nnU-Net's does not tell the network where a patch lies.
+    ``predict_logits_from_preprocessed_data``. :attr:`crop_to_clicks` (default, 3DSAM-adapter's test protocol):
+    one patch centred on the clicks, background elsewhere; False: every sliding-window patch. Padding, slicers,
+    Gaussian weighting and ensembling of folds are nnU-Net's; the window loop is written here because nnU-Net's
+    does not tell the network where a patch lies.
     """
 
     points: torch.Tensor | None = None
     point_labels: torch.Tensor | None = None
+    crop_to_clicks: bool = True
 
     def _network_call(self, x: torch.Tensor, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.network(x, points[None].to(self.device), labels[None].to(self.device))
@@ -186,6 +203,8 @@ class PromptedPredictor(nnUNetPredictor):
         data, revert = pad_nd_image(input_image, patch, "constant", {"value": 0}, True, None)
         offset = torch.tensor([float(s.start) for s in revert[1:]])
         points = self.points.double().cpu() + offset
+        if self.crop_to_clicks:
+            return self._predict_crop(data, points, patch)[(slice(None), *revert[1:])]
         logits = torch.zeros((self.label_manager.num_segmentation_heads, *data.shape[1:]), dtype=torch.float32)
         weights = torch.zeros(data.shape[1:], dtype=torch.float32)
         gaussian = (
@@ -202,6 +221,25 @@ class PromptedPredictor(nnUNetPredictor):
             weights[slicer[1:]] += gaussian
         logits /= weights
         return logits[(slice(None), *revert[1:])]
+
+    def _predict_crop(self, data: torch.Tensor, points: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
+        """Logits (heads, Z, Y, X) of the padded image: the patch centred on the clicks, background elsewhere."""
+        labels = self.point_labels.cpu()
+        start = crop_around(points, data.shape[1:], patch)
+        local, local_labels = points_in_patch(points, labels, start, patch)
+        left_out = int(((local_labels < 0) & (labels >= 0)).sum())
+        if left_out:
+            print(
+                f"{left_out} of {len(labels)} click(s) lie outside the {list(patch)} patch centred on the clicks and "
+                "are left out (use --whole-volume to predict every patch)",
+                file=sys.stderr,
+            )
+        logits = torch.full((self.label_manager.num_segmentation_heads, *data.shape[1:]), OUTSIDE_CROP_LOGIT)
+        logits[0] = 0
+        slicer = (slice(None), *(slice(s, s + p) for s, p in zip(start, patch)))
+        x = data[slicer][None].to(self.device)
+        logits[slicer] = self._predict_patch(x, local.float(), local_labels)[0].float().cpu()
+        return logits
 
 
 def point_setter(predictor: PromptedPredictor, coordinates: str, raw_points: Mapping[str, list]):
@@ -235,14 +273,17 @@ def initialize_predictor(
     step_size: float = 0.5,
     mirroring: bool = True,
     device: str = "cpu",
+    whole_volume: bool = False,
 ) -> PromptedPredictor:
-    """A :class:`PromptedPredictor` for a model folder; refuses models without a point prompt encoder."""
+    """A :class:`PromptedPredictor` for a model folder (``whole_volume``: every sliding-window patch instead of the
+    patch centred on the clicks); refuses models without a point prompt encoder."""
     for name in ("dataset.json", "plans.json"):
         if not os.path.isfile(os.path.join(model_folder, name)):
             raise UnusableInputError(f"{model_folder} is not an nnU-Net model folder (no {name})")
     predictor = PromptedPredictor(
         tile_step_size=step_size, use_mirroring=mirroring, device=torch.device(device), allow_tqdm=False
     )
+    predictor.crop_to_clicks = not whole_volume
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint)
     if getattr(predictor.network, "prompt_encoder", None) is None:
         raise UnusableInputError(
@@ -294,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-i", required=True, help="input folder (CASE_0000.nii.gz, ...)")
     parser.add_argument("-o", required=True, help="output folder")
     parser.add_argument("-points", required=True, help="points file (JSON, see the description)")
+    parser.add_argument(
+        "--whole-volume",
+        action="store_true",
+        help="predict every sliding-window patch, each with the clicks inside it (default: 3DSAM-adapter's test "
+        "protocol, one patch centred on the clicks and background elsewhere)",
+    )
     add_model_arguments(parser, trainer="SAM3DAdapterTrainer_prompted", configuration="3d_fullres")
     return parser
 
@@ -306,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         read_points_file(args.points)  # a broken file stops the command before the model is loaded
         check_run(args.i, args.o, model_folder, folds, args.chk, args.save_probabilities)
         predictor = initialize_predictor(
-            model_folder, folds, args.chk, args.step_size, not args.disable_tta, args.device
+            model_folder, folds, args.chk, args.step_size, not args.disable_tta, args.device, args.whole_volume
         )
         failures = predict_prompted(predictor, args.i, args.points, args.o, args.save_probabilities)
     except (UnusableInputError, UnusableArgumentsError) as error:

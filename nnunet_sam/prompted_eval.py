@@ -2,7 +2,9 @@
 
 For every reference case, clicks are simulated from its label map (:func:`simulate_clicks`), written as a points
 file (voxel coordinates, see :mod:`nnunet_sam.predict_prompted`), predicted with the prompted command's machinery
-and evaluated with :mod:`nnunet_sam.evaluate` (Dice, NSD, HD95; one table row per setting).
+and evaluated with :mod:`nnunet_sam.evaluate` (Dice, NSD, HD95; one table row per setting). As the prompted
+command, by default one patch centred on the clicks is predicted (3DSAM-adapter's test protocol; background
+elsewhere); ``--whole-volume`` predicts every sliding-window patch.
 
 Click positions, per foreground class present in the case (the class's voxels = the object). ``depth`` is each
 object voxel's Euclidean distance (mm, the image spacing) to the nearest voxel outside the object, and ``top`` its
@@ -123,6 +125,7 @@ def run_prompted_evaluation(
     mirroring: bool = True,
     device: str = "cpu",
     checkpoint: str = "checkpoint_final.pth",
+    whole_volume: bool = False,
 ) -> dict:
     """Simulate clicks, predict and evaluate every (points, position) setting; returns :func:`run_evaluation`'s
     summary (one run per setting, named ``<n>pt_<position>``). Raises :class:`EvaluationError` if a case failed."""
@@ -130,7 +133,9 @@ def run_prompted_evaluation(
 
     output_folder = Path(output_folder)
     dataset_json = Path(model_folder) / "dataset.json"
-    predictor = initialize_predictor(str(model_folder), list(folds), checkpoint, mirroring=mirroring, device=device)
+    predictor = initialize_predictor(
+        str(model_folder), list(folds), checkpoint, mirroring=mirroring, device=device, whole_volume=whole_volume
+    )
     names, folders = [], []
     for n in num_points:
         for position in positions:
@@ -166,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nsd-tolerance", type=float, default=DEFAULT_NSD_TOLERANCE_MM, help="NSD tolerance in mm")
     parser.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
     parser.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="device")
+    parser.add_argument(
+        "--whole-volume",
+        action="store_true",
+        help="predict every sliding-window patch (default: one patch centred on the clicks, 3DSAM-adapter's test "
+        "protocol)",
+    )
     return parser
 
 
@@ -187,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.nsd_tolerance,
             not args.disable_tta,
             args.device,
+            whole_volume=args.whole_volume,
         )
     except (EvaluationError, UnusableInputError) as error:
         print(f"nnunet_sam_prompted_eval: error: {error}", file=sys.stderr)

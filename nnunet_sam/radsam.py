@@ -8,12 +8,16 @@ the slice axis):
 * :func:`segment_from_prompt` segments slice i from a point, box or mask prompt, then uses each slice's mask as the
   mask prompt of the next slice, up to the upper and down to the lower boundary slice (inclusive), never beyond;
 * :func:`edit` applies correction clicks: slice j is re-segmented from its current mask and all clicks on it, then
-  the slices from j outward (away from the seed slice, up to the boundary) are segmented again, each from the new
-  mask of its neighbour plus the clicks stored on it earlier. Slices between the seed and j do not change;
-* :func:`from_mask` starts editing from an existing 3D mask (e.g. one class of any nnU-Net model's prediction).
+  propagation starts again from j in both directions, each slice from the new mask of its neighbour plus the
+  clicks stored on it earlier, up to the boundary or up to (not including) the nearest slice the user fixed: the
+  prompt slice of :func:`segment_from_prompt` and every slice holding a click. So a click beyond a slice where
+  propagation had died fills the gap back to the fixed slice, and a click never undoes another click's slice;
+* :func:`from_mask` starts editing from an existing 3D mask (e.g. one class of any nnU-Net model's prediction);
+  no slice of it is fixed, so a click re-propagates both ways to the boundaries.
 
-A slice whose neighbour's mask is empty and that holds no click stays empty (the structure has ended). All of it
-is deterministic: the same inputs give the same mask.
+A slice whose neighbour's mask is empty and that holds no click stays empty: towards a boundary the structure has
+ended, so the slices beyond are emptied; towards a fixed slice (which holds the structure) propagation just stops
+and the slices up to it keep their masks. All of it is deterministic: the same inputs give the same mask.
 
 Console command ``nnunet_sam_radsam``: reads an image with nnU-Net's reader, preprocesses it as the model's plans say,
 reads a prompt file (see :func:`read_prompt_file`), and writes the 3D mask with the image's geometry through
@@ -70,12 +74,20 @@ class Correction:
 
 @dataclass(frozen=True)
 class Segmentation3D:
-    """A 3D mask (Z, Y, X) bool with what produced it: the seed slice, the inclusive boundaries and the clicks."""
+    """A 3D mask (Z, Y, X) bool with what produced it: the seed slice, the inclusive boundaries and the clicks.
+
+    ``seed_fixed``: the seed slice was segmented from the user's prompt (:func:`segment_from_prompt`), so edits
+    do not propagate through it; False for a mask from elsewhere (:func:`from_mask`)."""
 
     mask: np.ndarray
     seed: int
     boundaries: tuple[int, int]
     corrections: tuple[Correction, ...] = ()
+    seed_fixed: bool = True
+
+    def fixed_slices(self) -> set[int]:
+        """Slices the user fixed: the prompt slice (if any) and every slice holding a click."""
+        return {c.slice for c in self.corrections} | ({self.seed} if self.seed_fixed else set())
 
 
 def check_prompt(prompt: Prompt, boundaries: tuple[int, int], shape: Sequence[int]) -> None:
@@ -189,12 +201,33 @@ def _clicks_on(corrections: Sequence[Correction], z: int) -> list[tuple[float, f
     return [(c.y, c.x, c.positive) for c in corrections if c.slice == z]
 
 
-def _propagate(model: SliceModel, mask: np.ndarray, start: int, stop: int, corrections: Sequence[Correction]) -> None:
-    """Segment slices start + step .. stop (inclusive, step +-1) in place, each from its neighbour's mask."""
+def _propagate(
+    model: SliceModel,
+    mask: np.ndarray,
+    start: int,
+    stop: int,
+    corrections: Sequence[Correction],
+    fixed: set[int] = frozenset(),
+) -> None:
+    """Segment slices start + step .. stop (inclusive, step +-1) in place, each from its neighbour's mask.
+
+    Stops before the first slice in ``fixed``. Once a slice comes out empty without a click, the structure has
+    ended: the slices up to ``stop`` are emptied, unless a fixed slice lies that way (the structure continues
+    there), in which case they are left as they were.
+    """
     step = 1 if stop >= start else -1
-    for z in range(start + step, stop + step, step):
+    ahead = [z for z in range(start + step, stop + step, step)]
+    towards_fixed = any(z in fixed for z in ahead)
+    for z in ahead:
+        if z in fixed:
+            return
         previous, clicks = mask[z - step], _clicks_on(corrections, z)
-        mask[z] = model.predict(z, clicks, mask=previous) if previous.any() or clicks else False
+        if not previous.any() and not clicks:
+            if towards_fixed:
+                return
+            mask[z] = False
+            continue
+        mask[z] = model.predict(z, clicks, mask=previous)
 
 
 def segment_from_prompt(model: SliceModel, prompt: Prompt, boundaries: tuple[int, int]) -> Segmentation3D:
@@ -230,11 +263,21 @@ def from_mask(mask: np.ndarray, boundaries: tuple[int, int] | None = None) -> Se
     inside = mask.copy()
     inside[:lo] = False
     inside[hi + 1 :] = False
-    return Segmentation3D(inside, seed, (int(lo), int(hi)))
+    return Segmentation3D(inside, seed, (int(lo), int(hi)), seed_fixed=False)
 
 
-def edit(model: SliceModel, segmentation: Segmentation3D, corrections: Sequence[Correction]) -> Segmentation3D:
-    """Apply correction clicks one after the other (see the module docstring); returns a new Segmentation3D."""
+def edit(
+    model: SliceModel,
+    segmentation: Segmentation3D,
+    corrections: Sequence[Correction],
+    through_clicks: bool = False,
+) -> Segmentation3D:
+    """Apply correction clicks one after the other (see the module docstring); returns a new Segmentation3D.
+
+    ``through_clicks``: the paper's other reading: propagation passes slices holding earlier clicks, re-segmenting
+    each from its neighbour's new mask plus its clicks, and stops only at the boundaries and the prompt slice
+    (default False: it stops before a clicked slice, which keeps the mask the user's clicks made).
+    """
     z_count, h, w = model.shape
     lo, hi = segmentation.boundaries
     mask = segmentation.mask.copy()
@@ -246,11 +289,12 @@ def edit(model: SliceModel, segmentation: Segmentation3D, corrections: Sequence[
         stored.append(c)
         j = c.slice
         mask[j] = model.predict(j, _clicks_on(stored, j), mask=mask[j])
-        if j >= segmentation.seed:
-            _propagate(model, mask, j, hi, stored)
-        if j <= segmentation.seed:
-            _propagate(model, mask, j, lo, stored)
-    return Segmentation3D(mask, segmentation.seed, (lo, hi), tuple(stored))
+        current = replace(segmentation, corrections=tuple(stored))
+        fixed = ({current.seed} if current.seed_fixed else set()) if through_clicks else current.fixed_slices()
+        fixed = fixed - {j}
+        _propagate(model, mask, j, hi, stored, fixed)
+        _propagate(model, mask, j, lo, stored, fixed)
+    return replace(segmentation, mask=mask, corrections=tuple(stored))
 
 
 # ---- model folders, images and prompt files ---------------------------------------------------------------------

@@ -409,3 +409,23 @@ def test_float_label_files_with_integer_values_are_converted(nnunet_env, convert
     out = convert() or next((nnunet_env / "raw").glob("Dataset*"))
     written = [p for sub in ("labelsTr", "labelsTs") for p in (out / sub).glob(f"*{case}.nii.gz")]
     assert len(written) == 1 and np.issubdtype(_array(written[0]).dtype, np.integer) and _array(written[0]).max() > 0
+
+
+def test_abdomenct1k_converter_keeps_named_labels_as_test_cases(nnunet_env):
+    from nnunet_sam.dataset_conversion.abdomenct1k import convert_abdomenct1k
+    from nnunet_sam.dataset_conversion.common import ConversionError
+    from nnunet_sam.pansam_eval import dataset_target
+
+    tmp_path = nnunet_env
+    for k, part in ((1, "Part1"), (2, "Part1"), (3, "Part2")):
+        write(volume(k), tmp_path / part / f"Case_{k:05d}_0000.nii.gz")
+        write(volume(100 + k, values=4), tmp_path / "Mask" / f"Case_{k:05d}.nii.gz")
+    write(volume(9), tmp_path / "Part2" / "Case_00009_0000.nii.gz")  # unlabelled part of the download
+    with pytest.raises(ConversionError, match="image without label"):
+        convert_abdomenct1k([tmp_path / "Part1", tmp_path / "Part2"], tmp_path / "Mask")
+    out = convert_abdomenct1k([tmp_path / "Part1", tmp_path / "Part2"], tmp_path / "Mask", skip_unlabelled=True)
+    assert sorted(p.name for p in (out / "imagesTs").iterdir()) == [f"Case_{k:05d}_0000.nii.gz" for k in (1, 2, 3)]
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTs" / "Case_00002.nii.gz")))
+    source = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "Mask" / "Case_00002.nii.gz")))
+    np.testing.assert_array_equal(label, source)  # values kept: 4 is the pancreas
+    assert dataset_target("a1k", out / "imagesTs", out / "labelsTs", "pancreas") == 4

@@ -19,6 +19,7 @@ from nnunet_sam.losses import FocalDiceLoss
 from nnunet_sam.network_architectures.pansam import STAGE_OUTPUT, PanSAMNetwork, PanSAMOptions, clahe_slices
 from nnunet_sam.phantoms import make_phantom_dataset
 from nnunet_sam.prompting.pansam_points import (
+    LEGACY_POINTS,
     PointPromptConfig,
     background_mask,
     border,
@@ -91,7 +92,8 @@ def test_points_lie_in_their_masks_with_fixed_counts_and_labels():
 def test_points_are_x_then_y_as_sam_expects():
     prob = torch.zeros(1, 64, 64)
     prob[:, 2:26, 40:62] = 1.0  # rows 2..25, columns 40..61: disjoint ranges, a swap cannot pass
-    points, labels = generate_points(prob, 64, PointPromptConfig(num_background=0, num_trivial_background=0))
+    config = PointPromptConfig(num_foreground=2, num_border=2, num_background=0, num_trivial_background=0)
+    points, labels = generate_points(prob, 64, config)
     assert labels.tolist() == [[1, 1, 1, 1]]
     assert bool(((points[..., 0] >= 40) & (points[..., 0] <= 61)).all()), f"x must be the column: {points}"
     assert bool(((points[..., 1] >= 2) & (points[..., 1] <= 25)).all()), f"y must be the row: {points}"
@@ -123,7 +125,7 @@ def test_background_points_follow_the_probability():
     prob = _square()
     prob[prob < 0.5] = 0.0
     prob[:, 44, 3] = 0.3  # the only background pixel with probability > 0: every weighted point lands there
-    config = PointPromptConfig(num_background=6)
+    config = PointPromptConfig(num_foreground=2, num_border=2, num_background=6)
     points, labels = generate_points(prob, 48, config, torch.Generator().manual_seed(0))
     rc = to_pixels(points[0, 4:10], 48, (48, 48))
     assert rc.tolist() == [[44, 3]] * 6 and labels[0, 4:10].tolist() == [0] * 6
@@ -136,7 +138,7 @@ def test_background_points_follow_the_probability():
 
 def test_empty_and_full_maps_fall_back_to_padding_points():
     maps = torch.stack([torch.zeros(32, 32), torch.ones(32, 32)])
-    points, labels = generate_points(maps, 64)
+    points, labels = generate_points(maps, 64, LEGACY_POINTS)
     assert labels.tolist() == [[-1, -1, -1, -1, 0, 0, 0, 0], [1, 1, -1, -1, -1, -1, -1, -1]]  # a full map has no border
     assert bool(torch.isfinite(points).all())
     assert bool((points[labels == -1] == 31.5).all()), "padding points sit at the image centre"
@@ -226,7 +228,8 @@ def test_batch_items_are_independent_and_points_follow_each_reference():
     for row in range(8):  # (item, slice) rows: foreground points inside that item's own reference
         fg = labels[row] == 1
         if not bool(ref[row].any()):  # item 1 has no structure in slice 0: no foreground point there
-            assert not bool(fg.any()) and labels[row, :4].tolist() == [-1] * 4
+            fg_rows = net.options.points.num_foreground + net.options.points.num_border
+            assert not bool(fg.any()) and labels[row, :fg_rows].tolist() == [-1] * fg_rows
             continue
         assert bool(fg.any()) and bool(ref[row][rc[row, fg, 0], rc[row, fg, 1]].all()), f"row {row}"
     assert out["semantic"].shape == (2, 2, *PATCH)
@@ -464,3 +467,74 @@ def test_eval_refuses_unknown_rows(tmp_path):
 
     with pytest.raises(ValueError, match="unknown rows"):
         evaluate(tmp_path, [("x", tmp_path, tmp_path)], rows=["stage4"])
+
+
+# ---- zero-shot datasets: the target is found by name ------------------------------------------------------------
+def _raw_dataset(root: Path, labels: dict | None) -> tuple[Path, Path]:
+    (root / "imagesTs").mkdir(parents=True)
+    (root / "labelsTs").mkdir()
+    if labels is not None:
+        (root / "dataset.json").write_text(json.dumps({"labels": labels}))
+    return root / "imagesTs", root / "labelsTs"
+
+
+def test_zero_shot_target_is_looked_up_by_name_or_refused(tmp_path):
+    from nnunet_sam.pansam_eval import DatasetLabelError, dataset_target
+
+    a1k = _raw_dataset(tmp_path / "a1k", {"background": 0, "liver": 1, "kidney": 2, "spleen": 3, "pancreas": 4})
+    # the pancreas of a model whose dataset.json says pancreas = 1 is label 4 there, not the liver (1)
+    assert dataset_target("a1k", *a1k, "pancreas") == 4
+    assert dataset_target("a1k", *a1k, "Pancreas") == 4
+    assert dataset_target("a1k", *a1k, "pancreas", given="spleen") == 3  # by hand: a name of that dataset
+    assert dataset_target("a1k", *a1k, "pancreas", given="2") == 2  # or a value
+    with pytest.raises(DatasetLabelError, match="no label named 'tumour'.*--target-label a1k"):
+        dataset_target("a1k", *a1k, "tumour")
+    with pytest.raises(DatasetLabelError, match="no such label name"):
+        dataset_target("a1k", *a1k, "pancreas", given="stomach")
+    unnamed = _raw_dataset(tmp_path / "unnamed", None)
+    with pytest.raises(DatasetLabelError, match="not named.*--target-label other VALUE"):
+        dataset_target("other", *unnamed, "pancreas")
+    assert dataset_target("other", *unnamed, "pancreas", given=7) == 7
+    # images elsewhere (e.g. intensity-shifted copies): the labels' dataset folder names them
+    assert dataset_target("a1k", tmp_path / "elsewhere", a1k[1], "pancreas") == 4
+
+
+# ---- the paper's point count; windows of a physical size --------------------------------------------------------
+def test_default_is_four_points_one_per_source_and_old_models_keep_eight():
+    import dataclasses
+
+    config = PointPromptConfig()
+    assert config.num_points == 4  # the paper's Table 3
+    points, labels = generate_points(_square(), 48, config, torch.Generator().manual_seed(0))
+    assert labels.tolist() == [[1, 1, 0, 0]]  # core, border, hard background, trivial background
+    legacy = {f.name: f.metadata["legacy"] for f in dataclasses.fields(PointPromptConfig) if "legacy" in f.metadata}
+    assert PointPromptConfig(**legacy) == LEGACY_POINTS and LEGACY_POINTS.num_points == 8
+    points_field = next(f for f in dataclasses.fields(PanSAMOptions) if f.name == "points")
+    assert points_field.metadata["legacy"] == LEGACY_POINTS
+
+
+def test_windows_keep_their_physical_size_at_any_spacing():
+    config = PointPromptConfig(window_unit_mm=1.6)
+    assert config.in_pixels(None) == config  # no spacing known: map pixels
+    fine = config.in_pixels((0.8, 0.8))  # 0.8 mm pixels: 10 and 5 windows of 1.6 mm = 20 and 10 px
+    assert (fine.erosion, fine.dilation, fine.window_unit_mm) == ((20, 20), (10, 10), None)
+    coarse = config.in_pixels((1.6, 3.2))  # anisotropic rows / columns: a rectangle of the same millimetres
+    assert (coarse.erosion, coarse.dilation) == ((10, 5), (5, 2))
+    assert LEGACY_POINTS.in_pixels((0.8, 0.8)) == LEGACY_POINTS  # old models: pixels of the map, as before
+    # the same physical square (25.6 mm) eroded at two spacings leaves the same physical core
+    extent = {}
+    for spacing, size in ((0.8, 64), (1.6, 32)):
+        prob = torch.zeros(1, size, size)
+        side = round(25.6 / spacing)
+        prob[:, 4 : 4 + side, 4 : 4 + side] = 0.9
+        core = foreground_mask(prob, config.in_pixels((spacing, spacing)))
+        extent[spacing] = len(_rows_cols(core)[0]) * spacing
+    assert extent == {0.8: pytest.approx(17.6), 1.6: pytest.approx(17.6)}  # (32 - 19 + 9) px x 0.8 mm
+
+
+def test_network_converts_windows_with_the_plans_spacing():
+    net = PanSAMNetwork("tiny", 1, 2, PATCH, 32)
+    assert net.pixel_spacing is None
+    net.set_pixel_spacing([3.0, 0.8, 0.8])
+    assert net.pixel_spacing == (0.8, 0.8)
+    assert net.options.points.in_pixels(net.pixel_spacing).erosion == (20, 20)

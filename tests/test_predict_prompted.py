@@ -182,6 +182,7 @@ def test_clicked_voxels_come_back_with_their_class(tmp_path, coordinates):
         position = voxel if coordinates == "voxel" else list(image.TransformIndexToPhysicalPoint(voxel[::-1]))
         points.append({"position": position, "label": label})
     predictor = _predictor()
+    predictor.crop_to_clicks = False  # clicks further apart than a patch: every window (--whole-volume)
     failures = predict_prompted(
         predictor, str(tmp_path / "in"), _points_file(tmp_path / "p.json", {"case": points}, coordinates),
         str(tmp_path / "out"),
@@ -235,3 +236,54 @@ def test_unusable_points_file_stops_before_predicting(tmp_path, capsys, content,
     assert main(["-i", str(tmp_path), "-o", str(tmp_path / "out"), "-points", str(tmp_path / "p.json"), "-m", "x"]) == 2
     assert re.search(message, capsys.readouterr().err)  # before the (here missing) model folder is read
     assert not (tmp_path / "out").exists()
+
+
+# ---- 3DSAM-adapter's test protocol: one patch centred on the clicks ----------------------------------------------
+class Flood(Painter):
+    """Paints its whole patch with the class of its first click (logit 5), so a prediction shows which patches ran."""
+
+    def forward(self, x: torch.Tensor, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x, points, labels)
+        for b in range(x.shape[0]):
+            clicked = labels[b][labels[b] > 0]
+            if len(clicked):
+                out[b, int(clicked[0])] = 5
+        return out
+
+
+def test_default_predicts_one_patch_centred_on_the_clicks_and_nothing_outside(tmp_path):
+    predictor = _predictor()
+    predictor.network = Flood(3)
+    assert predictor.crop_to_clicks, "the crop is the default protocol"
+    image = torch.rand(1, 40, 36, 44)
+    predictor.points = torch.tensor([[20.0, 10, 30], [24, 16, 26]])
+    predictor.point_labels = torch.tensor([1, 2])
+    seg = predictor.predict_sliding_window_return_logits(image).argmax(0)
+    inside = torch.zeros(40, 36, 44, dtype=torch.bool)
+    inside[15:31, 6:22, 21:37] = True  # 16^3 centred on the clicks' box centre (22, 13, 28): its voxel 7.5
+    assert bool((seg[inside] > 0).all()) and not bool((seg[~inside] > 0).any()), "exactly the crop, nothing outside"
+    assert len(predictor.network.calls) == 8, "one patch, 8 mirrorings"
+    assert all(labels[0].tolist() == [1, 2] for _, labels in predictor.network.calls), "both clicks in the crop"
+    torch.testing.assert_close(predictor.network.calls[0][0][0, 0], torch.tensor([5.0, 4, 9]))
+
+    # a click at the border: the crop moves inside the image
+    predictor.network.calls.clear()
+    predictor.points, predictor.point_labels = torch.tensor([[1.0, 34, 2]]), torch.tensor([1])
+    seg = predictor.predict_sliding_window_return_logits(image).argmax(0)
+    assert bool((seg[:16, 20:, :16] == 1).all()) and int((seg > 0).sum()) == 16**3
+
+    # --whole-volume: every sliding window, each with the clicks inside it, so windows beyond the crop paint too
+    predictor.network.calls.clear()
+    predictor.crop_to_clicks = False
+    predictor.points, predictor.point_labels = torch.tensor([[20.0, 10, 30], [24, 16, 26]]), torch.tensor([1, 2])
+    seg = predictor.predict_sliding_window_return_logits(image).argmax(0)
+    assert len(predictor.network.calls) > 8 and bool((seg[~inside] > 0).any())
+
+
+def test_clicks_that_do_not_fit_the_crop_are_reported(capsys):
+    predictor = _predictor(mirroring=False)
+    predictor.network = Flood(3)
+    predictor.points = torch.tensor([[2.0, 2, 2], [37, 33, 41]])
+    predictor.point_labels = torch.tensor([1, 2])
+    predictor.predict_sliding_window_return_logits(torch.rand(1, 40, 36, 44))
+    assert "2 of 2 click(s) lie outside the [16, 16, 16] patch" in capsys.readouterr().err

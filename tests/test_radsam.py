@@ -241,14 +241,14 @@ def test_edit_changes_only_from_the_edited_slice_outward():
     seg = segment_from_prompt(model, Prompt("box", 5, box=(4, 4, 11, 11)), (1, 10))
     model.calls.clear()
     edited = edit(model, seg, [Correction(7, 6, 9, positive=False)])
-    assert sorted(z for z, _ in model.calls) == [7, 8, 9, 10]
+    assert sorted(z for z, _ in model.calls) == [6, 7, 8, 9, 10], "both ways, down to the prompt slice 5"
     np.testing.assert_array_equal(edited.mask[:7], seg.mask[:7])
     assert not edited.mask[7, :, 9].any() and seg.mask[7, :, 9].any()
     assert edited.mask[8:11].any() and not edited.mask[11:].any()
     # below the seed: only slices 3 .. 1 change
     model.calls.clear()
     below = edit(model, edited, [Correction(3, 6, 5, positive=False)])
-    assert sorted(z for z, _ in model.calls) == [1, 2, 3]
+    assert sorted(z for z, _ in model.calls) == [1, 2, 3, 4]
     np.testing.assert_array_equal(below.mask[4:], edited.mask[4:])
     assert not below.mask[3, :, 5].any() and below.mask[3, :, 9].all() == edited.mask[3, :, 9].all()
 
@@ -258,7 +258,11 @@ def test_earlier_corrections_are_reused_when_their_slice_is_reached_again():
     seg = segment_from_prompt(model, Prompt("point", 5, point=(8, 8)), (0, 11))
     seg = edit(model, seg, [Correction(8, 6, 10, positive=False)])
     model.calls.clear()
-    seg = edit(model, seg, [Correction(6, 6, 4, positive=False)])
+    stopped = edit(model, seg, [Correction(6, 6, 4, positive=False)])
+    assert sorted(z for z, _ in model.calls) == [6, 7], "stops before slice 8 (a click) and the prompt slice 5"
+    assert not stopped.mask[8, :, 10].any()
+    model.calls.clear()
+    seg = edit(model, seg, [Correction(6, 6, 4, positive=False)], through_clicks=True)
     assert (8, ((6, 10, False),)) in model.calls, "slice 8 must be re-segmented with its earlier click"
     assert not seg.mask[8, :, 10].any() and not seg.mask[6, :, 4].any()
     assert len(seg.corrections) == 2
@@ -272,6 +276,51 @@ def test_an_edit_on_the_seed_slice_repropagates_both_ways():
     assert sorted(z for z, _ in model.calls) == [2, 3, 4, 5, 6, 7, 8, 9]
 
 
+class DyingPropagation(FakeSlices):
+    """A structure that moves one column per slice; propagating upward loses it at slice ``dies`` (the mask prompt
+    from slice dies - 1 gives an empty mask there), downward and with a click it is found."""
+
+    def __init__(self, depth: int = 30, dies: int = 15) -> None:
+        truth = np.zeros((depth, 16, 40), dtype=bool)
+        for z in range(depth):
+            truth[z, 4:12, z : z + 8] = True
+        super().__init__(truth)
+        self.dies = dies
+
+    def predict(self, z, clicks=(), box=None, mask=None):
+        came_from_below = mask is not None and np.array_equal(mask, self.truth[z - 1])
+        if z == self.dies and came_from_below and not clicks:
+            self.calls.append((z, ()))
+            return np.zeros_like(self.truth[z])
+        return super().predict(z, clicks, box, mask)
+
+
+def test_a_click_beyond_a_gap_fills_it_back_to_the_prompt_slice():
+    model = DyingPropagation()
+    seg = segment_from_prompt(model, Prompt("point", 10, point=(8, 12)), (0, 29))
+    present = seg.mask.any(axis=(1, 2))
+    assert present[:15].all() and not present[15:].any(), "the stand-in's propagation dies at slice 15"
+    model.calls.clear()
+    edited = edit(model, seg, [Correction(20, 8, 22, positive=True)])
+    np.testing.assert_array_equal(edited.mask, model.truth)  # 15-19 filled downward from 20, 21-29 upward
+    # down to slice 11, not through the prompt slice 10
+    assert sorted(z for z, _ in model.calls) == list(range(11, 30))
+
+
+def test_propagation_towards_a_fixed_slice_stops_where_it_dies():
+    model = DyingPropagation(dies=16)
+    seg = segment_from_prompt(model, Prompt("point", 10, point=(8, 12)), (0, 29))
+    seg = edit(model, seg, [Correction(25, 8, 27, positive=True)])  # fills 16-29 (downward from 25 reaches 17..11)
+    np.testing.assert_array_equal(seg.mask, model.truth)
+    # negative clicks on 13 that finally empty it: going up (towards the click on 25) propagation stops at once
+    # and 14-24 keep their masks; going down (towards the prompt slice) it stops too and 11-12 keep theirs
+    model.dies = None
+    removed = edit(model, seg, [Correction(13, 8, x, positive=False) for x in range(13, 21)])
+    assert not removed.mask[13].any()
+    np.testing.assert_array_equal(removed.mask[14:], model.truth[14:])
+    np.testing.assert_array_equal(removed.mask[:13], model.truth[:13])
+
+
 def test_seeding_from_an_existing_mask():
     auto = _cylinder()
     auto[:2] = False
@@ -279,7 +328,7 @@ def test_seeding_from_an_existing_mask():
     assert seg.boundaries == (2, 11) and 2 <= seg.seed <= 11
     model = FakeSlices(_cylinder())
     edited = edit(model, seg, [Correction(11, 5, 5, positive=False)])
-    assert sorted(z for z, _ in model.calls) == [11]
+    assert sorted(z for z, _ in model.calls) == list(range(2, 12)), "no slice of a given mask is fixed"
     with pytest.raises(PromptError, match="empty"):
         from_mask(np.zeros((3, 4, 4), dtype=bool))
     np.testing.assert_array_equal(edited.mask[:11], auto[:11])
@@ -440,7 +489,8 @@ def test_trained_tiny_radsam_segments_from_one_prompt_and_edits_improve_dice(tmp
     mask = sitk.GetArrayFromImage(written) > 0
     assert not mask[: zs[0]].any() and not mask[zs[-1] + 1 :].any(), "the mask left the boundaries"
 
-    # editing an existing 3D mask (here the reference): a click on the top slice changes nothing below it
+    # editing an existing 3D mask (here the reference): a click on the top slice re-propagates from there, within
+    # the boundaries (no slice of a given mask is fixed)
     top = int(zs[-1])
     ys, xs = np.nonzero(liver[top])
     click = {"corrections": [{"slice": top, "point": [int(ys[0]), int(xs[0])], "positive": False}]}
@@ -449,4 +499,100 @@ def test_trained_tiny_radsam_segments_from_one_prompt_and_edits_improve_dice(tmp
     cmd = [sys.executable, "-m", "nnunet_sam.radsam", "-i", str(image), "-o", str(edited_file), "-m", str(model)]
     run_tool(cmd + start + ["--prompt", _prompt_file(tmp_path, click)], env)
     edited = sitk.GetArrayFromImage(sitk.ReadImage(str(edited_file))) > 0
-    np.testing.assert_array_equal(edited[:top], liver[:top])
+    assert not edited[top + 1 :].any() and not edited[: zs[0]].any(), "the edit left the boundaries"
+    print("Dice of the edited reference vs the reference:", 2 * (edited & liver).sum() / (edited.sum() + liver.sum()))
+
+
+# ---- the paper's training recipe: oracle multi-mask loss, random HU windows, AdamW -------------------------------
+def test_oracle_loss_is_the_primary_plus_the_best_of_the_other_three():
+    from nnunet_sam.losses import dice_bce_per_mask, oracle_multimask_loss
+
+    target = torch.zeros(1, 1, 16, 16)
+    target[0, 0, 4:12, 4:12] = 1
+    good = torch.where(target[0, 0] > 0, 8.0, -8.0)  # right everywhere
+    bad = -good  # wrong everywhere
+    half = good.clone()
+    half[:8] = -8.0  # right in the lower half only
+    # primary = half; others: bad, good, bad -> primary's loss + the good one's
+    logits = torch.stack([half, bad, good, bad])[None, None, None].clone().requires_grad_(True)  # (S, B, K, 4, ...)
+    loss = RadSAMLoss()(logits, target)
+    ref = target[0, 0].flatten()
+    per_mask = dice_bce_per_mask(torch.stack([half, bad, good, bad]).flatten(1), ref)
+    assert per_mask[2] < per_mask[0] < per_mask[1] == per_mask[3]
+    assert loss.item() == pytest.approx((per_mask[0] + per_mask[2]).item(), rel=1e-6)
+    loss.backward()
+    grads = logits.grad[0, 0, 0].flatten(1).abs().sum(1)
+    assert grads[0] > 0 and grads[2] > 0 and grads[1] == 0 and grads[3] == 0, "only primary and best get gradient"
+    torch.testing.assert_close(oracle_multimask_loss(torch.tensor([[1.0, 5.0, 2.0, 3.0]])), torch.tensor([3.0]))
+    # single-mask logits keep the old loss (Dice + BCE of the one mask)
+    single = RadSAMLoss()(half[None, None, None], target)
+    assert single.item() == pytest.approx(per_mask[0].item(), rel=1e-6)
+
+
+def test_training_forward_returns_sams_four_masks_and_old_models_one():
+    import dataclasses
+
+    from nnunet_sam.network_architectures.radsam import RadSAMOptions
+
+    torch.manual_seed(0)
+    reference = torch.zeros(2, 32, 32, dtype=torch.bool)
+    reference[:, 8:24, 8:24] = True
+    for multimask, shape in ((True, (3, 2, 1, 4, 32, 32)), (False, (3, 2, 1, 32, 32))):
+        net = RadSAMNetwork("tiny", 1, [32, 32], 32, options=RadSAMOptions(multimask_training=multimask)).train()
+        out = net(torch.randn(2, 1, 32, 32), interaction=SimulatedInteraction(reference, rounds=2))
+        assert out.shape == shape
+    # the primary of the four masks is exactly the single-mask output of the same prompts
+    net.eval()
+    prompts = Prompts.empty(2, 32, 32).with_points(torch.full((2, 2), 12.0), torch.tensor([1, 1]))
+    with torch.no_grad():
+        embedding = net.embed(torch.randn(2, 1, 32, 32))
+        four, one = net.decode_prompts(embedding, prompts, True), net.decode_prompts(embedding, prompts)
+    torch.testing.assert_close(four[:, :, 0], one)
+    legacy = {f.name: f.metadata["legacy"] for f in dataclasses.fields(RadSAMOptions)}
+    assert legacy == {"multimask_training": False}  # models saved before the oracle loss: primary mask only
+
+
+def test_random_hu_windows_differ_between_batches_and_hit_their_window():
+    from nnunet_sam.network_architectures.radsam import apply_windows, random_ct_windows
+
+    props = {"0": {"mean": 80.0, "std": 120.0}}
+    schemes = ["CTNormalization", "ZScoreNormalization"]
+    windows = intensity_windows(schemes, props)
+    generator = torch.Generator().manual_seed(0)
+    first = random_ct_windows(windows, schemes, props, (-500.0, 1000.0), 0.1, 4, generator)
+    second = random_ct_windows(windows, schemes, props, (-500.0, 1000.0), 0.1, 4, generator)
+    assert not torch.equal(first, second) and len({tuple(r) for r in first[:, 0].tolist()}) == 4
+    assert torch.equal(first[:, 1], torch.tensor([[1.0, 0.0]] * 4)), "non-CT channels are left alone"
+    # what the network then sees: clip((HU - low') / (high' - low')) with bounds within 10 % of the width (150 HU)
+    hu = torch.tensor([-700.0, -650.0, -350.0, 850.0, 1150.0, 1200.0])
+    x = torch.stack([(hu - 80) / 120, torch.zeros_like(hu)])[None].expand(4, -1, -1)  # (B, M, N)
+    seen = apply_windows(x, first)[:, 0] * windows[0][0] + windows[0][1]
+    assert bool((seen[:, 0] < 0).all() and (seen[:, 2] > 0).all() and (seen[:, 3] < 1).all() and (seen[:, 5] > 1).all())
+    total_scale = windows[0][0] * first[:, 0, 0]
+    total_shift = windows[0][0] * first[:, 0, 1] + windows[0][1]
+    low, high = 80 - 120 * total_shift / total_scale, 80 + 120 * (1 - total_shift) / total_scale  # seen 0 and 1
+    assert bool(((low + 500).abs() <= 150 + 1e-3).all() and ((high - 1000).abs() <= 150 + 1e-3).all())
+    assert len({round(v, 3) for v in low.tolist()}) == 4
+    identity = random_ct_windows(windows, schemes, props, (-500.0, 1000.0), 0.0, 2)
+    assert torch.equal(identity, torch.tensor([[[1.0, 0.0]] * 2] * 2))
+
+
+def test_adamw_variant_for_the_full_fine_tune():
+    from nnunet_sam.trainers.radsam import RadSAMTrainer, RadSAMTrainer_AdamW
+
+    assert RadSAMTrainer.optimizer_name == "sgd", "nnU-Net's SGD stays the default"
+    assert RadSAMTrainer_AdamW.optimizer_name == "adamw" and RadSAMTrainer_AdamW.learning_rate == 1e-5
+
+
+def test_trainer_varies_the_ct_window_of_each_training_slice(tmp_path, monkeypatch):
+    for var in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    plans = minimal_plans([32, 32], "2d")
+    plans["configurations"]["2d"]["normalization_schemes"] = ["CTNormalization"]
+    plans["foreground_intensity_properties_per_channel"] = {"0": {"mean": 80.0, "std": 120.0}}
+    trainer = RadSAMTrainer_tiny(plans, "2d", 0, dataset_json(2), torch.device("cpu"))
+    data = torch.linspace(-5, 5, 32 * 32).reshape(1, 1, 32, 32).repeat(2, 1, 1, 1)  # two identical slices
+    first, second = trainer.random_hu_windows(data), trainer.random_hu_windows(data)
+    assert not torch.equal(first, second) and not torch.equal(first[0], first[1]), "per slice and per batch"
+    trainer.hu_window_jitter = 0.0
+    torch.testing.assert_close(trainer.random_hu_windows(data), data)

@@ -4,8 +4,10 @@ A 2D promptable SAM trained on nnU-Net's 2d batches with prompts simulated from 
 (:class:`~nnunet_sam.prompting.radsam_prompts.SimulatedInteraction`): every foreground class of a slice is one
 structure with its own prompt (a point inside it, a perturbed box or a noisy mask, drawn at random), followed by
 ``correction_rounds`` rounds of one correction click each with the previous prediction as the mask prompt. Loss:
-Dice + BCE over all rounds; structures with fewer than 15 pixels on a slice are left out. The 3D product (one prompt
--> a 3D mask, editing) is :mod:`nnunet_sam.radsam`; ``nnUNetv2_predict`` cannot run a promptable model.
+Dice + BCE over all rounds, on SAM's primary mask plus the best of its three other masks (the paper's oracle loss,
+``options.multimask_training``); structures with fewer than 15 pixels on a slice are left out. CT windows are
+varied at random per training slice (``hu_window_jitter``). The 3D product (one prompt -> a 3D mask, editing) is
+:mod:`nnunet_sam.radsam`; ``nnUNetv2_predict`` cannot run a promptable model.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnunet_sam.network_architectures.radsam import RadSAMLoss, RadSAMNetwork, RadSAMOptions, intensity_windows
+from nnunet_sam.network_architectures.radsam import (
+    RadSAMLoss,
+    RadSAMNetwork,
+    RadSAMOptions,
+    apply_windows,
+    intensity_windows,
+    random_ct_windows,
+)
 from nnunet_sam.prompting.radsam_prompts import (
     MIN_LABEL_PIXELS,
     SimulatedInteraction,
@@ -34,10 +43,13 @@ class RadSAMTrainer(SAMTrainer):
     """
 
     network_class = RadSAMNetwork
-    options: RadSAMOptions = RadSAMOptions()  # CT window (the paper's [-500, 1000] HU)
+    options: RadSAMOptions = RadSAMOptions()  # CT window (the paper's [-500, 1000] HU), multi-mask loss
     max_depth = 1
     max_tiles = 4
     correction_rounds: int = 2
+    # Training only: each bound of the CT window moves by up to this fraction of its width, at random per slice
+    # (the paper varies the window as augmentation; it gives no range). 0 turns it off.
+    hu_window_jitter: float = 0.1
 
     def __init__(
         self,
@@ -87,7 +99,23 @@ class RadSAMTrainer(SAMTrainer):
     def train_step(self, batch: dict) -> dict:
         """One structure per slice (:func:`pick_structures`) with simulated prompts and correction rounds."""
         target = pick_structures(batch["target"].to(self.device), self.label_manager.num_segmentation_heads)
-        return super().train_step({**batch, "target": target})
+        return super().train_step({**batch, "data": self.random_hu_windows(batch["data"]), "target": target})
+
+    def random_hu_windows(self, data: torch.Tensor) -> torch.Tensor:
+        """HU-window augmentation: CT channels of data (B, M, P, P) remapped so that the network's fixed window
+        acts as a random one per slice (:func:`random_ct_windows`); other channels unchanged."""
+        config = self.configuration_manager
+        properties = self.plans_manager.plans.get("foreground_intensity_properties_per_channel", {})
+        windows = intensity_windows(config.normalization_schemes, properties, self.options.ct_window_hu)
+        affine = random_ct_windows(
+            windows,
+            config.normalization_schemes,
+            properties,
+            self.options.ct_window_hu,
+            self.hu_window_jitter,
+            len(data),
+        )
+        return apply_windows(data, affine)
 
     def forward_batch(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Logits (1 + rounds, B, 1, P, P) of simulated prompts and correction rounds for the picked structures."""
@@ -98,8 +126,10 @@ class RadSAMTrainer(SAMTrainer):
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
         reference = structure_masks(target, self.label_manager.num_segmentation_heads)  # (B, K, P, P)
-        logits = self.network(data, interaction=SimulatedInteraction(reference.flatten(0, 1), rounds=0))  # (1,B,K,P,P)
+        logits = self.network(data, interaction=SimulatedInteraction(reference.flatten(0, 1), rounds=0))
+        # (1, B, K, P, P), or (1, B, K, 4, P, P) with SAM's four masks
         loss = self.loss(logits, target)
+        logits = logits[:, :, :, 0] if logits.dim() == 6 else logits  # the primary mask, as at prediction
         valid = (reference.flatten(2).sum(2) >= MIN_LABEL_PIXELS)[..., None, None]  # as in the loss
         prediction = ((logits[0] > 0) & valid).half()
         tp, fp, fn, _ = get_tp_fp_fn_tn(prediction, (reference & valid).half(), axes=[0, 2, 3])
@@ -116,6 +146,18 @@ class RadSAMTrainer(SAMTrainer):
             "RadSAM: nnU-Net's prompt-free validation is skipped; evaluate with nnunet_sam_radsam_benchmark "
             "(volume- and slice-level prompting, simulated edits)."
         )
+
+
+class RadSAMTrainer_AdamW(RadSAMTrainer):
+    """RadSAM fine-tuned with AdamW at a small learning rate (1e-5, weight decay nnU-Net's 3e-5, poly schedule).
+
+    The paper names no optimiser; fine-tuning all of SAM with nnU-Net's SGD at 1e-2 (``RadSAMTrainer``, the
+    default, kept so that every trainer shares nnU-Net's recipe) moves pretrained weights far more than the
+    small AdamW steps SAM fine-tuning usually takes.
+    """
+
+    optimizer_name = "adamw"
+    learning_rate = 1e-5
 
 
 class RadSAMTrainer_vitl(ViTL, RadSAMTrainer):

@@ -1,8 +1,9 @@
 """3DSAM-adapter trainers: ``nnUNetv2_train DATASET 3d_fullres FOLD -tr SAM3DAdapterTrainer`` (and variants).
 
 ``SAM3DAdapterTrainer`` trains the fully automatic model (no prompt encoder). ``SAM3DAdapterTrainer_prompted``
-adds the point prompt encoder and trains it with clicks simulated from the label of every patch
-(``points_per_class`` voxels per foreground class present).
+adds the point prompt encoder and trains it with clicks simulated from the label of every patch as the public
+code draws them: ``points_per_class`` (10) voxels per foreground class present plus ``random_points`` (20) voxels
+anywhere in the patch, each a click of the class found there; validation patches get the per-class clicks only.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 from nnunet_sam.losses import DeepSupervisedSegLoss
 from nnunet_sam.network_architectures.sam3d_adapter import SAM3DAdapterNetwork, SAM3DAdapterOptions
 from nnunet_sam.planning import VolumePatchRule
-from nnunet_sam.prompting.point_sampler import simulate_points
+from nnunet_sam.prompting.point_sampler import random_clicks, simulate_points
 from nnunet_sam.trainers.base import CPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
 
 
@@ -45,12 +46,19 @@ class SAM3DAdapterTrainer_prompted(SAM3DAdapterTrainer):
     """
 
     options = SAM3DAdapterOptions(prompted=True)
-    points_per_class: int = 1
+    # Training clicks as the public code draws them: several per object plus random ones anywhere in the patch
+    # (there unlabelled; here each carries the class under it, background included, as a user's click would).
+    points_per_class: int = 10
+    random_points: int = 20
 
     def forward_batch(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor]) -> dict:
-        """The network's output with clicks simulated from the batch's label (full resolution)."""
+        """The network's output with clicks simulated from the batch's label (full resolution): per object
+        ``points_per_class``, plus ``random_points`` anywhere in training (validation: the object clicks only)."""
         target = target[0] if isinstance(target, list) else target
         points, labels = simulate_points(target, self.label_manager.num_segmentation_heads, self.points_per_class)
+        if self.random_points and self.network.training:
+            extra_points, extra_labels = random_clicks(target, self.random_points)
+            points, labels = torch.cat([points, extra_points], 1), torch.cat([labels, extra_labels], 1)
         return self.network(data, points, labels, return_all=True)
 
 

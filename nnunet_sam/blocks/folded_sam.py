@@ -101,13 +101,15 @@ class FoldedSAM(nn.Module):
         prefix_tokens: torch.Tensor | None = None,
         decoder: MaskDecoder | None = None,
         dense_pe: torch.Tensor | None = None,
+        all_masks: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One batched pass of SAM's mask decoder over all rows; SAM's single-mask output head.
 
         embedding (B * D, C, g, g); sparse (R, T, C) and dense (R or 1, C, g, g) prompt embeddings of the
         R = B * K * D rows; prefix_tokens (R, T0, C) go before SAM's output tokens. ``decoder`` and its prompt
         encoder's ``dense_pe`` (1, C, g, g) default to SAM's own (a method with a second decoder passes its own).
-        Returns mask logits (R, P, P) at patch resolution and the transformed tokens (R, T0 + 5 + T, C).
+        Returns mask logits (R, P, P) at patch resolution and the transformed tokens (R, T0 + 5 + T, C); with
+        ``all_masks`` the logits of all of SAM's mask tokens (R, 4, P, P), the single-mask output first.
         """
         c, g = embedding.shape[1], embedding.shape[-1]
         rows = dense.shape[0]
@@ -124,7 +126,10 @@ class FoldedSAM(nn.Module):
         if prefix_tokens is not None:
             tokens.insert(0, prefix_tokens.to(sparse.dtype))
         tokens_out, upscaled = self.decoder_additions(decoder, image, image_pe, torch.cat(tokens, dim=1))
-        hyper = decoder.output_hypernetworks_mlps[0](tokens_out[:, offset + 1])  # first mask token
-        masks = (hyper[:, None] @ upscaled.flatten(2)).view(rows, 1, *upscaled.shape[-2:])
+        count = decoder.num_mask_tokens if all_masks else 1  # the first mask token is SAM's single-mask output
+        hyper = torch.stack(
+            [decoder.output_hypernetworks_mlps[i](tokens_out[:, offset + 1 + i]) for i in range(count)], 1
+        )
+        masks = (hyper @ upscaled.flatten(2)).view(rows, count, *upscaled.shape[-2:])
         masks = F.interpolate(masks, size=(self.patch, self.patch), mode="bilinear", align_corners=False)
-        return masks[:, 0], tokens_out
+        return (masks if all_masks else masks[:, 0]), tokens_out

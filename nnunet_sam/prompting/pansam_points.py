@@ -9,8 +9,10 @@ From a probability map O (the prompt-free segmentor's output, one map per slice)
   not next to, the prediction; ``num_background`` points are drawn with probability proportional to O inside it
   (hard but confident background), plus ``num_trivial_background`` points drawn uniformly from ``O <= 0.5``.
 
-Morphology uses square windows; a window of even size k covers the offsets ``-(k // 2) .. k - 1 - k // 2`` (OpenCV's
-default anchor). Pixels outside the image count as foreground for the erosion and as background for the
+Window sizes are counted in "window pixels" of ``window_unit_mm`` millimetres (:meth:`PointPromptConfig.in_pixels`
+turns them into pixels of the map at its spacing, a rectangle when the pixels are not square); ``None`` counts
+them in pixels of the map itself. A window of even size k covers the offsets ``-(k // 2) .. k - 1 - k // 2``
+(OpenCV's default anchor). Pixels outside the image count as foreground for the erosion and as background for the
 dilation, so a structure touching the image border is not eroded from that side.
 
 Fallbacks (never an error, never a NaN): when M_f is empty but ``O > 0.5`` is not (a structure thinner than the
@@ -27,39 +29,69 @@ same map, configuration and ``torch.Generator`` seed give the same points.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
+
+# One pixel of SAM's 256-px low-res mask when a 512-px slice of about 0.8 mm pixels (NIH Pancreas-CT) is resized to
+# SAM's 1024 px, where the public code runs the paper's morphology: 2 slice pixels of 0.8 mm.
+LOW_RES_PIXEL_MM = 1.6
 
 
 @dataclass(frozen=True)
 class PointPromptConfig:
     """Thresholds, window sizes and point counts of the generator (the paper's values by default).
 
-    The paper's main table uses 4 sampled points; here that is 2 foreground + 2 background points, on top of the
-    2 border and 2 trivial background points that its generator always adds.
+    Counts: the paper's Table 3 uses 4 points; its generator has four sources (core, border, hard background,
+    trivial background), so the default draws one point from each. Models saved before this default get the
+    ``legacy`` values (2 + 2 + 2 + 2, windows in map pixels). The public code's variant is 2 core + 2 background
+    (``num_border=0, num_trivial_background=0``).
+
+    Windows: ``erosion`` x ``erosion`` and ``dilation`` x ``dilation`` window pixels of ``window_unit_mm`` mm
+    (default :data:`LOW_RES_PIXEL_MM`: the physical size the public code's 10 and 5 px windows have); ``None``:
+    pixels of the probability map itself.
     """
 
     threshold: float = 0.5
     background_threshold: float = 0.4
-    erosion: int = 10
-    dilation: int = 5
-    num_foreground: int = 2
-    num_border: int = 2
-    num_background: int = 2
-    num_trivial_background: int = 2
+    erosion: int | tuple[int, int] = 10
+    dilation: int | tuple[int, int] = 5
+    num_foreground: int = field(default=1, metadata={"legacy": 2})
+    num_border: int = field(default=1, metadata={"legacy": 2})
+    num_background: int = field(default=1, metadata={"legacy": 2})
+    num_trivial_background: int = field(default=1, metadata={"legacy": 2})
+    window_unit_mm: float | None = field(default=LOW_RES_PIXEL_MM, metadata={"legacy": None})
 
     @property
     def num_points(self) -> int:
         return self.num_foreground + self.num_border + self.num_background + self.num_trivial_background
 
+    def in_pixels(self, spacing: Sequence[float] | None) -> PointPromptConfig:
+        """This configuration with windows in pixels (rows, columns) of a map of in-plane ``spacing`` (mm per
+        row, per column); unchanged when ``window_unit_mm`` or ``spacing`` is None (windows already in pixels)."""
+        if self.window_unit_mm is None or spacing is None:
+            return self
 
-def _window(mask: torch.Tensor, size: int, outside: float) -> torch.Tensor:
-    """Max over a size x size window (offsets -(size // 2) .. size - 1 - size // 2) of mask (N, H, W) float."""
-    lo, hi = size // 2, size - 1 - size // 2
-    padded = F.pad(mask[:, None], (lo, hi, lo, hi), value=outside)
-    return F.max_pool2d(padded, size, stride=1)[:, 0]
+        def pixels(size: int | tuple[int, int]) -> tuple[int, int]:
+            sizes = (size, size) if isinstance(size, int) else size
+            return tuple(max(1, round(k * self.window_unit_mm / float(s))) for k, s in zip(sizes, spacing[-2:]))
+
+        return replace(self, erosion=pixels(self.erosion), dilation=pixels(self.dilation), window_unit_mm=None)
+
+
+LEGACY_POINTS = PointPromptConfig(
+    num_foreground=2, num_border=2, num_background=2, num_trivial_background=2, window_unit_mm=None
+)
+
+
+def _window(mask: torch.Tensor, size: int | tuple[int, int], outside: float) -> torch.Tensor:
+    """Max over a window of size (rows, columns) (an int: square; offsets -(k // 2) .. k - 1 - k // 2 per axis) of
+    mask (N, H, W) float."""
+    kh, kw = (size, size) if isinstance(size, int) else size
+    padded = F.pad(mask[:, None], (kw // 2, kw - 1 - kw // 2, kh // 2, kh - 1 - kh // 2), value=outside)
+    return F.max_pool2d(padded, (kh, kw), stride=1)[:, 0]
 
 
 def _check_mask(mask: torch.Tensor) -> None:
@@ -68,14 +100,16 @@ def _check_mask(mask: torch.Tensor) -> None:
     )
 
 
-def dilate(mask: torch.Tensor, size: int) -> torch.Tensor:
-    """Binary dilation of mask (N, H, W) bool with a size x size square; outside the image is background."""
+def dilate(mask: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Binary dilation of mask (N, H, W) bool with a size x size (or rows x columns) window; outside the image is
+    background."""
     _check_mask(mask)
     return _window(mask.float(), size, 0.0) > 0.5
 
 
-def erode(mask: torch.Tensor, size: int) -> torch.Tensor:
-    """Binary erosion of mask (N, H, W) bool with a size x size square; outside the image is foreground."""
+def erode(mask: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Binary erosion of mask (N, H, W) bool with a size x size (or rows x columns) window; outside the image is
+    foreground."""
     _check_mask(mask)
     return _window((~mask).float(), size, 0.0) < 0.5
 
@@ -125,7 +159,8 @@ def generate_points(
     """Point prompts from probability maps prob (N, H, W) in [0, 1] (see the module docstring).
 
     Returns points (N, K, 2) float32 as (x, y) in the ``image_size`` frame and labels (N, K) int64 with
-    K = ``config.num_points``. No gradients.
+    K = ``config.num_points``. No gradients. Windows are taken as pixels of ``prob``: convert a configuration in
+    millimetres with :meth:`PointPromptConfig.in_pixels` first.
     """
     assert prob.dim() == 3, f"prob must be (N, H, W), got shape {tuple(prob.shape)}"
     n, h, w = prob.shape

@@ -97,3 +97,16 @@ def simulate_points(
             points[i, rows] = coords
             labels[i, rows] = cls
     return points, labels
+
+
+def random_clicks(
+    target: torch.Tensor, count: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` voxels drawn uniformly from the whole label patch (B, 1, D, H, W), each a click of the class found
+    there (0: a background click). Returns points (B, count, 3) float voxel (z, y, x) and labels (B, count) long."""
+    assert target.dim() == 5 and target.shape[1] == 1, f"expected a (B, 1, D, H, W) label, got {tuple(target.shape)}"
+    b, shape = target.shape[0], target.shape[2:]
+    flat = torch.randint(int(torch.tensor(shape).prod()), (b, count), generator=generator).to(target.device)
+    coords = torch.stack(torch.unravel_index(flat, tuple(shape)), -1).float()
+    labels = target.reshape(b, -1).gather(1, flat).long()
+    return coords, labels
