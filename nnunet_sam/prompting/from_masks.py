@@ -27,7 +27,10 @@ def prompt_mask(logits: torch.Tensor, size: int, resize: MaskPromptResize = "are
     lead, (h, w) = logits.shape[:-2], logits.shape[-2:]
     flat = logits.reshape(1, -1, h, w)  # maps as channels: one memory layout whatever their number
     if resize == "bilinear" or (h <= size and w <= size):
-        out = torch.nn.functional.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False)
+        # a 4D input is resized as it is: the CPU kernel's rounding depends on the layout, and models saved before
+        # the "area" option were computed this way
+        source = logits if logits.dim() == 4 else flat
+        out = torch.nn.functional.interpolate(source, size=(size, size), mode="bilinear", align_corners=False)
     else:
         mean = torch.nn.functional.adaptive_avg_pool2d(flat, size)
         peak = torch.nn.functional.adaptive_max_pool2d(flat, size)
