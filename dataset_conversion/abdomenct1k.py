@@ -6,7 +6,7 @@ Assumed input layout (the public download): ``-i`` one or more image folders hol
 mask (the unlabelled parts) is skipped only with ``--skip-unlabelled``; a mask without an image is an error.
 
 Every case goes to ``imagesTs``/``labelsTs`` (a zero-shot dataset trains nothing), labels keep their values, and
-``dataset.json`` names them, so ``nnunet_sam_pansam_eval --data abdomen1k DATASET/imagesTs DATASET/labelsTs``
+``dataset.json`` names them, so ``nnunet_sam_evaluate_pansam --data abdomen1k DATASET/imagesTs DATASET/labelsTs``
 scores a pancreas model against label 4 by name. Images are copied unchanged after checking that mask and image
 share their geometry.
 """

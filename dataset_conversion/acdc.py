@@ -14,7 +14,7 @@ Protocols (``--protocol``):
   The challenge's testing patients are not part of this protocol and are not written.
 - ``challenge``: nnU-Net's own conversion unchanged (all 100 training patients in ``imagesTr``, testing
   patients in ``imagesTs``) with nnU-Net's 5-fold split by patient (``create_ACDC_split``); predict
-  ``imagesTs`` and write the challenge files with ``nnunet_sam_submission acdc``.
+  ``imagesTs`` and write the challenge files with ``nnunet_sam_convert_submission acdc``.
 
 The conversion record keeps, for every case, the patient and whether the frame is ED or ES.
 """

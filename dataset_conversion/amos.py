@@ -8,7 +8,7 @@ Task 1 keeps the CT cases only (nnU-Net's converter filters by case number).
 nnU-Net's converters put the official training and validation cases together in ``imagesTr``; the split file
 written here separates them again: one fold with ``train`` = the official training cases and ``val`` = the
 official validation cases. ``imagesTs`` holds the official test images, the cases of the AMOS leaderboard
-submission (``nnunet_sam_submission amos``). Case ids and label values are AMOS's own.
+submission (``nnunet_sam_convert_submission amos``). Case ids and label values are AMOS's own.
 """
 
 from __future__ import annotations

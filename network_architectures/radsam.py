@@ -198,7 +198,8 @@ class RadSAMNetwork(FoldedSAM):
         if prompts is None:
             raise ValueError(
                 "RadSAM segments what a prompt points at and has no prompt-free output: use nnunet_sam.radsam "
-                "(segment_from_prompt, nnunet_sam_radsam) or nnunet_sam_radsam_benchmark instead of nnUNetv2_predict."
+                "(segment_from_prompt, nnunet_sam_segment_radsam) or nnunet_sam_benchmark_radsam instead of "
+                "nnUNetv2_predict."
             )
         return self.decode_prompts(embedding, prompts)
 

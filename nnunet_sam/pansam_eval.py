@@ -1,4 +1,4 @@
-"""``nnunet_sam_pansam_eval``: PanSAM's ablation rows and zero-shot report from one trained PanSAM model.
+"""``nnunet_sam_evaluate_pansam``: PanSAM's ablation rows and zero-shot report from one trained PanSAM model.
 
 Every row runs nnU-Net's own preprocessing, sliding-window prediction and export (as ``nnUNetv2_predict``) on the
 given cases with one output of the trained network, then scores the target label against the reference with
@@ -235,10 +235,10 @@ def markdown(report: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="nnunet_sam_pansam_eval",
+        prog="nnunet_sam_evaluate_pansam",
         description="PanSAM ablation rows (stage 1; + aggregator; + prompts; full; reference prompts) and "
         "zero-shot figures of one trained PanSAM model: Dice, Jaccard, precision, recall per case and mean.",
-        epilog="Example: nnunet_sam_pansam_eval -m $nnUNet_results/Dataset082_NIH/PanSAMTrainer__nnUNetPlans__"
+        epilog="Example: nnunet_sam_evaluate_pansam -m $nnUNet_results/Dataset082_NIH/PanSAMTrainer__nnUNetPlans__"
         "3d_fullres -f 0 --data nih imagesTs labelsTs --data abdomen1k A1K/images A1K/labels -o eval_pansam",
     )
     p.add_argument("-m", "--model", required=True, help="model folder (TRAINER__PLANS__CONFIGURATION)")

@@ -18,7 +18,7 @@ Every case gets random position/size jitter, a smooth random bias field, a sligh
 (SD ~20 HU). An optional second channel has a different, MR-like contrast with independent noise. Shapes and
 spacings are given in numpy (z, y, x) order; the files are written with SimpleITK (x, y, z) order.
 
-Command line: ``nnunet_sam_phantom --help``.
+Command line: ``nnunet_sam_make_phantom --help``.
 """
 
 from __future__ import annotations
@@ -358,12 +358,12 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Argument parser of ``nnunet_sam_phantom``."""
+    """Argument parser of ``nnunet_sam_make_phantom``."""
     p = argparse.ArgumentParser(
-        prog="nnunet_sam_phantom",
+        prog="nnunet_sam_make_phantom",
         description="Generate a synthetic multi-organ CT-like 3D phantom dataset in nnU-Net v2 raw format "
         "(imagesTr, labelsTr, imagesTs, labelsTs, dataset.json).",
-        epilog="Example: nnunet_sam_phantom --raw $nnUNet_raw --id 990 && "
+        epilog="Example: nnunet_sam_make_phantom --raw $nnUNet_raw --id 990 && "
         "nnUNetv2_plan_and_preprocess -d 990 -c 3d_fullres --verify_dataset_integrity",
     )
     p.add_argument("--raw", default=None, help="nnU-Net raw folder to write into (default: $nnUNet_raw)")
@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point ``nnunet_sam_phantom``."""
+    """Console entry point ``nnunet_sam_make_phantom``."""
     parser = build_parser()
     args = parser.parse_args(argv)
     raw = args.raw or os.environ.get("nnUNet_raw")

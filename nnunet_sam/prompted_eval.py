@@ -1,4 +1,4 @@
-"""``nnunet_sam_prompted_eval``: the point-prompt evaluation of 3DSAM-adapter (1, 3 or 10 clicks per object).
+"""``nnunet_sam_evaluate_prompted``: the point-prompt evaluation of 3DSAM-adapter (1, 3 or 10 clicks per object).
 
 For every reference case, clicks are simulated from its label map (:func:`simulate_clicks`), written as a points
 file (voxel coordinates, see :mod:`nnunet_sam.predict_prompted`), predicted with the prompted command's machinery
@@ -154,7 +154,7 @@ def run_prompted_evaluation(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="nnunet_sam_prompted_eval",
+        prog="nnunet_sam_evaluate_prompted",
         description="3DSAM-adapter's point-prompt evaluation: simulate 1, 3 or 10 clicks per object from the "
         "reference (centre: deepest voxel, then the core with depth >= 0.75 of the maximum; surrounding: depth "
         "between 0.25 and 0.75; margin: depth <= 0.25), predict with a SAM3DAdapterTrainer_prompted* model and "
@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             whole_volume=args.whole_volume,
         )
     except (EvaluationError, UnusableInputError) as error:
-        print(f"nnunet_sam_prompted_eval: error: {error}", file=sys.stderr)
+        print(f"nnunet_sam_evaluate_prompted: error: {error}", file=sys.stderr)
         return 1
     print((Path(args.o) / "tables.md").read_text())
     return 0

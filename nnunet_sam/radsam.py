@@ -19,8 +19,8 @@ A slice whose neighbour's mask is empty and that holds no click stays empty: tow
 ended, so the slices beyond are emptied; towards a fixed slice (which holds the structure) propagation just stops
 and the slices up to it keep their masks. All of it is deterministic: the same inputs give the same mask.
 
-Console command ``nnunet_sam_radsam``: reads an image with nnU-Net's reader, preprocesses it as the model's plans say,
-reads a prompt file (see :func:`read_prompt_file`), and writes the 3D mask with the image's geometry through
+Console command ``nnunet_sam_segment_radsam``: reads an image with nnU-Net's reader, preprocesses it as the model's
+plans say, reads a prompt file (see :func:`read_prompt_file`), and writes the 3D mask with the image's geometry through
 nnU-Net's export, checked like ``nnunet_sam_predict``.
 """
 
@@ -490,7 +490,7 @@ def read_prompt_file(path: str, geometry: Geometry, mask_prompt: np.ndarray | No
         prompt = Prompt("box", z0, box=(y0, x0, y1, x1))
     elif kind == "mask":
         if mask_prompt is None:
-            raise PromptError("a mask prompt needs the mask file (nnunet_sam_radsam --mask FILE)")
+            raise PromptError("a mask prompt needs the mask file (nnunet_sam_segment_radsam --mask FILE)")
         if space == "voxel":
             z = geometry.slice(_slice_index(spec.get("slice"), "the 'slice' of the mask prompt"))
         else:

@@ -1,4 +1,4 @@
-"""``nnunet_sam_radsam_benchmark``: RadSAM's benchmark, per-class 3D Dice of prompted segmentation with simulated edits.
+"""``nnunet_sam_benchmark_radsam``: RadSAM's benchmark, per-class 3D Dice of prompted segmentation with simulated edits.
 
 For every case and every foreground class present in its reference (one structure per prompt):
 

@@ -128,7 +128,8 @@ def test_real_ct_geometry_survives_the_pipeline(reference_files, tmp_path):
     )
     out = tmp_path / "results_upload"
     run_tool(
-        [str(BIN / "nnunet_sam_submission"), "amos", "-p", str(pred), "-r", str(raw), "-o", str(out), "--zip"], env
+        [str(BIN / "nnunet_sam_convert_submission"), "amos", "-p", str(pred), "-r", str(raw), "-o", str(out), "--zip"],
+        env,
     )
 
     assert sorted(f.name for f in out.iterdir()) == ["amos_0002.nii.gz", "amos_0003.nii.gz"]

@@ -287,7 +287,7 @@ class SAM3DAdapterTrainer_prompted_tiny_e2e(Budget, SAM3DAdapterTrainer_prompted
 @pytest.mark.e2e
 def test_tiny_trainers_train_and_predict_with_nnunet_tools(tmp_path):
     """Phantom dataset -> plan/preprocess -> the same 80 steps for both tiny trainers -> automatic model predicted
-    with nnUNetv2_predict, prompted model with nnunet_sam_prompted_eval (one centre click per organ, through
+    with nnUNetv2_predict, prompted model with nnunet_sam_evaluate_prompted (one centre click per organ, through
     nnunet_sam_predict_prompted's machinery) -> held-out mean Dice of both, from nnunet_sam.evaluate (printed)."""
     from nnunet_sam.evaluate import evaluate_folder
 

@@ -79,7 +79,7 @@ def _start(client, image: np.ndarray, spacing) -> np.ndarray:
 
 
 def _radsam_command(tmp: Path, folder: Path, image_file: Path, spec: dict, start: np.ndarray | None = None):
-    """nnunet_sam_radsam on the same image and prompt -> its mask (Z, Y, X)."""
+    """nnunet_sam_segment_radsam on the same image and prompt -> its mask (Z, Y, X)."""
     prompt = tmp / "prompt.json"
     prompt.write_text(json.dumps(spec))
     out = tmp / "out.nii.gz"
@@ -111,7 +111,7 @@ def _nontrivial(mask: np.ndarray) -> None:
 def test_radsam_results_equal_the_command_and_the_api(tmp_path, folders, case, radsam_model, radsam_server):
     image_file, image, spacing, (z, y, x) = case
     last = image.shape[1] - 1
-    # the same steps through the Python API, on the image as nnunet_sam_radsam reads it
+    # the same steps through the Python API, on the image as nnunet_sam_segment_radsam reads it
     model = radsam_model.model
     data, _, properties = model.preprocess(*SimpleITKIO().read_images([str(image_file)]))
     grid = radsam.Geometry(properties, data.shape[1:])

@@ -143,7 +143,7 @@ class RadSAMTrainer(SAMTrainer):
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         """nnU-Net's validation predicts without prompts, which a promptable model cannot do."""
         self.print_to_log_file(
-            "RadSAM: nnU-Net's prompt-free validation is skipped; evaluate with nnunet_sam_radsam_benchmark "
+            "RadSAM: nnU-Net's prompt-free validation is skipped; evaluate with nnunet_sam_benchmark_radsam "
             "(volume- and slice-level prompting, simulated edits)."
         )
 

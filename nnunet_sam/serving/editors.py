@@ -154,7 +154,7 @@ class RadSAMEditor(Editor):
 
     def _mask_slice(self, mask: np.ndarray) -> tuple[int, np.ndarray]:
         """A bool mask in the client's grid -> (slice, its mask there) in the preprocessed grid, through nnU-Net's
-        preprocessing of a label map (as ``nnunet_sam_radsam --mask``); the axis-0 slice holding most voxels."""
+        preprocessing of a label map (as ``nnunet_sam_segment_radsam --mask``); the axis-0 slice holding most voxels."""
         _, seg, _ = self.model.preprocess(self.image, {"spacing": self.spacing}, mask[None].astype(np.int16))
         grid = seg[0] > 0
         if not grid.any():
