@@ -21,6 +21,8 @@ import contextlib
 import torch
 from torch import Tensor
 
+from nnunet_sam.prompting.mask_ops import pixel_boxes
+
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Context manager that disables autocast on ``device`` (used to keep numerics in float32)."""
@@ -47,16 +49,9 @@ def boxes_from_masks(masks: Tensor, threshold: float = 0.5) -> tuple[Tensor, Ten
     height, width = masks.shape[-2:]
     assert height > 0 and width > 0, f"masks must have non-zero spatial size, got {tuple(masks.shape)}"
     foreground = masks if masks.dtype == torch.bool else masks > threshold
-    rows = foreground.any(dim=-1)  # (..., H)
-    cols = foreground.any(dim=-2)  # (..., W)
-    nonempty = rows.any(dim=-1)
-
-    row_idx = torch.arange(height, device=masks.device)
-    col_idx = torch.arange(width, device=masks.device)
-    y1 = torch.where(rows, row_idx, height).amin(dim=-1)
-    y2 = torch.where(rows, row_idx, -1).amax(dim=-1) + 1
-    x1 = torch.where(cols, col_idx, width).amin(dim=-1)
-    x2 = torch.where(cols, col_idx, -1).amax(dim=-1) + 1
+    boxes, nonempty = pixel_boxes(foreground)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    x2, y2 = x2 + 1, y2 + 1  # exclusive ends
 
     scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=masks.device)
     boxes = torch.stack([x1, y1, x2, y2], dim=-1).to(torch.float32) / scale

@@ -29,7 +29,8 @@ import torch
 
 from nnunet_sam.metrics import dice
 from nnunet_sam.predict import cases_in_folder
-from nnunet_sam.prompting.radsam_prompts import bounding_boxes, interior_points
+from nnunet_sam.prompting.mask_ops import pixel_boxes
+from nnunet_sam.prompting.radsam_prompts import interior_points
 from nnunet_sam.radsam import Correction, Prompt, RadSAMModel, SliceModel, edit, segment_from_prompt
 
 
@@ -43,7 +44,7 @@ def slice_prompt(kind: str, reference: np.ndarray, generator: torch.Generator) -
         points, _ = interior_points(ref, generator=generator)
         x, y = points[0].tolist()
         return {"point": (y, x)}
-    x0, y0, x1, y1 = bounding_boxes(ref)[0][0].tolist()
+    x0, y0, x1, y1 = pixel_boxes(ref)[0][0].tolist()
     return {"box": (y0, x0, y1, x1)}
 
 

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from nnunet_sam.prompting.mask_ops import dilate, erode
+
 # One pixel of SAM's 256-px low-res mask when a 512-px slice of about 0.8 mm pixels (NIH Pancreas-CT) is resized to
 # SAM's 1024 px, where the public code runs the paper's morphology: 2 slice pixels of 0.8 mm.
 LOW_RES_PIXEL_MM = 1.6
@@ -84,34 +86,6 @@ class PointPromptConfig:
 LEGACY_POINTS = PointPromptConfig(
     num_foreground=2, num_border=2, num_background=2, num_trivial_background=2, window_unit_mm=None
 )
-
-
-def _window(mask: torch.Tensor, size: int | tuple[int, int], outside: float) -> torch.Tensor:
-    """Max over a window of size (rows, columns) (an int: square; offsets -(k // 2) .. k - 1 - k // 2 per axis) of
-    mask (N, H, W) float."""
-    kh, kw = (size, size) if isinstance(size, int) else size
-    padded = F.pad(mask[:, None], (kw // 2, kw - 1 - kw // 2, kh // 2, kh - 1 - kh // 2), value=outside)
-    return F.max_pool2d(padded, (kh, kw), stride=1)[:, 0]
-
-
-def _check_mask(mask: torch.Tensor) -> None:
-    assert mask.dtype == torch.bool and mask.dim() == 3, (
-        f"expected a bool (N, H, W) mask, got {mask.dtype} {mask.shape}"
-    )
-
-
-def dilate(mask: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Binary dilation of mask (N, H, W) bool with a size x size (or rows x columns) window; outside the image is
-    background."""
-    _check_mask(mask)
-    return _window(mask.float(), size, 0.0) > 0.5
-
-
-def erode(mask: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Binary erosion of mask (N, H, W) bool with a size x size (or rows x columns) window; outside the image is
-    foreground."""
-    _check_mask(mask)
-    return _window((~mask).float(), size, 0.0) < 0.5
 
 
 def border(mask: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from scipy.ndimage import distance_transform_edt
 
 from nnunet_sam.prompting.from_masks import distance_transform_2d
+from nnunet_sam.prompting.mask_ops import dilate, erode, pixel_boxes
 
 #: structures with fewer label pixels on a slice are no training sample (the paper's data curation)
 MIN_LABEL_PIXELS = 15
@@ -122,25 +123,6 @@ def interior_points(
     return points, labels
 
 
-def bounding_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tight boxes (R, 4) float (x0, y0, x1, y1) of masks (R, H, W) bool, and whether each mask is non-empty."""
-    assert masks.dim() == 3, f"masks must be (R, H, W), got {tuple(masks.shape)}"
-    h, w = masks.shape[-2:]
-    rows, cols = masks.any(2), masks.any(1)  # (R, H), (R, W)
-    r = torch.arange(h, device=masks.device)
-    c = torch.arange(w, device=masks.device)
-    boxes = torch.stack(
-        [
-            torch.where(cols, c, w).amin(1),
-            torch.where(rows, r, h).amin(1),
-            torch.where(cols, c, -1).amax(1),
-            torch.where(rows, r, -1).amax(1),
-        ],
-        -1,
-    ).float()
-    return boxes, rows.any(1)
-
-
 def perturbed_boxes(
     masks: torch.Tensor, low: int = -5, high: int = 20, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +130,8 @@ def perturbed_boxes(
     pixels drawn uniformly from [low, high], then the box is clipped to the image. A side moved inward past the
     box centre stops at the centre pixel. Returns boxes and whether each mask is non-empty (empty: whole image)."""
     h, w = masks.shape[-2:]
-    tight, nonempty = bounding_boxes(masks)
+    tight, nonempty = pixel_boxes(masks)
+    tight = tight.float()
     shift = torch.randint(low, high + 1, tight.shape, generator=generator).to(tight)
     centre = ((tight[:, :2] + tight[:, 2:]) / 2).floor()
     start = torch.minimum(tight[:, :2] - shift[:, :2], centre)
@@ -157,10 +140,6 @@ def perturbed_boxes(
     boxes = torch.cat([start.clamp(min=0), torch.minimum(end, limit)], -1)
     whole = torch.tensor([0.0, 0.0, w - 1.0, h - 1.0], device=tight.device)
     return torch.where(nonempty[:, None], boxes, whole), nonempty
-
-
-def _dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
-    return F.max_pool2d(masks[:, None].float(), 2 * radius + 1, stride=1, padding=radius)[:, 0] > 0.5
 
 
 def noisy_masks(
@@ -208,8 +187,8 @@ def noisy_masks(
 
     out = moved
     for radius in range(1, max_morph_radius + 1):
-        dilated = _dilate(moved, radius)
-        eroded = ~_dilate(~moved, radius)
+        dilated = dilate(moved, 2 * radius + 1)
+        eroded = erode(moved, 2 * radius + 1)
         out = torch.where((morph == radius)[:, None, None], dilated, out)
         out = torch.where((morph == -radius)[:, None, None], eroded, out)
     keep = out.flatten(1).any(1)
