@@ -363,24 +363,6 @@ class LiteMedSAM:
     max_tiles = 4
 
 
-class LiteMedSAMCPUDemo:
-    """LiteMedSAM within a CPU demo: 4 slices of 64 px (about 6 GFLOPs per slice in the encoder, 75 at 256 px), 100
-    steps. Fewer slices break nnU-Net's Gaussian blur augmentation (reflect padding along the depth axis).
-
-    The additions train with AdamW (LR 1e-3; the encoder stays frozen): on the phantom, nnU-Net's SGD left
-    MaskSAM's pseudo-Dice at 0 after 80 steps, while Self-Prompt-SAM with AdamW reached liver 0.83, aorta 0.67
-    after 60.
-    """
-
-    max_depth = 4
-    max_tiles = 1
-    epochs = 10
-    iterations_per_epoch = 10
-    val_iterations_per_epoch = 2
-    optimizer_name = "adamw"
-    learning_rate = 1e-3
-
-
 class Tiny:
     """A pipeline check for CPUs, not a model for real use: a 4-block, 64-wide ViT with 8 px patches.
 
@@ -396,8 +378,45 @@ class Tiny:
 
 
 class CPUDemo:
-    """A few minutes of CPU training (about 600 steps)."""
+    """A few minutes of CPU training (about 600 steps).
+
+    nnU-Net's final validation after training is skipped: with test-time mirroring it predicts every validation
+    case with 8 forwards per tile (44 tiles of 4x64x64 per 24x96x96 phantom), which took longer than the whole
+    training; ``nnunet_sam_demo`` evaluates the held-out test cases itself. ``nnUNetv2_train ... --val`` still runs
+    nnU-Net's full validation.
+    """
 
     epochs = 20
     iterations_per_epoch = 30
     val_iterations_per_epoch = 3
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        self._demo_training_just_ended = True
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        if getattr(self, "_demo_training_just_ended", False):
+            self.print_to_log_file(
+                f"{type(self).__name__}: nnU-Net's final validation is skipped for this demo trainer (nnunet_sam_demo "
+                "evaluates the held-out cases itself); run nnUNetv2_train with --val to validate the fold."
+            )
+            return
+        super().perform_actual_validation(save_probabilities)
+
+
+class LiteMedSAMCPUDemo(CPUDemo):
+    """LiteMedSAM within a CPU demo: 4 slices of 64 px (about 6 GFLOPs per slice in the encoder, 75 at 256 px), 100
+    steps. Fewer slices break nnU-Net's Gaussian blur augmentation (reflect padding along the depth axis).
+
+    The additions train with AdamW (LR 1e-3; the encoder stays frozen): on the phantom, nnU-Net's SGD left
+    MaskSAM's pseudo-Dice at 0 after 80 steps, while Self-Prompt-SAM with AdamW reached liver 0.83, aorta 0.67
+    after 60. nnU-Net's final validation is skipped, as for :class:`CPUDemo`.
+    """
+
+    max_depth = 4
+    max_tiles = 1
+    epochs = 10
+    iterations_per_epoch = 10
+    val_iterations_per_epoch = 2
+    optimizer_name = "adamw"
+    learning_rate = 1e-3
