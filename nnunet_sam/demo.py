@@ -295,12 +295,11 @@ def run_demo(
     ``trainer`` None picks :func:`default_trainer` of ``backbone``. Returns a dict with ``workdir``,
     ``dataset_folder``, ``trainer``, ``backbone``, ``test_time_mirroring``, ``expected_seconds`` (per step, idle
     2-core CPU; None for trainers without an estimate), ``timings`` (wall seconds per step and ``total``),
-    ``cpu_seconds`` (CPU seconds of the demo and its child processes per step), ``load`` (1-minute load average at the end of
-    each step), ``plan`` (patch size,
-    spacing, batch size of the configuration) and, after the evaluate step, ``dice_per_class`` (organ name ->
-    Dice), ``mean_foreground_dice`` and ``summary``. ``stop_after`` (one of STEPS) ends the demo early.
-    The work folder is deleted after a complete successful run unless ``keep`` (it is always kept on failure
-    or early stop). Raises DemoError naming the failing step.
+    ``cpu_seconds`` (CPU seconds of the demo and its child processes per step), ``load`` (1-minute load average
+    at the end of each step), ``plan`` (patch size, spacing, batch size of the configuration) and, after the
+    evaluate step, ``dice_per_class`` (organ name -> Dice), ``mean_foreground_dice`` and ``summary``.
+    ``stop_after`` (one of STEPS) ends the demo early. The work folder is deleted after a complete successful run
+    unless ``keep`` (it is always kept on failure or early stop). Raises DemoError naming the failing step.
     """
     if configuration not in CONFIGURATIONS:
         raise ValueError(f"configuration must be one of {CONFIGURATIONS}, got {configuration!r}")
