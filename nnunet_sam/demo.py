@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nnunet_sam.backbones.lite_medsam import INSTALL_HINT, lite_medsam_available
+from nnunet_sam.benchmarking.prediction import MIRROR_AXES_3D, window_cost_note
 from nnunet_sam.phantoms import make_phantom_dataset
 
 __all__ = [
@@ -182,7 +183,9 @@ class StepProgress:
             left = self.expected - elapsed
         else:
             left = None
-        if left is not None:
+        if self.total and self.done >= self.total:
+            parts.append("finishing")
+        elif left is not None:
             parts.append(f"about {_clock(left)} left" if left > 0 else "taking longer than expected")
         return ", ".join(parts)
 
@@ -407,6 +410,11 @@ def run_demo(
         elif step == "predict":
             if predictions.exists():  # stale predictions would be evaluated too
                 shutil.rmtree(predictions)
+            model_config = json.loads((model_folder / "plans.json").read_text())["configurations"][configuration]
+            median = model_config.get("median_image_size_in_voxels")
+            if median is not None and len(median) == len(model_config["patch_size"]):
+                mirror_axes = MIRROR_AXES_3D[: len(median)] if mirroring else None
+                print(window_cost_note([round(m) for m in median], model_config["patch_size"], mirror_axes))
             _run(
                 step,
                 [

@@ -29,6 +29,7 @@ from nnunet_sam.backbones.checkpoints import (
     resize_to_input,
 )
 from nnunet_sam.backbones.sam_vit import get_backbone
+from nnunet_sam.benchmarking.prediction import window_cost_note
 from nnunet_sam.dataset_checks import check_training_data
 from nnunet_sam.fault_tolerance import NonFiniteTrainingError, all_finite, atomic_write, remove_stale_temp_files
 from nnunet_sam.planning import PLANS_KEY, PatchRule, VolumePatchRule, sam_settings
@@ -138,6 +139,9 @@ class SAMTrainer(nnUNetTrainer):
             f"({record['sam_input_size'] // spec.patch_size}x{record['sam_input_size'] // spec.patch_size} tokens), "
             f"{record['num_queries']} queries, SAM weights: {checkpoint_path or 'random (no checkpoint)'}"
         )
+        median = config.get("median_image_size_in_voxels")
+        if median is not None and len(median) == len(record["patch_size"]):  # the cost of the patch rule
+            self.print_to_log_file(window_cost_note([round(m) for m in median], record["patch_size"]))
         if self._slim_record is not None:
             self.print_to_log_file(
                 f"Slim checkpoints: frozen SAM weights are left out; inference needs {checkpoint_path.name} "
@@ -389,6 +393,16 @@ class CPUDemo:
     epochs = 20
     iterations_per_epoch = 30
     val_iterations_per_epoch = 3
+    # Intra-op threads of a CPU training (nnUNetv2_train -device cpu uses one per core, which on a 2-core machine
+    # competes with nnU-Net's augmentation workers; under load the second thread multiplied the CPU time of a tiny
+    # forward by about 10: nnunet_sam_benchmark_prediction). None keeps nnU-Net's choice.
+    cpu_threads: int | None = 1
+
+    def on_train_start(self) -> None:
+        if self.device.type == "cpu" and self.cpu_threads:
+            torch.set_num_threads(self.cpu_threads)
+            self.print_to_log_file(f"{type(self).__name__}: {self.cpu_threads} intra-op thread(s) on the CPU")
+        super().on_train_start()
 
     def on_train_end(self) -> None:
         super().on_train_end()

@@ -95,19 +95,20 @@ def window_cost_note(
     default = sliding_window_cost(image_shape, patch_size, 0.5, mirror_axes)
     shape = "x".join(str(s) for s in default.image_shape)
     patch = "x".join(str(p) for p in default.patch_size)
+    mirrors = f"{default.mirrors} mirrors" if default.mirrors > 1 else "1 (no mirroring)"
     text = (
-        f"nnUNetv2_predict covers a {shape} volume with {default.tiles} tiles of {patch} (tile step 0.5, every "
-        f"voxel predicted {default.coverage:.1f}x) x {default.mirrors} mirrors = {default.forwards} forwards"
+        f"sliding window: {shape} volume -> {default.tiles} tile{'s' if default.tiles > 1 else ''} of {patch} (tile "
+        f"step 0.5, every voxel predicted {default.coverage:.1f}x) x {mirrors} = {default.forwards} forwards"
     )
     if default.forwards == 1:
         return text
     cheaper = []
     if default.mirrors > 1:
-        cheaper.append(f"--disable_tta: {default.tiles} forwards")
+        cheaper.append(f"nnUNetv2_predict --disable_tta: {default.tiles} forwards")
     wide = sliding_window_cost(image_shape, patch_size, 1.0, None)
     if wide.tiles < default.tiles:
         cheaper.append(f"--disable_tta -step_size 1: {wide.tiles} forwards")
-    return text + (f"; cheaper, predicting differently: {', '.join(cheaper)}" if cheaper else "")
+    return text + (f"; cheaper (predicts differently): {'; '.join(cheaper)}" if cheaper else "")
 
 
 def nnunet_prediction_threads() -> int:
