@@ -128,6 +128,7 @@ setup(
             "nnunet_sam_phantom=nnunet_sam.phantoms:main",
             "nnunet_sam_demo=nnunet_sam.demo:main",
             "nnunet_sam_benchmark=nnunet_sam.benchmark:main",
+            "nnunet_sam_benchmark_prediction=nnunet_sam.benchmarking.prediction:main",
             "nnunet_sam_evaluate=nnunet_sam.evaluate:main",
             "nnunet_sam_predict=nnunet_sam.predict:main",
             "nnunet_sam_radsam=nnunet_sam.radsam:main",

@@ -139,6 +139,10 @@ def _child_env(workdir: Path, device: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"  # stream the children's output promptly
     if device == "cpu":
         env["nnUNet_compile"] = "f"  # torch.compile on CPU is slow to start and brings nothing here
+        # nnUNetv2_predict's intra-op threads (min(this, cores)); a second thread on 2 shared cores multiplied the
+        # CPU time of a tiny prediction by about 17 (nnunet_sam_benchmark_prediction). Worker counts are passed
+        # explicitly, so this changes nothing else.
+        env["nnUNet_def_n_proc"] = "1"
     try:  # make sure nnU-Net finds our trainers even if the start-up hook did not run in this interpreter
         from nnunet_sam._register import register
     except ImportError:

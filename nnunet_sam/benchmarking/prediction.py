@@ -11,7 +11,8 @@ U-Net for the same volume:
 * **Per-volume seconds** of ``nnUNetPredictor.predict_sliding_window_return_logits`` with nnU-Net's settings (tile
   step 0.5, Gaussian weighting, mirroring along every axis) for each ``--threads`` setting; ``nnunet`` is what
   ``nnUNetv2_predict`` uses on a CPU (min(``nnUNet_def_n_proc``, cores) intra-op threads). The logits of every
-  setting are compared with the first (largest absolute difference; the label maps must be identical). CPU seconds
+  setting are compared with the first: largest absolute difference, and changed labels (a flip is expected only
+  where the two best classes are tied within that difference, since nnU-Net sums tiles in float16). CPU seconds
   (user + system of this process) are printed next to the wall time: on a shared machine the wall time of several
   threads is inflated far more than their CPU time.
 * **The cheaper choices** that change what is predicted, by their ``nnUNetv2_predict`` names: ``--disable_tta``
@@ -172,6 +173,24 @@ def _predictor(net: nn.Module, patch: Sequence[int], num_classes: int, step_size
     return predictor, manager
 
 
+def _compare(logits: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Largest logit difference, and label-map differences outside near-ties.
+
+    nnU-Net sums the tiles in float16, so another summation order (threads) moves a logit by about one float16
+    step; where the two best classes of the reference are closer than twice the largest difference, the label may
+    flip without anything being wrong. ``clear_label_changes`` counts the other changed voxels (must be 0).
+    """
+    diff = float((logits - reference).abs().max())
+    changed = logits.argmax(0) != reference.argmax(0)
+    top2 = reference.topk(2, dim=0).values
+    clear = (top2[0] - top2[1]) > 2 * diff
+    return {
+        "max_abs_diff": diff,
+        "label_changes": int(changed.sum()),
+        "clear_label_changes": int((changed & clear).sum()),
+    }
+
+
 def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
@@ -305,8 +324,7 @@ def benchmark_prediction(
                 if reference is None:
                     reference = logits
                 else:
-                    row["max_abs_diff"] = float((logits - reference).abs().max())
-                    row["same_labels"] = bool(torch.equal(logits.argmax(0), reference.argmax(0)))
+                    row.update(_compare(logits, reference))
                 runs.append(row)
                 log(f"  {n} thread(s): {wall:.1f} s wall, {cpu:.1f} s CPU")
             entry["runs"] = runs
@@ -337,7 +355,7 @@ def format_report(result: dict) -> str:
         f"{'mirroring along all axes' if result['mirroring'] else 'no mirroring'}.",
         "",
         "| model | tile | tiles x mirrors = forwards | voxel coverage | threads | wall s | CPU s | vs first "
-        "| max abs diff | same labels |",
+        "| max abs diff | changed labels (outside ties) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in result["models"]:
@@ -354,7 +372,10 @@ def format_report(result: dict) -> str:
                 f"{r['cpu_s']:.1f}",
                 f"{first / r['wall_s']:.2f}x",
             ]
-            cells += [f"{r.get('max_abs_diff', 0.0):.2g}", str(r.get("same_labels", True))]
+            cells += [
+                f"{r.get('max_abs_diff', 0.0):.2g}",
+                f"{r.get('label_changes', 0)} ({r.get('clear_label_changes', 0)})",
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Per forward of one tile (CPU ms, one thread) and export of the volume (s):", ""]
     names = []
