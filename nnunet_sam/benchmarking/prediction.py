@@ -186,6 +186,7 @@ def _compare(logits: torch.Tensor, reference: torch.Tensor) -> dict:
     clear = (top2[0] - top2[1]) > 2 * diff
     return {
         "max_abs_diff": diff,
+        "max_rel_diff": diff / max(float(reference.abs().max()), 1e-12),
         "label_changes": int(changed.sum()),
         "clear_label_changes": int((changed & clear).sum()),
     }
