@@ -335,6 +335,8 @@ def benchmark_prediction(
             if cheaper and (mirroring or sliding_window_cost(shape, patch, 1.0).tiles < entry["cost"]["tiles"]):
                 choices = {}
                 for label, step in (("--disable_tta", 0.5), ("--disable_tta -step_size 1", 1.0)):
+                    if step == 1.0 and sliding_window_cost(shape, patch, 1.0).tiles == entry["cost"]["tiles"]:
+                        continue  # the same tiles as nnU-Net's step
                     fast, _ = _predictor(net, patch, num_classes, step, False)
                     _, wall, cpu = _timed(lambda p=fast: p.predict_sliding_window_return_logits(volume))
                     cost = sliding_window_cost(shape, patch, step, None)
