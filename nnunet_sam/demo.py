@@ -53,11 +53,12 @@ __all__ = [
 DEFAULT_TRAINER = "SelfPromptSAMTrainer_tiny_demo"
 LITE_MEDSAM_TRAINER = "SelfPromptSAMTrainer_LiteMedSAM_demo"  # --backbone lite_medsam (learns fastest in 100 steps)
 BACKBONE_TRAINERS = {"tiny": DEFAULT_TRAINER, "lite_medsam": LITE_MEDSAM_TRAINER}
-# Expected wall time (s) of each step of the default demo on an idle 2-core CPU, per backbone: from the CPU time
-# the steps used in measured runs (README, "What was measured"); used for the estimates of what is left.
+# Expected wall time (s) of each step of the default demo on an idle 2-core CPU, per backbone: estimated from the CPU
+# time the steps used in runs on a shared machine (README, "What was measured"; tiny: 1, 46, 418 with the
+# augmentation workers, 61, 12 CPU s); used for the estimates of what is left.
 EXPECTED_SECONDS: dict[str, dict[str, float]] = {
-    "tiny": {"phantom": 5, "preprocess": 25, "train": 180, "predict": 30, "evaluate": 5},
-    "lite_medsam": {"phantom": 5, "preprocess": 25, "train": 600, "predict": 240, "evaluate": 5},
+    "tiny": {"phantom": 2, "preprocess": 40, "train": 300, "predict": 45, "evaluate": 10},
+    "lite_medsam": {"phantom": 2, "preprocess": 40, "train": 600, "predict": 240, "evaluate": 10},
 }
 HEARTBEAT_S = 30.0  # longest silence of a step: a status line at least this often
 DEFAULT_WORKDIR_NAME = "nnunet_sam_demo"
