@@ -228,6 +228,7 @@ def _run(step: str, cmd: list[str], env: dict[str, str], progress: StepProgress 
             if line is None:
                 break
             sys.stdout.write(line)
+            sys.stdout.flush()
             now = time.perf_counter()
             if progress.feed(line) or now - last >= HEARTBEAT_S:
                 print(f"[{step}] {progress.status(now - t0)}", flush=True)
