@@ -139,6 +139,7 @@ setup(
             "nnunet_sam_make_phantom=nnunet_sam.phantoms:main",
             "nnunet_sam_benchmark=nnunet_sam.benchmark:main",
             "nnunet_sam_benchmark_radsam=nnunet_sam.radsam_benchmark:main",
+            "nnunet_sam_benchmark_prediction=nnunet_sam.benchmarking.prediction:main",
             "nnunet_sam_predict=nnunet_sam.predict:main",
             "nnunet_sam_train=nnunet_sam.cli.train:main",
             "nnunet_sam_predict_prompted=nnunet_sam.predict_prompted:main",

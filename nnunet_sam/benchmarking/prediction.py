@@ -1,0 +1,456 @@
+"""``nnunet_sam_benchmark_prediction``: where the time of a CPU sliding-window prediction goes.
+
+Measures, on one phantom volume (``nnunet_sam.phantoms.generate_case``, 24x96x96 voxels by default) and in one run,
+tiny MaskSAM, tiny Self-Prompt-SAM (and LiteMedSAM with ``--backbones tiny lite_medsam``) next to nnU-Net's default
+U-Net for the same volume:
+
+* **Tiles and forwards** of nnU-Net's sliding window (``compute_steps_for_sliding_window``): tiles x mirrors, and
+  how often every voxel is predicted per mirror. The SAM patch rule gives 4x64x64 tiles for this volume (nnU-Net's
+  U-Net covers it with one 24x96x96 tile), so with nnU-Net's tile step 0.5 every slice is encoded about twice per
+  mirror and tile row.
+* **Per-volume seconds** of ``nnUNetPredictor.predict_sliding_window_return_logits`` with nnU-Net's settings (tile
+  step 0.5, Gaussian weighting, mirroring along every axis) for each ``--threads`` setting; ``nnunet`` is what
+  ``nnUNetv2_predict`` uses on a CPU (min(``nnUNet_def_n_proc``, cores) intra-op threads). The logits of every
+  setting are compared with the first: largest absolute difference, and changed labels (a flip is expected only
+  where the two best classes are tied within that difference, since nnU-Net sums tiles in float16). CPU seconds
+  (user + system of this process) are printed next to the wall time: on a shared machine the wall time of several
+  threads is inflated far more than their CPU time.
+* **The cheaper choices** that change what is predicted, by their ``nnUNetv2_predict`` names: ``--disable_tta``
+  (one forward per tile) and ``--disable_tta -step_size 1`` (fewer tiles), measured with the fastest thread setting.
+* **Per forward** (one tile, CPU time of the calling thread, mean of ``--forwards`` after one warm-up, one
+  thread): stem, image encoder with its
+  additions, prompt generator, prompt encoder + mask decoder, the rest (heads, prompt extraction, reshapes); for the
+  U-Net its encoder and decoder.
+* **Export**: logits -> label map at the original shape (nnU-Net's ``convert_predicted_logits_to_segmentation_with_
+  correct_shape``) and writing it as NIfTI.
+
+The networks have random weights: the cost of a forward does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "WindowCost",
+    "sliding_window_cost",
+    "window_cost_note",
+    "nnunet_prediction_threads",
+    "benchmark_prediction",
+    "format_report",
+    "build_parser",
+    "main",
+]
+
+MIRROR_AXES_3D = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class WindowCost:
+    """What nnU-Net's sliding window costs for one volume."""
+
+    image_shape: tuple[int, ...]
+    patch_size: tuple[int, ...]
+    step_size: float
+    tiles: int
+    mirrors: int  # forwards per tile: 2 ** (number of mirror axes), 1 without test-time mirroring
+    forwards: int  # tiles x mirrors
+    coverage: float  # tile voxels / image voxels: how often every voxel is predicted per mirror
+
+
+def sliding_window_cost(
+    image_shape: Sequence[int],
+    patch_size: Sequence[int],
+    step_size: float = 0.5,
+    mirror_axes: Sequence[int] | None = MIRROR_AXES_3D,
+) -> WindowCost:
+    """Tiles and forwards of ``nnUNetPredictor`` for a (preprocessed) volume; a volume smaller than the patch is
+    padded to it, as nnU-Net does."""
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    shape = tuple(max(int(s), int(p)) for s, p in zip(image_shape, patch_size))
+    patch = tuple(int(p) for p in patch_size)
+    tiles = math.prod(len(s) for s in compute_steps_for_sliding_window(shape, patch, step_size))
+    mirrors = 2 ** len(mirror_axes) if mirror_axes else 1
+    coverage = tiles * math.prod(patch) / math.prod(shape)
+    return WindowCost(tuple(int(s) for s in image_shape), patch, step_size, tiles, mirrors, tiles * mirrors, coverage)
+
+
+def window_cost_note(
+    image_shape: Sequence[int], patch_size: Sequence[int], mirror_axes: Sequence[int] | None = MIRROR_AXES_3D
+) -> str:
+    """One line for logs: the forwards nnU-Net's default prediction needs, and the cheaper choices by name."""
+    default = sliding_window_cost(image_shape, patch_size, 0.5, mirror_axes)
+    shape = "x".join(str(s) for s in default.image_shape)
+    patch = "x".join(str(p) for p in default.patch_size)
+    mirrors = f"{default.mirrors} mirrors" if default.mirrors > 1 else "1 (no mirroring)"
+    text = (
+        f"sliding window: {shape} volume -> {default.tiles} tile{'s' if default.tiles > 1 else ''} of {patch} (tile "
+        f"step 0.5, every voxel predicted {default.coverage:.1f}x) x {mirrors} = {default.forwards} forwards"
+    )
+    if default.forwards == 1:
+        return text
+    cheaper = []
+    if default.mirrors > 1:
+        cheaper.append(f"nnUNetv2_predict --disable_tta: {default.tiles} forwards")
+    wide = sliding_window_cost(image_shape, patch_size, 1.0, None)
+    if wide.tiles < default.tiles:
+        cheaper.append(f"--disable_tta -step_size 1: {wide.tiles} forwards")
+    return text + (f"; cheaper (predicts differently): {'; '.join(cheaper)}" if cheaper else "")
+
+
+def nnunet_prediction_threads() -> int:
+    """Intra-op threads of ``nnUNetv2_predict -device cpu``: min(``nnUNet_def_n_proc`` (8), CPU cores)."""
+    from nnunetv2.configuration import default_num_processes
+
+    return max(1, min(default_num_processes, os.cpu_count() or 1))
+
+
+# ---- models -------------------------------------------------------------------------------------------------------
+def _phantom_volume(shape: Sequence[int], seed: int) -> torch.Tensor:
+    from nnunet_sam.phantoms import generate_case
+
+    channels, _ = generate_case(tuple(int(s) for s in shape), seed=seed)
+    ct = channels[0].astype(np.float32)
+    return torch.from_numpy((ct - ct.mean()) / max(float(ct.std()), 1e-6))[None]  # (1, D, H, W) z-scored
+
+
+def _models(backbones: Sequence[str], shape: Sequence[int], num_classes: int) -> list[tuple[str, nn.Module, list]]:
+    """(name, network, tile size) for the SAM methods on each backbone and nnU-Net's U-Net planned for ``shape``."""
+    from nnunet_sam.benchmark import build_unet, sam_record, trainer_class
+    from nnunet_sam.trainers.masksam import MaskSAMTrainer
+    from nnunet_sam.trainers.self_prompt_sam import SelfPromptSAMTrainer
+
+    models = []
+    for backbone in backbones:
+        for label, method in (("MaskSAM", MaskSAMTrainer), ("Self-Prompt-SAM", SelfPromptSAMTrainer)):
+            trainer = trainer_class(method, backbone)
+            record = sam_record(trainer, shape, num_classes)
+            torch.manual_seed(0)
+            net = trainer.build_network(record, 1, num_classes)
+            models.append((f"{label} {backbone}", net, list(record["patch_size"])))
+    torch.manual_seed(0)
+    models.append(("nnU-Net U-Net", build_unet(list(shape), 1, num_classes), list(shape)))
+    return models
+
+
+def _predictor(net: nn.Module, patch: Sequence[int], num_classes: int, step_size: float, mirroring: bool):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_sam.benchmark import unet_plans
+
+    plans = unet_plans([16, 64, 64], num_classes)  # only the configuration's patch is read by the predictor
+    plans["configurations"]["3d_fullres"]["patch_size"] = list(patch)
+    manager = PlansManager(plans)
+    predictor = nnUNetPredictor(
+        tile_step_size=step_size,
+        use_gaussian=True,
+        use_mirroring=mirroring,
+        perform_everything_on_device=False,
+        device=torch.device("cpu"),
+        verbose=False,
+        allow_tqdm=False,
+    )
+    labels = {"background": 0, **{f"class{i}": i for i in range(1, num_classes)}}
+    dataset_json = {"labels": labels, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}
+    predictor.manual_initialization(
+        net.eval(), manager, manager.get_configuration("3d_fullres"), None, dataset_json, "benchmark", MIRROR_AXES_3D
+    )
+    return predictor, manager
+
+
+def _compare(logits: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Largest logit difference, and label-map differences outside near-ties.
+
+    nnU-Net sums the tiles in float16, so another summation order (threads) moves a logit by about one float16
+    step; where the two best classes of the reference are closer than twice the largest difference, the label may
+    flip without anything being wrong. ``clear_label_changes`` counts the other changed voxels (must be 0).
+    """
+    diff = float((logits - reference).abs().max())
+    changed = logits.argmax(0) != reference.argmax(0)
+    top2 = reference.topk(2, dim=0).values
+    clear = (top2[0] - top2[1]) > 2 * diff
+    return {
+        "max_abs_diff": diff,
+        "max_rel_diff": diff / max(float(reference.abs().max()), 1e-12),
+        "label_changes": int(changed.sum()),
+        "clear_label_changes": int((changed & clear).sum()),
+    }
+
+
+def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _parts(net: nn.Module) -> dict[str, nn.Module]:
+    if hasattr(net, "encoder_additions"):  # FoldedSAM methods
+        generator = getattr(net, "prompt_generator", None) or net.generator
+        return {
+            "stem": net.stem,
+            "encoder": net.encoder_additions,
+            "prompt generator": generator,
+            "prompt encoder + decoder": _Both(net.sam.prompt_encoder, net.decoder_additions),
+        }
+    return {"encoder": net.encoder, "decoder": net.decoder}
+
+
+class _Both:
+    """Two modules timed as one part."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        self.modules = modules
+
+
+def forward_breakdown(net: nn.Module, patch: Sequence[int], forwards: int = 3) -> dict[str, float]:
+    """CPU seconds per forward of one tile: each part (forward hooks), ``rest`` and ``total``.
+
+    One intra-op thread, so all work runs on the calling thread and its CPU time (``time.thread_time``) does not
+    grow with the load of the machine the way wall time does.
+    """
+    spent: dict[str, float] = {}
+    started: dict[str, float] = {}
+    handles = []
+    for name, part in _parts(net).items():
+        spent[name] = 0.0
+        for module in part.modules if isinstance(part, _Both) else (part,):
+            handles.append(
+                module.register_forward_pre_hook(lambda *_, n=name: started.__setitem__(n, time.thread_time()))
+            )
+            handles.append(
+                module.register_forward_hook(
+                    lambda *_, n=name: spent.__setitem__(n, spent[n] + time.thread_time() - started[n])
+                )
+            )
+    x = torch.randn(1, 1, *patch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            net.eval()(x)
+            spent.update({k: 0.0 for k in spent})
+            t0 = time.thread_time()
+            for _ in range(forwards):
+                net(x)
+            total = (time.thread_time() - t0) / forwards
+    finally:
+        torch.set_num_threads(threads)
+        for h in handles:
+            h.remove()
+    out = {k: v / forwards for k, v in spent.items()}
+    out["rest"] = max(0.0, total - sum(out.values()))
+    out["total"] = total
+    return out
+
+
+def _export_seconds(logits: torch.Tensor, manager, num_classes: int) -> float:
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+    shape = list(logits.shape[1:])
+    properties = {
+        "spacing": [1.0, 1.0, 1.0],
+        "shape_before_cropping": shape,
+        "bbox_used_for_cropping": [[0, s] for s in shape],
+        "shape_after_cropping_and_before_resampling": shape,
+        "sitk_stuff": {"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0), "direction": tuple(np.eye(3).ravel())},
+    }
+    config = manager.get_configuration("3d_fullres")
+    config.configuration["spacing"] = [1.0, 1.0, 1.0]
+    labels = manager.get_label_manager({"labels": {"background": 0, **{f"c{i}": i for i in range(1, num_classes)}}})
+    t0 = time.perf_counter()
+    seg = convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits, manager, config, labels, properties, num_threads_torch=1
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        SimpleITKIO().write_seg(seg, str(Path(tmp) / "case.nii.gz"), properties)
+    return time.perf_counter() - t0
+
+
+# ---- the benchmark ------------------------------------------------------------------------------------------------
+def benchmark_prediction(
+    backbones: Sequence[str] = ("tiny",),
+    shape: Sequence[int] = (24, 96, 96),
+    num_classes: int = 5,
+    threads: Sequence[int | str] = ("nnunet", 1),
+    mirroring: bool = True,
+    cheaper: bool = True,
+    forwards: int = 3,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Measure every model on one phantom volume; returns a dict (``models``: one entry per model)."""
+    volume = _phantom_volume(shape, seed)
+    thread_counts = [nnunet_prediction_threads() if t == "nnunet" else int(t) for t in threads]
+    result = {
+        "volume": list(shape),
+        "cpu_cores": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+        "torch": torch.__version__,
+        "nnunet_threads": nnunet_prediction_threads(),
+        "mirroring": mirroring,
+        "models": [],
+    }
+    old_threads = torch.get_num_threads()
+    try:
+        for name, net, patch in _models(backbones, shape, num_classes):
+            entry = {
+                "model": name,
+                "patch": patch,
+                "cost": asdict(sliding_window_cost(shape, patch, 0.5, MIRROR_AXES_3D if mirroring else None)),
+            }
+            log(f"{name}: {window_cost_note(shape, patch, MIRROR_AXES_3D if mirroring else None)}")
+            entry["per_forward_s"] = forward_breakdown(net, patch, forwards)
+            predictor, manager = _predictor(net, patch, num_classes, 0.5, mirroring)
+            runs, reference = [], None
+            for n in thread_counts:
+                torch.set_num_threads(n)
+                logits, wall, cpu = _timed(lambda p=predictor: p.predict_sliding_window_return_logits(volume).float())
+                row = {"threads": n, "wall_s": wall, "cpu_s": cpu}
+                if reference is None:
+                    reference = logits
+                else:
+                    row.update(_compare(logits, reference))
+                runs.append(row)
+                log(f"  {n} thread(s): {wall:.1f} s wall, {cpu:.1f} s CPU")
+            entry["runs"] = runs
+            entry["export_s"] = _export_seconds(reference, manager, num_classes)
+            fastest = min(runs, key=lambda r: r["wall_s"])["threads"]
+            torch.set_num_threads(fastest)
+            if cheaper and (mirroring or sliding_window_cost(shape, patch, 1.0).tiles < entry["cost"]["tiles"]):
+                choices = {}
+                for label, step in (("--disable_tta", 0.5), ("--disable_tta -step_size 1", 1.0)):
+                    if step == 1.0 and sliding_window_cost(shape, patch, 1.0).tiles == entry["cost"]["tiles"]:
+                        continue  # the same tiles as nnU-Net's step
+                    fast, _ = _predictor(net, patch, num_classes, step, False)
+                    _, wall, cpu = _timed(lambda p=fast: p.predict_sliding_window_return_logits(volume))
+                    cost = sliding_window_cost(shape, patch, step, None)
+                    choices[label] = {"forwards": cost.forwards, "wall_s": wall, "cpu_s": cpu}
+                entry["cheaper"] = choices
+                entry["cheaper_threads"] = fastest
+            result["models"].append(entry)
+    finally:
+        torch.set_num_threads(old_threads)
+    result["load_average_end"] = list(os.getloadavg())
+    return result
+
+
+def format_report(result: dict) -> str:
+    """Markdown tables of a :func:`benchmark_prediction` result."""
+    shape = "x".join(map(str, result["volume"]))
+    lines = [
+        f"Prediction of one {shape} phantom volume on the CPU ({result['cpu_cores']} cores, load average "
+        f"{result['load_average'][0]:.1f} at the start, {result['load_average_end'][0]:.1f} at the end; torch "
+        f"{result['torch']}); nnU-Net's settings: tile step 0.5, Gaussian weighting, "
+        f"{'mirroring along all axes' if result['mirroring'] else 'no mirroring'}.",
+        "",
+        "| model | tile | tiles x mirrors = forwards | voxel coverage | threads | wall s | CPU s | vs first "
+        "| max abs diff | changed labels (outside ties) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in result["models"]:
+        c = m["cost"]
+        first = m["runs"][0]["wall_s"]
+        head = [m["model"], "x".join(map(str, m["patch"])), f"{c['tiles']} x {c['mirrors']} = {c['forwards']}"]
+        head.append(f"{c['coverage']:.1f}")
+        for i, r in enumerate(m["runs"]):
+            cells = head if i == 0 else [""] * len(head)
+            cells = [
+                *cells,
+                str(r["threads"]),
+                f"{r['wall_s']:.1f}",
+                f"{r['cpu_s']:.1f}",
+                f"{first / r['wall_s']:.2f}x",
+            ]
+            cells += [
+                f"{r.get('max_abs_diff', 0.0):.2g}",
+                f"{r.get('label_changes', 0)} ({r.get('clear_label_changes', 0)})",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Per forward of one tile (CPU ms, one thread) and export of the volume (s):", ""]
+    names = []
+    for m in result["models"]:
+        names += [k for k in m["per_forward_s"] if k not in names]
+    lines.append("| model | " + " | ".join(names) + " | export s |")
+    lines.append("|---|" + "---|" * (len(names) + 1))
+    for m in result["models"]:
+        cells = [f"{1000 * m['per_forward_s'][k]:.0f}" if k in m["per_forward_s"] else "" for k in names]
+        lines.append(f"| {m['model']} | " + " | ".join(cells) + f" | {m['export_s']:.2f} |")
+    cheaper = [m for m in result["models"] if "cheaper" in m]
+    if cheaper:
+        lines += ["", "Cheaper choices (predict differently), with the fastest thread setting:", ""]
+        lines.append("| model | nnUNetv2_predict option | threads | forwards | wall s | CPU s |")
+        lines.append("|---|---|---|---|---|---|")
+        for m in cheaper:
+            for label, r in m["cheaper"].items():
+                cells = [m["model"], f"`{label}`", str(m["cheaper_threads"]), str(r["forwards"])]
+                lines.append("| " + " | ".join([*cells, f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}"]) + " |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnunet_sam_benchmark_prediction",
+        description="Time nnU-Net's CPU sliding-window prediction of one phantom volume for tiny MaskSAM, tiny "
+        "Self-Prompt-SAM and nnU-Net's default U-Net (same run), per thread setting, with a per-forward breakdown, "
+        "the export and the cheaper prediction choices.",
+    )
+    p.add_argument("--backbones", nargs="+", default=["tiny"], choices=["tiny", "lite_medsam"])
+    p.add_argument("--shape", nargs=3, type=int, default=[24, 96, 96], metavar=("D", "H", "W"))
+    p.add_argument(
+        "--threads",
+        nargs="+",
+        default=["nnunet", "1"],
+        help="intra-op thread settings to compare, 'nnunet' = what nnUNetv2_predict uses (default: nnunet 1)",
+    )
+    p.add_argument("--disable_tta", action="store_true", help="time the settings without test-time mirroring")
+    p.add_argument("--no-cheaper", action="store_true", help="skip the --disable_tta / -step_size 1 rows")
+    p.add_argument("--forwards", type=int, default=3, help="forwards per model for the breakdown (default: 3)")
+    p.add_argument("-o", "--output", default=None, help="also write the result as JSON to this file")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for t in args.threads:
+        if t != "nnunet" and not (t.isdigit() and int(t) > 0):
+            print(f"nnunet_sam_benchmark_prediction: error: --threads takes 'nnunet' or positive integers, not {t!r}")
+            return 2
+    if "lite_medsam" in args.backbones:
+        from nnunet_sam.backbones.lite_medsam import INSTALL_HINT, lite_medsam_available
+
+        if not lite_medsam_available():
+            print(f"nnunet_sam_benchmark_prediction: error: --backbones lite_medsam needs {INSTALL_HINT}")
+            return 2
+    result = benchmark_prediction(
+        args.backbones,
+        args.shape,
+        threads=[t if t == "nnunet" else int(t) for t in args.threads],
+        mirroring=not args.disable_tta,
+        cheaper=not args.no_cheaper,
+        forwards=args.forwards,
+        log=lambda s: print(s, flush=True),
+    )
+    print("\n" + format_report(result))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
