@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from nnunet_sam.backbones.lite_medsam import INSTALL_HINT, lite_medsam_available
-from nnunet_sam.benchmarking.prediction import MIRROR_AXES_3D, window_cost_note
 from nnunet_sam.phantoms import make_phantom_dataset
+from nnunet_sam.planning import MIRROR_AXES_3D, window_cost_note
 
 __all__ = [
     "BACKBONE_TRAINERS",

@@ -13,7 +13,8 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_sam import demo
-from nnunet_sam.benchmarking.prediction import benchmark_prediction, sliding_window_cost, window_cost_note
+from nnunet_sam.benchmarking.prediction import benchmark_prediction
+from nnunet_sam.planning import sliding_window_cost, window_cost_note
 from nnunet_sam.trainers.base import CPUDemo, LiteMedSAMCPUDemo
 
 

@@ -34,7 +34,6 @@ from nnunet_sam.backbones.checkpoints import (
     resize_to_input,
 )
 from nnunet_sam.backbones.sam_vit import get_backbone
-from nnunet_sam.benchmarking.prediction import window_cost_note
 from nnunet_sam.dataset_checks import check_training_data
 from nnunet_sam.distributed import check_batch_split, nnunet_ddp_wrapper, rank_device
 from nnunet_sam.fault_tolerance import (
@@ -48,7 +47,7 @@ from nnunet_sam.fault_tolerance import (
     remove_stale_temp_files,
 )
 from nnunet_sam.model_record import PLANS_KEY, RECORD_FORMAT, ModelRecord, build_from_record, options_to_json
-from nnunet_sam.planning import PatchRule, VolumePatchRule, sam_settings
+from nnunet_sam.planning import PatchRule, VolumePatchRule, sam_settings, window_cost_note
 from nnunet_sam.slim_checkpoints import SLIM_ENV, attach_expansion, base_record, slim_requested, slim_saving
 
 

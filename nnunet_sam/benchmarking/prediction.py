@@ -31,85 +31,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from nnunet_sam.planning import MIRROR_AXES_3D, sliding_window_cost, window_cost_note
+
 __all__ = [
-    "WindowCost",
-    "sliding_window_cost",
-    "window_cost_note",
     "nnunet_prediction_threads",
     "benchmark_prediction",
     "format_report",
     "build_parser",
     "main",
 ]
-
-MIRROR_AXES_3D = (0, 1, 2)
-
-
-@dataclass(frozen=True)
-class WindowCost:
-    """What nnU-Net's sliding window costs for one volume."""
-
-    image_shape: tuple[int, ...]
-    patch_size: tuple[int, ...]
-    step_size: float
-    tiles: int
-    mirrors: int  # forwards per tile: 2 ** (number of mirror axes), 1 without test-time mirroring
-    forwards: int  # tiles x mirrors
-    coverage: float  # tile voxels / image voxels: how often every voxel is predicted per mirror
-
-
-def sliding_window_cost(
-    image_shape: Sequence[int],
-    patch_size: Sequence[int],
-    step_size: float = 0.5,
-    mirror_axes: Sequence[int] | None = MIRROR_AXES_3D,
-) -> WindowCost:
-    """Tiles and forwards of ``nnUNetPredictor`` for a (preprocessed) volume; a volume smaller than the patch is
-    padded to it, as nnU-Net does."""
-    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
-
-    shape = tuple(max(int(s), int(p)) for s, p in zip(image_shape, patch_size))
-    patch = tuple(int(p) for p in patch_size)
-    tiles = math.prod(len(s) for s in compute_steps_for_sliding_window(shape, patch, step_size))
-    mirrors = 2 ** len(mirror_axes) if mirror_axes else 1
-    coverage = tiles * math.prod(patch) / math.prod(shape)
-    return WindowCost(tuple(int(s) for s in image_shape), patch, step_size, tiles, mirrors, tiles * mirrors, coverage)
-
-
-def window_cost_note(
-    image_shape: Sequence[int], patch_size: Sequence[int], mirror_axes: Sequence[int] | None = MIRROR_AXES_3D
-) -> str:
-    """One line for logs: the forwards nnU-Net's default prediction needs, and the cheaper choices by name."""
-    default = sliding_window_cost(image_shape, patch_size, 0.5, mirror_axes)
-    shape = "x".join(str(s) for s in default.image_shape)
-    patch = "x".join(str(p) for p in default.patch_size)
-    mirrors = f"{default.mirrors} mirrors" if default.mirrors > 1 else "1 (no mirroring)"
-    text = (
-        f"sliding window: {shape} volume -> {default.tiles} tile{'s' if default.tiles > 1 else ''} of {patch} (tile "
-        f"step 0.5, every voxel predicted {default.coverage:.1f}x) x {mirrors} = {default.forwards} forwards"
-    )
-    if default.forwards == 1:
-        return text
-    cheaper = []
-    if default.mirrors > 1:
-        cheaper.append(f"nnUNetv2_predict --disable_tta: {default.tiles} forwards")
-    wide = sliding_window_cost(image_shape, patch_size, 1.0, None)
-    if wide.tiles < default.tiles:
-        cheaper.append(f"--disable_tta -step_size 1: {wide.tiles} forwards")
-    return text + (f"; cheaper (predicts differently): {'; '.join(cheaper)}" if cheaper else "")
 
 
 def nnunet_prediction_threads() -> int:
