@@ -30,6 +30,7 @@ from skimage.exposure import equalize_adapthist
 from torch import nn
 
 from nnunet_sam.blocks.aggregator_3d import SliceAggregator3D
+from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.blocks.folded_sam import FoldedSAM
 from nnunet_sam.prompting.pansam_points import PointPromptConfig, generate_points
 
@@ -101,6 +102,7 @@ class PanSAMNetwork(FoldedSAM):
         sam_input_size: int,
         target_label: int = 1,
         options: PanSAMOptions | None = None,
+        attention: AttentionImpl = DEFAULT_ATTENTION,
     ) -> None:
         assert len(patch_size) == 3, (
             f"PanSAM needs 3D patches [D, P, P] (its aggregator works across slices), got {list(patch_size)}"
@@ -116,6 +118,7 @@ class PanSAMNetwork(FoldedSAM):
             decoder_image_adapter=None,
             depth_embedding=False,
             learned_stem=False,
+            attention=attention,
         )
         self.options = options or PanSAMOptions()
         self.in_channels = in_channels

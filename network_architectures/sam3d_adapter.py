@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from nnunet_sam.backbones.sam_vit import BackboneSpec, build_sam, get_backbone
+from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.blocks.mask_decoder_3d import AggregatingMaskDecoder3D
 from nnunet_sam.blocks.stem import PlainStem
 from nnunet_sam.blocks.volumetric_encoder import VolumetricEncoder
@@ -44,6 +45,7 @@ class SAM3DAdapterNetwork(nn.Module):
         slice_group: int,
         window: int,
         prompted: bool = False,
+        attention: AttentionImpl = DEFAULT_ATTENTION,
     ) -> None:
         super().__init__()
         assert len(patch_size) == 3, f"3DSAM-adapter needs a 3D patch [D, P, P], got {tuple(patch_size)}"
@@ -70,6 +72,7 @@ class SAM3DAdapterNetwork(nn.Module):
             slice_group,
             window,
             spec.feature_indices,
+            attention=attention,
         )
         self.prompt_encoder = (
             PointPromptEncoder(spec.prompt_dim, num_classes, num_heads=spec.decoder_heads) if prompted else None

@@ -7,7 +7,9 @@ Rule (applied when the configuration in the plans has no ``nnunet_sam`` block):
   [1, ``max_tiles``], where ``tile = patch_size * window_size`` of the backbone (224 px for SAM's ViTs):
   square, a whole number of attention windows (no window padding), as close to the plan as allowed;
 * SAM input size = P unless the trainer fixes ``sam_input_size``;
-* queries N = max(8, ceil(1.5 * C)) with C classes including background, unless the trainer fixes it.
+* queries N = max(8, ceil(1.5 * C)) with C classes including background, unless the trainer fixes it;
+* ``attention``: how SAM's attention is computed (:mod:`nnunet_sam.blocks.attention`); new trainings record
+  ``"sdpa"``, and a saved block without the field (trained before it existed) is rebuilt with ``"sam"``.
 
 A plans file whose configuration already holds an ``nnunet_sam`` block (for example a copy of the plans
 edited by hand and passed with ``-p``) overrides the rule field by field; the block written into the plans
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nnunet_sam.backbones.sam_vit import BackboneSpec
+from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, LEGACY_ATTENTION, AttentionImpl, check_attention
 
 PLANS_KEY = "nnunet_sam"
 
@@ -48,6 +51,11 @@ class VolumePatchRule:
     slice_group: int = 4
     window: int = 8
     max_windows: int = 2
+
+
+def record_attention(record: dict) -> AttentionImpl:
+    """The attention implementation a saved ``nnunet_sam`` block asks for (``"sam"`` for blocks older than it)."""
+    return check_attention(record.get("attention", LEGACY_ATTENTION))
 
 
 def default_num_queries(num_classes: int) -> int:
@@ -139,6 +147,7 @@ def sam_settings(
         "patch_size": patch,
         "sam_input_size": int(user.get("sam_input_size") or sam_input_size or patch[-1]),
         "num_queries": int(user.get("num_queries") or num_queries or default_num_queries(num_classes)),
+        "attention": check_attention(user.get("attention") or DEFAULT_ATTENTION),
     }
     check_settings(record, spec, num_classes)
     if isinstance(rule, VolumePatchRule):

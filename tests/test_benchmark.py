@@ -11,6 +11,7 @@ from nnunetv2.inference.sliding_window_prediction import compute_steps_for_slidi
 
 from nnunet_sam import benchmark
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone
+from nnunet_sam.benchmarking import configs, counting, memory, timing
 
 SMALL = [
     "--trainers", "MaskSAMTrainer", "SelfPromptSAMTrainer",
@@ -20,6 +21,8 @@ SMALL = [
     "--input-sizes", "256",
     "--volume-scales", "1",
     "--no-autocast",
+    "--presets",
+    "--attention-sizes",
 ]  # fmt: skip
 
 
@@ -69,26 +72,24 @@ def test_flops_are_sane(report, trainer, backbone):
 def test_parameter_counts_match_the_modules(report, trainer, backbone):
     c = _config(report, trainer, backbone)
     record = {k: c[k] for k in ("patch_size", "sam_input_size", "num_queries")} | {"backbone": backbone}
-    net = benchmark.on_meta(
-        lambda: benchmark.build_sam_network(
-            benchmark.trainer_class(benchmark.METHODS[trainer], backbone), record, 1, 14
-        )
+    net = configs.on_meta(
+        lambda: configs.build_sam_network(configs.trainer_class(configs.METHODS[trainer], backbone), record, 1, 14)
     )
     additions = sum(p.numel() for name, m in net.named_children() if name != "sam" for p in m.parameters())
-    sam = benchmark.on_meta(lambda: build_sam(get_backbone(backbone), c["sam_input_size"]))
+    sam = configs.on_meta(lambda: build_sam(get_backbone(backbone), c["sam_input_size"]))
     p = c["params"]
     assert p["trainable"] == additions, "trainable = everything outside SAM (what the optimiser gets)"
     assert p["frozen"] == sum(q.numel() for q in sam.parameters()), "frozen = the stock SAM"
     assert p["total"] == p["trainable"] + p["frozen"]
     ckpt = c["checkpoint_bytes"]
     assert 4 * p["total"] <= ckpt["full_state_dict"] < 1.01 * 4 * p["total"], "fp32 weights + a few buffers"
-    assert ckpt["optimizer_state"] == 4 * p["trainable"] * benchmark.OPTIMIZER_STATE[c["optimizer"]]
+    assert ckpt["optimizer_state"] == 4 * p["trainable"] * memory.OPTIMIZER_STATE[c["optimizer"]]
     assert 4 * p["trainable"] <= ckpt["trainable_only"] < ckpt["full_state_dict"]
 
 
 def test_memory_estimates_are_consistent(report):
     for c in report["configs"]:
-        p, buffers = c["params"], benchmark.OPTIMIZER_STATE[c["optimizer"]]
+        p, buffers = c["params"], memory.OPTIMIZER_STATE[c["optimizer"]]
         one, two = c["memory_bytes"]["batch1"], c["memory_bytes"]["batch2"]
         for row in (one, two):
             assert row["none"] == 4 * p["total"] + 4 * (1 + buffers) * p["trainable"] + row["activations_fp32"]
@@ -122,9 +123,9 @@ def test_cpu_timings(report):
 
 @pytest.mark.slow
 def test_sliding_window_cost_grows_with_the_tiles():
-    trainer = benchmark.trainer_class(benchmark.METHODS["MaskSAMTrainer"], "tiny")
-    record = benchmark.sam_record(trainer, [8, 64, 64], 4)
-    one, two = benchmark.sliding_window_times(trainer, record, 1, 4, [1, 2])
+    trainer = configs.trainer_class(configs.METHODS["MaskSAMTrainer"], "tiny")
+    record = configs.sam_record(trainer, [8, 64, 64], 4)
+    one, two = timing.sliding_window_times(trainer, record, 1, 4, [1, 2])
     assert math.prod(two["shape"]) == 2 * math.prod(one["shape"])
     for row in (one, two):
         steps = compute_steps_for_sliding_window(row["shape"], record["patch_size"], 0.5)
@@ -144,20 +145,20 @@ def test_grouped_conv_backward_is_counted_per_group():
     conv = torch.nn.Conv3d(c, c, 3, padding=1, groups=c, bias=False).to("meta")
     x = torch.zeros(b, c, d, h, w, device="meta", requires_grad=True)
     forward = 2 * b * c * d * h * w * 27  # one multiply-add per output voxel and kernel tap, per channel
-    assert benchmark.count_flops(lambda: conv(x)) == forward
-    assert benchmark.count_flops(lambda: conv(x).sum().backward()) == 3 * forward  # + input grad + weight grad
+    assert counting.count_flops(lambda: conv(x)) == forward
+    assert counting.count_flops(lambda: conv(x).sum().backward()) == 3 * forward  # + input grad + weight grad
     conv.requires_grad_(False)
-    assert benchmark.count_flops(lambda: conv(x).sum().backward()) == 2 * forward, "no weight grad when frozen"
+    assert counting.count_flops(lambda: conv(x).sum().backward()) == 2 * forward, "no weight grad when frozen"
 
 
 def test_bf16_trace_halves_most_activations():
-    trainer = benchmark.trainer_class(benchmark.METHODS["MaskSAMTrainer"], "tiny")
-    record = benchmark.sam_record(trainer, [8, 32, 32], 4)
+    trainer = configs.trainer_class(configs.METHODS["MaskSAMTrainer"], "tiny")
+    record = configs.sam_record(trainer, [8, 32, 32], 4)
 
     def build():
-        return benchmark.build_sam_network(trainer, record, 1, 4)
+        return configs.build_sam_network(trainer, record, 1, 4)
 
-    fp32 = benchmark.activation_bytes(build, 2, False, 1, record["patch_size"])
-    bf16 = benchmark.activation_bytes(build, 2, True, 1, record["patch_size"])
+    fp32 = memory.activation_bytes(build, 2, False, 1, record["patch_size"])
+    bf16 = memory.activation_bytes(build, 2, True, 1, record["patch_size"])
     assert 0.4 * fp32["total"] < bf16["total"] < 0.9 * fp32["total"]
     assert bf16["checkpointed"] < bf16["total"] and fp32["checkpointed"] < fp32["total"]

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import copy
 import os
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 
 import numpy as np
 import torch
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
 from torch._dynamo import OptimizedModule
@@ -29,10 +28,14 @@ from nnunet_sam.backbones.checkpoints import (
     resize_to_input,
 )
 from nnunet_sam.backbones.sam_vit import get_backbone
+from nnunet_sam.blocks.checkpointing import block_checkpointing
 from nnunet_sam.dataset_checks import check_training_data
 from nnunet_sam.fault_tolerance import NonFiniteTrainingError, all_finite, atomic_write, remove_stale_temp_files
 from nnunet_sam.planning import PLANS_KEY, PatchRule, VolumePatchRule, sam_settings
 from nnunet_sam.slim_checkpoints import SLIM_ENV, attach_expansion, base_record, slim_requested, slim_saving
+
+CHECKPOINTING_ENV = "nnUNet_SAM_checkpointing"
+AUTOCAST_ENV = "nnUNet_SAM_autocast"
 
 
 class UnsupportedDatasetError(ValueError):
@@ -73,6 +76,11 @@ class SAMTrainer(nnUNetTrainer):
     # Checkpoints without the frozen SAM weights, with the base file's SHA-256 (nnunet_sam.slim_checkpoints);
     # None: ``$nnUNet_SAM_slim_checkpoints`` decides (default off: self-contained checkpoints, as in nnU-Net).
     slim_checkpoints: bool | None = None
+    # Memory controls on CUDA (see memory_controls): None = decided from the estimated peak training memory against
+    # the GPU's memory; True/False forces. $nnUNet_SAM_checkpointing / $nnUNet_SAM_autocast (0 or 1) force too and
+    # take precedence. Autocast is bf16 where the GPU supports it, else nnU-Net's fp16 with its grad scaler.
+    block_checkpointing: bool | None = None
+    autocast: bool | None = None
 
     def __init__(
         self,
@@ -132,6 +140,9 @@ class SAMTrainer(nnUNetTrainer):
         self._weights_from_nnunet_checkpoint = False
         self._nonfinite_steps_in_a_row = 0
         self._slim_record = base_record(checkpoint_path, spec, record["sam_input_size"]) if slim else None
+        # nnU-Net's behaviour until memory_controls decides: fp16 autocast on CUDA, no checkpointing
+        self._autocast_dtype: torch.dtype | None = torch.float16 if self.device.type == "cuda" else None
+        self._checkpointing = False
         self.print_to_log_file(
             f"{type(self).__name__}: backbone {spec.name}, nnU-Net patch {planned_patch} -> SAM patch "
             f"{record['patch_size']}, SAM input {record['sam_input_size']} px "
@@ -203,6 +214,98 @@ class SAMTrainer(nnUNetTrainer):
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
         self.print_to_log_file(f"Parameters: {trainable:,} trainable, {frozen:,} frozen")
+        self.memory_controls()
+
+    # ---- memory controls (nnunet_sam.benchmarking.memory) --------------------------------------------------------
+    @classmethod
+    def forced_memory_options(cls) -> tuple[bool | None, bool | None]:
+        """(checkpointing, autocast) forced by ``$nnUNet_SAM_checkpointing`` / ``$nnUNet_SAM_autocast`` or the class
+        attributes ``block_checkpointing`` / ``autocast``; None where the estimate decides."""
+        forced = []
+        for env, attribute in ((CHECKPOINTING_ENV, cls.block_checkpointing), (AUTOCAST_ENV, cls.autocast)):
+            value = os.environ.get(env, "").strip().lower()
+            if value in ("1", "true", "t", "0", "false", "f"):
+                forced.append(value in ("1", "true", "t"))
+            elif value:
+                raise ValueError(f"${env}={value!r}: use 1 (on) or 0 (off), or unset it to decide from the estimate.")
+            else:
+                forced.append(attribute)
+        return forced[0], forced[1]
+
+    def memory_controls(self) -> None:
+        """Decide block checkpointing and 16-bit autocast for this run and log the choice with its estimate.
+
+        On CUDA: the estimated peak training memory of every option set at this batch size
+        (:func:`~nnunet_sam.benchmarking.memory.memory_row`, traced on fake tensors, seconds) against 90 % of the
+        GPU's memory less 1 GiB (CUDA context, fragmentation); the first that fits of: autocast, checkpointing +
+        autocast (fp32 variants only when autocast is forced off). Elsewhere nothing is estimated: nnU-Net's
+        behaviour (no autocast off CUDA), checkpointing only when forced.
+        """
+        from nnunet_sam.benchmarking.memory import GIB, OPTIMIZER_STATE, choose_memory_options, memory_row
+
+        checkpointing, use_autocast = self.forced_memory_options()
+        if self.device.type != "cuda":
+            self._checkpointing = bool(checkpointing)
+            self.print_to_log_file(
+                f"Memory controls ({self.device.type}): block checkpointing {'on' if self._checkpointing else 'off'}, "
+                "no autocast (nnU-Net autocasts on CUDA only)"
+            )
+            return
+        net = self._plain_network()
+        params = {
+            "total": sum(p.numel() for p in net.parameters()),
+            "trainable": sum(p.numel() for p in net.parameters() if p.requires_grad),
+        }
+        record, channels, heads = self.sam_record, self.num_input_channels, self.label_manager.num_segmentation_heads
+        try:
+            row = memory_row(
+                lambda: type(self).build_network(record, channels, heads),
+                params,
+                OPTIMIZER_STATE.get(self.optimizer_name, 2),
+                channels,
+                record["patch_size"],
+                self.batch_size,
+            )
+        except Exception as e:  # noqa: BLE001  (a forward that cannot run on fake tensors must not stop training)
+            self._checkpointing = bool(checkpointing)
+            self._autocast_dtype = None if use_autocast is False else self._autocast_dtype
+            if self._autocast_dtype is None:
+                self.grad_scaler = None
+            self.print_to_log_file(
+                f"Memory controls: no estimate ({type(e).__name__}: {e}); block checkpointing "
+                f"{'on' if self._checkpointing else 'off'}, autocast {self._autocast_dtype or 'off (float32)'}"
+            )
+            return
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = 0.9 * total - GIB
+        choice, fits = choose_memory_options(row, budget, checkpointing, use_autocast)
+        self._checkpointing = "checkpointing" in choice
+        bf16 = torch.cuda.is_bf16_supported()
+        self._autocast_dtype = (torch.bfloat16 if bf16 else torch.float16) if "autocast" in choice else None
+        if self._autocast_dtype != torch.float16:
+            self.grad_scaler = None  # bf16 and fp32 need no loss scaling
+        estimates = ", ".join(f"{k} {v / GIB:.1f}" for k, v in row.items() if not k.startswith("activations"))
+        self.print_to_log_file(
+            f"Memory controls: block checkpointing {'on' if self._checkpointing else 'off'}, autocast "
+            f"{self._autocast_dtype or 'off (float32)'}; estimated peak {row[choice] / GIB:.1f} GiB at batch "
+            f"{self.batch_size} against a budget of {budget / GIB:.1f} GiB (GPU {total / GIB:.1f} GiB); estimates "
+            f"(GiB): {estimates}"
+        )
+        if not fits:
+            self.print_to_log_file(
+                "WARNING: no allowed memory setting fits this GPU by the estimate; expect out-of-memory errors. "
+                "Lower the batch size or the patch in the plans, or unset a forced setting "
+                f"(${CHECKPOINTING_ENV}, ${AUTOCAST_ENV}, class attributes block_checkpointing / autocast)."
+            )
+
+    def forward_context(self) -> ExitStack:
+        """Autocast and block checkpointing around a training or validation forward, as memory_controls chose."""
+        stack = ExitStack()
+        if self.device.type == "cuda" and self._autocast_dtype is not None:
+            stack.enter_context(autocast("cuda", dtype=self._autocast_dtype))
+        if self._checkpointing:
+            stack.enter_context(block_checkpointing())
+        return stack
 
     def get_tr_and_val_datasets(self):
         """nnU-Net's datasets of this fold (built when training starts), checked against dataset.json first."""
@@ -272,7 +375,7 @@ class SAMTrainer(nnUNetTrainer):
         else:
             target = target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        with self.forward_context():
             output = self.network(data)
             loss = self.loss(output, target)
         if self.grad_scaler is not None:
@@ -320,7 +423,7 @@ class SAMTrainer(nnUNetTrainer):
         """Set loss on all outputs plus nnU-Net's online pseudo-Dice on the semantic map."""
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        with self.forward_context():
             outputs = self.network(data, return_all=True)
             loss = self.loss(outputs, target)
         semantic = outputs["semantic"]

@@ -6,6 +6,7 @@ from torch import nn
 
 from nnunet_sam.losses import MaskSetCriterion
 from nnunet_sam.network_architectures.masksam import MaskSAMNetwork, MaskSAMOptions
+from nnunet_sam.planning import record_attention
 from nnunet_sam.trainers.base import CPUDemo, LiteMedSAM, LiteMedSAMCPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
 
 
@@ -24,6 +25,7 @@ class MaskSAMTrainer(SAMTrainer):
             patch_size=record["patch_size"],
             sam_input_size=record["sam_input_size"],
             options=cls.options,
+            attention=record_attention(record),
         )
 
     def _build_loss(self) -> nn.Module:

@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunet_sam.losses import FocalDiceLoss
 from nnunet_sam.network_architectures.pansam import PanSAMNetwork, PanSAMOptions
+from nnunet_sam.planning import record_attention
 from nnunet_sam.trainers.base import (
     CPUDemo,
     LiteMedSAM,
@@ -120,6 +121,7 @@ class PanSAMTrainer(SAMTrainer):
             sam_input_size=record["sam_input_size"],
             target_label=cls.label(),
             options=cls.options,
+            attention=record_attention(record),
         )
 
     def _build_loss(self) -> nn.Module:

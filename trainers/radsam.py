@@ -16,6 +16,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunet_sam.network_architectures.radsam import RadSAMLoss, RadSAMNetwork, intensity_windows
+from nnunet_sam.planning import record_attention
 from nnunet_sam.prompting.radsam_prompts import (
     MIN_LABEL_PIXELS,
     SimulatedInteraction,
@@ -56,7 +57,13 @@ class RadSAMTrainer(SAMTrainer):
 
     @classmethod
     def build_network(cls, record: dict, num_input_channels: int, num_output_channels: int) -> nn.Module:
-        return RadSAMNetwork(record["backbone"], num_input_channels, record["patch_size"], record["sam_input_size"])
+        return RadSAMNetwork(
+            record["backbone"],
+            num_input_channels,
+            record["patch_size"],
+            record["sam_input_size"],
+            attention=record_attention(record),
+        )
 
     @classmethod
     def build_network_architecture(

@@ -11,7 +11,7 @@ from torch import nn
 
 from nnunet_sam.losses import DeepSupervisedSegLoss
 from nnunet_sam.network_architectures.sam3d_adapter import SAM3DAdapterNetwork
-from nnunet_sam.planning import VolumePatchRule
+from nnunet_sam.planning import VolumePatchRule, record_attention
 from nnunet_sam.prompting.point_sampler import simulate_points
 from nnunet_sam.trainers.base import CPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
 
@@ -42,6 +42,7 @@ class SAM3DAdapterTrainer(SAMTrainer):
             slice_group=record["slice_group"],
             window=record["window"],
             prompted=cls.prompted,
+            attention=record_attention(record),
         )
 
     def _build_loss(self) -> nn.Module:
