@@ -178,8 +178,19 @@ def encoder_pass(backbone: str, size: int, attention: str, seed: int = 0) -> dic
     return {"seconds": seconds, "peak_added_bytes": max(0, peak - before)}
 
 
-def attention_comparison(sizes: Sequence[int], backbone: str = "vit_b", timeout: float = 1800) -> list[dict]:
-    """segment-anything's attention against ours in the image encoder, each pass in a fresh process, same run."""
+def attention_comparison(
+    sizes: Sequence[int], backbone: str = "vit_b", timeout: float = 3600, limit_gib: float = 16
+) -> list[dict]:
+    """segment-anything's attention against ours in the image encoder, each pass in a fresh process, same run.
+
+    Each process may map at most ``limit_gib`` GiB (``RLIMIT_AS``): a pass that needs more fails with an error in
+    the report instead of pushing a shared machine into its out-of-memory killer.
+    """
+
+    def limit() -> None:
+        size = int(limit_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (size, size))
+
     rows = []
     for size in sizes:
         row: dict = {"backbone": backbone, "input_size": size}
@@ -190,9 +201,16 @@ def attention_comparison(sizes: Sequence[int], backbone: str = "vit_b", timeout:
             )
             try:
                 done = subprocess.run(
-                    [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=True
+                    [sys.executable, "-c", code],
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                    check=True,
+                    preexec_fn=limit,
                 )
                 row[attention] = json.loads(done.stdout.strip().splitlines()[-1])
+            except subprocess.CalledProcessError as e:
+                row[attention] = {"error": (e.stderr or "").strip().splitlines()[-1:] or [f"exit code {e.returncode}"]}
             except (subprocess.SubprocessError, ValueError, IndexError) as e:
                 row[attention] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         if "seconds" in row["sam"] and "seconds" in row["sdpa"]:
