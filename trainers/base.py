@@ -241,7 +241,7 @@ class SAMTrainer(nnUNetTrainer):
         autocast (fp32 variants only when autocast is forced off). Elsewhere nothing is estimated: nnU-Net's
         behaviour (no autocast off CUDA), checkpointing only when forced.
         """
-        from nnunet_sam.benchmarking.memory import GIB, OPTIMIZER_STATE, choose_memory_options, memory_row
+        from nnunet_sam.benchmarking.memory import GIB, OPTIMIZER_STATE, EncoderPath, choose_memory_options, memory_row
 
         checkpointing, use_autocast = self.forced_memory_options()
         if self.device.type != "cuda":
@@ -257,15 +257,18 @@ class SAMTrainer(nnUNetTrainer):
             "trainable": sum(p.numel() for p in net.parameters() if p.requires_grad),
         }
         record, channels, heads = self.sam_record, self.num_input_channels, self.label_manager.num_segmentation_heads
+
+        def build() -> nn.Module:
+            return type(self).build_network(record, channels, heads)
+
+        buffers, patch = OPTIMIZER_STATE.get(self.optimizer_name, 2), record["patch_size"]
+        scope = "whole network"
         try:
-            row = memory_row(
-                lambda: type(self).build_network(record, channels, heads),
-                params,
-                OPTIMIZER_STATE.get(self.optimizer_name, 2),
-                channels,
-                record["patch_size"],
-                self.batch_size,
-            )
+            try:
+                row = memory_row(build, params, buffers, channels, patch, self.batch_size)
+            except Exception:  # noqa: BLE001  (numpy in the forward, prompts it must be given: the encoder path)
+                row = memory_row(lambda: EncoderPath(build()), params, buffers, channels, patch, self.batch_size)
+                scope = "encoder path only (the whole forward cannot be traced)"
         except Exception as e:  # noqa: BLE001  (a forward that cannot run on fake tensors must not stop training)
             self._checkpointing = bool(checkpointing)
             self._autocast_dtype = None if use_autocast is False else self._autocast_dtype
@@ -289,7 +292,7 @@ class SAMTrainer(nnUNetTrainer):
             f"Memory controls: block checkpointing {'on' if self._checkpointing else 'off'}, autocast "
             f"{self._autocast_dtype or 'off (float32)'}; estimated peak {row[choice] / GIB:.1f} GiB at batch "
             f"{self.batch_size} against a budget of {budget / GIB:.1f} GiB (GPU {total / GIB:.1f} GiB); estimates "
-            f"(GiB): {estimates}"
+            f"(GiB, {scope}): {estimates}"
         )
         if not fits:
             self.print_to_log_file(

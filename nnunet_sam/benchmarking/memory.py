@@ -101,6 +101,18 @@ class SavedTensorTrace:
         return {"total": total, "checkpointed": checkpointed}
 
 
+class EncoderPath(nn.Module):
+    """A network's encoder path (its ``encode``: stem, SAM's image encoder with the additions), for networks whose
+    whole forward cannot run on meta or fake tensors (numpy inside it, or prompts it must be given)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor):
+        return self.net.encode(x)
+
+
 def activation_bytes(build: Callable[[], nn.Module], batch: int, bf16: bool, in_channels: int, patch) -> dict:
     """Saved-for-backward bytes of one training forward on fake CPU tensors, float32 or under bf16 autocast.
 
