@@ -162,3 +162,27 @@ def test_bf16_trace_halves_most_activations():
     bf16 = memory.activation_bytes(build, 2, True, 1, record["patch_size"])
     assert 0.4 * fp32["total"] < bf16["total"] < 0.9 * fp32["total"]
     assert bf16["checkpointed"] < bf16["total"] and fp32["checkpointed"] < fp32["total"]
+
+
+def test_preset_rows_compare_both_attentions_through_the_trainers_builders():
+    from nnunet_sam.benchmarking.configs import Preset
+    from nnunet_sam.benchmarking.report import preset_row
+    from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
+    from nnunet_sam.trainers.pansam import PanSAMTrainer_tiny
+
+    # SAM input 256 px: the tiny ViT's global blocks see 32x32 tokens, where stored attention matrices dominate
+    # (at 8x8 tokens a 64 x 64 matrix is smaller than the widened query and key)
+    big = {"sam_input_size": 256}
+    preset = Preset("masksam", MaskSAMTrainer_tiny, (2, 64, 64), num_classes=4, block=big, target_gib=1)
+    whole = preset_row(preset, 1, False)
+    assert whole["scope"] == "whole network" and whole["patch_size"] == [2, 64, 64]
+    sam, ours = whole["memory_bytes"]["sam"], whole["memory_bytes"]["sdpa"]
+    assert ours["activations_fp32"] < sam["activations_fp32"], "no stored attention matrices"
+    assert ours["checkpointing"] < ours["none"]
+    assert whole["target"] == {"option_set": "none", "fits": True, "bytes": ours["none"]}  # fp32 only: no bf16
+    # PanSAM's forward runs numpy (CLAHE): counted through the network's encoder path, and it says so; that path is
+    # frozen in PanSAM (no stem, no adapters), so its training step stores nothing
+    encoder = preset_row(Preset("pansam", PanSAMTrainer_tiny, (2, 64, 64), num_classes=2, block=big), 1, False)
+    assert encoder["scope"].startswith("encoder path")
+    assert encoder["memory_bytes"]["sdpa"]["activations_fp32"] == encoder["memory_bytes"]["sam"]["activations_fp32"]
+    assert encoder["flops"]["train_step"] == encoder["flops"]["inference"]

@@ -258,8 +258,13 @@ class SAMTrainer(nnUNetTrainer):
         }
         record, channels, heads = self.sam_record, self.num_input_channels, self.label_manager.num_segmentation_heads
 
-        def build() -> nn.Module:
-            return type(self).build_network(record, channels, heads)
+        trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+
+        def build() -> nn.Module:  # this run's network, trainable as configure_optimizers made it
+            network = type(self).build_network(record, channels, heads)
+            for name, p in network.named_parameters():
+                p.requires_grad_(name in trainable)
+            return network
 
         buffers, patch = OPTIMIZER_STATE.get(self.optimizer_name, 2), record["patch_size"]
         scope = "whole network"

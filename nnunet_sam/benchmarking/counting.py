@@ -72,7 +72,9 @@ def train_step_flops(net: nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
     def step():
         net.train()
-        surrogate_loss(net(x)).backward()
+        loss = surrogate_loss(net(x))
+        if loss.requires_grad:  # a frozen encoder path (PanSAM's) trains nothing: its step is the forward
+            loss.backward()
 
     with allow_meta_masks():
         flops = count_flops(step)
