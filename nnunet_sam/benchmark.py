@@ -67,13 +67,13 @@ def run(argv: Sequence[str] | None = None) -> dict:
         from nnunet_sam.benchmarking.gpu import format_gpu_report, run_gpu_benchmark
 
         report = run_gpu_benchmark([p for p in PRESETS if p.name in args.presets], args.in_channels)
-        print(format_gpu_report(report))
+        text = format_gpu_report
     else:
-        report = run_benchmark(args)
-        print(format_report(report))
-    if args.json:
+        report, text = run_benchmark(args), format_report
+    if args.json:  # before the table: a long run's figures survive a formatting fault
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
+    print(text(report))
     return report
 
 

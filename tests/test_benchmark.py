@@ -186,3 +186,18 @@ def test_preset_rows_compare_both_attentions_through_the_trainers_builders():
     assert encoder["scope"].startswith("encoder path")
     assert encoder["memory_bytes"]["sdpa"]["activations_fp32"] == encoder["memory_bytes"]["sam"]["activations_fp32"]
     assert encoder["flops"]["train_step"] == encoder["flops"]["inference"]
+    from nnunet_sam.benchmarking.report import format_presets
+
+    attention = [
+        {
+            "input_size": 512,
+            "sam": {"seconds": 2.0, "peak_added_bytes": 4 * 2**30},
+            "sdpa": {"seconds": 1.0, "peak_added_bytes": 2**30},
+            "time_ratio": 0.5,
+            "memory_ratio": 0.25,
+        },
+        {"input_size": 1024, "sam": {"error": ["MemoryError"]}, "sdpa": {"seconds": 3.0, "peak_added_bytes": 1}},
+    ]
+    text = "\n".join(format_presets([whole, encoder], attention))
+    assert "masksam" in text and "pansam: counted through its encoder path" in text
+    assert "time 0.50, peak memory 0.25" in text and "MemoryError" in text

@@ -72,7 +72,7 @@ PRESETS: tuple[Preset, ...] = (
         target_gib=80,
     ),
     Preset(
-        "MaskSAM AMOS (ViT-H 512 px)",
+        "MaskSAM AMOS (ViT-H 512 px, batch 1)",
         MaskSAMTrainer_vith,
         (9, 512, 512),
         batch_size=1,

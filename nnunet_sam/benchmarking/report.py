@@ -242,9 +242,9 @@ def format_presets(rows: list[dict], attention: list[dict]) -> list[str]:
         for r in rows:
             if r["scope"] != "whole network":
                 lines.append(f"{r['preset']}: counted through its {r['scope']}")
-            for attention in ("sam", "sdpa"):
-                m = r["memory_bytes"][attention]
-                first = attention == "sam"
+            for impl in ("sam", "sdpa"):
+                m = r["memory_bytes"][impl]
+                first = impl == "sam"
                 target = ""
                 if not first and r.get("target"):
                     t = r["target"]
@@ -257,7 +257,7 @@ def format_presets(rows: list[dict], attention: list[dict]) -> list[str]:
                         if first
                         else " " * 90
                     )
-                    + f"{attention:>6}"
+                    + f"{impl:>6}"
                     + "".join(f"{_gib(m.get(o)):>9}" for o in MEMORY_OPTIONS)
                     + f"{target:>22}"
                 )
