@@ -236,7 +236,7 @@ def format_presets(rows: list[dict], attention: list[dict]) -> list[str]:
             f"{'preset':<30}{'backbone':<9}{'patch':<11}{'px':>5}{'b':>3}{'params M':>9}{'train GF':>10}"
             f"{'infer GF':>10}{'attn':>6}"
             + "".join(f"{o:>9}" for o in ("none", "ckpt", "16-bit", "both"))
-            + f"{'target':>22}"
+            + f"  {'target (GiB)'}"
         )
         lines += [head, "-" * len(head)]
         for r in rows:
@@ -248,7 +248,7 @@ def format_presets(rows: list[dict], attention: list[dict]) -> list[str]:
                 target = ""
                 if not first and r.get("target"):
                     t = r["target"]
-                    target = f"{'fits' if t['fits'] else 'over'} {r['target_gib']:g} ({t['option_set'][:5]})"
+                    target = f"{'fits' if t['fits'] else 'over'} {r['target_gib']:g} with {t['option_set']}"
                 lines.append(
                     (
                         f"{r['preset'][:29]:<30}{r['backbone']:<9}{_patch(r['patch_size']):<11}"
@@ -259,7 +259,7 @@ def format_presets(rows: list[dict], attention: list[dict]) -> list[str]:
                     )
                     + f"{impl:>6}"
                     + "".join(f"{_gib(m.get(o)):>9}" for o in MEMORY_OPTIONS)
-                    + f"{target:>22}"
+                    + f"  {target}"
                 )
     if attention:
         lines += ["", "Attention on this CPU: SAM ViT-B image encoder, one slice, forward + backward (same run):"]
@@ -288,13 +288,9 @@ def _gib(size: float | None) -> str:
     return "-" if size is None else f"{size / GIB:.2f}"
 
 
-def format_report(report: dict) -> str:
-    lines = []
-    setup = report["setup"]
-    lines.append(
-        f"nnunet_sam_benchmark: planned nnU-Net patch {setup['planned_patch']}, {setup['num_classes']} classes, "
-        f"{setup['in_channels']} input channel(s); FLOPs in GFLOP per sample (batch 1), memory in GiB."
-    )
+def format_configs(report: dict) -> list[str]:
+    """Tables of the trainer x backbone configurations and of the U-Net at their patches."""
+    lines: list[str] = []
     head = (
         f"{'trainer':<22}{'backbone':<15}{'patch':<13}{'in':>5}{'params M':>10}{'train M':>9}{'frozen M':>9}"
         f"{'train GF':>11}{'infer GF':>10}{'ratio':>7}{'floor':>7}"
@@ -348,6 +344,18 @@ def format_report(report: dict) -> str:
             f"{c['optimizer_state'] / 2**20:>10.1f}{c['trainable_only'] / 2**20:>10.1f}"
         )
 
+    return lines
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    setup = report["setup"]
+    lines.append(
+        f"nnunet_sam_benchmark: planned nnU-Net patch {setup['planned_patch']}, {setup['num_classes']} classes, "
+        f"{setup['in_channels']} input channel(s); FLOPs in GFLOP per sample (batch 1), memory in GiB."
+    )
+    if report["configs"]:
+        lines += format_configs(report)
     if report["input_sizes"]:
         lines += ["", "SAM input size options (MaskSAMTrainer, patch stays as planned; GFLOP per sample):"]
         lines.append(
