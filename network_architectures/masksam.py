@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_sam.blocks.adapters import AdapterKind
+from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.blocks.folded_sam import FoldedSAM
 from nnunet_sam.mask_classification import semantic_log_probs
 from nnunet_sam.prompting.from_masks import BoxSource, MaskPromptResize, box_prompts, prompt_mask
@@ -84,6 +85,7 @@ class MaskSAMNetwork(FoldedSAM):
         patch_size: Sequence[int],
         sam_input_size: int,
         options: MaskSAMOptions | None = None,
+        attention: AttentionImpl = DEFAULT_ATTENTION,
     ) -> None:
         options = options or MaskSAMOptions()
         super().__init__(
@@ -96,6 +98,7 @@ class MaskSAMNetwork(FoldedSAM):
             decoder_image_adapter=options.decoder_image_adapter,
             depth_embedding=options.depth_embedding,
             gradient_checkpointing=options.gradient_checkpointing,
+            attention=attention,
         )
         self.options = options
         self.num_classes = num_classes

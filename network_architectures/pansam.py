@@ -30,6 +30,7 @@ from skimage.exposure import equalize_adapthist
 from torch import nn
 
 from nnunet_sam.blocks.aggregator_3d import SliceAggregator3D
+from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.blocks.folded_sam import FoldedSAM
 from nnunet_sam.prompting.pansam_points import LEGACY_POINTS, PointPromptConfig, generate_points
 
@@ -105,6 +106,7 @@ class PanSAMNetwork(FoldedSAM):
         patch_size: Sequence[int],
         sam_input_size: int,
         options: PanSAMOptions | None = None,
+        attention: AttentionImpl = DEFAULT_ATTENTION,
     ) -> None:
         options = options or PanSAMOptions()
         target_label = options.target_label
@@ -122,6 +124,7 @@ class PanSAMNetwork(FoldedSAM):
             decoder_image_adapter=None,
             depth_embedding=False,
             learned_stem=False,
+            attention=attention,
         )
         self.options = options
         self.in_channels = in_channels

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.blocks.folded_sam import FoldedSAM
 from nnunet_sam.losses import dice_bce_per_mask, oracle_multimask_loss
 from nnunet_sam.prompting.radsam_prompts import MIN_LABEL_PIXELS, Prompts, SimulatedInteraction, structure_masks
@@ -154,6 +155,7 @@ class RadSAMNetwork(FoldedSAM):
         patch_size: Sequence[int],
         sam_input_size: int,
         options: RadSAMOptions | None = None,
+        attention: AttentionImpl = DEFAULT_ATTENTION,
     ) -> None:
         assert len(patch_size) == 2, f"RadSAM is a 2D model: patch must be [P, P], got {list(patch_size)}"
         super().__init__(
@@ -166,6 +168,7 @@ class RadSAMNetwork(FoldedSAM):
             decoder_image_adapter=None,
             depth_embedding=False,
             learned_stem=False,
+            attention=attention,
         )
         self.options = options or RadSAMOptions()
         windows = intensity_windows(["ZScoreNormalization"] * in_channels, {})

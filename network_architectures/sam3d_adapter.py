@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from nnunet_sam.backbones.sam_vit import BackboneSpec, build_sam, get_backbone
+from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.blocks.mask_decoder_3d import AggregatingMaskDecoder3D
 from nnunet_sam.blocks.stem import PlainStem
 from nnunet_sam.blocks.volumetric_encoder import VolumetricEncoder
@@ -55,6 +56,7 @@ class SAM3DAdapterNetwork(nn.Module):
         window: int,
         options: SAM3DAdapterOptions | None = None,
         sam_input_size: int | None = None,
+        attention: AttentionImpl = DEFAULT_ATTENTION,
     ) -> None:
         super().__init__()
         self.options = options = options or SAM3DAdapterOptions()
@@ -85,6 +87,7 @@ class SAM3DAdapterNetwork(nn.Module):
             slice_group,
             window,
             spec.feature_indices,
+            attention=attention,
         )
         self.prompt_encoder = (
             PointPromptEncoder(spec.prompt_dim, num_classes, num_heads=spec.decoder_heads) if options.prompted else None

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_sam.blocks.adapters import AdapterKind
+from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.blocks.folded_sam import FoldedSAM
 from nnunet_sam.blocks.mc_adapter import MCAdapter, binary_to_multiclass
 from nnunet_sam.prompting.from_masks import MaskPromptResize, box_prompts, point_prompts, prompt_mask
@@ -110,6 +111,7 @@ class SelfPromptSAMNetwork(FoldedSAM):
         patch_size: Sequence[int],
         sam_input_size: int,
         options: SelfPromptSAMOptions | None = None,
+        attention: AttentionImpl = DEFAULT_ATTENTION,
     ) -> None:
         options = options or SelfPromptSAMOptions()
         assert num_classes >= 2, "Self-Prompt-SAM needs background and at least one foreground class"
@@ -124,6 +126,7 @@ class SelfPromptSAMNetwork(FoldedSAM):
             depth_embedding=options.depth_embedding,
             learned_stem=options.madapter,
             gradient_checkpointing=options.gradient_checkpointing,
+            attention=attention,
         )
         self.options = options
         self.num_classes = num_classes

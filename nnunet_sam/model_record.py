@@ -7,7 +7,7 @@ block alone (:func:`build_from_record`), never from class defaults that a later 
 The block (JSON)::
 
     {"format": 2, "backbone": "vit_b", "patch_size": [8, 224, 224], "sam_input_size": 224, "num_queries": 8,
-     "options": {...the method's options dataclass...}}          (+ "slice_group", "window" for 3DSAM-adapter)
+     "attention": "sdpa", "options": {...the method's options dataclass...}}   (+ "slice_group", "window")
 
 Format 1 (models trained before version 0.2) had no ``format`` and no ``options``: their options are the trainer
 class's options, with every field that was added or changed since then set to its legacy value (the field's
@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+
+from nnunet_sam.blocks.attention import LEGACY_ATTENTION, check_attention
 
 PLANS_KEY = "nnunet_sam"
 RECORD_FORMAT = 2
@@ -108,10 +110,11 @@ class ModelRecord:
     options: Any = None  # the method's options dataclass (MaskSAMOptions, ...), or None
     slice_group: int | None = None  # volumetric methods (3DSAM-adapter)
     window: int | None = None
+    attention: str = LEGACY_ATTENTION  # nnunet_sam.blocks.attention; blocks saved before the field: SAM's own
     format: int = RECORD_FORMAT
     extra: dict = field(default_factory=dict)  # top-level fields this version does not interpret
 
-    BASE_FIELDS = ("backbone", "patch_size", "sam_input_size", "num_queries", "slice_group", "window")
+    BASE_FIELDS = ("backbone", "patch_size", "sam_input_size", "num_queries", "slice_group", "window", "attention")
 
     @classmethod
     def from_block(cls, block: Mapping, options_template: Any) -> ModelRecord:
@@ -135,6 +138,7 @@ class ModelRecord:
             options=options,
             slice_group=None if block.get("slice_group") is None else int(block["slice_group"]),
             window=None if block.get("window") is None else int(block["window"]),
+            attention=check_attention(block.get("attention", LEGACY_ATTENTION)),
             format=fmt,
             extra={k: v for k, v in block.items() if k not in known},
         )
@@ -150,6 +154,7 @@ class ModelRecord:
         }
         if self.slice_group is not None:
             block.update(slice_group=self.slice_group, window=self.window)
+        block["attention"] = self.attention
         block["options"] = options_to_json(self.options)
         block.update(self.extra)
         return block
@@ -163,6 +168,7 @@ class ModelRecord:
             "num_queries": self.num_queries,
             "slice_group": self.slice_group,
             "window": self.window,
+            "attention": self.attention,
             "options": self.options,
         }
 

@@ -9,6 +9,8 @@ Rule (applied when the configuration in the plans has no ``nnunet_sam`` block):
 * SAM input size = P unless the trainer fixes ``sam_input_size`` or an ``input_scale`` s (SAM input = s * P:
   SAM sees the patch at s times its size, one token = ViT patch / s voxels);
 * queries N = max(8, ceil(1.5 * C)) with C classes including background, unless the trainer fixes it.
+* ``attention``: how SAM's attention is computed (:mod:`nnunet_sam.blocks.attention`); new trainings record
+  ``"sdpa"``, and a saved block without the field (trained before it existed) is rebuilt with ``"sam"``.
 
 A trainer (a paper preset) may also fix the patch itself (``fixed_patch``) instead of deriving it from the plan.
 
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nnunet_sam.backbones.sam_vit import BackboneSpec
+from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, LEGACY_ATTENTION, AttentionImpl, check_attention
 from nnunet_sam.model_record import PLANS_KEY
 
 
@@ -50,6 +53,11 @@ class VolumePatchRule:
     slice_group: int = 4
     window: int = 8
     max_windows: int = 2
+
+
+def record_attention(record: dict) -> AttentionImpl:
+    """The attention implementation a saved ``nnunet_sam`` block asks for (``"sam"`` for blocks older than it)."""
+    return check_attention(record.get("attention", LEGACY_ATTENTION))
 
 
 def default_num_queries(num_classes: int) -> int:
@@ -173,6 +181,7 @@ def sam_settings(
         "patch_size": patch,
         "sam_input_size": int(size),
         "num_queries": int(user.get("num_queries") or num_queries or default_num_queries(num_classes)),
+        "attention": check_attention(user.get("attention") or DEFAULT_ATTENTION),
     }
     check_settings(record, spec, num_classes)
     if isinstance(rule, VolumePatchRule):

@@ -11,6 +11,7 @@ from nnunetv2.inference.sliding_window_prediction import compute_steps_for_slidi
 
 from nnunet_sam import benchmark
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone
+from nnunet_sam.benchmarking import configs, counting, memory, timing
 
 SMALL = [
     "--trainers", "MaskSAMTrainer", "SelfPromptSAMTrainer",
@@ -20,6 +21,8 @@ SMALL = [
     "--input-sizes", "256",
     "--volume-scales", "1",
     "--no-autocast",
+    "--presets",
+    "--attention-sizes",
 ]  # fmt: skip
 
 
@@ -69,26 +72,24 @@ def test_flops_are_sane(report, trainer, backbone):
 def test_parameter_counts_match_the_modules(report, trainer, backbone):
     c = _config(report, trainer, backbone)
     record = {k: c[k] for k in ("patch_size", "sam_input_size", "num_queries")} | {"backbone": backbone}
-    net = benchmark.on_meta(
-        lambda: benchmark.build_sam_network(
-            benchmark.trainer_class(benchmark.METHODS[trainer], backbone), record, 1, 14
-        )
+    net = configs.on_meta(
+        lambda: configs.build_sam_network(configs.trainer_class(configs.METHODS[trainer], backbone), record, 1, 14)
     )
     additions = sum(p.numel() for name, m in net.named_children() if name != "sam" for p in m.parameters())
-    sam = benchmark.on_meta(lambda: build_sam(get_backbone(backbone), c["sam_input_size"]))
+    sam = configs.on_meta(lambda: build_sam(get_backbone(backbone), c["sam_input_size"]))
     p = c["params"]
     assert p["trainable"] == additions, "trainable = everything outside SAM (what the optimiser gets)"
     assert p["frozen"] == sum(q.numel() for q in sam.parameters()), "frozen = the stock SAM"
     assert p["total"] == p["trainable"] + p["frozen"]
     ckpt = c["checkpoint_bytes"]
     assert 4 * p["total"] <= ckpt["full_state_dict"] < 1.01 * 4 * p["total"], "fp32 weights + a few buffers"
-    assert ckpt["optimizer_state"] == 4 * p["trainable"] * benchmark.OPTIMIZER_STATE[c["optimizer"]]
+    assert ckpt["optimizer_state"] == 4 * p["trainable"] * memory.OPTIMIZER_STATE[c["optimizer"]]
     assert 4 * p["trainable"] <= ckpt["trainable_only"] < ckpt["full_state_dict"]
 
 
 def test_memory_estimates_are_consistent(report):
     for c in report["configs"]:
-        p, buffers = c["params"], benchmark.OPTIMIZER_STATE[c["optimizer"]]
+        p, buffers = c["params"], memory.OPTIMIZER_STATE[c["optimizer"]]
         one, two = c["memory_bytes"]["batch1"], c["memory_bytes"]["batch2"]
         for row in (one, two):
             assert row["none"] == 4 * p["total"] + 4 * (1 + buffers) * p["trainable"] + row["activations_fp32"]
@@ -122,9 +123,9 @@ def test_cpu_timings(report):
 
 @pytest.mark.slow
 def test_sliding_window_cost_grows_with_the_tiles():
-    trainer = benchmark.trainer_class(benchmark.METHODS["MaskSAMTrainer"], "tiny")
-    record = benchmark.sam_record(trainer, [8, 64, 64], 4)
-    one, two = benchmark.sliding_window_times(trainer, record, 1, 4, [1, 2])
+    trainer = configs.trainer_class(configs.METHODS["MaskSAMTrainer"], "tiny")
+    record = configs.sam_record(trainer, [8, 64, 64], 4)
+    one, two = timing.sliding_window_times(trainer, record, 1, 4, [1, 2])
     assert math.prod(two["shape"]) == 2 * math.prod(one["shape"])
     for row in (one, two):
         steps = compute_steps_for_sliding_window(row["shape"], record["patch_size"], 0.5)
@@ -144,20 +145,59 @@ def test_grouped_conv_backward_is_counted_per_group():
     conv = torch.nn.Conv3d(c, c, 3, padding=1, groups=c, bias=False).to("meta")
     x = torch.zeros(b, c, d, h, w, device="meta", requires_grad=True)
     forward = 2 * b * c * d * h * w * 27  # one multiply-add per output voxel and kernel tap, per channel
-    assert benchmark.count_flops(lambda: conv(x)) == forward
-    assert benchmark.count_flops(lambda: conv(x).sum().backward()) == 3 * forward  # + input grad + weight grad
+    assert counting.count_flops(lambda: conv(x)) == forward
+    assert counting.count_flops(lambda: conv(x).sum().backward()) == 3 * forward  # + input grad + weight grad
     conv.requires_grad_(False)
-    assert benchmark.count_flops(lambda: conv(x).sum().backward()) == 2 * forward, "no weight grad when frozen"
+    assert counting.count_flops(lambda: conv(x).sum().backward()) == 2 * forward, "no weight grad when frozen"
 
 
 def test_bf16_trace_halves_most_activations():
-    trainer = benchmark.trainer_class(benchmark.METHODS["MaskSAMTrainer"], "tiny")
-    record = benchmark.sam_record(trainer, [8, 32, 32], 4)
+    trainer = configs.trainer_class(configs.METHODS["MaskSAMTrainer"], "tiny")
+    record = configs.sam_record(trainer, [8, 32, 32], 4)
 
     def build():
-        return benchmark.build_sam_network(trainer, record, 1, 4)
+        return configs.build_sam_network(trainer, record, 1, 4)
 
-    fp32 = benchmark.activation_bytes(build, 2, False, 1, record["patch_size"])
-    bf16 = benchmark.activation_bytes(build, 2, True, 1, record["patch_size"])
+    fp32 = memory.activation_bytes(build, 2, False, 1, record["patch_size"])
+    bf16 = memory.activation_bytes(build, 2, True, 1, record["patch_size"])
     assert 0.4 * fp32["total"] < bf16["total"] < 0.9 * fp32["total"]
     assert bf16["checkpointed"] < bf16["total"] and fp32["checkpointed"] < fp32["total"]
+
+
+def test_preset_rows_compare_both_attentions_through_the_trainers_builders():
+    from nnunet_sam.benchmarking.configs import Preset
+    from nnunet_sam.benchmarking.report import preset_row
+    from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
+    from nnunet_sam.trainers.pansam import PanSAMTrainer_tiny
+
+    # SAM input 256 px: the tiny ViT's global blocks see 32x32 tokens, where stored attention matrices dominate
+    # (at 8x8 tokens a 64 x 64 matrix is smaller than the widened query and key)
+    big = {"sam_input_size": 256}
+    preset = Preset("masksam", MaskSAMTrainer_tiny, (2, 64, 64), num_classes=4, block=big, target_gib=1)
+    whole = preset_row(preset, 1, False)
+    assert whole["scope"] == "whole network" and whole["patch_size"] == [2, 64, 64]
+    sam, ours = whole["memory_bytes"]["sam"], whole["memory_bytes"]["sdpa"]
+    assert ours["activations_fp32"] < sam["activations_fp32"], "no stored attention matrices"
+    assert ours["checkpointing"] < ours["none"]
+    assert whole["target"] == {"option_set": "none", "fits": True, "bytes": ours["none"]}  # fp32 only: no bf16
+    # PanSAM's forward runs numpy (CLAHE): counted through the network's encoder path, and it says so; that path is
+    # frozen in PanSAM (no stem, no adapters), so its training step stores nothing
+    encoder = preset_row(Preset("pansam", PanSAMTrainer_tiny, (2, 64, 64), num_classes=2, block=big), 1, False)
+    assert encoder["scope"].startswith("encoder path")
+    assert encoder["memory_bytes"]["sdpa"]["activations_fp32"] == encoder["memory_bytes"]["sam"]["activations_fp32"]
+    assert encoder["flops"]["train_step"] == encoder["flops"]["inference"]
+    from nnunet_sam.benchmarking.report import format_presets
+
+    attention = [
+        {
+            "input_size": 512,
+            "sam": {"seconds": 2.0, "peak_added_bytes": 4 * 2**30},
+            "sdpa": {"seconds": 1.0, "peak_added_bytes": 2**30},
+            "time_ratio": 0.5,
+            "memory_ratio": 0.25,
+        },
+        {"input_size": 1024, "sam": {"error": ["MemoryError"]}, "sdpa": {"seconds": 3.0, "peak_added_bytes": 1}},
+    ]
+    text = "\n".join(format_presets([whole, encoder], attention))
+    assert "masksam" in text and "pansam: counted through its encoder path" in text
+    assert "time 0.50, peak memory 0.25" in text and "MemoryError" in text

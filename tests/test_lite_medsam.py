@@ -197,6 +197,7 @@ def test_trainer_finds_and_loads_the_packaged_weights(weights, tmp_path, monkeyp
         "patch_size": [2, 32, 32],
         "sam_input_size": 32,
         "num_queries": 8,
+        "attention": "sdpa",
     }
     net = trainer.build_network(trainer.sam_record, 1, 3)
     state = resize_to_input(trainer._sam_state, SPEC, 32)  # TinyViT: nothing depends on the input size

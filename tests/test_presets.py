@@ -13,7 +13,7 @@ import torch
 from sam_testing import dataset_json, minimal_plans, write_standin_checkpoint
 
 from nnunet_sam.backbones.sam_vit import get_backbone
-from nnunet_sam.benchmark import on_meta
+from nnunet_sam.benchmarking.configs import on_meta
 from nnunet_sam.trainer_shim import nnunet_sam_trainers as shim
 from nnunet_sam.trainers import masksam, pansam, radsam, sam3d_adapter, self_prompt_sam
 from nnunet_sam.trainers.base import SAMTrainer

@@ -14,7 +14,8 @@ from sam_testing import dataset_json, minimal_plans
 
 from nnunet_sam.backbones.checkpoints import resize_to_input
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone, reference_shapes
-from nnunet_sam.benchmark import _allow_meta_masks, on_meta
+from nnunet_sam.benchmarking.configs import on_meta
+from nnunet_sam.benchmarking.counting import allow_meta_masks
 from nnunet_sam.model_record import ModelRecord
 from nnunet_sam.planning import PatchError, sam_settings
 from nnunet_sam.prompting.radsam_prompts import SimulatedInteraction
@@ -117,7 +118,7 @@ def test_vit_b_methods_at_2x_and_4x_on_meta(trainer_class, scale):
         return
     net.train()
     x = torch.zeros(2, 1, *patch, device="meta")
-    with _allow_meta_masks():
+    with allow_meta_masks():
         semantic, loss = _loss(net, x, False)
         assert semantic.shape == (2, _classes(cls), *patch)
         loss.backward()

@@ -42,7 +42,13 @@ def test_patch_rule(backbone, planned, rule, expected):
 def test_user_block_in_plans_overrides_rule():
     config = {"patch_size": [24, 96, 96], "nnunet_sam": {"patch_size": [2, 32, 32], "num_queries": 12}}
     record = sam_settings(config, get_backbone("tiny"), PatchRule(4, 2), num_classes=4)
-    assert record == {"backbone": "tiny", "patch_size": [2, 32, 32], "sam_input_size": 32, "num_queries": 12}
+    assert record == {
+        "backbone": "tiny",
+        "patch_size": [2, 32, 32],
+        "sam_input_size": 32,
+        "num_queries": 12,
+        "attention": "sdpa",
+    }
 
 
 @pytest.mark.parametrize(
@@ -100,6 +106,7 @@ def test_tiny_trainer_records_its_patch_in_the_plans(results):
         "sam_input_size": 64,
         "num_queries": 8,
         "options": dataclasses.asdict(MaskSAMTrainer_tiny.options),
+        "attention": "sdpa",
     }
     assert plans["configurations"]["3d_fullres"]["patch_size"] == [24, 96, 96], "caller's plans untouched"
     assert trainer.enable_deep_supervision is False

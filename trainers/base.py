@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,6 @@ import torch.distributed as dist
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
 from torch._dynamo import OptimizedModule
@@ -34,6 +33,7 @@ from nnunet_sam.backbones.checkpoints import (
     resize_to_input,
 )
 from nnunet_sam.backbones.sam_vit import get_backbone
+from nnunet_sam.blocks.checkpointing import block_checkpointing
 from nnunet_sam.dataset_checks import check_training_data
 from nnunet_sam.distributed import check_batch_split, nnunet_ddp_wrapper, rank_device
 from nnunet_sam.fault_tolerance import (
@@ -49,6 +49,9 @@ from nnunet_sam.fault_tolerance import (
 from nnunet_sam.model_record import PLANS_KEY, RECORD_FORMAT, ModelRecord, build_from_record, options_to_json
 from nnunet_sam.planning import PatchRule, VolumePatchRule, sam_settings, window_cost_note
 from nnunet_sam.slim_checkpoints import SLIM_ENV, attach_expansion, base_record, slim_requested, slim_saving
+
+CHECKPOINTING_ENV = "nnUNet_SAM_checkpointing"
+AUTOCAST_ENV = "nnUNet_SAM_autocast"
 
 
 class UnsupportedDatasetError(ValueError):
@@ -97,6 +100,11 @@ class SAMTrainer(nnUNetTrainer):
     # Checkpoints without the frozen SAM weights, with the base file's SHA-256 (nnunet_sam.slim_checkpoints);
     # None: ``$nnUNet_SAM_slim_checkpoints`` decides (default off: self-contained checkpoints, as in nnU-Net).
     slim_checkpoints: bool | None = None
+    # Memory controls on CUDA (see memory_controls): None = decided from the estimated peak training memory against
+    # the GPU's memory; True/False forces. $nnUNet_SAM_checkpointing / $nnUNet_SAM_autocast (0 or 1) force too and
+    # take precedence. Autocast is bf16 where the GPU supports it, else nnU-Net's fp16 with its grad scaler.
+    block_checkpointing: bool | None = None
+    autocast: bool | None = None
 
     def __init__(
         self,
@@ -159,6 +167,9 @@ class SAMTrainer(nnUNetTrainer):
         self._weights_from_nnunet_checkpoint = False
         self._nonfinite_steps_in_a_row = 0
         self._slim_record = base_record(checkpoint_path, spec, record["sam_input_size"]) if slim else None
+        # nnU-Net's behaviour until memory_controls decides: fp16 autocast on CUDA, no checkpointing
+        self._autocast_dtype: torch.dtype | None = torch.float16 if self.device.type == "cuda" else None
+        self._checkpointing = False
         self.print_to_log_file(
             f"{type(self).__name__}: backbone {spec.name}, nnU-Net patch {planned_patch} -> SAM patch "
             f"{record['patch_size']}, SAM input {record['sam_input_size']} px "
@@ -271,6 +282,106 @@ class SAMTrainer(nnUNetTrainer):
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
         self.print_to_log_file(f"Parameters: {trainable:,} trainable, {frozen:,} frozen")
+        self.memory_controls()
+
+    # ---- memory controls (nnunet_sam.benchmarking.memory) --------------------------------------------------------
+    @classmethod
+    def forced_memory_options(cls) -> tuple[bool | None, bool | None]:
+        """(checkpointing, autocast) forced by ``$nnUNet_SAM_checkpointing`` / ``$nnUNet_SAM_autocast`` or the class
+        attributes ``block_checkpointing`` / ``autocast``; None where the estimate decides."""
+        forced = []
+        for env, attribute in ((CHECKPOINTING_ENV, cls.block_checkpointing), (AUTOCAST_ENV, cls.autocast)):
+            value = os.environ.get(env, "").strip().lower()
+            if value in ("1", "true", "t", "0", "false", "f"):
+                forced.append(value in ("1", "true", "t"))
+            elif value:
+                raise ValueError(f"${env}={value!r}: use 1 (on) or 0 (off), or unset it to decide from the estimate.")
+            else:
+                forced.append(attribute)
+        return forced[0], forced[1]
+
+    def memory_controls(self) -> None:
+        """Decide block checkpointing and 16-bit autocast for this run and log the choice with its estimate.
+
+        On CUDA: the estimated peak training memory of every option set at this batch size
+        (:func:`~nnunet_sam.benchmarking.memory.memory_row`, traced on fake tensors, seconds) against 90 % of the
+        GPU's memory less 1 GiB (CUDA context, fragmentation); the first that fits of: autocast, checkpointing +
+        autocast (fp32 variants only when autocast is forced off). Elsewhere nothing is estimated: nnU-Net's
+        behaviour (no autocast off CUDA), checkpointing only when forced.
+        """
+        from nnunet_sam.benchmarking.memory import GIB, OPTIMIZER_STATE, EncoderPath, choose_memory_options, memory_row
+
+        checkpointing, use_autocast = self.forced_memory_options()
+        if self.device.type != "cuda":
+            self._checkpointing = bool(checkpointing)
+            self.print_to_log_file(
+                f"Memory controls ({self.device.type}): block checkpointing {'on' if self._checkpointing else 'off'}, "
+                "no autocast (nnU-Net autocasts on CUDA only)"
+            )
+            return
+        net = self._plain_network()
+        params = {
+            "total": sum(p.numel() for p in net.parameters()),
+            "trainable": sum(p.numel() for p in net.parameters() if p.requires_grad),
+        }
+        record, channels, heads = self.sam_record, self.num_input_channels, self.label_manager.num_segmentation_heads
+
+        trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+
+        def build() -> nn.Module:  # this run's network, trainable as configure_optimizers made it
+            network = type(self).build_network(record, channels, heads)
+            for name, p in network.named_parameters():
+                p.requires_grad_(name in trainable)
+            return network
+
+        buffers, patch = OPTIMIZER_STATE.get(self.optimizer_name, 2), record["patch_size"]
+        scope = "whole network"
+        try:
+            try:
+                row = memory_row(build, params, buffers, channels, patch, self.batch_size)
+            except Exception:  # noqa: BLE001  (numpy in the forward, prompts it must be given: the encoder path)
+                row = memory_row(lambda: EncoderPath(build()), params, buffers, channels, patch, self.batch_size)
+                scope = "encoder path only (the whole forward cannot be traced)"
+        except Exception as e:  # noqa: BLE001  (a forward that cannot run on fake tensors must not stop training)
+            self._checkpointing = bool(checkpointing)
+            self._autocast_dtype = None if use_autocast is False else self._autocast_dtype
+            if self._autocast_dtype is None:
+                self.grad_scaler = None
+            self.print_to_log_file(
+                f"Memory controls: no estimate ({type(e).__name__}: {e}); block checkpointing "
+                f"{'on' if self._checkpointing else 'off'}, autocast {self._autocast_dtype or 'off (float32)'}"
+            )
+            return
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = 0.9 * total - GIB
+        choice, fits = choose_memory_options(row, budget, checkpointing, use_autocast)
+        self._checkpointing = "checkpointing" in choice
+        bf16 = torch.cuda.is_bf16_supported()
+        self._autocast_dtype = (torch.bfloat16 if bf16 else torch.float16) if "autocast" in choice else None
+        if self._autocast_dtype != torch.float16:
+            self.grad_scaler = None  # bf16 and fp32 need no loss scaling
+        estimates = ", ".join(f"{k} {v / GIB:.1f}" for k, v in row.items() if not k.startswith("activations"))
+        self.print_to_log_file(
+            f"Memory controls: block checkpointing {'on' if self._checkpointing else 'off'}, autocast "
+            f"{self._autocast_dtype or 'off (float32)'}; estimated peak {row[choice] / GIB:.1f} GiB at batch "
+            f"{self.batch_size} against a budget of {budget / GIB:.1f} GiB (GPU {total / GIB:.1f} GiB); estimates "
+            f"(GiB, {scope}): {estimates}"
+        )
+        if not fits:
+            self.print_to_log_file(
+                "WARNING: no allowed memory setting fits this GPU by the estimate; expect out-of-memory errors. "
+                "Lower the batch size or the patch in the plans, or unset a forced setting "
+                f"(${CHECKPOINTING_ENV}, ${AUTOCAST_ENV}, class attributes block_checkpointing / autocast)."
+            )
+
+    def forward_context(self) -> ExitStack:
+        """Autocast and block checkpointing around a training or validation forward, as memory_controls chose."""
+        stack = ExitStack()
+        if self.device.type == "cuda" and self._autocast_dtype is not None:
+            stack.enter_context(autocast("cuda", dtype=self._autocast_dtype))
+        if self._checkpointing:
+            stack.enter_context(block_checkpointing())
+        return stack
 
     def _set_batch_size_and_oversample(self) -> None:
         if self.is_ddp:  # ranks must share the batch evenly (nnunet_sam.distributed)
@@ -369,7 +480,7 @@ class SAMTrainer(nnUNetTrainer):
         else:
             target = target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        with self.forward_context():
             output = self.forward_batch(data, target)
             loss = self.loss(output, target)
         if self.grad_scaler is not None:
@@ -422,7 +533,7 @@ class SAMTrainer(nnUNetTrainer):
         """Set loss on all outputs plus nnU-Net's online pseudo-Dice on the semantic map."""
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        with self.forward_context():
             outputs = self.forward_batch(data, target)
             loss = self.loss(outputs, target)
         semantic = outputs["semantic"]

@@ -8,6 +8,9 @@ runs one with two hooks:
   addition, and returns what is added instead;
 * ``beside_mlp(h)`` receives the MLP's normalised input and returns a term added to the MLP's output.
 
+``attention`` names how a block computes its attention (:mod:`nnunet_sam.blocks.attention`: ``"sam"``, the stock
+module, or ``"sdpa"``, the same function without N x N tensors); backbones whose blocks have one way only ignore it.
+
 With identity / zero hooks every block computes exactly what the stock block computes. Block widths and grids
 may change between blocks (hierarchical encoders such as TinyViT): ``enter_block(i, x)`` applies the stage
 transition (patch merging) in front of block i, and the backbone spec lists the width of every block
@@ -23,7 +26,7 @@ import torch
 from torch import nn
 
 Hook = Callable[[torch.Tensor], torch.Tensor]
-BlockRunner = Callable[[nn.Module, torch.Tensor, Hook, Hook], torch.Tensor]
+BlockRunner = Callable[[nn.Module, torch.Tensor, Hook, Hook, str], torch.Tensor]
 
 
 class BlockwiseEncoder(ABC):
@@ -60,7 +63,7 @@ def register_encoder(encoder_class: type, view: type[BlockwiseEncoder]) -> None:
 
 
 def register_block(block_class: type, runner: BlockRunner) -> None:
-    """Make :func:`run_block` use ``runner(block, x, after_attention, beside_mlp)`` for ``block_class``."""
+    """Make :func:`run_block` use ``runner(block, x, after_attention, beside_mlp, attention)`` for ``block_class``."""
     _BLOCKS[block_class] = runner
 
 
@@ -77,7 +80,9 @@ def blockwise(encoder: nn.Module) -> BlockwiseEncoder:
     return _lookup(_ENCODERS, encoder, "image encoder")(encoder)
 
 
-def run_block(block: nn.Module, x: torch.Tensor, after_attention: Hook, beside_mlp: Hook) -> torch.Tensor:
-    """Run one token block on x (S, h, w, C) with the two hooks; returns (S, h, w, C)."""
+def run_block(
+    block: nn.Module, x: torch.Tensor, after_attention: Hook, beside_mlp: Hook, attention: str = "sam"
+) -> torch.Tensor:
+    """Run one token block on x (S, h, w, C) with the two hooks and an attention implementation; (S, h, w, C)."""
     assert x.dim() == 4, f"token blocks take channels-last tokens (S, h, w, C), got {tuple(x.shape)}"
-    return _lookup(_BLOCKS, block, "token block")(block, x, after_attention, beside_mlp)
+    return _lookup(_BLOCKS, block, "token block")(block, x, after_attention, beside_mlp, attention)

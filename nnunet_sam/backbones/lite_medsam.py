@@ -159,8 +159,14 @@ def _window_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return attn.proj(out.transpose(1, 2).reshape(n, length, attn.dh))
 
 
-def run_tiny_vit_block(block: nn.Module, x: torch.Tensor, after_attention: Hook, beside_mlp: Hook) -> torch.Tensor:
-    """One TinyViT block on x (S, h, w, C): windowed attention, depth-wise local conv, MLP."""
+def run_tiny_vit_block(
+    block: nn.Module, x: torch.Tensor, after_attention: Hook, beside_mlp: Hook, attention: str = "sam"
+) -> torch.Tensor:
+    """One TinyViT block on x (S, h, w, C): windowed attention, depth-wise local conv, MLP.
+
+    ``attention`` is ignored: TinyViT's 7x7 windows (49 tokens, a learned bias per head and offset) already run
+    through ``scaled_dot_product_attention`` with a 49 x 49 mask, which is small.
+    """
     s, h, w, c = x.shape
     ws = block.window_size
     windows, pad_hw = window_partition(x, ws)  # zero padding at the bottom/right, as TinyViT (before its norm)

@@ -27,6 +27,7 @@ from torch import nn
 
 from nnunet_sam.backbones.encoder import BlockwiseEncoder, Hook, register_block, register_encoder
 from nnunet_sam.backbones.lite_medsam import LiteMedSAMSpec
+from nnunet_sam.blocks.attention import AttentionImpl, sam_attention
 
 
 @dataclass(frozen=True)
@@ -217,14 +218,17 @@ class ViTBlocks(BlockwiseEncoder):
         return self.encoder.neck(x.permute(0, 3, 1, 2))
 
 
-def run_vit_block(block: Block, x: torch.Tensor, after_attention: Hook, beside_mlp: Hook) -> torch.Tensor:
-    """One ViT block; windowed attention is partitioned and unpartitioned around ``block.attn`` only."""
+def run_vit_block(
+    block: Block, x: torch.Tensor, after_attention: Hook, beside_mlp: Hook, attention: AttentionImpl = "sam"
+) -> torch.Tensor:
+    """One ViT block; windowed attention is partitioned and unpartitioned around ``block.attn`` only, which runs
+    as ``attention`` says (:func:`nnunet_sam.blocks.attention.sam_attention`)."""
     shortcut = x
     h = block.norm1(x)
     if block.window_size > 0:
         height, width = h.shape[1], h.shape[2]
         h, pad_hw = window_partition(h, block.window_size)
-    h = block.attn(h)
+    h = sam_attention(block.attn, h, attention)
     if block.window_size > 0:
         h = window_unpartition(h, block.window_size, pad_hw, (height, width))
     x = shortcut + after_attention(h)  # back on the unpartitioned (S, h, w, C) grid

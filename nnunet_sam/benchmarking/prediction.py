@@ -72,7 +72,7 @@ def _phantom_volume(shape: Sequence[int], seed: int) -> torch.Tensor:
 
 def _models(backbones: Sequence[str], shape: Sequence[int], num_classes: int) -> list[tuple[str, nn.Module, list]]:
     """(name, network, tile size) for the SAM methods on each backbone and nnU-Net's U-Net planned for ``shape``."""
-    from nnunet_sam.benchmark import build_unet, sam_record, trainer_class
+    from nnunet_sam.benchmarking.configs import build_unet, sam_record, trainer_class
     from nnunet_sam.trainers.masksam import MaskSAMTrainer
     from nnunet_sam.trainers.self_prompt_sam import SelfPromptSAMTrainer
 
@@ -93,7 +93,7 @@ def _predictor(net: nn.Module, patch: Sequence[int], num_classes: int, step_size
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_sam.benchmark import unet_plans
+    from nnunet_sam.benchmarking.configs import unet_plans
 
     plans = unet_plans([16, 64, 64], num_classes)  # only the configuration's patch is read by the predictor
     plans["configurations"]["3d_fullres"]["patch_size"] = list(patch)

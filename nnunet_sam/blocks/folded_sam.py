@@ -17,6 +17,7 @@ from torch import nn
 
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone
 from nnunet_sam.blocks.adapters import AdapterKind
+from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.blocks.injection import DecoderAdditions, EncoderAdditions
 from nnunet_sam.blocks.stem import ModalityStem, PlainStem
 
@@ -36,6 +37,7 @@ class FoldedSAM(nn.Module):
         depth_embedding: bool = True,
         learned_stem: bool = True,
         gradient_checkpointing: bool = False,
+        attention: AttentionImpl = DEFAULT_ATTENTION,
     ) -> None:
         super().__init__()
         assert len(patch_size) in (2, 3), f"patch must be [P, P] or [D, P, P], got {tuple(patch_size)}"
@@ -61,6 +63,7 @@ class FoldedSAM(nn.Module):
             depth_embedding=depth_embedding,
             feature_indices=self.spec.feature_indices,
             gradient_checkpointing=gradient_checkpointing,
+            attention=attention,
         )
         self.decoder_additions = DecoderAdditions(
             self.spec.prompt_dim,

@@ -13,10 +13,11 @@ import torch
 from segment_anything.modeling import MaskDecoder
 from segment_anything.modeling.transformer import TwoWayAttentionBlock
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from nnunet_sam.backbones.encoder import blockwise, run_block
 from nnunet_sam.blocks.adapters import Adapter, AdapterKind
+from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl, check_attention
+from nnunet_sam.blocks.checkpointing import run_block_unit
 from nnunet_sam.blocks.depth import DepthPositionalEmbedding
 
 
@@ -49,6 +50,8 @@ class EncoderAdditions(nn.Module):
     (V * depth, prompt_dim, g, g) and the token maps after the blocks in ``feature_indices``, each
     (V * depth, g, g, block width) at the embedding grid g. ``block_dims`` gives the width of every block (one int:
     ``num_blocks`` blocks of that width, as in a ViT); the depth embedding is added to the stem's tokens.
+    ``attention`` names the blocks' attention implementation (:mod:`nnunet_sam.blocks.attention`); blocks are
+    checkpointed if ``gradient_checkpointing`` or :func:`~nnunet_sam.blocks.checkpointing.block_checkpointing`.
     """
 
     def __init__(
@@ -60,8 +63,10 @@ class EncoderAdditions(nn.Module):
         depth_embedding: bool = True,
         feature_indices: tuple[int, ...] = (),
         gradient_checkpointing: bool = False,
+        attention: AttentionImpl = DEFAULT_ATTENTION,
     ) -> None:
         super().__init__()
+        self.attention = check_attention(attention)
         dims = [block_dims] * num_blocks if isinstance(block_dims, int) else [int(d) for d in block_dims]
         assert len(dims) == num_blocks, f"{len(dims)} block widths for {num_blocks} blocks"
         assert all(0 <= i < num_blocks for i in feature_indices), f"feature blocks {feature_indices} out of range"
@@ -75,7 +80,11 @@ class EncoderAdditions(nn.Module):
     def _block(self, i: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Token block i with its adapters, on the unpartitioned (V * depth, h, w, C) grid."""
         return run_block(
-            block, x, lambda h: self.attn_adapters[i](h, self.depth), lambda h: self.mlp_adapters[i](h, self.depth)
+            block,
+            x,
+            lambda h: self.attn_adapters[i](h, self.depth),
+            lambda h: self.mlp_adapters[i](h, self.depth),
+            self.attention,
         )
 
     def forward(self, encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -90,10 +99,7 @@ class EncoderAdditions(nn.Module):
         features = []
         for i, block in enumerate(view.blocks):
             x = view.enter_block(i, x)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(self._block, i, block, x, use_reentrant=False)
-            else:
-                x = self._block(i, block, x)
+            x = run_block_unit(self._block, i, block, x, always=self.gradient_checkpointing)
             if i in self.feature_indices:
                 features.append(x)
         embedding = view.neck(x)

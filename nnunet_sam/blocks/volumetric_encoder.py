@@ -10,6 +10,10 @@ along every axis with more than one window. Relative positions: SAM's h and w ta
 window, and a depth table = mean of the resized h and w tables + a learnable offset (zero at initialisation,
 so the depth table starts as their mean whatever weights are loaded later). Each block starts with a
 DConv adapter (:mod:`nnunet_sam.blocks.adapters`, bottleneck with a depth-wise 3D conv, up-projection zero).
+``attention`` picks how window attention is computed (:mod:`nnunet_sam.blocks.attention`): ``"sam"`` forms the
+(N, N) bias and Swin mask of every window; ``"sdpa"`` folds the per-axis relative positions and the per-axis
+shift masks into the query and key, with no (N, N) tensor. Blocks follow
+:func:`~nnunet_sam.blocks.checkpointing.block_checkpointing`.
 
 Like :class:`~nnunet_sam.blocks.injection.EncoderAdditions` this module holds only the additions and is given
 the stock ``ImageEncoderViT`` at every call; all of SAM's weights stay in the stock module.
@@ -24,6 +28,14 @@ from segment_anything.modeling.image_encoder import Attention, Block
 from torch import nn
 
 from nnunet_sam.blocks.adapters import Adapter
+from nnunet_sam.blocks.attention import (
+    DEFAULT_ATTENTION,
+    MASKED,
+    AttentionImpl,
+    check_attention,
+    decomposed_attention,
+)
+from nnunet_sam.blocks.checkpointing import run_block_unit
 
 Grid = tuple[int, int, int]
 
@@ -69,6 +81,33 @@ def shifted_window_mask(grid: Grid, dims: Grid, shift: Grid) -> torch.Tensor:
     return mask.masked_fill(ids[:, :, None] != ids[:, None, :], float("-inf"))
 
 
+def shifted_window_axis_masks(grid: Grid, dims: Grid, shift: Grid) -> list[torch.Tensor | None]:
+    """The mask of :func:`shifted_window_mask` as one additive term per axis, for queries against key coordinates.
+
+    Two tokens of a window were neighbours before the roll exactly when they lie in the same region along every
+    axis, so the mask is a sum of per-axis terms: entry a (nW, N, wd_a) is 0 where the key coordinate along axis a
+    is in the query's region along a and ``MASKED`` elsewhere (None for an axis without shift). Added to the
+    per-axis relative-position terms, it needs no (N, N) tensor (:mod:`nnunet_sam.blocks.attention`).
+    """
+    windows = [n // w for n, w in zip(grid, dims)]
+    masks: list[torch.Tensor | None] = []
+    for axis, (n, w, s) in enumerate(zip(grid, dims, shift)):
+        if s == 0:
+            masks.append(None)
+            continue
+        region = torch.zeros(n, dtype=torch.long)
+        region[n - w : n - s] = 1
+        region[n - s :] = 2
+        local = region.view(n // w, w)  # (windows along a, w): region of each coordinate of each window
+        mask = torch.where(local[:, :, None] != local[:, None, :], MASKED, 0.0)  # (windows, q coord, k coord)
+        shape = [1] * 6 + [w]
+        shape[axis] = windows[axis]
+        shape[3 + axis] = w
+        full = mask.view(shape).expand(*windows, *dims, w)  # (nWd, nWh, nWw, wd, wh, ww, k coord)
+        masks.append(full.reshape(-1, dims[0] * dims[1] * dims[2], w).contiguous())
+    return masks
+
+
 def resize_rel_table(table: torch.Tensor, length: int) -> torch.Tensor:
     """Linear resize of a relative-position table (L, C) -> (length, C), as segment-anything's get_rel_pos."""
     if table.shape[0] == length:
@@ -84,12 +123,20 @@ def index_rel_table(table: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def window_attention_3d(
-    attn: Attention, x: torch.Tensor, dims: Grid, tables: tuple[torch.Tensor, ...], mask: torch.Tensor | None
+    attn: Attention,
+    x: torch.Tensor,
+    dims: Grid,
+    tables: tuple[torch.Tensor, ...],
+    mask: torch.Tensor | None,
+    axis_masks: list[torch.Tensor | None] | None = None,
+    implementation: AttentionImpl = "sam",
 ) -> torch.Tensor:
     """SAM's Attention layer on 3D windows with decomposed 3D relative positions.
 
-    x (B * nW, N, C) with N = wd * wh * ww; tables: depth, height, width tables, each (2 * window - 1, head_dim);
-    mask (nW, N, N) additive or None. Returns (B * nW, N, C).
+    x (B * nW, N, C) with N = wd * wh * ww; tables: depth, height, width tables, each (2 * window - 1, head_dim).
+    ``"sam"``: mask (nW, N, N) additive or None, the bias formed as an (N, N) matrix; ``"sdpa"``: axis_masks
+    (:func:`shifted_window_axis_masks`) or None, no (N, N) tensor (:func:`decomposed_attention`).
+    Returns (B * nW, N, C).
     """
     bw, n, c = x.shape
     heads = attn.num_heads
@@ -101,6 +148,15 @@ def window_attention_3d(
     rel_d = torch.einsum("bndhwc,dkc->bndhwk", r_q, rd)
     rel_h = torch.einsum("bndhwc,hkc->bndhwk", r_q, rh)
     rel_w = torch.einsum("bndhwc,wkc->bndhwk", r_q, rw)
+    if implementation == "sdpa":
+        biases = [r.reshape(bw, heads, n, m) for r, m in zip((rel_d, rel_h, rel_w), dims)]
+        for a, axis_mask in enumerate(axis_masks or ()):
+            if axis_mask is not None:
+                num_windows = axis_mask.shape[0]
+                masked = biases[a].view(bw // num_windows, num_windows, heads, n, -1) + axis_mask[None, :, None]
+                biases[a] = masked.view(bw, heads, n, -1)
+        out = decomposed_attention(q, k, v, biases, dims, attn.scale)
+        return attn.proj(out.transpose(1, 2).reshape(bw, n, c))
     bias = (
         rel_d[..., :, None, None] + rel_h[..., None, :, None] + rel_w[..., None, None, :]
     )  # (B * nW, heads, wd, wh, ww, kd, kh, kw)
@@ -132,8 +188,10 @@ class VolumetricEncoder(nn.Module):
         window: int,
         feature_indices: tuple[int, ...] = (),
         adapter_ratio: float = 0.25,
+        attention: AttentionImpl = DEFAULT_ATTENTION,
     ) -> None:
         super().__init__()
+        self.attention = check_attention(attention)
         assert num_slices % slice_group == 0, f"{num_slices} slices is not a multiple of the slice group {slice_group}"
         self.slice_group = slice_group
         self.window = window
@@ -154,7 +212,11 @@ class VolumetricEncoder(nn.Module):
         # Swin-style alternation: odd blocks shift by half a window along axes that hold more than one window.
         half = tuple(w // 2 if n > w else 0 for n, w in zip(self.grid, self.dims))
         self.shifts: list[Grid] = [half if i % 2 == 1 else (0, 0, 0) for i in range(num_blocks)]  # type: ignore
-        self.register_buffer("shift_mask", shifted_window_mask(self.grid, self.dims, half), persistent=False)
+        if self.attention == "sam":
+            self.register_buffer("shift_mask", shifted_window_mask(self.grid, self.dims, half), persistent=False)
+        else:
+            for axis, mask in zip("dhw", shifted_window_axis_masks(self.grid, self.dims, half)):
+                self.register_buffer(f"shift_mask_{axis}", mask, persistent=False)
 
     def rel_tables(self, i: int, attn: Attention) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Depth, height and width tables (2 * window - 1, head_dim) of block i."""
@@ -172,8 +234,13 @@ class VolumetricEncoder(nn.Module):
         if any(shift):
             x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
         windows = window_partition_3d(x, self.dims)
-        mask = self.shift_mask if any(shift) else None
-        windows = window_attention_3d(block.attn, windows, self.dims, self.rel_tables(i, block.attn), mask)
+        tables = self.rel_tables(i, block.attn)
+        if self.attention == "sam":
+            mask = self.shift_mask if any(shift) else None
+            windows = window_attention_3d(block.attn, windows, self.dims, tables, mask)
+        else:
+            masks = [self.shift_mask_d, self.shift_mask_h, self.shift_mask_w] if any(shift) else None
+            windows = window_attention_3d(block.attn, windows, self.dims, tables, None, masks, "sdpa")
         x = window_unpartition_3d(windows, self.dims, self.grid)
         if any(shift):
             x = torch.roll(x, shifts=shift, dims=(1, 2, 3))
@@ -196,7 +263,7 @@ class VolumetricEncoder(nn.Module):
         x = x + vit.pos_embed[:, None] + self.depth_embed[None, :, None, None].to(x.dtype)
         features = []
         for i, block in enumerate(vit.blocks):
-            x = self._block(i, block, x)
+            x = run_block_unit(self._block, i, block, x)
             if i in self.feature_indices:
                 features.append(x.permute(0, 4, 1, 2, 3))
         neck = vit.neck(x.flatten(0, 1).permute(0, 3, 1, 2))  # slice-wise frozen 2D neck: (B * T, C', g, g)

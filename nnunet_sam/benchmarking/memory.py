@@ -1,0 +1,187 @@
+"""Estimated peak training memory, from the tensors a forward pass saves for backward (no GPU needed).
+
+Peak = fp32 parameters + fp32 gradients and optimiser state of the trainable parameters + activations.
+Activations = bytes of the tensors saved for backward at the end of the forward pass, summed through
+``torch.autograd.graph.saved_tensors_hooks`` on fake CPU tensors and deduplicated by storage (parameters
+excluded); "autocast" = 16-bit autocast (nnU-Net's fp16 on CUDA, or bf16: same bytes), traced as bf16 autocast
+with the CPU's autocast rules standing in for CUDA's. Block checkpointing is estimated from the same trace:
+tensors saved outside the encoder blocks + the input of every block (kept for the recomputation) + the largest
+single block (recomputed in backward). Not included: the CUDA context and allocator fragmentation (about
+0.5-1 GiB) and transient backward buffers.
+
+:func:`choose_memory_options` is how a trainer turns these estimates into its checkpointing / autocast setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+from nnunet_sam.benchmarking.configs import on_meta
+from nnunet_sam.blocks.injection import EncoderAdditions
+from nnunet_sam.blocks.volumetric_encoder import VolumetricEncoder
+
+GIB = 2**30
+
+
+MEMORY_OPTIONS = ("none", "checkpointing", "autocast", "checkpointing+autocast")
+
+
+OPTIMIZER_STATE = {"sgd": 1, "adamw": 2}  # fp32 buffers per trainable parameter (momentum; Adam's two moments)
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    """(storage identity, storage bytes); bytes 0 where the size is symbolic (a few prompt tokens on fake tensors)."""
+    try:
+        storage = t.untyped_storage()
+        return storage._cdata, int(storage.nbytes())
+    except Exception:  # noqa: BLE001  (unbacked symbolic sizes cannot be turned into an int)
+        return id(t), 0
+
+
+class SavedTensorTrace:
+    """Sums the tensors saved for backward during a forward pass, attributed to encoder blocks or "outside".
+
+    Attribution wraps ``_block`` of the encoders of this (throw-away, fake) network instance
+    (:class:`EncoderAdditions`, :class:`VolumetricEncoder`): the unit that activation checkpointing recomputes.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        self.params = {_storage(p)[0] for p in net.parameters()} | {_storage(b)[0] for b in net.buffers()}
+        self.where: int | None = None
+        self.seen: dict[int, tuple[int | None, int]] = {}  # storage -> (block or None, bytes)
+        self.block_inputs: dict[int, int] = {}
+        self.keep: list[torch.Tensor] = []  # keeps storages alive so that their identities stay unique
+        self.units = [m for m in net.modules() if isinstance(m, (EncoderAdditions, VolumetricEncoder))]
+        for unit in self.units:
+            unit._block = self._traced(unit._block)  # instance attribute shadows the method
+
+    def _traced(self, run_block: Callable) -> Callable:
+        def block(i: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            key, size = _storage(x)
+            self.block_inputs[key] = size
+            self.keep.append(x)
+            self.where = i
+            try:
+                return run_block(i, module, x)
+            finally:
+                self.where = None
+
+        return block
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        key, size = _storage(t)
+        if key not in self.params and key not in self.seen:
+            self.seen[key] = (self.where, size)
+            self.keep.append(t)
+        return t
+
+    def run(self, fn: Callable[[], object]) -> dict:
+        """Run ``fn`` (a forward pass) and return the byte counts."""
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+                fn()
+        finally:
+            for unit in self.units:
+                del unit._block
+        per_block: dict[int, int] = {}
+        outside = 0
+        for where, size in self.seen.values():
+            if where is None:
+                outside += size
+            else:
+                per_block[where] = per_block.get(where, 0) + size
+        total = outside + sum(per_block.values())
+        inputs_not_outside = sum(s for k, s in self.block_inputs.items() if self.seen.get(k, (0,))[0] is not None)
+        checkpointed = outside + inputs_not_outside + max(per_block.values()) if per_block else None
+        return {"total": total, "checkpointed": checkpointed}
+
+
+class EncoderPath(nn.Module):
+    """A network's encoder path (its ``encode``: stem, SAM's image encoder with the additions), for networks whose
+    whole forward cannot run on meta or fake tensors (numpy inside it, or prompts it must be given)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor):
+        return self.net.encode(x)
+
+
+def activation_bytes(build: Callable[[], nn.Module], batch: int, bf16: bool, in_channels: int, patch) -> dict:
+    """Saved-for-backward bytes of one training forward on fake CPU tensors, float32 or under bf16 autocast.
+
+    Fake CPU tensors, not the meta device: on meta, ``scaled_dot_product_attention`` runs its math path, which
+    keeps the full attention matrix for backward, while fake CPU tensors dispatch to the fused kernel that the
+    real run uses (and that stores no (N, N) tensor).
+    """
+    net = on_meta(build)  # built on meta, then given fake CPU storage: builders may call .item() at init
+    with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()):
+        net.to_empty(device="cpu")
+        x = torch.zeros(batch, in_channels, *patch)
+        net.train()
+        trace = SavedTensorTrace(net)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return trace.run(lambda: net(x))
+
+
+def memory_estimate(params: dict, optimizer_buffers: int, activations: int) -> int:
+    """fp32 weights + fp32 gradients and optimiser buffers of the trainable weights + activations (bytes)."""
+    return 4 * params["total"] + 4 * (1 + optimizer_buffers) * params["trainable"] + activations
+
+
+def memory_row(build, params: dict, buffers: int, in_channels: int, patch, batch: int, bf16: bool = True) -> dict:
+    """Estimated peak training bytes at ``batch``: none / checkpointing / 16-bit autocast / both (bytes)."""
+    return memory_table(build, params, buffers, in_channels, patch, bf16, batches=(batch,))[f"batch{batch}"]
+
+
+def memory_table(
+    build, params: dict, buffers: int, in_channels: int, patch, bf16: bool, batches: tuple[int, ...] = (1, 2)
+) -> dict:
+    """Estimated peak training bytes for batch 1 and 2: none / checkpointing / 16-bit autocast / both."""
+    table = {}
+    for batch in batches:
+        fp32 = activation_bytes(build, batch, False, in_channels, patch)
+        row = {"activations_fp32": fp32["total"]}
+        row["none"] = memory_estimate(params, buffers, fp32["total"])
+        if fp32["checkpointed"] is not None:
+            row["checkpointing"] = memory_estimate(params, buffers, fp32["checkpointed"])
+        if bf16:
+            half = activation_bytes(build, batch, True, in_channels, patch)
+            row["activations_autocast"] = half["total"]
+            row["autocast"] = memory_estimate(params, buffers, half["total"])
+            if half["checkpointed"] is not None:
+                row["checkpointing+autocast"] = memory_estimate(params, buffers, half["checkpointed"])
+        table[f"batch{batch}"] = row
+    return table
+
+
+def choose_memory_options(
+    row: dict, budget: float, checkpointing: bool | None = None, autocast: bool | None = None
+) -> tuple[str, bool]:
+    """The option set of a memory row (:func:`memory_row`) to train with, and whether it fits ``budget`` bytes.
+
+    ``checkpointing`` / ``autocast`` None leave the choice to the estimate, True/False force it. Preference: 16-bit
+    autocast (faster on GPUs, nnU-Net's default) without checkpointing, then with it; float32 only when autocast is
+    forced off. When nothing allowed fits, the smallest allowed set is returned with ``False``.
+    """
+    order = ["autocast", "checkpointing+autocast", "none", "checkpointing"]
+    allowed = [
+        o
+        for o in order
+        if o in row
+        and (checkpointing is None or ("checkpointing" in o) == checkpointing)
+        and (autocast is None or ("autocast" in o) == autocast)
+    ]
+    if autocast is None:  # float32 only where 16-bit cannot be estimated
+        allowed = [o for o in allowed if "autocast" in o] or allowed
+    assert allowed, f"no option set of {sorted(row)} is allowed (checkpointing={checkpointing}, autocast={autocast})"
+    fitting = [o for o in allowed if row[o] <= budget]
+    if fitting:
+        return fitting[0], True
+    return min(allowed, key=row.get), False

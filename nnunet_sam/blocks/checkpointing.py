@@ -1,0 +1,41 @@
+"""Activation checkpointing of encoder blocks, switched on by a network option or by the trainer for one step.
+
+Checkpointing changes how much memory a training step needs, never what it computes, so it is not part of a
+saved model: the trainer decides it per run (``nnunet_sam.trainers.base.SAMTrainer.memory_controls``) and
+turns it on around its forward passes with :func:`block_checkpointing`, the way ``torch.autocast`` is used.
+Encoders run each block through :func:`run_block_unit`; a checkpointed block keeps only its input and recomputes
+its activations in backward.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("nnunet_sam_block_checkpointing", default=False)
+
+
+@contextmanager
+def block_checkpointing(enabled: bool = True) -> Iterator[None]:
+    """Within this context, encoder blocks run with activation checkpointing (when gradients are enabled)."""
+    token = _ACTIVE.set(enabled)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def checkpointing_active() -> bool:
+    """Whether :func:`block_checkpointing` is on here."""
+    return _ACTIVE.get()
+
+
+def run_block_unit(run: Callable[..., torch.Tensor], *args, always: bool = False) -> torch.Tensor:
+    """``run(*args)``, checkpointed if ``always`` (a network option) or :func:`block_checkpointing` is on."""
+    if (always or _ACTIVE.get()) and torch.is_grad_enabled():
+        return checkpoint(run, *args, use_reentrant=False)
+    return run(*args)
