@@ -276,7 +276,11 @@ def _start_two_nodes(root: Path, trainer: str, record: Path, epochs: int) -> lis
     nodes = []
     for node_rank in range(2):
         log = open(record / f"node{node_rank}.log", "w")  # noqa: SIM115 (closed by _finish)
-        nodes.append(subprocess.Popen(_node_command(port, 2, trainer), env=env, stdout=log, stderr=subprocess.STDOUT))
+        nodes.append(
+            subprocess.Popen(
+                _node_command(port, 2, trainer), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
         deadline = time.time() + 120
         while node_rank == 0 and time.time() < deadline:  # wait until node 0 listens
             with socket.socket() as s:
@@ -291,9 +295,12 @@ def _finish(nodes: list[subprocess.Popen], record: Path, timeout: float = 1800) 
         for node in nodes:
             node.wait(timeout=timeout)
     finally:
-        for node in nodes:
-            if node.poll() is None:
-                node.kill()
+        for node in nodes:  # the node's whole session: torchrun, its ranks and their augmentation workers, which a
+            try:  # killed rank would leave orphaned
+                os.killpg(node.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            node.wait()
     return [(record / f"node{i}.log").read_text(errors="replace") for i in range(2)]
 
 
