@@ -71,10 +71,10 @@ def test_flops_are_sane(report, trainer, backbone):
 @pytest.mark.parametrize("backbone", ["tiny", "vit_b"])
 def test_parameter_counts_match_the_modules(report, trainer, backbone):
     c = _config(report, trainer, backbone)
-    record = {k: c[k] for k in ("patch_size", "sam_input_size", "num_queries")} | {"backbone": backbone}
-    net = configs.on_meta(
-        lambda: configs.build_sam_network(configs.trainer_class(configs.METHODS[trainer], backbone), record, 1, 14)
-    )
+    trainer_class = configs.trainer_class(configs.METHODS[trainer], backbone)
+    block = {k: c[k] for k in ("patch_size", "sam_input_size", "num_queries")} | {"backbone": backbone}
+    record = trainer_class.new_record(block).to_block()  # as a new training saves it (the trainer's options)
+    net = configs.on_meta(lambda: configs.build_sam_network(trainer_class, record, 1, 14))
     additions = sum(p.numel() for name, m in net.named_children() if name != "sam" for p in m.parameters())
     sam = configs.on_meta(lambda: build_sam(get_backbone(backbone), c["sam_input_size"]))
     p = c["params"]
