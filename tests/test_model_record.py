@@ -83,25 +83,31 @@ def test_pansam_target_label_is_saved(workspace):
 
 
 @dataclass(frozen=True)
+class _Nested:
+    count: int = field(default=4, metadata={"legacy": 8})
+    size: int = 3
+
+
+@dataclass(frozen=True)
 class _Options:
     kept: int = 1
     changed: str = field(default="new", metadata={"legacy": "old"})
     added: bool = field(default=True, metadata={"legacy": False})
     window: tuple[float, float] = (0.0, 1.0)
-    points: PointPromptConfig = field(default_factory=PointPromptConfig)
+    nested: _Nested = field(default_factory=_Nested)
 
 
 def test_records_before_options_were_saved_get_the_legacy_values():
-    template = _Options(kept=5)
+    template = _Options(kept=5, nested=_Nested(size=7))
     legacy = options_from_json(None, template)
-    assert legacy == _Options(kept=5, changed="old", added=False)
+    assert legacy == _Options(kept=5, changed="old", added=False, nested=_Nested(count=8, size=7))
 
 
 def test_fields_added_after_a_record_was_saved_take_their_legacy_value():
-    saved = {"kept": 3, "changed": "new", "window": [-1.0, 2.0], "points": {"num_foreground": 1}}
+    saved = {"kept": 3, "changed": "new", "window": [-1.0, 2.0], "nested": {"size": 1}}
     options = options_from_json(saved, _Options())
     assert options.added is False and options.kept == 3 and options.window == (-1.0, 2.0)
-    assert options.points == replace(PointPromptConfig(), num_foreground=1)
+    assert options.nested == _Nested(count=8, size=1)  # a nested field the record lacks: its legacy value too
 
 
 def test_nested_options_survive_json():
