@@ -80,6 +80,7 @@ def _model_folder(root: Path, trainer: str, configuration: str) -> Path:
     return root / "results" / "Dataset990_Phantom" / f"{trainer}__nnUNetPlans__{configuration}"
 
 
+@pytest.mark.slow  # about 8 minutes on 2 cores (600 training steps, a kill, --c, two predictions)
 def test_train_kill_continue_predict_evaluate(workspace):
     env = nnunet_env(workspace)
     fold = _model_folder(workspace, "MaskSAMTrainer_tiny_e2e", "3d_fullres") / "fold_0"
