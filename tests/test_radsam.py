@@ -428,7 +428,7 @@ def test_trained_tiny_radsam_segments_from_one_prompt_and_edits_improve_dice(tmp
     run_tool([str(bin_dir / "nnUNetv2_train"), str(DATASET), "2d", "0", "-tr", trainer, "-device", "cpu"], env)
     model = tmp_path / "results" / raw.name / f"{trainer}__nnUNetPlans__2d"
     log = sorted((model / "fold_0").glob("training_log_*.txt"))[-1].read_text()
-    assert "prompt-free validation is skipped" in log
+    assert "validation is skipped" in log  # the demo trainer's skip (CPUDemo) or RadSAM's prompt-free one
 
     volume_edits, slice_edits = (0, 4, 10), (0, 1, 3)
     bench = [sys.executable, "-m", "nnunet_sam.radsam_benchmark", "-m", str(model), "-i", str(raw / "imagesTs")]
