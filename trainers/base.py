@@ -251,7 +251,15 @@ class SAMTrainer(nnUNetTrainer):
                 f"nnunet-sam trainer; {cls.__name__} cannot rebuild its network."
             )
         network = cls.build_network(block, num_input_channels, num_output_channels)
+        cls.configure_from_plans(network, plans_manager, configuration_manager)
         return attach_expansion(network, get_backbone(block["backbone"]))  # loads slim checkpoints too
+
+    @classmethod
+    def configure_from_plans(
+        cls, network: nn.Module, plans_manager: PlansManager, configuration_manager: ConfigurationManager
+    ) -> None:
+        """Hook: settings a method derives from the rest of the saved plans (spacing, intensity statistics), set on
+        the network built from the record. Nothing by default."""
 
     def _plain_network(self) -> nn.Module:
         net = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network

@@ -118,23 +118,13 @@ class PanSAMTrainer(SAMTrainer):
         return replace(cls.options, target_label=cls.label())
 
     @classmethod
-    def build_network_architecture(
-        cls,
-        plans_manager: PlansManager,
-        configuration_manager: ConfigurationManager,
-        num_input_channels: int,
-        num_output_channels: int,
-        enable_deep_supervision: bool = False,
-    ) -> nn.Module:
-        """The network of the plans' ``nnunet_sam`` block; the point generator's windows (millimetres) follow the
-        configuration's in-plane spacing, which is saved with the plans."""
-        network = super().build_network_architecture(
-            plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision
-        )
+    def configure_from_plans(
+        cls, network: nn.Module, plans_manager: PlansManager, configuration_manager: ConfigurationManager
+    ) -> None:
+        """The point generator's windows (millimetres) follow the configuration's in-plane spacing."""
         spacing = configuration_manager.configuration.get("spacing")  # nnU-Net's plans always have it
         if spacing is not None:
             network.set_pixel_spacing(spacing[-2:])
-        return network
 
     def _build_loss(self) -> nn.Module:
         return FocalDiceLoss(self.label(), beta=self.dice_weight)

@@ -68,26 +68,16 @@ class RadSAMTrainer(SAMTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
 
     @classmethod
-    def build_network_architecture(
-        cls,
-        plans_manager: PlansManager,
-        configuration_manager: ConfigurationManager,
-        num_input_channels: int,
-        num_output_channels: int,
-        enable_deep_supervision: bool = False,
-    ) -> nn.Module:
-        """The network of the plans' ``nnunet_sam`` block with the intensity windows of the plans' normalisation
-        and the record's CT window."""
-        network = super().build_network_architecture(
-            plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision
-        )
+    def configure_from_plans(
+        cls, network: nn.Module, plans_manager: PlansManager, configuration_manager: ConfigurationManager
+    ) -> None:
+        """The intensity windows of the plans' normalisation and the record's CT window."""
         windows = intensity_windows(
             configuration_manager.normalization_schemes,
             plans_manager.plans.get("foreground_intensity_properties_per_channel", {}),
             network.options.ct_window_hu,
         )
         network.set_intensity_windows(windows)
-        return network
 
     def _build_loss(self) -> nn.Module:
         return RadSAMLoss()
