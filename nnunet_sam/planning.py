@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nnunet_sam.backbones.sam_vit import BackboneSpec
-from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, LEGACY_ATTENTION, AttentionImpl, check_attention
+from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, check_attention
 from nnunet_sam.model_record import PLANS_KEY
 
 
@@ -53,11 +53,6 @@ class VolumePatchRule:
     slice_group: int = 4
     window: int = 8
     max_windows: int = 2
-
-
-def record_attention(record: dict) -> AttentionImpl:
-    """The attention implementation a saved ``nnunet_sam`` block asks for (``"sam"`` for blocks older than it)."""
-    return check_attention(record.get("attention", LEGACY_ATTENTION))
 
 
 def default_num_queries(num_classes: int) -> int:

@@ -15,7 +15,8 @@ from nnunet_sam.backbones.sam_vit import build_sam, get_backbone, run_vit_block
 from nnunet_sam.blocks.attention import check_attention, decomposed_attention, sam_attention
 from nnunet_sam.blocks.checkpointing import block_checkpointing
 from nnunet_sam.blocks.volumetric_encoder import VolumetricEncoder, shifted_window_axis_masks, shifted_window_mask
-from nnunet_sam.planning import PatchRule, record_attention, sam_settings
+from nnunet_sam.model_record import ModelRecord
+from nnunet_sam.planning import PatchRule, sam_settings
 
 FORWARD = {"atol": 2e-5, "rtol": 1e-4}
 GRADIENT = {"atol": 1e-4, "rtol": 1e-3}
@@ -158,7 +159,8 @@ def test_records_choose_the_implementation_and_old_records_keep_segment_anything
     record = sam_settings({"patch_size": [4, 64, 64]}, spec, PatchRule(4, 2), 4)
     assert record["attention"] == "sdpa", "new trainings record the memory-efficient attention"
     legacy = {k: v for k, v in record.items() if k != "attention"}
-    assert record_attention(legacy) == "sam", "a block saved before the field existed rebuilds SAM's own"
+    legacy_record = ModelRecord.from_block(legacy, None)
+    assert legacy_record.attention == "sam", "a block saved before the field existed rebuilds SAM's own"
     with pytest.raises(ValueError, match="Known: sam, sdpa"):
         check_attention("flash")
 
