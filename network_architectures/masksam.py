@@ -19,7 +19,7 @@ from torch import nn
 from nnunet_sam.blocks.adapters import AdapterKind
 from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.blocks.folded_sam import FoldedSAM
-from nnunet_sam.mask_classification import semantic_log_probs
+from nnunet_sam.losses.mask_classification import semantic_log_probs
 from nnunet_sam.prompting.from_masks import BoxSource, MaskPromptResize, box_prompts, prompt_mask
 from nnunet_sam.prompting.generators import FeaturePyramidDecoder, MaskBoxPromptGenerator
 

@@ -26,8 +26,7 @@ from torch import nn
 
 from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.blocks.folded_sam import FoldedSAM
-from nnunet_sam.losses import dice_bce_per_mask, oracle_multimask_loss
-from nnunet_sam.prompting.radsam_prompts import MIN_LABEL_PIXELS, Prompts, SimulatedInteraction, structure_masks
+from nnunet_sam.prompting.radsam_prompts import Prompts, SimulatedInteraction
 
 CT_WINDOW_HU = (-500.0, 1000.0)
 ZSCORE_WINDOW = (-3.0, 3.0)
@@ -200,7 +199,8 @@ class RadSAMNetwork(FoldedSAM):
             return torch.stack(logits)
         if prompts is None:
             raise ValueError(
-                "RadSAM segments what a prompt points at and has no prompt-free output: use nnunet_sam.radsam "
+                "RadSAM segments what a prompt points at and has no prompt-free output: use "
+                "nnunet_sam.inference.radsam "
                 "(segment_from_prompt, nnunet_sam_segment_radsam) or nnunet_sam_benchmark_radsam instead of "
                 "nnUNetv2_predict."
             )
@@ -239,32 +239,3 @@ class RadSAMNetwork(FoldedSAM):
             masks = F.interpolate(prompts.masks[:, None].float(), size=encoder.mask_input_size, mode="bilinear")
             dense = torch.where(prompts.has_mask[:, None, None, None], encoder._embed_masks(masks), dense)
         return sparse, dense
-
-
-class RadSAMLoss(nn.Module):
-    """Dice + BCE of mask logits (S, B, K, P, P) (S rounds; or (B, K, P, P)) against the target (B, 1, P, P).
-
-    Row k of a slice is label k + 1 of the target (K = 1: a binary target); a (slice, label) pair with fewer than
-    ``min_pixels`` label pixels is no sample and is left out. Averaged over rounds and samples; 0 (with gradient)
-    when a batch has none. Logits with SAM's four masks (S, B, K, 4, P, P): per sample, the primary mask's loss
-    plus the best of the other three (:func:`~nnunet_sam.losses.oracle_multimask_loss`).
-    """
-
-    def __init__(self, min_pixels: int = MIN_LABEL_PIXELS) -> None:
-        super().__init__()
-        self.min_pixels = min_pixels
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        multimask = logits.dim() == 6
-        logits = logits if logits.dim() - multimask == 5 else logits[None]
-        reference = structure_masks(target, logits.shape[2] + 1)  # (B, K, P, P)
-        spatial = logits.shape[:3] + logits.shape[-2:]
-        assert spatial[1:] == reference.shape, f"logits {tuple(logits.shape)} vs target {tuple(target.shape)}"
-        valid = reference.flatten(2).sum(2) >= self.min_pixels  # (B, K)
-        if not valid.any():
-            return logits.sum() * 0
-        chosen = logits[:, valid].float().flatten(-2)  # (S, V, [4,] P * P)
-        ref = reference[valid].flatten(1)  # (V, P * P)
-        ref = ref[:, None] if multimask else ref
-        per_mask = dice_bce_per_mask(chosen, ref)  # (S, V[, 4])
-        return (oracle_multimask_loss(per_mask) if multimask else per_mask).mean()

@@ -1,7 +1,8 @@
 """Checks of NIfTI files that nnU-Net's SimpleITK reader would read wrongly without a word.
 
 ITK reads a ``.nii.gz`` cut short with the missing voxels set to 0, a zero or non-finite voxel spacing as 1 mm, and
-NaN voxels as 0. Prediction (:mod:`nnunet_sam.predict`), evaluation (:mod:`nnunet_sam.evaluate`) and the
+NaN voxels as 0. Prediction (:mod:`nnunet_sam.inference.predict`), evaluation (:mod:`nnunet_sam.evaluation.folders`)
+and the
 submission writers therefore look at the file itself first (with nibabel): :func:`load_nifti` raises
 :class:`DamagedFileError` naming the file and the problem, :func:`read_label_values` also returns the label values
 of a label file as stored (refusing NaN and fractional values).

@@ -10,6 +10,9 @@ import torch
 
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone, reference_shapes
 
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent  # the repository root (tests may sit in subfolders)
+
 
 def write_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
     """Random tiny SAM weights in the official layout, as ``folder/sam_tiny.pth``."""

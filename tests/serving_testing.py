@@ -37,7 +37,7 @@ def _build(root: str) -> None:
     on those plans and saves its checkpoint, plans.json and dataset.json as nnUNetv2_train does."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
 
-    from nnunet_sam.phantoms import make_phantom_dataset
+    from nnunet_sam.demo.phantoms import make_phantom_dataset
 
     started = time.monotonic()
     root = Path(root)

@@ -34,9 +34,10 @@ from nnunet_sam.backbones.checkpoints import (
 )
 from nnunet_sam.backbones.sam_vit import get_backbone
 from nnunet_sam.blocks.checkpointing import block_checkpointing
-from nnunet_sam.dataset_checks import check_training_data
-from nnunet_sam.distributed import check_batch_split, nnunet_ddp_wrapper, rank_device
-from nnunet_sam.fault_tolerance import (
+from nnunet_sam.model_record import PLANS_KEY, RECORD_FORMAT, ModelRecord, build_from_record, options_to_json
+from nnunet_sam.training.dataset_checks import check_training_data
+from nnunet_sam.training.distributed import check_batch_split, nnunet_ddp_wrapper, rank_device
+from nnunet_sam.training.fault_tolerance import (
     DamagedCheckpointError,
     NonFiniteTrainingError,
     all_finite,
@@ -46,9 +47,8 @@ from nnunet_sam.fault_tolerance import (
     lock_folder,
     remove_stale_temp_files,
 )
-from nnunet_sam.model_record import PLANS_KEY, RECORD_FORMAT, ModelRecord, build_from_record, options_to_json
-from nnunet_sam.planning import PatchRule, VolumePatchRule, sam_settings, window_cost_note
-from nnunet_sam.slim_checkpoints import SLIM_ENV, attach_expansion, base_record, slim_requested, slim_saving
+from nnunet_sam.training.planning import PatchRule, VolumePatchRule, sam_settings, window_cost_note
+from nnunet_sam.training.slim_checkpoints import SLIM_ENV, attach_expansion, base_record, slim_requested, slim_saving
 
 CHECKPOINTING_ENV = "nnUNet_SAM_checkpointing"
 AUTOCAST_ENV = "nnUNet_SAM_autocast"
@@ -78,7 +78,7 @@ class SAMTrainer(nnUNetTrainer):
     network_class: type[nn.Module] | None = None  # the method's network (network_architectures/)
     options: Any = None  # the method's options dataclass; saved in the model's record at training time
     backbone: str = "vit_b"
-    max_depth: int = 8  # slices per patch (see nnunet_sam.planning)
+    max_depth: int = 8  # slices per patch (see nnunet_sam.training.planning)
     max_tiles: int = 1  # in-plane patch = max_tiles attention windows at most (224 px each for SAM ViTs)
     sam_input_size: int | None = None  # None: the in-plane patch size times input_scale
     input_scale: float | None = None  # SAM sees the patch at this many times its size (None: 1); see planning
@@ -97,7 +97,7 @@ class SAMTrainer(nnUNetTrainer):
     val_iterations_per_epoch: int | None = None
     # Training stops (NonFiniteTrainingError) after this many steps in a row with a non-finite loss or gradient.
     max_consecutive_nonfinite_steps: int = 50
-    # Checkpoints without the frozen SAM weights, with the base file's SHA-256 (nnunet_sam.slim_checkpoints);
+    # Checkpoints without the frozen SAM weights, with the base file's SHA-256 (nnunet_sam.training.slim_checkpoints);
     # None: ``$nnUNet_SAM_slim_checkpoints`` decides (default off: self-contained checkpoints, as in nnU-Net).
     slim_checkpoints: bool | None = None
     # Memory controls on CUDA (see memory_controls): None = decided from the estimated peak training memory against
@@ -189,14 +189,15 @@ class SAMTrainer(nnUNetTrainer):
     # ---- network ---------------------------------------------------------------------------------------
     @classmethod
     def patch_rule(cls) -> PatchRule | VolumePatchRule:
-        """How the SAM patch follows from nnU-Net's plan (nnunet_sam.planning); volumetric methods override it."""
+        """How the SAM patch follows from nnU-Net's plan (nnunet_sam.training.planning); volumetric methods
+        override it."""
         return PatchRule(cls.max_depth, cls.max_tiles)
 
     @classmethod
     def sam_block(cls, configuration: dict, num_classes: int) -> dict:
         """The record block a training of this trainer saves for one plans configuration (its ``patch_size`` and
         optional ``nnunet_sam`` block): the patch rule or ``fixed_patch``, the SAM input size (``sam_input_size``
-        or ``input_scale``), the queries and the options (nnunet_sam.planning.sam_settings, ``new_record``)."""
+        or ``input_scale``), the queries and the options (nnunet_sam.training.planning.sam_settings, ``new_record``)."""
         block = sam_settings(
             configuration,
             get_backbone(cls.backbone),
@@ -392,7 +393,7 @@ class SAMTrainer(nnUNetTrainer):
         return stack
 
     def _set_batch_size_and_oversample(self) -> None:
-        if self.is_ddp:  # ranks must share the batch evenly (nnunet_sam.distributed)
+        if self.is_ddp:  # ranks must share the batch evenly (nnunet_sam.training.distributed)
             check_batch_split(self.configuration_manager.batch_size, dist.get_world_size())
         super()._set_batch_size_and_oversample()
 
@@ -435,7 +436,7 @@ class SAMTrainer(nnUNetTrainer):
             )
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
-    # ---- fault tolerance (nnunet_sam.fault_tolerance) ----------------------------------------------------------
+    # ---- fault tolerance (nnunet_sam.training.fault_tolerance) -------------------------------------------------------
     def on_train_start(self) -> None:
         if self.local_rank == 0:  # before anything is written: a second training of this fold stops here
             self._fold_lock = lock_folder(self.output_folder)
@@ -461,7 +462,8 @@ class SAMTrainer(nnUNetTrainer):
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, written atomically: a kill or a full disk never leaves a broken ``filename``.
 
-        With slim checkpoints its network weights leave out the frozen SAM weights (nnunet_sam.slim_checkpoints).
+        With slim checkpoints its network weights leave out the frozen SAM weights
+        (nnunet_sam.training.slim_checkpoints).
         """
         if self.local_rank != 0 or self.disable_checkpointing:
             super().save_checkpoint(filename)  # nothing to write on this rank / nnU-Net's message

@@ -7,7 +7,7 @@ structure with its own prompt (a point inside it, a perturbed box or a noisy mas
 Dice + BCE over all rounds, on SAM's primary mask plus the best of its three other masks (the paper's oracle loss,
 ``options.multimask_training``); structures with fewer than 15 pixels on a slice are left out. CT windows are
 varied at random per training slice (``hu_window_jitter``). The 3D product (one prompt -> a 3D mask, editing) is
-:mod:`nnunet_sam.radsam`; ``nnUNetv2_predict`` cannot run a promptable model.
+:mod:`nnunet_sam.inference.radsam`; ``nnUNetv2_predict`` cannot run a promptable model.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+from nnunet_sam.losses import RadSAMLoss
 from nnunet_sam.network_architectures.radsam import (
-    RadSAMLoss,
     RadSAMNetwork,
     RadSAMOptions,
     apply_windows,

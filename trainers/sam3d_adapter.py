@@ -13,16 +13,16 @@ from torch import nn
 
 from nnunet_sam.losses import DeepSupervisedSegLoss
 from nnunet_sam.network_architectures.sam3d_adapter import SAM3DAdapterNetwork, SAM3DAdapterOptions
-from nnunet_sam.planning import VolumePatchRule
 from nnunet_sam.prompting.point_sampler import random_clicks, simulate_points
 from nnunet_sam.trainers.base import CPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
+from nnunet_sam.training.planning import VolumePatchRule
 
 
 class SAM3DAdapterTrainer(SAMTrainer):
     """3DSAM-adapter, automatic mode, on SAM ViT-B; needs ``sam_vit_b_01ec64.pth`` in ``$nnUNet_SAM_checkpoints``.
 
     Patch: ``slice_group`` slices per depth token, cubic windows of ``window`` tokens, at most ``max_windows``
-    windows per axis (nnunet_sam.planning.VolumePatchRule).
+    windows per axis (nnunet_sam.training.planning.VolumePatchRule).
     """
 
     network_class = SAM3DAdapterNetwork

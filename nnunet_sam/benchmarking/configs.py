@@ -19,12 +19,12 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
 from nnunet_sam.backbones.sam_vit import get_backbone
-from nnunet_sam.planning import PLANS_KEY
 from nnunet_sam.trainers.masksam import MaskSAMTrainer, MaskSAMTrainer_ACDC, MaskSAMTrainer_AMOS, MaskSAMTrainer_Synapse
 from nnunet_sam.trainers.pansam import PanSAMTrainer, PanSAMTrainer_NIH
 from nnunet_sam.trainers.radsam import RadSAMTrainer, RadSAMTrainer_AMOS
 from nnunet_sam.trainers.sam3d_adapter import SAM3DAdapterTrainer, SAM3DAdapterTrainer_prompted_paper
 from nnunet_sam.trainers.self_prompt_sam import SelfPromptSAMTrainer, SelfPromptSAMTrainer_paper
+from nnunet_sam.training.planning import PLANS_KEY
 
 
 @dataclass(frozen=True)

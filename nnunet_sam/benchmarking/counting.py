@@ -130,7 +130,8 @@ def parameter_counts(net: nn.Module) -> dict:
 
 def checkpoint_bytes(net: nn.Module, optimizer_buffers: int) -> dict:
     """Bytes of an nnU-Net checkpoint's weights: the full state dict, its optimiser state, and the weights of a slim
-    checkpoint (nnunet_sam.slim_checkpoints: all but the frozen ``sam.*`` tensors, which the base file holds)."""
+    checkpoint (nnunet_sam.training.slim_checkpoints: all but the frozen ``sam.*`` tensors, which the base file
+    holds)."""
     state = net.state_dict(keep_vars=True)
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     trainable_bytes = sum(

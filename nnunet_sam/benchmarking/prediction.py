@@ -1,6 +1,6 @@
 """``nnunet_sam_benchmark_prediction``: where the time of a CPU sliding-window prediction goes.
 
-Measures, on one phantom volume (``nnunet_sam.phantoms.generate_case``, 24x96x96 voxels by default) and in one run,
+Measures, on one phantom volume (``nnunet_sam.demo.phantoms.generate_case``, 24x96x96 voxels by default) and in one run,
 tiny MaskSAM, tiny Self-Prompt-SAM (and LiteMedSAM with ``--backbones tiny lite_medsam``) next to nnU-Net's default
 U-Net for the same volume:
 
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_sam.planning import MIRROR_AXES_3D, sliding_window_cost, window_cost_note
+from nnunet_sam.training.planning import MIRROR_AXES_3D, sliding_window_cost, window_cost_note
 
 __all__ = [
     "nnunet_prediction_threads",
@@ -63,7 +63,7 @@ def nnunet_prediction_threads() -> int:
 
 # ---- models -------------------------------------------------------------------------------------------------------
 def _phantom_volume(shape: Sequence[int], seed: int) -> torch.Tensor:
-    from nnunet_sam.phantoms import generate_case
+    from nnunet_sam.demo.phantoms import generate_case
 
     channels, _ = generate_case(tuple(int(s) for s in shape), seed=seed)
     ct = channels[0].astype(np.float32)

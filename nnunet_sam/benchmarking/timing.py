@@ -30,8 +30,8 @@ from nnunet_sam.backbones.encoder import blockwise, run_block
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone
 from nnunet_sam.benchmarking.configs import build_unet, unet_plans
 from nnunet_sam.losses import DeepSupervisedSegLoss, MaskSetCriterion
-from nnunet_sam.planning import PLANS_KEY
 from nnunet_sam.trainers.masksam import MaskSAMTrainer
+from nnunet_sam.training.planning import PLANS_KEY
 
 
 def median_time(fn: Callable[[], object], runs: int, warmup: int) -> float:

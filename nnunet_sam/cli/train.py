@@ -4,7 +4,7 @@
         -m nnunet_sam.cli.train DATASET 3d_fullres 0 -tr MaskSAMTrainer
 
 The arguments are ``nnUNetv2_train``'s, parsed by nnU-Net itself; each process first joins torchrun's process
-group (:mod:`nnunet_sam.distributed`), so nnU-Net's trainer sees a DDP run, as under ``-num_gpus``. Without
+group (:mod:`nnunet_sam.training.distributed`), so nnU-Net's trainer sees a DDP run, as under ``-num_gpus``. Without
 torchrun the command is ``nnUNetv2_train``. Exit codes: 2 for settings the job cannot use (before any training
 step), 1 when a rank failed or was lost.
 """
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from nnunetv2.run.run_training import run_training_entry
 
-from nnunet_sam.distributed import DistributedSetupError, RankInfo, run_as_rank
+from nnunet_sam.training.distributed import DistributedSetupError, RankInfo, run_as_rank
 
 
 def _launch_options(argv: Sequence[str]) -> argparse.Namespace:

@@ -3,21 +3,22 @@
 An *editor* holds one image of one session in the model's preprocessed grid and the method's state; each
 interaction returns the whole binary result (uint8, the client's grid) or raises
 :class:`~nnunet_sam.serving.inputs.InteractionError` with the state unchanged. ``state()`` / ``restore()`` give
-undo. Positions and boxes arrive in the client's grid and go through :mod:`nnunet_sam.geometry` (nnU-Net's
+undo. Positions and boxes arrive in the client's grid and go through :mod:`nnunet_sam.inference.geometry` (nnU-Net's
 transpose, crop and resampling), results come back through nnU-Net's export, as in the command-line tools.
 
-RadSAM (:mod:`nnunet_sam.radsam`; slices along axis 0 of the image, between the first and last slice):
+RadSAM (:mod:`nnunet_sam.inference.radsam`; slices along axis 0 of the image, between the first and last slice):
 
 * the first positive point, a positive 2D box on an axis-0 slice, or a positive lasso start
-  :func:`~nnunet_sam.radsam.segment_from_prompt` (point, box or mask prompt on that slice); a box or lasso later
+  :func:`~nnunet_sam.inference.radsam.segment_from_prompt` (point, box or mask prompt on that slice); a box or lasso
+  later
   starts again from it (the previous result is one undo away);
-* later points are :func:`~nnunet_sam.radsam.edit` corrections (positive or negative);
+* later points are :func:`~nnunet_sam.inference.radsam.edit` corrections (positive or negative);
 * a scribble becomes points on the axis-0 slice that holds most of its voxels: the voxel nearest its centre, then
   up to three more, each the scribble voxel farthest from those already taken; they are the prompt and
   corrections (no segmentation yet) or corrections (positive or negative);
-* an initial segmentation seeds :func:`~nnunet_sam.radsam.from_mask` (its nonzero voxels).
+* an initial segmentation seeds :func:`~nnunet_sam.inference.radsam.from_mask` (its nonzero voxels).
 
-Prompted 3DSAM-adapter (:mod:`nnunet_sam.predict_prompted`): every point is a 3D click (positive = the served
+Prompted 3DSAM-adapter (:mod:`nnunet_sam.inference.prompted`): every point is a 3D click (positive = the served
 class, negative = background), a box is one click at its centre; every interaction predicts the volume again
 from all clicks so far, as ``nnunet_sam_predict_prompted`` does with the same clicks.
 """
@@ -28,10 +29,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from nnunet_sam import geometry
-from nnunet_sam.predict import BadCaseError, predict_preprocessed, preprocess_case
-from nnunet_sam.predict_prompted import PromptedPredictor, point_setter
-from nnunet_sam.radsam import (
+from nnunet_sam.inference import geometry
+from nnunet_sam.inference.predict import BadCaseError, predict_preprocessed, preprocess_case
+from nnunet_sam.inference.prompted import PromptedPredictor, point_setter
+from nnunet_sam.inference.radsam import (
     Correction,
     Prompt,
     PromptError,
@@ -311,7 +312,7 @@ def load_model(
     mirroring: bool = True,
 ) -> ServedModel:
     """A RadSAM or prompted 3DSAM-adapter model folder, loaded once; ValueError for any other model."""
-    from nnunet_sam.predict_prompted import UnusableInputError, initialize_predictor
+    from nnunet_sam.inference.prompted import UnusableInputError, initialize_predictor
 
     try:
         return ServedRadSAM(RadSAMModel(model_folder, fold, checkpoint, device))

@@ -1,0 +1,211 @@
+"""``nnunet_sam_evaluate_prompted``: the point-prompt evaluation of 3DSAM-adapter (1, 3 or 10 clicks per object).
+
+For every reference case, clicks are simulated from its label map (:func:`simulate_clicks`), written as a points
+file (voxel coordinates, see :mod:`nnunet_sam.inference.prompted`), predicted with the prompted command's machinery
+and evaluated with :mod:`nnunet_sam.evaluation.folders` (Dice, NSD, HD95; one table row per setting). As the prompted
+command, by default one patch centred on the clicks is predicted (3DSAM-adapter's test protocol; background
+elsewhere); ``--whole-volume`` predicts every sliding-window patch.
+
+Click positions, per foreground class present in the case (the class's voxels = the object). ``depth`` is each
+object voxel's Euclidean distance (mm, the image spacing) to the nearest voxel outside the object, and ``top`` its
+largest value in the object:
+
+* ``centre``: the first click is the deepest voxel (largest ``depth``, the first in array order on ties); further
+  clicks are drawn from the core, the voxels with ``depth >= 0.75 * top``;
+* ``surrounding``: clicks drawn from the voxels around the core, ``0.25 * top < depth < 0.75 * top``;
+* ``margin``: clicks drawn from the border layer, ``depth <= 0.25 * top`` (for thin objects this is the surface).
+
+Draws are uniform without replacement (with replacement when the region has fewer voxels than clicks) from a
+generator seeded with ``--seed`` and the case id, so every run clicks the same voxels; an empty region (an object
+only one or two voxels thick has no ring) falls back to the whole object. A case without any foreground gets one
+background click (label 0) at its central voxel, so it is still predicted (and a predicted foreground scores 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from nnunet_sam.evaluation.folders import EvaluationError, read_dataset_json, run_evaluation
+from nnunet_sam.evaluation.metrics import DEFAULT_NSD_TOLERANCE_MM
+
+POSITIONS = ("centre", "surrounding", "margin")
+NUM_POINTS = (1, 3, 10)
+
+
+def click_region(mask: np.ndarray, spacing: Sequence[float], position: str) -> tuple[np.ndarray, np.ndarray]:
+    """(deepest voxel index (3,), indices (N, 3) of the region ``position`` picks) of a binary object ``mask``."""
+    assert position in POSITIONS, f"position must be one of {POSITIONS}, got {position!r}"
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing)[(slice(1, -1),) * mask.ndim]
+    top = depth.max()
+    deepest = np.asarray(np.unravel_index(np.argmax(depth), mask.shape))
+    if position == "centre":
+        region = depth >= 0.75 * top
+    elif position == "surrounding":
+        region = (depth > 0.25 * top) & (depth < 0.75 * top)
+    else:
+        region = mask & (depth <= 0.25 * top)
+    region &= mask
+    if not region.any():
+        region = mask
+    return deepest, np.argwhere(region)
+
+
+def simulate_clicks(
+    reference: np.ndarray,
+    spacing: Sequence[float],
+    num_points: int,
+    position: str,
+    rng: np.random.Generator,
+) -> list[dict]:
+    """Points-file entries ``{"position": [z, y, x], "label": k}`` for a label map (Z, Y, X), ``num_points`` per
+    foreground class present (see the module docstring for the positions)."""
+    clicks = []
+    for label in (int(v) for v in np.unique(reference) if v != 0):
+        deepest, region = click_region(reference == label, spacing, position)
+        picks = []
+        if position == "centre":
+            picks.append(deepest)
+        rest = num_points - len(picks)
+        if rest:
+            rows = rng.choice(len(region), size=rest, replace=len(region) < rest)
+            picks.extend(region[rows])
+        clicks.extend({"position": [int(v) for v in p], "label": label} for p in picks)
+    if not clicks:
+        clicks.append({"position": [s // 2 for s in reference.shape], "label": 0})
+    return clicks
+
+
+def _case_rng(seed: int, case: str) -> np.random.Generator:
+    return np.random.default_rng([seed, int(hashlib.sha256(case.encode()).hexdigest()[:8], 16)])
+
+
+def write_points_file(
+    reference_folder: str | Path,
+    dataset_json: str | Path,
+    output_file: str | Path,
+    num_points: int,
+    position: str,
+    seed: int = 0,
+) -> dict[str, list[dict]]:
+    """Simulate the clicks of every reference case, write them as a points file (voxel coordinates) and return them."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    _, ending, content = read_dataset_json(dataset_json)
+    files = sorted(p for p in Path(reference_folder).iterdir() if p.name.endswith(ending))
+    if not files:
+        raise EvaluationError(f"no reference files ending in {ending!r} in {reference_folder}")
+    reader = determine_reader_writer_from_dataset_json(content, str(files[0]), verbose=False)()
+    points = {}
+    for file in files:
+        case = file.name[: -len(ending)]
+        seg, properties = reader.read_seg(str(file))
+        points[case] = simulate_clicks(seg[0], properties["spacing"], num_points, position, _case_rng(seed, case))
+    Path(output_file).write_text(json.dumps({"coordinates": "voxel", "points": points}, indent=1))
+    return points
+
+
+def run_prompted_evaluation(
+    model_folder: str | Path,
+    image_folder: str | Path,
+    reference_folder: str | Path,
+    output_folder: str | Path,
+    num_points: Sequence[int] = (1,),
+    positions: Sequence[str] = ("centre",),
+    folds: Sequence[int | str] = (0,),
+    seed: int = 0,
+    tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+    mirroring: bool = True,
+    device: str = "cpu",
+    checkpoint: str = "checkpoint_final.pth",
+    whole_volume: bool = False,
+) -> dict:
+    """Simulate clicks, predict and evaluate every (points, position) setting; returns :func:`run_evaluation`'s
+    summary (one run per setting, named ``<n>pt_<position>``). Raises :class:`EvaluationError` if a case failed."""
+    from nnunet_sam.inference.prompted import initialize_predictor, predict_prompted
+
+    output_folder = Path(output_folder)
+    dataset_json = Path(model_folder) / "dataset.json"
+    predictor = initialize_predictor(
+        str(model_folder), list(folds), checkpoint, mirroring=mirroring, device=device, whole_volume=whole_volume
+    )
+    names, folders = [], []
+    for n in num_points:
+        for position in positions:
+            name = f"{n}pt_{position}"
+            folder = output_folder / name
+            folder.mkdir(parents=True, exist_ok=True)
+            points_file = folder / "points.json"
+            write_points_file(reference_folder, dataset_json, points_file, n, position, seed)
+            failures = predict_prompted(predictor, str(image_folder), str(points_file), str(folder / "predictions"))
+            if failures:
+                raise EvaluationError(f"{name}: {len(failures)} case(s) failed: " + "; ".join(failures.values()))
+            names.append(name)
+            folders.append(folder / "predictions")
+    return run_evaluation(reference_folder, folders, dataset_json, output_folder, names, tolerance_mm)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnunet_sam_evaluate_prompted",
+        description="3DSAM-adapter's point-prompt evaluation: simulate 1, 3 or 10 clicks per object from the "
+        "reference (centre: deepest voxel, then the core with depth >= 0.75 of the maximum; surrounding: depth "
+        "between 0.25 and 0.75; margin: depth <= 0.25), predict with a SAM3DAdapterTrainer_prompted* model and "
+        "report Dice, NSD and HD95 per class (evaluation.json, tables.md, table_*.csv; one row per setting).",
+    )
+    parser.add_argument("-m", required=True, help="model folder (trained with SAM3DAdapterTrainer_prompted*)")
+    parser.add_argument("-i", required=True, help="image folder (CASE_0000.nii.gz, ...), e.g. imagesTs")
+    parser.add_argument("-ref", required=True, help="reference label folder, e.g. labelsTs")
+    parser.add_argument("-o", required=True, help="output folder")
+    parser.add_argument("--points", type=int, nargs="+", choices=NUM_POINTS, default=[1], help="clicks per object")
+    parser.add_argument("--position", nargs="+", choices=POSITIONS, default=["centre"], help="click positions")
+    parser.add_argument("-f", nargs="+", default=["0"], help="folds (or 'all'); default 0")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the simulated clicks (default 0)")
+    parser.add_argument("--nsd-tolerance", type=float, default=DEFAULT_NSD_TOLERANCE_MM, help="NSD tolerance in mm")
+    parser.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    parser.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="device")
+    parser.add_argument(
+        "--whole-volume",
+        action="store_true",
+        help="predict every sliding-window patch (default: one patch centred on the clicks, 3DSAM-adapter's test "
+        "protocol)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from nnunet_sam.inference.prompted import UnusableInputError
+
+    args = build_parser().parse_args(argv)
+    folds = [f if f == "all" else int(f) for f in args.f]
+    try:
+        run_prompted_evaluation(
+            args.m,
+            args.i,
+            args.ref,
+            args.o,
+            args.points,
+            args.position,
+            folds,
+            args.seed,
+            args.nsd_tolerance,
+            not args.disable_tta,
+            args.device,
+            whole_volume=args.whole_volume,
+        )
+    except (EvaluationError, UnusableInputError) as error:
+        print(f"nnunet_sam_evaluate_prompted: error: {error}", file=sys.stderr)
+        return 1
+    print((Path(args.o) / "tables.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""``nnunet_sam_benchmark_radsam``: RadSAM's benchmark, per-class 3D Dice of prompted segmentation with simulated edits.
+
+For every case and every foreground class present in its reference (one structure per prompt):
+
+* **volume level**: one prompt on the slice where the structure is largest, plus the first and last slice that
+  contain it as boundaries; the mask is propagated slice by slice
+  (:func:`nnunet_sam.inference.radsam.segment_from_prompt`).
+  Each edit is one click drawn uniformly from the 3D error region (positive in a missed voxel, negative in a false
+  one) and re-propagated (:func:`nnunet_sam.inference.radsam.edit`);
+* **slice level**: one prompt on every slice that contains the structure, each slice segmented on its own; each
+  edit round adds one click per slice, drawn from that slice's error region, with the slice's current mask as the
+  mask prompt.
+
+Prompts: "point" = a pixel drawn uniformly among those more than 2 px inside the reference slice, "box" = the
+reference slice's tight bounding box. The 3D Dice (:func:`nnunet_sam.evaluation.metrics.dice`) is computed in the
+model's grid (nnU-Net's preprocessed volume, where the reference is resampled with nnU-Net's own label
+resampling). Everything is seeded (``--seed``): the same model and cases give the same table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from nnunet_sam.evaluation.metrics import dice
+from nnunet_sam.inference.predict import cases_in_folder
+from nnunet_sam.inference.radsam import Correction, Prompt, RadSAMModel, SliceModel, edit, segment_from_prompt
+from nnunet_sam.prompting.mask_ops import pixel_boxes
+from nnunet_sam.prompting.radsam_prompts import interior_points
+
+
+def slice_prompt(kind: str, reference: np.ndarray, generator: torch.Generator) -> dict:
+    """The simulated user's prompt on one reference slice (Y, X) bool: {"point": (y, x)} or {"box": (y0, x0, y1, x1)}.
+
+    The point is drawn uniformly among the pixels more than 2 px inside; the box is the tight bounding box.
+    """
+    ref = torch.from_numpy(reference)[None]
+    if kind == "point":
+        points, _ = interior_points(ref, generator=generator)
+        x, y = points[0].tolist()
+        return {"point": (y, x)}
+    x0, y0, x1, y1 = pixel_boxes(ref)[0][0].tolist()
+    return {"box": (y0, x0, y1, x1)}
+
+
+def _error_click(prediction: np.ndarray, reference: np.ndarray, rng: np.random.Generator) -> tuple | None:
+    """A voxel drawn uniformly from the error region and whether it is a missed (positive) voxel; None: no error."""
+    errors = np.argwhere(prediction ^ reference)
+    if len(errors) == 0:
+        return None
+    where = tuple(int(i) for i in errors[rng.integers(len(errors))])
+    return where, bool(reference[where])
+
+
+def volume_level(
+    model: SliceModel,
+    reference: np.ndarray,
+    kind: str,
+    edits: Sequence[int],
+    rng: np.random.Generator,
+    generator: torch.Generator,
+) -> dict[int, float]:
+    """3D Dice after each number of edits in ``edits`` for one structure (Z, Y, X) bool."""
+    areas = reference.reshape(reference.shape[0], -1).sum(1)
+    present = np.flatnonzero(areas)
+    seed = int(np.argmax(areas))
+    prompt = Prompt(kind, seed, **slice_prompt(kind, reference[seed], generator))
+    segmentation = segment_from_prompt(model, prompt, (int(present[0]), int(present[-1])))
+    result = {}
+    for n in range(max(edits) + 1):
+        if n in edits:
+            result[n] = dice(segmentation.mask, reference)
+        click = _error_click(segmentation.mask, reference, rng)
+        if n == max(edits) or click is None:
+            result.update({m: dice(segmentation.mask, reference) for m in edits if m > n})
+            break
+        (z, y, x), positive = click
+        segmentation = edit(model, segmentation, [Correction(z, y, x, positive)])
+    return result
+
+
+def slice_level(
+    model: SliceModel,
+    reference: np.ndarray,
+    kind: str,
+    edits: Sequence[int],
+    rng: np.random.Generator,
+    generator: torch.Generator,
+) -> dict[int, float]:
+    """3D Dice after each number of edits per slice in ``edits``: every slice with the structure prompted alone."""
+    masks = {n: np.zeros_like(reference) for n in edits}
+    for z in np.flatnonzero(reference.reshape(reference.shape[0], -1).any(1)):
+        z = int(z)
+        prompt = slice_prompt(kind, reference[z], generator)
+        clicks = [(*prompt["point"], True)] if kind == "point" else []
+        box = prompt.get("box")
+        current = model.predict(z, clicks, box=box)
+        for n in range(max(edits) + 1):
+            if n in edits:
+                masks[n][z] = current
+            click = _error_click(current, reference[z], rng) if n < max(edits) else None
+            if click is None:
+                for m in edits:
+                    if m > n:
+                        masks[m][z] = current
+                break
+            (y, x), positive = click
+            clicks.append((y, x, positive))
+            current = model.predict(z, clicks, box=box, mask=current)
+    return {n: dice(masks[n], reference) for n in edits}
+
+
+def run_benchmark(
+    model: RadSAMModel,
+    images: str,
+    labels: str,
+    kinds: Sequence[str] = ("point", "box"),
+    volume_edits: Sequence[int] = (0, 5),
+    slice_edits: Sequence[int] = (0, 2),
+    seed: int = 0,
+    max_cases: int | None = None,
+) -> dict:
+    """Dice per setting and class over the cases of ``images`` (nnU-Net naming) with references in ``labels``.
+
+    Returns {"settings": [...], "classes": {name: {setting: mean Dice}}, "mean": {setting: mean over classes},
+    "per_case": [...]}. A setting is "volume <kind> +<n> edits" or "slice <kind> +<n>/slice".
+    """
+    ending = model.dataset_json["file_ending"]
+    cases, _ = cases_in_folder(images, ending)
+    names = sorted(cases)[:max_cases]
+    if not names:
+        raise ValueError(f"no images named CASE_XXXX{ending} in {images}")
+    label_names = {int(v): k for k, v in model.dataset_json["labels"].items() if isinstance(v, int) and v > 0}
+    per_case = []
+    for index, case in enumerate(names):
+        label_file = os.path.join(labels, case + ending)
+        if not os.path.isfile(label_file):
+            raise ValueError(f"no reference {label_file} for case {case}")
+        image, properties = model.read(cases[case])
+        seg = model.reader.read_seg(label_file)[0]
+        data, seg, _ = model.preprocess(image, properties, seg.astype(np.int16))
+        slices = SliceModel(model.network, data, model.device)
+        for label, name in sorted(label_names.items()):
+            reference = seg[0] == label
+            if not reference.any():
+                continue
+            for kind in kinds:
+                rng = np.random.default_rng([seed, index, label])
+                generator = torch.Generator().manual_seed(seed * 100003 + index * 101 + label)
+                scores = volume_level(slices, reference, kind, volume_edits, rng, generator)
+                for n, value in scores.items():
+                    per_case.append((case, name, f"volume {kind} +{n} edits", value))
+                scores = slice_level(slices, reference, kind, slice_edits, rng, generator)
+                for n, value in scores.items():
+                    per_case.append((case, name, f"slice {kind} +{n}/slice", value))
+        print(f"done {case}", flush=True)
+    settings = list(dict.fromkeys(s for _, _, s, _ in per_case))
+    classes = {}
+    for name in dict.fromkeys(n for _, n, _, _ in per_case):
+        classes[name] = {s: float(np.nanmean([v for _, n, t, v in per_case if n == name and t == s])) for s in settings}
+    mean = {s: float(np.nanmean([classes[c][s] for c in classes])) for s in settings}
+    return {"settings": settings, "classes": classes, "mean": mean, "per_case": per_case}
+
+
+def format_table(result: dict) -> str:
+    """Markdown table: one row per class (and the mean), one column per setting."""
+    settings = result["settings"]
+    lines = ["| class | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for name, row in list(result["classes"].items()) + [("**mean**", result["mean"])]:
+        lines.append(f"| {name} | " + " | ".join(f"{row[s]:.3f}" for s in settings) + " |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="RadSAM benchmark: volume-level prompting (one prompt + two boundary slices, propagated) and "
+        "slice-level prompting (one prompt per slice), with 0..N simulated edit clicks; prints the per-class 3D "
+        "Dice table."
+    )
+    parser.add_argument("-m", required=True, help="RadSAM model folder (nnUNet_results/DATASET/TRAINER__PLANS__2d)")
+    parser.add_argument("-i", required=True, help="image folder (CASE_0000.nii.gz ...)")
+    parser.add_argument("-l", required=True, help="reference label folder (CASE.nii.gz)")
+    parser.add_argument("--prompts", nargs="+", default=["point", "box"], choices=["point", "box"])
+    parser.add_argument("--edits", nargs="+", type=int, default=[0, 5], help="edit clicks per volume (volume level)")
+    parser.add_argument(
+        "--slice-edits", nargs="+", type=int, default=[0, 2], help="edit clicks per slice (slice level)"
+    )
+    parser.add_argument("-f", default="0", help="fold (default 0; or 'all')")
+    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the simulated prompts and clicks")
+    parser.add_argument("--max-cases", type=int, help="use only the first N cases")
+    parser.add_argument("--json", help="also write the result (with per-case values) to this JSON file")
+    parser.add_argument("-device", default="cpu", choices=["cuda", "cpu", "mps"], help="device (default cpu)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if min(args.edits + args.slice_edits) < 0:
+        parser.error("edit counts must be >= 0")
+    model = RadSAMModel(args.m, args.f if args.f == "all" else int(args.f), args.chk, args.device)
+    result = run_benchmark(
+        model,
+        args.i,
+        args.l,
+        args.prompts,
+        sorted(set(args.edits)),
+        sorted(set(args.slice_edits)),
+        args.seed,
+        args.max_cases,
+    )
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,587 @@
+"""RadSAM in 3D: one prompt on one slice -> a 3D mask, then 3D editing with correction clicks.
+
+Python API (everything in the model's voxel grid, i.e. nnU-Net's preprocessed volume, axis order (z, y, x) with z
+the slice axis):
+
+* :class:`SliceModel` runs a trained RadSAM network on the slices of one volume (image embeddings are cached, so a
+  slice is encoded once however often it is prompted);
+* :func:`segment_from_prompt` segments slice i from a point, box or mask prompt, then uses each slice's mask as the
+  mask prompt of the next slice, up to the upper and down to the lower boundary slice (inclusive), never beyond;
+* :func:`edit` applies correction clicks: slice j is re-segmented from its current mask and all clicks on it, then
+  propagation starts again from j in both directions, each slice from the new mask of its neighbour plus the
+  clicks stored on it earlier, up to the boundary or up to (not including) the nearest slice the user fixed: the
+  prompt slice of :func:`segment_from_prompt` and every slice holding a click. So a click beyond a slice where
+  propagation had died fills the gap back to the fixed slice, and a click never undoes another click's slice;
+* :func:`from_mask` starts editing from an existing 3D mask (e.g. one class of any nnU-Net model's prediction);
+  no slice of it is fixed, so a click re-propagates both ways to the boundaries.
+
+A slice whose neighbour's mask is empty and that holds no click stays empty: towards a boundary the structure has
+ended, so the slices beyond are emptied; towards a fixed slice (which holds the structure) propagation just stops
+and the slices up to it keep their masks. All of it is deterministic: the same inputs give the same mask.
+
+Console command ``nnunet_sam_segment_radsam``: reads an image with nnU-Net's reader, preprocesses it as the model's
+plans say, reads a prompt file (see :func:`read_prompt_file`), and writes the 3D mask with the image's geometry through
+nnU-Net's export, checked like ``nnunet_sam_predict``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+from nnunet_sam.inference import geometry
+from nnunet_sam.inference.predict import (
+    BadCaseError,
+    UnusableArgumentsError,
+    check_checkpoints,
+    read_and_check,
+    write_checked,
+)
+from nnunet_sam.prompting.radsam_prompts import Prompts
+
+PromptKind = Literal["point", "box", "mask"]
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be used on this volume; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The initial prompt on one slice: a point (y, x), a box (y0, x0, y1, x1) (first and last row and column,
+    inclusive) or a mask (Y, X) bool of that slice."""
+
+    kind: PromptKind
+    slice: int
+    point: tuple[float, float] | None = None
+    box: tuple[float, float, float, float] | None = None
+    mask: np.ndarray | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A correction click at (slice, y, x): positive (add this structure here) or negative (remove)."""
+
+    slice: int
+    y: float
+    x: float
+    positive: bool
+
+
+@dataclass(frozen=True)
+class Segmentation3D:
+    """A 3D mask (Z, Y, X) bool with what produced it: the seed slice, the inclusive boundaries and the clicks.
+
+    ``seed_fixed``: the seed slice was segmented from the user's prompt (:func:`segment_from_prompt`), so edits
+    do not propagate through it; False for a mask from elsewhere (:func:`from_mask`)."""
+
+    mask: np.ndarray
+    seed: int
+    boundaries: tuple[int, int]
+    corrections: tuple[Correction, ...] = ()
+    seed_fixed: bool = True
+
+    def fixed_slices(self) -> set[int]:
+        """Slices the user fixed: the prompt slice (if any) and every slice holding a click."""
+        return {c.slice for c in self.corrections} | ({self.seed} if self.seed_fixed else set())
+
+
+def check_prompt(prompt: Prompt, boundaries: tuple[int, int], shape: Sequence[int]) -> None:
+    """Raise :class:`PromptError` unless ``prompt`` and ``boundaries`` fit a volume of ``shape`` (Z, Y, X)."""
+    z, h, w = (int(s) for s in shape)
+    lo, hi = boundaries
+    if prompt.kind not in ("point", "box", "mask"):
+        raise PromptError(f"unknown prompt kind '{prompt.kind}': use 'point', 'box' or 'mask'")
+    if not 0 <= lo < z or not 0 <= hi < z:
+        raise PromptError(f"boundaries [{lo}, {hi}] lie outside the volume's slices 0..{z - 1}")
+    if lo > hi:
+        raise PromptError(f"boundaries reversed: lower slice {lo} > upper slice {hi}; give [lower, upper]")
+    if not 0 <= prompt.slice < z:
+        raise PromptError(f"prompt slice {prompt.slice} lies outside the volume (slices 0..{z - 1})")
+    if not lo <= prompt.slice <= hi:
+        raise PromptError(f"prompt slice {prompt.slice} lies outside the boundaries [{lo}, {hi}]")
+    if prompt.kind == "point":
+        if prompt.point is None or len(prompt.point) != 2:
+            raise PromptError("a point prompt needs 'point': [y, x]")
+        _check_inside("point", prompt.point, h, w)
+    elif prompt.kind == "box":
+        if prompt.box is None or len(prompt.box) != 4:
+            raise PromptError("a box prompt needs 'box': [y0, x0, y1, x1]")
+        y0, x0, y1, x1 = prompt.box
+        _check_inside("box corner", (y0, x0), h, w)
+        _check_inside("box corner", (y1, x1), h, w)
+        if y1 < y0 or x1 < x0:
+            raise PromptError(f"box {list(prompt.box)} is reversed: need y0 <= y1 and x0 <= x1")
+    else:
+        if prompt.mask is None or prompt.mask.shape != (h, w):
+            got = None if prompt.mask is None else prompt.mask.shape
+            raise PromptError(f"a mask prompt needs a ({h}, {w}) mask of the slice, got {got}")
+        if not prompt.mask.any():
+            raise PromptError(f"the mask prompt is empty on slice {prompt.slice}: nothing to segment")
+
+
+def _check_inside(what: str, yx: Sequence[float], h: int, w: int) -> None:
+    y, x = yx
+    if not (-0.5 <= y < h - 0.5 and -0.5 <= x < w - 0.5):
+        raise PromptError(f"{what} (y={y:g}, x={x:g}) lies outside the image ({h} rows x {w} columns)")
+
+
+class SliceModel:
+    """A RadSAM network (:class:`~nnunet_sam.network_architectures.radsam.RadSAMNetwork`, eval mode) on the slices
+    of one preprocessed volume (M, Z, Y, X).
+
+    Slices larger than the network's P x P patch are shrunk to fit (keeping the aspect ratio); every slice is padded
+    with 0 at the bottom and right to P x P, as nnU-Net pads its training patches.
+    """
+
+    def __init__(self, network: torch.nn.Module, volume: np.ndarray | torch.Tensor, device: str = "cpu") -> None:
+        volume = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
+        assert volume.dim() == 4, f"volume must be (M, Z, Y, X), got {tuple(volume.shape)}"
+        self.network = network.eval()
+        self.device = torch.device(device)
+        self.volume = volume
+        self.shape = tuple(volume.shape[1:])
+        p = network.patch
+        self.patch = p
+        h, w = self.shape[1:]
+        self.factor = min(1.0, p / max(h, w))
+        self.fitted = (max(1, round(h * self.factor)), max(1, round(w * self.factor)))
+        self._embeddings: dict[int, torch.Tensor] = {}
+
+    def _fit(self, image: torch.Tensor, mode: str) -> torch.Tensor:
+        """(C, Y, X) -> (C, P, P): shrunk if needed, padded with 0 at the bottom/right."""
+        if self.factor < 1:
+            image = F.interpolate(image[None].float(), size=self.fitted, mode=mode)[0]
+        return F.pad(image, (0, self.patch - image.shape[-1], 0, self.patch - image.shape[-2]))
+
+    def embedding(self, z: int) -> torch.Tensor:
+        if z not in self._embeddings:
+            image = self._fit(self.volume[:, z], "bilinear")[None].to(self.device)
+            with torch.no_grad():
+                self._embeddings[z] = self.network.embed(image)
+        return self._embeddings[z]
+
+    def predict(
+        self,
+        z: int,
+        clicks: Sequence[tuple[float, float, bool]] = (),
+        box: Sequence[float] | None = None,
+        mask: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Mask (Y, X) bool of slice z from clicks (y, x, positive), a box (y0, x0, y1, x1) and/or a mask (Y, X)."""
+        f, p = self.factor, self.patch
+
+        def scaled(c: float) -> float:
+            return (c + 0.5) * f - 0.5
+
+        prompts = Prompts.empty(1, p, p)
+        for y, x, positive in clicks:
+            prompts = prompts.with_points(torch.tensor([[scaled(x), scaled(y)]]), torch.tensor([int(positive)]))
+        if box is not None:
+            y0, x0, y1, x1 = box
+            boxes = torch.tensor([[scaled(x0), scaled(y0), scaled(x1), scaled(y1)]])
+            prompts = replace(prompts, boxes=boxes, has_box=torch.ones(1, dtype=torch.bool))
+        if mask is not None and mask.any():
+            fitted = self._fit(torch.from_numpy(np.asarray(mask, dtype=np.float32))[None], "nearest")
+            prompts = prompts.with_masks(fitted > 0.5)
+        prompts = Prompts(*(t.to(self.device) for t in vars(prompts).values()))
+        with torch.no_grad():
+            logits = self.network.decode_prompts(self.embedding(z), prompts)[0, 0]
+        logits = logits[: self.fitted[0], : self.fitted[1]].float().cpu()
+        if self.factor < 1:
+            logits = F.interpolate(logits[None, None], size=self.shape[1:], mode="bilinear")[0, 0]
+        return (logits > 0).numpy()
+
+
+def _clicks_on(corrections: Sequence[Correction], z: int) -> list[tuple[float, float, bool]]:
+    return [(c.y, c.x, c.positive) for c in corrections if c.slice == z]
+
+
+def _propagate(
+    model: SliceModel,
+    mask: np.ndarray,
+    start: int,
+    stop: int,
+    corrections: Sequence[Correction],
+    fixed: set[int] = frozenset(),
+) -> None:
+    """Segment slices start + step .. stop (inclusive, step +-1) in place, each from its neighbour's mask.
+
+    Stops before the first slice in ``fixed``. Once a slice comes out empty without a click, the structure has
+    ended: the slices up to ``stop`` are emptied, unless a fixed slice lies that way (the structure continues
+    there), in which case they are left as they were.
+    """
+    step = 1 if stop >= start else -1
+    ahead = [z for z in range(start + step, stop + step, step)]
+    towards_fixed = any(z in fixed for z in ahead)
+    for z in ahead:
+        if z in fixed:
+            return
+        previous, clicks = mask[z - step], _clicks_on(corrections, z)
+        if not previous.any() and not clicks:
+            if towards_fixed:
+                return
+            mask[z] = False
+            continue
+        mask[z] = model.predict(z, clicks, mask=previous)
+
+
+def segment_from_prompt(model: SliceModel, prompt: Prompt, boundaries: tuple[int, int]) -> Segmentation3D:
+    """3D mask from one prompt on ``prompt.slice`` and the inclusive boundary slices (lower, upper)."""
+    check_prompt(prompt, boundaries, model.shape)
+    lo, hi = boundaries
+    mask = np.zeros(model.shape, dtype=bool)
+    i = prompt.slice
+    if prompt.kind == "point":
+        mask[i] = model.predict(i, [(*prompt.point, True)])
+    elif prompt.kind == "box":
+        mask[i] = model.predict(i, box=prompt.box)
+    else:
+        mask[i] = model.predict(i, mask=prompt.mask)
+    _propagate(model, mask, i, hi, ())
+    _propagate(model, mask, i, lo, ())
+    return Segmentation3D(mask, i, (lo, hi))
+
+
+def from_mask(mask: np.ndarray, boundaries: tuple[int, int] | None = None) -> Segmentation3D:
+    """Start editing from an existing 3D mask (Z, Y, X); seed = its largest slice, boundaries = its extent."""
+    mask = np.asarray(mask).astype(bool)
+    areas = mask.reshape(mask.shape[0], -1).sum(1)
+    if not areas.any():
+        raise PromptError("the starting mask is empty: nothing to edit (give a prompt instead)")
+    present = np.flatnonzero(areas)
+    if boundaries is None:
+        boundaries = (int(present[0]), int(present[-1]))
+    lo, hi = boundaries
+    if not 0 <= lo <= hi < mask.shape[0]:
+        raise PromptError(f"boundaries [{lo}, {hi}] must satisfy 0 <= lower <= upper < {mask.shape[0]}")
+    seed = int(np.argmax(np.where((np.arange(len(areas)) >= lo) & (np.arange(len(areas)) <= hi), areas, -1)))
+    inside = mask.copy()
+    inside[:lo] = False
+    inside[hi + 1 :] = False
+    return Segmentation3D(inside, seed, (int(lo), int(hi)), seed_fixed=False)
+
+
+def edit(
+    model: SliceModel,
+    segmentation: Segmentation3D,
+    corrections: Sequence[Correction],
+    through_clicks: bool = False,
+) -> Segmentation3D:
+    """Apply correction clicks one after the other (see the module docstring); returns a new Segmentation3D.
+
+    ``through_clicks``: the paper's other reading: propagation passes slices holding earlier clicks, re-segmenting
+    each from its neighbour's new mask plus its clicks, and stops only at the boundaries and the prompt slice
+    (default False: it stops before a clicked slice, which keeps the mask the user's clicks made).
+    """
+    z_count, h, w = model.shape
+    lo, hi = segmentation.boundaries
+    mask = segmentation.mask.copy()
+    stored = list(segmentation.corrections)
+    for c in corrections:
+        if not lo <= c.slice <= hi:
+            raise PromptError(f"correction on slice {c.slice} lies outside the boundaries [{lo}, {hi}]")
+        _check_inside("correction", (c.y, c.x), h, w)
+        stored.append(c)
+        j = c.slice
+        mask[j] = model.predict(j, _clicks_on(stored, j), mask=mask[j])
+        current = replace(segmentation, corrections=tuple(stored))
+        fixed = ({current.seed} if current.seed_fixed else set()) if through_clicks else current.fixed_slices()
+        fixed = fixed - {j}
+        _propagate(model, mask, j, hi, stored, fixed)
+        _propagate(model, mask, j, lo, stored, fixed)
+    return replace(segmentation, mask=mask, corrections=tuple(stored))
+
+
+# ---- model folders, images and prompt files ---------------------------------------------------------------------
+class RadSAMModel:
+    """A trained RadSAM model folder, loaded like ``nnUNetv2_predict`` does (plans, dataset.json, checkpoint)."""
+
+    def __init__(
+        self, model_folder: str, fold: int | str = 0, checkpoint: str = "checkpoint_final.pth", device: str = "cpu"
+    ) -> None:
+        predictor = nnUNetPredictor(device=torch.device(device), allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(model_folder, [fold], checkpoint)
+        if not hasattr(predictor.network, "decode_prompts"):
+            raise ValueError(f"{model_folder} holds no RadSAM model (trainer {predictor.trainer_name})")
+        predictor.network.load_state_dict(predictor.list_of_parameters[0])
+        self.network = predictor.network.to(device).eval()
+        self.device = device
+        self.plans_manager = predictor.plans_manager
+        self.configuration_manager = predictor.configuration_manager
+        self.dataset_json = predictor.dataset_json
+        self.label_manager = self.plans_manager.get_label_manager(self.dataset_json)
+        self.reader = self.plans_manager.image_reader_writer_class()
+        transpose = list(self.plans_manager.transpose_forward)
+        if transpose[0] != 0:
+            raise ValueError(f"this model's plans transpose the volume ({transpose}); RadSAM needs slices along axis 0")
+
+    def preprocess(self, image: np.ndarray, properties: dict, seg: np.ndarray | None = None):
+        """nnU-Net's preprocessing of a read image (C, Z, Y, X) (and a label map) -> data, seg, properties."""
+        preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
+        return preprocessor.run_case_npy(
+            image.copy(), seg, dict(properties), self.plans_manager, self.configuration_manager, self.dataset_json
+        )
+
+    def read(self, files: Sequence[str]) -> tuple[np.ndarray, dict]:
+        channels = [self.dataset_json["channel_names"][k] for k in sorted(self.dataset_json["channel_names"], key=int)]
+        return read_and_check(os.path.basename(files[0]), files, self.reader, channels, model_is_3d=False)
+
+    def to_original(self, mask: np.ndarray, properties: dict) -> np.ndarray:
+        """A mask in the preprocessed grid (Z', Y', X') -> the original image grid (Z, Y, X) uint8 0/1."""
+        return geometry.mask_to_original(
+            mask, self.plans_manager, self.configuration_manager, self.label_manager, properties
+        )
+
+
+class Geometry:
+    """Original voxel (z, y, x) <-> the preprocessed grid: nnU-Net's crop and in-plane resampling
+    (:mod:`nnunet_sam.inference.geometry`), with the checks and messages of prompt files."""
+
+    def __init__(self, properties: dict, preprocessed_shape: Sequence[int]) -> None:
+        self.properties = properties
+        self.preprocessed_shape = tuple(int(s) for s in preprocessed_shape)
+        self.bbox = [list(map(int, b)) for b in properties["bbox_used_for_cropping"]]
+        self.original_shape = tuple(int(s) for s in properties["shape_before_cropping"])
+
+    def _mapped(self, z: float, y: float, x: float) -> np.ndarray:
+        mapped, _ = geometry.to_preprocessed(np.array([[z, y, x]]), self.properties, (0, 1, 2), self.preprocessed_shape)
+        return mapped[0]
+
+    def slice(self, z: int) -> int:
+        if not 0 <= z < self.original_shape[0]:
+            raise PromptError(f"slice {z} lies outside the volume (slices 0..{self.original_shape[0] - 1})")
+        lo, hi = self.bbox[0]
+        if not lo <= z < hi:
+            raise PromptError(f"slice {z} lies outside the image region nnU-Net keeps (slices {lo}..{hi - 1})")
+        return z - lo  # RadSAM's 2d configuration never resamples along the slice axis
+
+    def inplane(self, y: float, x: float) -> tuple[float, float]:
+        h, w = self.original_shape[1:]
+        if not (-0.5 <= y < h - 0.5 and -0.5 <= x < w - 0.5):
+            raise PromptError(f"point (y={y:g}, x={x:g}) lies outside the image ({h} rows x {w} columns)")
+        _, y, x = self._mapped(self.bbox[0][0], y, x)
+        return float(y), float(x)
+
+    def world_to_voxel(self, xyz: Sequence[float]) -> tuple[float, float, float]:
+        """World point (x, y, z) in mm (ITK physical space) -> voxel (z, y, x) of the original array."""
+        if len(xyz) != 3:
+            raise PromptError(f"a world point needs three coordinates [x, y, z] in mm, got {list(xyz)}")
+        try:
+            z, y, x = geometry.world_to_voxel(np.asarray([xyz], dtype=float), self.properties)[0]
+        except geometry.GeometryError as error:
+            raise PromptError(str(error)) from None
+        return float(z), float(y), float(x)
+
+
+# Each correction re-segments its slice and the slices beyond it up to the boundary (cost ~ corrections x slices)
+MAX_CORRECTIONS = 1000
+
+
+def _slice_index(value, what: str) -> int:
+    """A slice index from a prompt file: an integer (12 or 12.0), never a fraction, a boolean, NaN or a string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value != int(value):
+        raise PromptError(f"{what} must be an integer slice index, got {json.dumps(value)}")
+    return int(value)
+
+
+def _numbers(value, count: int, what: str) -> list[float]:
+    """``count`` finite numbers (coordinates) from a prompt file."""
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != count
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)
+    ):
+        raise PromptError(f"{what} must be {count} finite numbers, got {json.dumps(value)}")
+    return [float(v) for v in value]
+
+
+@dataclass(frozen=True)
+class PromptFile:
+    """A prompt file mapped to the preprocessed grid."""
+
+    prompt: Prompt | None
+    boundaries: tuple[int, int] | None
+    corrections: tuple[Correction, ...]
+
+
+def read_prompt_file(path: str, geometry: Geometry, mask_prompt: np.ndarray | None = None) -> PromptFile:
+    """Read a JSON prompt file; coordinates in the original image's voxel or world space.
+
+    ``{"kind": "point" | "box" | "mask", "space": "voxel" | "world", "slice": i, "point": ..., "box": ...,
+    "boundaries": [lower, upper], "corrections": [{"point": ..., "positive": true}, ...]}``. Voxel space: indices
+    in the array order (z, y, x) of the image as nnU-Net's reader returns it (z = slice); points are [y, x] on
+    "slice", boxes [y0, x0, y1, x1] (first and last row and column), corrections {"slice", "point": [y, x]}. World
+    space: points [x, y, z] in mm (ITK physical space), boxes two corners [[x, y, z], [x, y, z]] on one slice,
+    corrections {"point": [x, y, z]}; the slice follows from z. Boundaries are always slice indices (inclusive).
+    "kind": "mask" takes the mask slice from ``mask_prompt`` (the preprocessed 3D mask file given with the image).
+    Without "kind" the file holds only boundaries/corrections (to edit a starting mask).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise PromptError(f"cannot read the prompt file {path}: {error}") from error
+    if not isinstance(spec, dict):
+        raise PromptError(f"the prompt file {path} must hold a JSON object")
+    space = spec.get("space", "voxel")
+    if space not in ("voxel", "world"):
+        raise PromptError(f"unknown 'space' '{space}': use 'voxel' or 'world'")
+
+    def voxel(point, z=None, what: str = "point") -> tuple[int, float, float]:
+        """A prompt point -> (slice, y, x) in the preprocessed grid."""
+        if space == "world":
+            z, y, x = geometry.world_to_voxel(_numbers(point, 3, f"a world-space {what} [x, y, z]"))
+            z = round(z)
+        else:
+            if z is None:
+                raise PromptError(f"a voxel-space {what} needs a 'slice' and [y, x], got no slice")
+            z = _slice_index(z, f"the 'slice' of the {what}")
+            y, x = _numbers(point, 2, f"a voxel-space {what} [y, x]")
+        return geometry.slice(int(z)), *geometry.inplane(float(y), float(x))
+
+    boundaries = spec.get("boundaries")
+    if boundaries is not None:
+        if not isinstance(boundaries, list) or len(boundaries) != 2:
+            raise PromptError(f"'boundaries' must be [lower, upper] slice indices, got {json.dumps(boundaries)}")
+        lower, upper = (_slice_index(b, "each of 'boundaries'") for b in boundaries)
+        if lower > upper:
+            raise PromptError(f"boundaries reversed: lower slice {lower} > upper slice {upper}; give [lower, upper]")
+        boundaries = (geometry.slice(lower), geometry.slice(upper))
+    listed = spec.get("corrections", [])
+    if not isinstance(listed, list) or not all(isinstance(c, dict) for c in listed):
+        raise PromptError(
+            f"'corrections' must be a list of objects with 'point' (and 'positive'), got {json.dumps(listed)[:200]}"
+        )
+    if len(listed) > MAX_CORRECTIONS:
+        raise PromptError(
+            f"{len(listed)} corrections; at most {MAX_CORRECTIONS} are taken (each one re-segments its slice and the "
+            "slices beyond it, so the time grows with corrections x slices). Split the editing into several runs"
+        )
+    corrections = []
+    for i, c in enumerate(listed):
+        positive = c.get("positive", True)
+        if not isinstance(positive, bool):
+            raise PromptError(f"correction {i}: 'positive' must be true or false, got {json.dumps(positive)}")
+        z, y, x = voxel(c.get("point"), c.get("slice"), f"correction {i}")
+        corrections.append(Correction(z, y, x, positive))
+
+    kind = spec.get("kind")
+    prompt = None
+    if kind == "point":
+        z, y, x = voxel(spec.get("point"), spec.get("slice"))
+        prompt = Prompt("point", z, point=(y, x))
+    elif kind == "box":
+        box = spec.get("box")
+        if space == "world":
+            if not isinstance(box, list) or len(box) != 2:
+                raise PromptError(f"a world-space box needs two corners [[x, y, z], [x, y, z]], got {box}")
+            (z0, y0, x0), (z1, y1, x1) = voxel(box[0], what="box corner"), voxel(box[1], what="box corner")
+            if z0 != z1:
+                raise PromptError(f"the box corners lie on different slices ({z0}, {z1})")
+        else:
+            _numbers(box, 4, "a voxel-space box [y0, x0, y1, x1]")
+            z0, y0, x0 = voxel(box[:2], spec.get("slice"), "box")
+            _, y1, x1 = voxel(box[2:], spec.get("slice"), "box")
+        prompt = Prompt("box", z0, box=(y0, x0, y1, x1))
+    elif kind == "mask":
+        if mask_prompt is None:
+            raise PromptError("a mask prompt needs the mask file (nnunet_sam_segment_radsam --mask FILE)")
+        if space == "voxel":
+            z = geometry.slice(_slice_index(spec.get("slice"), "the 'slice' of the mask prompt"))
+        else:
+            z = voxel(spec.get("point"))[0]
+        prompt = Prompt("mask", z, mask=mask_prompt[z])
+        if not prompt.mask.any():
+            raise PromptError(f"the mask prompt is empty on slice {spec.get('slice')}: nothing to segment")
+    elif kind is not None:
+        raise PromptError(f"unknown prompt kind '{kind}': use 'point', 'box' or 'mask'")
+    return PromptFile(prompt, boundaries, tuple(corrections))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="RadSAM: segment a 3D structure from one prompt (point, box or mask on one slice, plus the "
+        "boundary slices) with a trained RadSAM model, apply correction clicks, and write the 3D mask with the "
+        "image's geometry. The prompt file format is described in nnunet_sam.inference.radsam.read_prompt_file."
+    )
+    parser.add_argument("-i", nargs="+", required=True, help="image file(s), one per channel (CASE_0000.nii.gz ...)")
+    parser.add_argument("-o", required=True, help="output mask file (same format as the image)")
+    parser.add_argument("-m", required=True, help="model folder (nnUNet_results/DATASET/TRAINER__PLANS__2d)")
+    parser.add_argument("--prompt", required=True, help="prompt file (JSON)")
+    parser.add_argument("--mask", help="3D mask file with the image's geometry, for 'kind': 'mask' prompts")
+    parser.add_argument(
+        "--start", help="start from this 3D label map (e.g. any nnU-Net model's prediction) instead of a prompt"
+    )
+    parser.add_argument("--start-label", type=int, default=1, help="label of the structure in --start (default 1)")
+    parser.add_argument("--label", type=int, default=1, help="value written for the structure (default 1)")
+    parser.add_argument("-f", default="0", help="fold (default 0; or 'all')")
+    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
+    parser.add_argument("-device", default="cpu", choices=["cuda", "cpu", "mps"], help="device (default cpu)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    fold = args.f if args.f == "all" else int(args.f)
+    inputs = [*args.i, args.prompt, *(f for f in (args.mask, args.start) if f)]
+    if any(os.path.realpath(args.o) == os.path.realpath(f) for f in inputs):
+        parser.error(f"the output -o {args.o} is an input of this run; it would be overwritten. Give a new file")
+    if args.label == 0:
+        parser.error("--label 0 is the background: the mask would be empty. Give the structure's label value")
+    try:
+        check_checkpoints(args.m, [fold], args.chk)
+        with open(os.path.join(args.m, "dataset.json"), encoding="utf-8") as f:
+            labels = json.load(f)["labels"]
+    except UnusableArgumentsError as error:
+        parser.error(str(error))
+    classes = sorted(v for v in labels.values() if isinstance(v, int) and not isinstance(v, bool) and v != 0)
+    if args.label not in classes:
+        parser.error(f"--label {args.label} is not a class of the model; its classes are {classes}")
+    try:
+        model = RadSAMModel(args.m, fold, args.chk, args.device)
+        image, properties = model.read(args.i)
+
+        def label_map(path: str, value: int | None) -> np.ndarray:
+            seg = model.reader.read_seg(path)[0]  # (1, Z, Y, X)
+            if seg.shape[1:] != image.shape[1:]:
+                raise PromptError(f"{path} has shape {seg.shape[1:]} but the image has {image.shape[1:]}")
+            return (seg > 0 if value is None else seg == value).astype(np.int16)
+
+        extra = None
+        if args.mask or args.start:
+            extra = label_map(args.mask, None) if args.mask else label_map(args.start, args.start_label)
+        data, seg, properties = model.preprocess(image, properties, extra)
+        geometry = Geometry(properties, data.shape[1:])
+        extra_mask = None if seg is None else seg[0] > 0
+        prompts = read_prompt_file(args.prompt, geometry, extra_mask if args.mask else None)
+        slices = SliceModel(model.network, data, args.device)
+        if args.start:
+            segmentation = from_mask(extra_mask, prompts.boundaries)
+        else:
+            if prompts.prompt is None or prompts.boundaries is None:
+                raise PromptError("the prompt file needs 'kind' (with its coordinates) and 'boundaries'")
+            segmentation = segment_from_prompt(slices, prompts.prompt, prompts.boundaries)
+        segmentation = edit(slices, segmentation, prompts.corrections)
+        result = model.to_original(segmentation.mask, properties) * np.uint8(args.label)
+        write_checked(os.path.basename(args.o), result, model.reader, args.o, properties)
+    except (PromptError, BadCaseError) as error:
+        print(f"ERROR: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.o}: {int(segmentation.mask.sum())} voxels in the model grid, slices {segmentation.boundaries}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,441 @@
+"""Training on several nodes under torchrun (``nnunet_sam_train``) and prediction in parts (``-num_parts``).
+
+The multi-node tests run the README's commands: two torchrun "nodes" on 127.0.0.1 (``--nnodes 2``, c10d
+rendezvous, one gloo process each on the CPU) train the tiny MaskSAM and Self-Prompt-SAM trainers. A test
+trainer records each rank's first step (weights before, its share of the batch, gradients after) and every file
+that rank opens for writing under ``nnUNet_results`` (Python audit hook); the test repeats the step in one process
+on both shares together. Lost ranks: bare process groups (no nnU-Net) where one rank is killed or stopped, and a
+two-node training where one rank is killed and ``--c`` on one node continues from the two-node checkpoint.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
+from sam_testing import dataset_json, minimal_plans, nnunet_env, run_tool
+
+from nnunet_sam.cli import train as train_cli
+from nnunet_sam.demo.phantoms import make_phantom_dataset
+from nnunet_sam.inference.predict import cases_in_folder, cases_of_part
+from nnunet_sam.inference.predict import main as predict_main
+from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
+from nnunet_sam.training.distributed import DistributedSetupError, check_batch_split, rank_device
+
+BIN = Path(sys.executable).parent
+DATASET = 991
+# A lost rank stops the others within this time. Measured on a loaded 2-core machine: bare process groups 3.3 s
+# (killed: the collective fails) and 6.1 s (stopped: 5 s heartbeat limit); training 33 s (30 s heartbeat limit).
+LOST_WITHIN_S = 60
+NNUNET_COPIES = {"plans.json", "dataset.json", "dataset_fingerprint.json"}  # nnU-Net writes these on every rank
+
+TEST_TRAINERS = """
+import os
+import sys
+
+import torch
+
+from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
+from nnunet_sam.trainers.self_prompt_sam import SelfPromptSAMTrainer_tiny
+
+RECORD = os.environ.get("MULTINODE_RECORD")
+RANK = os.environ.get("RANK", "single")
+RESULTS = os.environ.get("nnUNet_results", "\\0")
+WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+if RECORD:
+    LOG = os.open(os.path.join(RECORD, f"writes_{RANK}.txt"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+
+    def _audit(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & WRITING)
+        elif event == "os.rename":  # also os.replace
+            path, writes = args[1], True
+        else:
+            return
+        if writes and isinstance(path, str) and path.startswith(RESULTS):
+            os.write(LOG, (path + "\\n").encode())
+
+    sys.addaudithook(_audit)
+
+
+class Recording:
+    epochs = int(os.environ.get("MULTINODE_EPOCHS", "1"))
+    iterations_per_epoch = 2
+    val_iterations_per_epoch = 1
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.save_every = 1
+        self._recorded = not RECORD
+        if RECORD:
+            with open(os.path.join(RECORD, f"pid_{RANK}"), "w") as f:
+                f.write(f"{os.getpid()} {os.getppid()}")
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        # no test-time mirroring in the final validation: 8 times fewer forward passes on a loaded CPU
+        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None
+
+    def train_step(self, batch):
+        if self._recorded:
+            return super().train_step(batch)
+        net = self._plain_network()
+        before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        result = super().train_step(batch)
+        grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in net.named_parameters()}
+        step = {"state": before, "data": batch["data"], "target": batch["target"], "grads": grads,
+                "epoch": self.current_epoch, "batch_size": self.batch_size}
+        torch.save(step, os.path.join(RECORD, f"step_{RANK}.pt"))
+        self._recorded = True
+        return result
+
+
+class MaskSAMTrainer_tiny_mn(Recording, MaskSAMTrainer_tiny):
+    def _build_loss(self):
+        # the loss samples random pixels, differently in every process: every pixel instead, so that both ranks and
+        # the one-process reference compute one loss (as tests/test_ddp.py)
+        loss = super()._build_loss()
+        loss.point_sampling, loss.num_points = "pixels", 1 << 30
+        return loss
+
+
+class SelfPromptSAMTrainer_tiny_mn(Recording, SelfPromptSAMTrainer_tiny):
+    pass
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- fast checks ------------------------------------------------------------------------------------------------
+def test_world_sizes_that_do_not_divide_the_batch_are_refused(tmp_path, monkeypatch):
+    check_batch_split(4, 2)
+    check_batch_split(4, 4)
+    with pytest.raises(DistributedSetupError, match=r"global batch of 4 .* over 3 processes.*divides 4: 1, 2, 4"):
+        check_batch_split(4, 3)
+    # the trainer applies it where nnU-Net splits the batch (before the first step, also for --c)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    trainer = MaskSAMTrainer_tiny(minimal_plans([2, 32, 32]), "3d_fullres", 0, dataset_json(2), torch.device("cpu"))
+    trainer.is_ddp = True
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 3)
+    with pytest.raises(DistributedSetupError, match="global batch of 2"):
+        trainer._set_batch_size_and_oversample()
+
+
+def test_train_command_refuses_num_gpus_under_torchrun(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["nnunet_sam_train"])
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    assert train_cli.main(["1", "3d_fullres", "0", "-num_gpus", "2", "-device", "cpu"]) == 2
+    assert "--nproc-per-node" in capsys.readouterr().err
+    monkeypatch.delenv("MASTER_PORT")
+    assert train_cli.main(["1", "3d_fullres", "0", "-device", "cpu"]) == 2
+    assert "MASTER_PORT" in capsys.readouterr().err
+
+
+def test_rank_device_on_cpu():
+    assert rank_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_parts_are_nnunets_parts(tmp_path):
+    """Disjoint, together every case, and the same cases as nnUNetv2_predict -num_parts 3 -part_id K."""
+    names = ["liver_7", "a_1", "b_10", "b_2", "case_003", "case_01", "z"]
+    for name in names:
+        for channel in (0, 1):
+            (tmp_path / f"{name}_{channel:04d}.nii.gz").touch()
+    cases, _ = cases_in_folder(str(tmp_path), ".nii.gz")
+    parts = [cases_of_part(cases, 3, k) for k in range(3)]
+    assert sorted(c for part in parts for c in part) == sorted(names)  # disjoint and covering
+    nnunet = get_identifiers_from_splitted_dataset_folder(str(tmp_path), ".nii.gz")
+    for k, part in enumerate(parts):
+        assert list(part) == list(nnunet[k::3])
+        assert all(part[c] == cases[c] for c in part)
+
+
+LOOP = """
+import os, sys, time
+import torch
+import torch.distributed as dist
+from nnunet_sam.training.distributed import RankInfo, run_as_rank
+
+def work():
+    with open(os.environ["PID_FILE"] + os.environ["RANK"], "w") as f:
+        f.write(str(os.getpid()))
+    while True:
+        dist.all_reduce(torch.ones(1))
+        time.sleep(0.05)
+
+sys.exit(run_as_rank(work, RankInfo.from_environ(), "cpu"))
+"""
+
+
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_a_lost_rank_stops_the_others_with_its_name(tmp_path, how):
+    """Killed: rank 0's collective fails at once. Stopped (SIGSTOP: alive, silent): its heartbeat stops."""
+    port = _free_port()
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env.update(PID_FILE=str(tmp_path / "pid"), OMP_NUM_THREADS="1", nnUNet_SAM_dist_lost_after="5")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOOP],
+            env={**env, "RANK": str(r), "LOCAL_RANK": "0"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "pid1").is_file() or not (tmp_path / "pid0").is_file():
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "the ranks did not start"
+            time.sleep(0.2)
+        time.sleep(2)  # a few collectives and heartbeats
+        lost = int((tmp_path / "pid1").read_text())
+        os.kill(lost, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        start = time.time()
+        output, _ = procs[0].communicate(timeout=LOST_WITHIN_S)
+        elapsed = time.time() - start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    print(f"{how}: rank 0 stopped {elapsed:.1f} s after rank 1 was {how}")
+    assert procs[0].returncode == 1, output
+    assert "training stopped on rank 0" in output and "rank 1 (" in output, output
+    assert "rank 1 (" in output and "was lost: no heartbeat" in output, output
+    if how == "stopped":  # only the heartbeat shows it
+        assert "no heartbeat for 5 s" in output, output
+
+
+# ---- two torchrun nodes train (slow) ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("multinode")
+    (root / "user_trainers").mkdir()
+    (root / "user_trainers" / "multinode_trainers.py").write_text(TEST_TRAINERS)
+    # 5 training cases: one validation case per fold; 32 px in-plane: one tiny-SAM window
+    make_phantom_dataset(
+        root / "raw", dataset_id=DATASET, num_train=5, num_test=7, shape=(16, 32, 32), num_organs=2, seed=1
+    )
+    run_tool(
+        [str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET), "-c", "3d_fullres", "-np", "1"],
+        nnunet_env(root),
+    )
+    return root
+
+
+def _node_command(port: int, nnodes: int, trainer: str, *extra: str) -> list[str]:
+    """The README's torchrun command, on 127.0.0.1 with one CPU process per node."""
+    return [
+        str(BIN / "torchrun"),
+        "--nnodes",
+        str(nnodes),
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "nnunet_sam",
+        "-m",
+        "nnunet_sam.cli.train",
+        str(DATASET),
+        "3d_fullres",
+        "0",
+        "-tr",
+        trainer,
+        "-device",
+        "cpu",
+        *extra,
+    ]
+
+
+def _start_two_nodes(root: Path, trainer: str, record: Path, epochs: int) -> list[subprocess.Popen]:
+    """Node 0 first, so that its torchrun holds the rendezvous store; then node 1."""
+    record.mkdir()
+    port = _free_port()
+    env = nnunet_env(root, MULTINODE_RECORD=str(record), MULTINODE_EPOCHS=str(epochs), OMP_NUM_THREADS="1")
+    env["nnUNet_SAM_dist_lost_after"] = "30"
+    nodes = []
+    for node_rank in range(2):
+        log = open(record / f"node{node_rank}.log", "w")  # noqa: SIM115 (closed by _finish)
+        nodes.append(
+            subprocess.Popen(
+                _node_command(port, 2, trainer), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
+        deadline = time.time() + 120
+        while node_rank == 0 and time.time() < deadline:  # wait until node 0 listens
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+    return nodes
+
+
+def _finish(nodes: list[subprocess.Popen], record: Path, timeout: float = 1800) -> list[str]:
+    try:
+        for node in nodes:
+            node.wait(timeout=timeout)
+    finally:
+        for node in nodes:  # the node's whole session: torchrun, its ranks and their augmentation workers, which a
+            try:  # killed rank would leave orphaned
+                os.killpg(node.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            node.wait()
+    return [(record / f"node{i}.log").read_text(errors="replace") for i in range(2)]
+
+
+def _reference_gradients(root: Path, trainer_name: str, record: Path) -> tuple[dict, dict]:
+    """Both ranks' recorded first step, and the trainer's own train_step in this process on both shares at once."""
+    steps = [torch.load(record / f"step_{r}.pt", weights_only=False) for r in range(2)]  # our own test output
+    folder = root / "results" / f"Dataset{DATASET}_Phantom" / f"{trainer_name}__nnUNetPlans__3d_fullres"
+    env = nnunet_env(root / "reference", nnUNet_preprocessed=str(root / "preprocessed"))
+    saved = {k: os.environ.get(k) for k in env}
+    threads = torch.get_num_threads()
+    os.environ.update(env)
+    torch.set_num_threads(multiprocessing.cpu_count())  # as nnUNetv2_train -device cpu in the workers
+    sys.path.insert(0, str(root / "user_trainers"))
+    try:
+        import multinode_trainers  # noqa: PLC0415 (the test trainers, written by the workspace fixture)
+
+        plans = load_json(folder / "plans.json")
+        plans["continue_training"] = False
+        trainer = getattr(multinode_trainers, trainer_name)(
+            plans, "3d_fullres", 0, load_json(folder / "dataset.json"), torch.device("cpu")
+        )
+        trainer.initialize()
+        trainer._plain_network().load_state_dict(steps[0]["state"])
+        trainer.current_epoch = steps[0]["epoch"]
+        trainer.on_train_epoch_start()
+        trainer._recorded = True
+        batch = {k: torch.cat([steps[0][k], steps[1][k]]) for k in ("data", "target")}
+        trainer.train_step(batch)
+        reference = {n: None if p.grad is None else p.grad for n, p in trainer._plain_network().named_parameters()}
+    finally:
+        sys.path.pop(0)
+        torch.set_num_threads(threads)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return steps, reference
+
+
+def _check_gradients(root: Path, trainer_name: str, record: Path) -> None:
+    steps, reference = _reference_gradients(root, trainer_name, record)
+    global_batch = load_json(root / "preprocessed" / f"Dataset{DATASET}_Phantom" / "nnUNetPlans.json")
+    global_batch = global_batch["configurations"]["3d_fullres"]["batch_size"]
+    for step in steps:  # nnU-Net's split of the global batch
+        assert step["batch_size"] == global_batch // 2 == step["data"].shape[0]
+    assert any(g is not None for g in reference.values())
+    for name, ref in reference.items():
+        g0, g1 = steps[0]["grads"][name], steps[1]["grads"][name]
+        assert (g0 is None) == (g1 is None) == (ref is None), name
+        if ref is None:
+            continue
+        assert torch.equal(g0, g1), f"ranks disagree on {name}"
+        atol = max(1e-6, 1e-4 * float(ref.abs().max()))  # as tests/test_ddp.py: 2 x 1 vs 2 samples summed
+        torch.testing.assert_close(g0, ref, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _check_writers(root: Path, record: Path) -> None:
+    """Checkpoints, logs and progress.png come from rank 0 only; rank 1 writes nnU-Net's metadata copies only."""
+    written = [{Path(p).name for p in (record / f"writes_{r}.txt").read_text().split()} for r in range(2)]
+    assert written[1] <= NNUNET_COPIES, f"rank 1 wrote {sorted(written[1] - NNUNET_COPIES)}"
+    assert "progress.png" in written[0] and any(n.startswith("training_log_") for n in written[0])
+    assert any(n.startswith("checkpoint_") and n.endswith(".pth") for n in written[0]), sorted(written[0])
+
+
+@pytest.mark.slow
+def test_two_nodes_self_prompt_sam_then_prediction_in_parts(workspace, monkeypatch):
+    trainer = "SelfPromptSAMTrainer_tiny_mn"
+    record = workspace / "record_self_prompt"
+    nodes = _start_two_nodes(workspace, trainer, record, epochs=1)
+    logs = _finish(nodes, record)
+    assert all(node.returncode == 0 for node in nodes), logs[0][-3000:] + logs[1][-3000:]
+    assert any("Training done." in log for log in logs)
+    _check_gradients(workspace, trainer, record)
+    _check_writers(workspace, record)
+    model = workspace / "results" / f"Dataset{DATASET}_Phantom" / f"{trainer}__nnUNetPlans__3d_fullres"
+    assert (model / "fold_0" / "checkpoint_final.pth").is_file()
+
+    # -num_parts 3 over 7 cases: disjoint, covering, outputs equal to one run over all cases
+    images = workspace / "raw" / f"Dataset{DATASET}_Phantom" / "imagesTs"
+    found = os.environ.get("nnUNet_extTrainer", "")  # nnU-Net looks up the test trainer by name
+    monkeypatch.setenv("nnUNet_extTrainer", os.pathsep.join([str(workspace / "user_trainers"), found]))
+    common = ["-i", str(images), "-m", str(model), "-f", "0", "-device", "cpu", "--disable_tta"]
+    assert predict_main([*common, "-o", str(workspace / "whole")]) == 0
+    for k in range(3):
+        assert predict_main([*common, "-o", str(workspace / f"part{k}"), "-num_parts", "3", "-part_id", str(k)]) == 0
+    parts = [sorted(f.name for f in (workspace / f"part{k}").glob("*.nii.gz")) for k in range(3)]
+    whole = sorted(f.name for f in (workspace / "whole").glob("*.nii.gz"))
+    assert len(whole) == 7 and sorted(sum(parts, [])) == whole and all(parts)
+    for k, names in enumerate(parts):
+        for name in names:
+            a = sitk.GetArrayFromImage(sitk.ReadImage(str(workspace / f"part{k}" / name)))
+            np.testing.assert_array_equal(a, sitk.GetArrayFromImage(sitk.ReadImage(str(workspace / "whole" / name))))
+
+
+@pytest.mark.slow
+def test_two_nodes_masksam_lose_a_node_and_continue_on_one(workspace):
+    trainer = "MaskSAMTrainer_tiny_mn"
+    record = workspace / "record_masksam"
+    fold = workspace / "results" / f"Dataset{DATASET}_Phantom" / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+    nodes = _start_two_nodes(workspace, trainer, record, epochs=4)
+    try:
+        latest = fold / "checkpoint_latest.pth"
+        deadline = time.time() + 1800
+        while not latest.is_file() and time.time() < deadline and all(n.poll() is None for n in nodes):
+            time.sleep(0.5)
+        assert all(n.poll() is None for n in nodes), "a node ended before the first checkpoint"
+        # the rank on node 1 (its worker's parent is node 1's torchrun)
+        pids = {r: (record / f"pid_{r}").read_text().split() for r in range(2)}
+        lost = next(r for r, (pid, parent) in pids.items() if int(parent) == nodes[1].pid)
+        os.kill(int(pids[lost][0]), signal.SIGKILL)
+        killed_at = time.time()
+        nodes[0].wait(timeout=LOST_WITHIN_S)
+        elapsed = time.time() - killed_at
+    finally:
+        logs = _finish(nodes, record, timeout=60)
+    print(f"node 0 stopped {elapsed:.1f} s after rank {lost} was killed")
+    assert nodes[0].returncode != 0
+    assert f"rank {lost} (" in logs[0] and "was lost: no heartbeat" in logs[0], logs[0][-3000:]
+    assert not (fold / "checkpoint_final.pth").exists()
+    _check_gradients(workspace, trainer, record)
+    _check_writers(workspace, record)
+
+    # --c on one node continues from the two-node checkpoint
+    saved_epoch = torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"]
+    port = _free_port()
+    env = nnunet_env(workspace, MULTINODE_EPOCHS="4", OMP_NUM_THREADS="1")
+    run_tool(_node_command(port, 1, trainer, "--c"), env)
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 4
+    resumed = sorted(fold.glob("training_log_*.txt"))[-1].read_text()
+    assert re.search(rf"Epoch {saved_epoch}\s*$", resumed, re.M), "--c did not resume at the saved epoch"
+    assert not re.search(r"Epoch 0\s*$", resumed, re.M), "--c started from scratch"
