@@ -197,6 +197,25 @@ def remove_stale_partial_files(folder: str | os.PathLike) -> list[Path]:
 
 # ---- one training per fold folder ------------------------------------------------------------------------------
 LOCK_FILE = ".nnunet_sam_training.lock"
+_HELD_LOCKS: list[TextIO] = []
+
+
+def _drop_locks_in_child() -> None:
+    """Close, in a process just forked (nnU-Net's data-augmentation workers), the lock files its parent holds.
+
+    An flock belongs to the open file, which a fork shares: a worker left behind when its training is killed (under
+    torchrun each rank leads its own session, so killing the node's session misses the rank's workers, which then
+    wait forever on their queue) would hold the lock, and ``--c`` would be refused naming a dead PID. Closing the
+    child's copy leaves the parent's lock as it is.
+    """
+    for handle in _HELD_LOCKS:
+        if not handle.closed:
+            handle.close()
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 def lock_folder(folder: str | os.PathLike, what: str = "training") -> TextIO:
@@ -221,6 +240,7 @@ def lock_folder(folder: str | os.PathLike, what: str = "training") -> TextIO:
     handle.truncate()
     handle.write(f"PID {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv)})\n")
     handle.flush()
+    _HELD_LOCKS[:] = [h for h in _HELD_LOCKS if not h.closed] + [handle]
     return handle
 
 

@@ -300,11 +300,15 @@ def _finish(nodes: list[subprocess.Popen], record: Path, timeout: float = 1800) 
         for node in nodes:
             node.wait(timeout=timeout)
     finally:
-        for node in nodes:  # the node's whole session: torchrun, its ranks and their augmentation workers, which a
-            try:  # killed rank would leave orphaned
-                os.killpg(node.pid, signal.SIGKILL)
-            except ProcessLookupError:
+        # the node's session (torchrun) and each rank's session (torchrun starts every rank as a session leader):
+        # the rank and its augmentation workers, which a killed rank leaves orphaned
+        ranks = [int(f.read_text().split()[0]) for f in record.glob("pid_*")]
+        for group in [node.pid for node in nodes] + ranks:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
                 pass
+        for node in nodes:
             node.wait()
     return [(record / f"node{i}.log").read_text(errors="replace") for i in range(2)]
 

@@ -376,6 +376,42 @@ def test_second_training_of_the_same_fold_is_refused_naming_the_first(tmp_path, 
     fault_tolerance.lock_folder(first.output_folder).close()
 
 
+_HOLD_LOCK_AND_FORK = """
+import os, sys, time
+from nnunet_sam.fault_tolerance import lock_folder
+handle = lock_folder(sys.argv[1])
+child = os.fork()  # as nnU-Net's data-augmentation workers
+if child == 0:
+    time.sleep(600)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_forked_worker_left_behind_does_not_keep_the_fold_locked(tmp_path):
+    """A training killed by SIGKILL can leave its forked workers running (under torchrun they are outside the node's
+    session); they must not hold the fold lock, or ``--c`` would be refused naming a dead PID."""
+    folder = tmp_path / "fold_0"
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK_AND_FORK, str(folder)], stdout=subprocess.PIPE, text=True, env=_quiet_env()
+    )
+    worker = None
+    try:
+        worker = int(trainer.stdout.readline())
+        with pytest.raises(fault_tolerance.FolderBusyError, match=rf"PID {trainer.pid} since"):
+            fault_tolerance.lock_folder(folder)  # the training itself still holds it
+        trainer.kill()
+        trainer.wait()
+        assert fault_tolerance._process_alive(worker)
+        fault_tolerance.lock_folder(folder).close()  # the worker left behind does not
+    finally:
+        trainer.kill()
+        trainer.wait()
+        if worker is not None:
+            os.kill(worker, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
 def test_continue_from_a_damaged_checkpoint_falls_back_to_an_intact_one(tmp_path, monkeypatch, damage):
     """Issue 17 item 12: --c with a 0-byte or truncated checkpoint_latest.pth continues from checkpoint_best.pth."""
