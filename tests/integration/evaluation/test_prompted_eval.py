@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import SimpleITK as sitk
+from prompted_testing import SHAPE, _predictor, _write_case
 from scipy import ndimage
-from test_predict_prompted import SHAPE, _predictor, _write_case
 
 import nnunet_sam.inference.prompted as predict_prompted
 from nnunet_sam.evaluation.prompted import click_region, main, run_prompted_evaluation, simulate_clicks

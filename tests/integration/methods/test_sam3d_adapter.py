@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from install_testing import _clean_env, _find_code, _run
 from sam_testing import dataset_json, minimal_plans, nnunet_env, run_tool
 from segment_anything.modeling.image_encoder import get_rel_pos
-from test_install import _clean_env, _find_code, _run
 
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone
 from nnunet_sam.blocks.volumetric_encoder import (

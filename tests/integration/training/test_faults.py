@@ -378,7 +378,7 @@ def test_second_training_of_the_same_fold_is_refused_naming_the_first(tmp_path, 
 
 _HOLD_LOCK_AND_FORK = """
 import os, sys, time
-from nnunet_sam.fault_tolerance import lock_folder
+from nnunet_sam.training.fault_tolerance import lock_folder
 handle = lock_folder(sys.argv[1])
 child = os.fork()  # as nnU-Net's data-augmentation workers
 if child == 0:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nnunet_sam.demo import phantoms
 from nnunet_sam.demo.phantoms import (
     MAX_ORGANS,
     MIN_SHAPE,
@@ -21,7 +22,6 @@ from nnunet_sam.demo.phantoms import (
     make_phantom_dataset,
     phantom_origin,
 )
-from nnunet_sam.demo.pipeline import phantoms
 
 SMALL = {"num_train": 2, "num_test": 1, "shape": (16, 48, 48)}
 
