@@ -14,6 +14,10 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from nnunet_sam.cli import conventions
+
+COMMAND = "nnunet_sam_serve"
+
 API_KEY_VARIABLE = "NNUNET_SAM_SERVE_API_KEY"
 
 
@@ -73,8 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.step_size, not args.disable_tta,
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return conventions.error(COMMAND, error)
     gc.freeze()  # the model lives until exit: keep its many objects out of every collection, the last one included
     app = make_app(
         model,

@@ -17,7 +17,10 @@ from collections.abc import Sequence
 
 from nnunetv2.run.run_training import run_training_entry
 
+from nnunet_sam.cli import conventions
 from nnunet_sam.training.distributed import DistributedSetupError, RankInfo, run_as_rank
+
+COMMAND = "nnunet_sam_train"
 
 
 def _launch_options(argv: Sequence[str]) -> argparse.Namespace:
@@ -34,19 +37,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         info = RankInfo.from_environ()
     except DistributedSetupError as error:
-        print(f"nnunet_sam_train: {error}", file=sys.stderr)
-        return 2
+        return conventions.error(COMMAND, error)
     if info is None:
         run_training_entry()
         return 0
     options = _launch_options(argv)
     if options.num_gpus != 1:
-        print(
-            f"nnunet_sam_train: -num_gpus {options.num_gpus} starts processes of its own; under torchrun, choose "
-            "the processes per node with torchrun's --nproc-per-node instead",
-            file=sys.stderr,
+        return conventions.error(
+            COMMAND,
+            f"-num_gpus {options.num_gpus} starts processes of its own; under torchrun, choose the processes per "
+            "node with torchrun's --nproc-per-node instead",
         )
-        return 2
     return run_as_rank(run_training_entry, info, options.device)
 
 

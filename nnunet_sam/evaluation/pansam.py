@@ -36,14 +36,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nnunet_sam.cli import conventions
 from nnunet_sam.evaluation.metrics import dice, jaccard, precision, recall
+
+COMMAND = "nnunet_sam_evaluate_pansam"
 
 ROWS: dict[str, tuple[str, str, str]] = {  # row -> (network output, points from, the paper's name)
     "stage1": ("coarse", "generator", "fine-tuned SAM"),
@@ -284,8 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dict(args.target_label),
         )
     except DatasetLabelError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return conventions.error(COMMAND, error)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pansam_eval.json").write_text(json.dumps(report, indent=2))

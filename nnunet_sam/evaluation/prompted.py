@@ -33,8 +33,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from nnunet_sam.cli import conventions
 from nnunet_sam.evaluation.folders import EvaluationError, read_dataset_json, run_evaluation
 from nnunet_sam.evaluation.metrics import DEFAULT_NSD_TOLERANCE_MM
+
+COMMAND = "nnunet_sam_evaluate_prompted"
 
 POSITIONS = ("centre", "surrounding", "margin")
 NUM_POINTS = (1, 3, 10)
@@ -201,8 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             whole_volume=args.whole_volume,
         )
     except (EvaluationError, UnusableInputError) as error:
-        print(f"nnunet_sam_evaluate_prompted: error: {error}", file=sys.stderr)
-        return 1
+        return conventions.error(COMMAND, error)
     print((Path(args.o) / "tables.md").read_text())
     return 0
 

@@ -32,6 +32,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 
+from nnunet_sam.cli import conventions
 from nnunet_sam.file_checks import DamagedFileError, load_nifti
 from nnunet_sam.training.fault_tolerance import (
     DISK_FULL_ERRNOS,
@@ -40,6 +41,8 @@ from nnunet_sam.training.fault_tolerance import (
     staged_file,
     write_text_file,
 )
+
+COMMAND = "nnunet_sam_predict"
 
 NON_FINITE = "non-finite voxels (NaN or inf)"
 NON_FINITE_ADVICE = (
@@ -492,19 +495,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         failures = predict_cases(predictor, cases, args.o, args.save_probabilities, not args.continue_prediction)
     except OSError as error:  # dataset.json / plans.json of the output folder
-        print(f"error: cannot write into {args.o}: {_describe(error)}; nothing was predicted", file=sys.stderr)
-        return 2
+        return conventions.error(COMMAND, f"cannot write into {args.o}: {_describe(error)}; nothing was predicted")
     print(f"{len(cases) - len(failures)} of {len(cases)} case(s){part} predicted into {args.o}")
     for name in misnamed if args.part_id == 0 else []:  # in no part: part 0 reports them
         failures[name] = f"{name}: not named CASE_XXXX{ending} (XXXX = channel number, e.g. _0000); not predicted"
     for name in other_format_files(args.i, ending) if args.part_id == 0 else []:
         failures[name] = f"{name}: not a {ending} file, the format of this model's data; not predicted (convert it)"
-    if failures:
-        print(f"{len(failures)} case(s){part} failed:", file=sys.stderr)
-        for message in failures.values():
-            print(f"  {message}", file=sys.stderr)
-        return 1
-    return 0
+    return conventions.failed_cases(COMMAND, failures, f"case(s){part}")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
+from nnunet_sam.cli import conventions
 from nnunet_sam.inference import geometry
 from nnunet_sam.inference.geometry import to_preprocessed
 from nnunet_sam.inference.predict import (
@@ -61,6 +62,8 @@ from nnunet_sam.inference.predict import (
     model_folder_and_folds,
     predict_cases,
 )
+
+COMMAND = "nnunet_sam_predict_prompted"
 
 COORDINATES = ("voxel", "world")
 OUTSIDE_CROP_LOGIT = -1e4  # foreground logits outside the crop of the clicks: background there
@@ -357,15 +360,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         failures = predict_prompted(predictor, args.i, args.points, args.o, args.save_probabilities)
     except (UnusableInputError, UnusableArgumentsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return conventions.error(COMMAND, error)
     if failures:
-        print(f"{len(failures)} case(s) failed:", file=sys.stderr)
-        for message in failures.values():
-            print(f"  {message}", file=sys.stderr)
-        return 1
+        return conventions.failed_cases(COMMAND, failures)
     print(f"every case predicted into {args.o}")
-    return 0
+    return conventions.DONE
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+from nnunet_sam.cli import conventions
 from nnunet_sam.inference import geometry
 from nnunet_sam.inference.predict import (
     BadCaseError,
@@ -48,6 +49,8 @@ from nnunet_sam.inference.predict import (
     write_checked,
 )
 from nnunet_sam.prompting.radsam_prompts import Prompts
+
+COMMAND = "nnunet_sam_segment_radsam"
 
 PromptKind = Literal["point", "box", "mask"]
 
@@ -577,8 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = model.to_original(segmentation.mask, properties) * np.uint8(args.label)
         write_checked(os.path.basename(args.o), result, model.reader, args.o, properties)
     except (PromptError, BadCaseError) as error:
-        print(f"ERROR: {error}", file=sys.stderr)
-        return 1
+        return conventions.error(COMMAND, error)
     print(f"wrote {args.o}: {int(segmentation.mask.sum())} voxels in the model grid, slices {segmentation.boundaries}")
     return 0
 

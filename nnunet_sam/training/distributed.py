@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nnunet_sam.cli import conventions
+
 TIMEOUT_ENV = "nnUNet_SAM_dist_timeout"
 LOST_AFTER_ENV = "nnUNet_SAM_dist_lost_after"
 DEFAULT_TIMEOUT_S = 1800.0  # a collective may wait this long (rank 0 alone unpacks data, computes metrics, ...)
@@ -261,11 +263,11 @@ class RankMonitor:
 def stop_message(rank: int, reason: str) -> None:
     """Print why this rank stops (stderr, flushed: the caller may end the process with ``os._exit``)."""
     sys.stdout.flush()
-    print(
-        f"nnunet_sam: training stopped on rank {rank}: {reason}. Continue with --c on the nodes left "
-        "(any number of processes that divides the batch size).",
-        file=sys.stderr,
-        flush=True,
+    conventions.error(
+        "nnunet_sam_train",
+        f"training stopped on rank {rank}: {reason}. Continue with --c on the nodes left (any number of processes "
+        "that divides the batch size).",
+        conventions.FAILED,
     )
 
 
@@ -301,14 +303,12 @@ def run_as_rank(work: Callable[[], object], info: RankInfo, device_type: str) ->
     try:
         monitor = start(info, device_type)
     except DistributedSetupError as error:
-        print(f"nnunet_sam: {error}", file=sys.stderr)
-        return 2
+        return conventions.error("nnunet_sam_train", error)
     try:
         work()
     except DistributedSetupError as error:  # every rank finds the same, before the first training step
         monitor.report_failure(error)
-        print(f"nnunet_sam: {error}", file=sys.stderr)
-        return 2
+        return conventions.error("nnunet_sam_train", error)
     except BaseException as error:
         reason = monitor.explain()
         if reason is not None:  # another rank failed or was lost: that is the cause, not this rank's error

@@ -170,7 +170,7 @@ def test_missing_prediction_is_an_error_naming_the_case(folders, capsys):
         "-o",
         str(out),
     ]
-    assert main(argv) == 1
+    assert main(argv) == 2  # unusable inputs: nothing evaluated
     assert "case_B" in capsys.readouterr().err
     assert not (out / "evaluation.json").exists()
     # several runs: checked before the first run is evaluated; nothing is written

@@ -81,5 +81,5 @@ def test_simulate_predict_evaluate(tmp_path, monkeypatch):
 
 
 def test_command_reports_a_missing_model(tmp_path, capsys):
-    assert main(["-m", str(tmp_path / "no_model"), "-i", "x", "-ref", "y", "-o", str(tmp_path / "o")]) == 1
+    assert main(["-m", str(tmp_path / "no_model"), "-i", "x", "-ref", "y", "-o", str(tmp_path / "o")]) == 2
     assert "no_model is not an nnU-Net model folder (no dataset.json)" in capsys.readouterr().err
