@@ -20,6 +20,7 @@ import torch.distributed as dist
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
 from torch._dynamo import OptimizedModule
@@ -55,7 +56,8 @@ AUTOCAST_ENV = "nnUNet_SAM_autocast"
 
 
 class UnsupportedDatasetError(ValueError):
-    """The dataset uses a label feature that the SAM trainers do not support yet."""
+    """The dataset or configuration is one the trainer cannot train (a label feature not supported yet, a 2D/3D
+    configuration the method does not have, several structures for a one-structure method)."""
 
 
 def wrap_ddp(network: nn.Module, device: torch.device) -> DistributedDataParallel:
@@ -106,6 +108,21 @@ class SAMTrainer(nnUNetTrainer):
     block_checkpointing: bool | None = None
     autocast: bool | None = None
 
+    @classmethod
+    def check_dataset(cls, plans_manager: PlansManager, configuration: str, label_manager: LabelManager) -> None:
+        """Refuse, before nnU-Net creates any folder, a dataset or configuration the method cannot train
+        (:class:`UnsupportedDatasetError` naming the problem and the fix). Methods extend it."""
+        if label_manager.has_regions:
+            raise UnsupportedDatasetError(
+                f"{cls.__name__} does not support region-based training (dataset.json labels with lists "
+                "of label values) yet. Use one integer per label in dataset.json."
+            )
+        if label_manager.has_ignore_label:
+            raise UnsupportedDatasetError(
+                f"{cls.__name__} does not support an ignore label yet (dataset.json label 'ignore'). "
+                "Remove it from dataset.json, or train a stock nnU-Net trainer on this dataset."
+            )
+
     def __init__(
         self,
         plans: dict,
@@ -115,17 +132,9 @@ class SAMTrainer(nnUNetTrainer):
         device: torch.device = torch.device("cuda"),
     ) -> None:
         # Everything that can fail is checked before nnU-Net creates the output folder.
-        label_manager = PlansManager(plans).get_label_manager(dataset_json)
-        if label_manager.has_regions:
-            raise UnsupportedDatasetError(
-                f"{type(self).__name__} does not support region-based training (dataset.json labels with lists "
-                "of label values) yet. Use one integer per label in dataset.json."
-            )
-        if label_manager.has_ignore_label:
-            raise UnsupportedDatasetError(
-                f"{type(self).__name__} does not support an ignore label yet (dataset.json label 'ignore'). "
-                "Remove it from dataset.json, or train a stock nnU-Net trainer on this dataset."
-            )
+        plans_manager = PlansManager(plans)
+        label_manager = plans_manager.get_label_manager(dataset_json)
+        self.check_dataset(plans_manager, configuration, label_manager)
         spec = get_backbone(self.backbone)
         plans = copy.deepcopy(plans)
         config = plans["configurations"][configuration]

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 from torch.optim.lr_scheduler import _LRScheduler
@@ -75,6 +76,28 @@ class PanSAMTrainer(SAMTrainer):
     stage_fractions: tuple[float, float, float] = (0.4, 0.4, 0.2)
     dice_weight: float = 0.05
 
+    @classmethod
+    def check_dataset(cls, plans_manager: PlansManager, configuration: str, label_manager: LabelManager) -> None:
+        """A 3D configuration, and one structure (or ``target_label`` naming one)."""
+        super().check_dataset(plans_manager, configuration, label_manager)
+        if len(plans_manager.get_configuration(configuration).patch_size) != 3:
+            raise UnsupportedDatasetError(
+                f"{cls.__name__} needs a 3D configuration (3d_fullres): its 3D aggregator combines the "
+                f"scores of neighbouring slices, which a '{configuration}' patch does not contain. SAM still sees "
+                "every slice on its own. Train with: nnUNetv2_train DATASET 3d_fullres FOLD -tr " + cls.__name__
+            )
+        foreground = list(label_manager.foreground_labels)
+        if cls.target_label is None and len(foreground) != 1:
+            raise UnsupportedDatasetError(
+                f"{cls.__name__} segments one structure, but dataset.json has {len(foreground)} foreground "
+                f"labels {foreground}. Subclass the trainer with `target_label = <label>` (one model per "
+                "structure); the other labels then count as background."
+            )
+        if cls.target_label is not None and cls.target_label not in foreground:
+            raise UnsupportedDatasetError(
+                f"target_label {cls.target_label} is not a foreground label of this dataset ({foreground})."
+            )
+
     def __init__(
         self,
         plans: dict,
@@ -83,24 +106,6 @@ class PanSAMTrainer(SAMTrainer):
         dataset_json: dict,
         device: torch.device = torch.device("cuda"),
     ) -> None:
-        plans_manager = PlansManager(plans)
-        if len(plans_manager.get_configuration(configuration).patch_size) != 3:
-            raise UnsupportedDatasetError(
-                f"{type(self).__name__} needs a 3D configuration (3d_fullres): its 3D aggregator combines the "
-                f"scores of neighbouring slices, which a '{configuration}' patch does not contain. SAM still sees "
-                "every slice on its own. Train with: nnUNetv2_train DATASET 3d_fullres FOLD -tr " + type(self).__name__
-            )
-        foreground = list(plans_manager.get_label_manager(dataset_json).foreground_labels)
-        if self.target_label is None and len(foreground) != 1:
-            raise UnsupportedDatasetError(
-                f"{type(self).__name__} segments one structure, but dataset.json has {len(foreground)} foreground "
-                f"labels {foreground}. Subclass the trainer with `target_label = <label>` (one model per "
-                "structure); the other labels then count as background."
-            )
-        if self.target_label is not None and self.target_label not in foreground:
-            raise UnsupportedDatasetError(
-                f"target_label {self.target_label} is not a foreground label of this dataset ({foreground})."
-            )
         super().__init__(plans, configuration, fold, dataset_json, device)
         self._stage: int | None = None
         self.print_to_log_file(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
@@ -31,7 +32,16 @@ from nnunet_sam.prompting.radsam_prompts import (
     pick_structures,
     structure_masks,
 )
-from nnunet_sam.trainers.base import CPUDemo, LiteMedSAM, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
+from nnunet_sam.trainers.base import (
+    CPUDemo,
+    LiteMedSAM,
+    MedSAM,
+    SAMTrainer,
+    Tiny,
+    UnsupportedDatasetError,
+    ViTH,
+    ViTL,
+)
 
 
 class RadSAMTrainer(SAMTrainer):
@@ -51,21 +61,15 @@ class RadSAMTrainer(SAMTrainer):
     # (the paper varies the window as augmentation; it gives no range). 0 turns it off.
     hu_window_jitter: float = 0.1
 
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ) -> None:
-        planned = PlansManager(plans).get_configuration(configuration).patch_size
-        if len(planned) != 2:
-            raise ValueError(
-                f"{type(self).__name__} is a 2D promptable model: train nnU-Net's 2d configuration "
-                f"(nnUNetv2_train DATASET 2d FOLD -tr {type(self).__name__}), not '{configuration}'."
+    @classmethod
+    def check_dataset(cls, plans_manager: PlansManager, configuration: str, label_manager: LabelManager) -> None:
+        """A 2D configuration."""
+        super().check_dataset(plans_manager, configuration, label_manager)
+        if len(plans_manager.get_configuration(configuration).patch_size) != 2:
+            raise UnsupportedDatasetError(
+                f"{cls.__name__} is a 2D promptable model: train nnU-Net's 2d configuration "
+                f"(nnUNetv2_train DATASET 2d FOLD -tr {cls.__name__}), not '{configuration}'."
             )
-        super().__init__(plans, configuration, fold, dataset_json, device)
 
     @classmethod
     def configure_from_plans(
