@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from nnunet_sam.cli import conventions
 from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
     NIFTI,
@@ -31,6 +33,8 @@ from nnunet_sam.dataset_conversion.common import (
     write_dataset_json,
     write_record,
 )
+
+COMMAND = "nnunet_sam_convert_abdomenct1k"
 
 LABELS = {"background": 0, "liver": 1, "kidney": 2, "spleen": 3, "pancreas": 4}
 
@@ -90,7 +94,7 @@ def convert_abdomenct1k(
     return folder.parent / dataset_folder_name(dataset_id, name)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Convert AbdomenCT-1K (Case_XXXXX_0000.nii.gz images, Case_XXXXX.nii.gz masks: 1 liver, "
         "2 kidney, 3 spleen, 4 pancreas) into an nnU-Net raw dataset whose cases are all test cases "
@@ -108,9 +112,10 @@ def main(argv: list[str] | None = None) -> None:
             args.images, args.labels, args.dataset_id, args.name, args.skip_unlabelled, args.tolerance
         )
     except ConversionError as e:
-        raise SystemExit(f"error: {e}") from None
+        return conventions.error(COMMAND, e)
     print(f"wrote {out}")
+    return conventions.DONE
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,12 +22,14 @@ The conversion record keeps, for every case, the patient and whether the frame i
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from nnunetv2.dataset_conversion.Dataset027_ACDC import copy_files, create_ACDC_split
 
+from nnunet_sam.cli import conventions
 from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
     NIFTI,
@@ -41,6 +43,8 @@ from nnunet_sam.dataset_conversion.common import (
     write_record,
     write_splits,
 )
+
+COMMAND = "nnunet_sam_convert_acdc"
 
 ACDC_LABELS = {"background": 0, "RV": 1, "MLV": 2, "LVC": 3}  # names as in nnU-Net's Dataset027
 PAPER_COUNTS = (14, 2, 4)  # train / val / test patients per pathology group (5 groups of 20)
@@ -168,7 +172,7 @@ def convert_acdc(
     return folder.parent / dataset_folder_name(dataset_id, name)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Convert the ACDC download (training/, testing/ patient folders) with nnU-Net's Dataset027 "
         "converter. --protocol paper: 70/10/20 patients of the training set (stratified by pathology group, "
@@ -185,9 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out = convert_acdc(args.input, args.dataset_id, args.protocol, args.seed, args.name, args.tolerance)
     except ConversionError as e:
-        raise SystemExit(f"error: {e}") from None
+        return conventions.error(COMMAND, e)
     print(f"wrote {out}")
+    return conventions.DONE
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

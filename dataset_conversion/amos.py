@@ -17,9 +17,11 @@ import argparse
 import importlib
 import json
 import os
+import sys
 from pathlib import Path
 from unittest import mock
 
+from nnunet_sam.cli import conventions
 from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
     NIFTI,
@@ -31,6 +33,8 @@ from nnunet_sam.dataset_conversion.common import (
     write_record,
     write_splits,
 )
+
+COMMAND = "nnunet_sam_convert_amos"
 
 NNUNET_CONVERTERS = {
     1: ("nnunetv2.dataset_conversion.Dataset218_Amos2022_task1", "convert_amos_task1"),
@@ -98,7 +102,7 @@ def convert_amos(
     return folder.parent / dataset_folder_name(dataset_id, name)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Convert AMOS22 with nnU-Net's Dataset218 (task 1, CT) or Dataset219 (task 2, CT+MR) converter; "
         "splits_final.json holds one fold: official training cases -> train, official validation cases -> val."
@@ -113,9 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out = convert_amos(args.input, args.task, dataset_id, args.name or f"AMOS2022_task{args.task}", args.tolerance)
     except ConversionError as e:
-        raise SystemExit(f"error: {e}") from None
+        return conventions.error(COMMAND, e)
     print(f"wrote {out}")
+    return conventions.DONE
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,11 +16,13 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from unittest import mock
 
 from nnunetv2.dataset_conversion import convert_MSD_dataset
 
+from nnunet_sam.cli import conventions
 from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
     NIFTI,
@@ -36,6 +38,8 @@ from nnunet_sam.dataset_conversion.common import (
     write_record,
     write_splits,
 )
+
+COMMAND = "nnunet_sam_convert_msd_pancreas"
 
 FRACTIONS = (0.7, 0.1, 0.2)
 
@@ -91,7 +95,7 @@ def convert_msd_pancreas(
     return folder.parent / dataset_folder_name(dataset_id, name)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Convert MSD Task07_Pancreas with nnU-Net's MSD converter and split the labelled cases "
         "70/10/20 at random with a fixed seed (test cases in imagesTs/labelsTs, train/val as fold 0)."
@@ -108,9 +112,10 @@ def main(argv: list[str] | None = None) -> None:
             args.input, args.dataset_id, args.seed, args.name, args.num_processes, args.tolerance
         )
     except ConversionError as e:
-        raise SystemExit(f"error: {e}") from None
+        return conventions.error(COMMAND, e)
     print(f"wrote {out}")
+    return conventions.DONE
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 import SimpleITK as sitk
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 
+from nnunet_sam.cli import conventions
 from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
     NIFTI,
@@ -47,6 +49,8 @@ from nnunet_sam.dataset_conversion.common import (
     write_record,
     write_splits,
 )
+
+COMMAND = "nnunet_sam_convert_nih_pancreas"
 
 PATIENT = re.compile(r"PANCREAS_(\d{4})$")
 LABELS = {"background": 0, "pancreas": 1}
@@ -147,7 +151,7 @@ def convert_nih_pancreas(
     return folder.parent / dataset_folder_name(dataset_id, name)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Convert NIH Pancreas-CT (TCIA DICOM series in PANCREAS_XXXX/ folders, labels labelXXXX.nii.gz) "
         "to an nnU-Net raw dataset; splits_final.json: cross-validation by patient (default 4 folds)."
@@ -170,9 +174,10 @@ def main(argv: list[str] | None = None) -> None:
             args.images, args.labels, args.dataset_id, args.name, args.folds, args.tolerance, args.align_labels
         )
     except ConversionError as e:
-        raise SystemExit(f"error: {e}") from None
+        return conventions.error(COMMAND, e)
     print(f"wrote {out}")
+    return conventions.DONE
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

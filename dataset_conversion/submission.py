@@ -26,12 +26,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_sam.cli import conventions
 from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
     NIFTI,
@@ -41,6 +43,8 @@ from nnunet_sam.dataset_conversion.common import (
     relabel,
 )
 from nnunet_sam.file_checks import DamagedFileError, read_label_values
+
+COMMAND = "nnunet_sam_convert_submission"
 
 
 def _reference_image(dataset_folder: Path, case: str) -> Path:
@@ -139,7 +143,7 @@ def _check_protocol(dataset_folder: Path, prefix: str, command: str) -> None:
         raise ConversionError(f"{command} needs a dataset converted by its converter; this one is {protocol!r}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Write nnU-Net predictions back with the original case names, label values and geometry, "
         "using the conversion record of our converters."
@@ -177,9 +181,10 @@ def main(argv: list[str] | None = None) -> None:
             args.predictions, args.raw_dataset, args.output, subset, args.zip, args.tolerance, args.partial
         )
     except ConversionError as e:
-        raise SystemExit(f"error: {e}") from None
+        return conventions.error(COMMAND, e)
     print(f"wrote {len(list(out.iterdir()))} files to {out}" + (f" and {out}.zip" if args.zip else ""))
+    return conventions.DONE
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

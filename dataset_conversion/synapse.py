@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 import SimpleITK as sitk
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 
+from nnunet_sam.cli import conventions
 from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
     NIFTI,
@@ -35,6 +37,8 @@ from nnunet_sam.dataset_conversion.common import (
     write_record,
     write_splits,
 )
+
+COMMAND = "nnunet_sam_convert_synapse"
 
 # Test volumes of the Synapse protocol: TransUNet's published list ``lists/lists_Synapse/test_vol.txt``
 # (github.com/Beckschen/TransUNet), followed by Swin-Unet, MISSFormer, nnFormer and the SAM papers we reproduce.
@@ -131,7 +135,7 @@ def convert_synapse(
     return folder.parent / dataset_folder_name(dataset_id, name)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Convert the BTCV (Synapse) training download (img/imgXXXX.nii.gz, label/labelXXXX.nii.gz) to "
         "an nnU-Net raw dataset with TransUNet's 18 train / 12 test split (test cases in imagesTs/labelsTs; "
@@ -148,9 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out = convert_synapse(args.input, args.dataset_id, args.all_labels, args.name, args.tolerance)
     except ConversionError as e:
-        raise SystemExit(f"error: {e}") from None
+        return conventions.error(COMMAND, e)
     print(f"wrote {out}")
+    return conventions.DONE
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

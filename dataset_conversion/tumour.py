@@ -26,12 +26,14 @@ import argparse
 import json
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import SimpleITK as sitk
 
+from nnunet_sam.cli import conventions
 from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
     NIFTI,
@@ -50,6 +52,8 @@ from nnunet_sam.dataset_conversion.common import (
     write_record,
     write_splits,
 )
+
+COMMAND = "nnunet_sam_convert_tumour"
 
 FRACTIONS = (0.7, 0.1, 0.2)
 Cases = dict[str, tuple[Path, Path]]  # nnU-Net case id -> (image, label) of the download
@@ -186,7 +190,7 @@ def convert_tumour(
     return folder.parent / dataset_folder_name(dataset_id, name)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="nnunet_sam_convert_tumour",
         description="Convert KiTS21, LiTS17, MSD-Colon or MSD-Pancreas to a tumour-only nnU-Net dataset with "
@@ -209,10 +213,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out = convert_tumour(args.protocol, args.input, args.dataset_id, args.seed, args.name, args.tolerance)
     except ConversionError as e:
-        raise SystemExit(f"error: {e}") from None
+        return conventions.error(COMMAND, e)
     splits = json.loads((out / RECORD_FILE).read_text())["splits"]
     print(f"wrote {out}: " + ", ".join(f"{len(v)} {k}" for k, v in splits.items()))
+    return conventions.DONE
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +176,10 @@ def make_nih_pancreas(root: Path, numbers=(1, 2, 3, 4, 5)) -> tuple[Path, Path]:
         write_dicom_series(img, images / f"PANCREAS_{n:04d}" / study / f"Pancreas-{99000 + n}", f"1.2.826.0.1.{n}")
         write(volume(700 + n, values=1), labels / f"label{n:04d}.nii.gz")
     return images, labels
+
+
+def assert_unusable(capsys, code: int, pattern: str) -> None:
+    """A converter command refused its input: exit code 2 and ``pattern`` in its ``COMMAND: error:`` line."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert re.search(r"nnunet_sam_convert_\w+: error: " + pattern, err), err

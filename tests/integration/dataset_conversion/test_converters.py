@@ -21,6 +21,7 @@ from conversion_testing import (
     ORIGIN,
     SIZE,
     SPACING,
+    assert_unusable,
     make_acdc,
     make_amos,
     make_btcv,
@@ -255,8 +256,9 @@ def test_synapse_bad_input(nnunet_env, problem, message):
 def test_command_line_reports_error_without_traceback(nnunet_env, capsys):
     from nnunet_sam.dataset_conversion.synapse import main
 
-    with pytest.raises(SystemExit, match="error: missing folder: BTCV image folder img/"):
-        main(["-i", str(nnunet_env / "nowhere"), "-d", "120"])
+    assert_unusable(
+        capsys, main(["-i", str(nnunet_env / "nowhere"), "-d", "120"]), "missing folder: BTCV image folder img/"
+    )
     assert _leftovers(nnunet_env) == []
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conversion_testing import make_msd_pancreas, volume, write
+from conversion_testing import assert_unusable, make_msd_pancreas, volume, write
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
 from nnunet_sam.dataset_conversion.common import RECORD_FILE, ConversionError, split_fractions
@@ -129,5 +129,4 @@ def test_command_line(nnunet_env, capsys):
     source, _ = make_msd_colon(nnunet_env / "download")
     main(["msd_colon", "-i", str(source), "-d", "42"])
     assert "Dataset042_MSDColonTumour: 7 train, 1 val, 2 test" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="error: dataset id 42 is already taken"):
-        main(["msd_colon", "-i", str(source), "-d", "42"])
+    assert_unusable(capsys, main(["msd_colon", "-i", str(source), "-d", "42"]), "dataset id 42 is already taken")
