@@ -109,7 +109,7 @@ class Recording:
 class MaskSAMTrainer_tiny_mn(Recording, MaskSAMTrainer_tiny):
     def _build_loss(self):
         # the loss samples random pixels, differently in every process: every pixel instead, so that both ranks and
-        # the one-process reference compute one loss (as tests/test_ddp.py)
+        # the one-process reference compute one loss (as tests/integration/training/test_ddp.py)
         loss = super()._build_loss()
         loss.point_sampling, loss.num_points = "pixels", 1 << 30
         return loss
@@ -363,7 +363,7 @@ def _check_gradients(root: Path, trainer_name: str, record: Path) -> None:
         if ref is None:
             continue
         assert torch.equal(g0, g1), f"ranks disagree on {name}"
-        atol = max(1e-6, 1e-4 * float(ref.abs().max()))  # as tests/test_ddp.py: 2 x 1 vs 2 samples summed
+        atol = max(1e-6, 1e-4 * float(ref.abs().max()))  # as tests/integration/training/test_ddp.py: 2 x 1 vs 2 samples summed
         torch.testing.assert_close(g0, ref, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
