@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from nnunet_sam.inference.model_folder import ModelFolderError
     from nnunet_sam.predict_prompted import UnusableInputError
 
     args = build_parser().parse_args(argv)
@@ -200,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.device,
             whole_volume=args.whole_volume,
         )
-    except (EvaluationError, UnusableInputError) as error:
+    except (EvaluationError, UnusableInputError, ModelFolderError) as error:
         print(f"nnunet_sam_evaluate_prompted: error: {error}", file=sys.stderr)
         return 1
     print((Path(args.o) / "tables.md").read_text())
