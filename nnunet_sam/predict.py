@@ -469,12 +469,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         failures[name] = f"{name}: not named CASE_XXXX{ending} (XXXX = channel number, e.g. _0000); not predicted"
     for name in other_format_files(args.i, ending) if args.part_id == 0 else []:
         failures[name] = f"{name}: not a {ending} file, the format of this model's data; not predicted (convert it)"
-    if failures:
-        print(f"{len(failures)} case(s){part} failed:", file=sys.stderr)
-        for message in failures.values():
-            print(f"  {message}", file=sys.stderr)
-        return 1
-    return 0
+    return report_failures(failures, part)
+
+
+def report_failures(failures: dict[str, str], part: str = "") -> int:
+    """List the failed cases (``part``: which part of the cases ran) on stderr; the exit code: 1 if any, else 0."""
+    if not failures:
+        return 0
+    print(f"{len(failures)} case(s){part} failed:", file=sys.stderr)
+    for message in failures.values():
+        print(f"  {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

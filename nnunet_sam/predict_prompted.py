@@ -60,6 +60,7 @@ from nnunet_sam.predict import (
     check_run,
     model_folder_and_folds,
     predict_cases,
+    report_failures,
 )
 
 COORDINATES = ("voxel", "world")
@@ -356,13 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UnusableInputError, UnusableArgumentsError, ModelFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if failures:
-        print(f"{len(failures)} case(s) failed:", file=sys.stderr)
-        for message in failures.values():
-            print(f"  {message}", file=sys.stderr)
-        return 1
-    print(f"every case predicted into {args.o}")
-    return 0
+    if not failures:
+        print(f"every case predicted into {args.o}")
+    return report_failures(failures)
 
 
 if __name__ == "__main__":

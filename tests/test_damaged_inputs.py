@@ -77,10 +77,12 @@ def _truncate(path: Path, fraction: float = 0.5) -> Path:
 
 
 def _model_folder(root: Path, folds=("all",)) -> Path:
-    """What the command-line checks read before a model is loaded: dataset.json and intact fold checkpoints."""
+    """What the command-line checks read before a model is loaded: dataset.json, plans.json and intact fold
+    checkpoints."""
     folder = root / "model"
     folder.mkdir(parents=True)
     (folder / "dataset.json").write_text(json.dumps(dataset_json(2)))
+    (folder / "plans.json").write_text(json.dumps(minimal_plans([4, 32, 32])))
     for fold in folds:
         (folder / f"fold_{fold}").mkdir()
         torch.save({"network_weights": {}}, folder / f"fold_{fold}" / "checkpoint_final.pth")
