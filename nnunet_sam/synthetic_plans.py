@@ -18,21 +18,23 @@ def configuration_name(patch_size: Sequence[int]) -> str:
     return "3d_fullres" if len(patch_size) == 3 else "2d"
 
 
-def nnunet_preprocessing(dim: int) -> dict:
-    """Configuration fields of nnU-Net's default preprocessing and export for a ``dim``-D patch: isotropic 1 mm
-    spacing, z-score normalisation of one channel, nnU-Net's resampling functions (what the predictor's
-    preprocessing and ``convert_predicted_logits_to_segmentation_with_correct_shape`` read)."""
+def nnunet_preprocessing(spacing: Sequence[float]) -> dict:
+    """Configuration fields of nnU-Net's default preprocessing and export at the target ``spacing`` (mm, one per
+    patch axis): z-score normalisation of one channel and the resampling functions and arguments nnU-Net's
+    experiment planner writes (what the predictor's preprocessing and
+    ``convert_predicted_logits_to_segmentation_with_correct_shape`` read)."""
+    resample, z = "resample_data_or_seg_to_shape", {"order_z": 0, "force_separate_z": None}
     return {
         "preprocessor_name": "DefaultPreprocessor",
-        "spacing": [1.0] * dim,
+        "spacing": [float(s) for s in spacing],
         "normalization_schemes": ["ZScoreNormalization"],
         "use_mask_for_norm": [False],
-        "resampling_fn_data": "resample_data_or_seg_to_shape",
-        "resampling_fn_seg": "resample_data_or_seg_to_shape",
-        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-        "resampling_fn_data_kwargs": {},
-        "resampling_fn_seg_kwargs": {},
-        "resampling_fn_probabilities_kwargs": {},
+        "resampling_fn_data": resample,
+        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, **z},
+        "resampling_fn_seg": resample,
+        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, **z},
+        "resampling_fn_probabilities": resample,
+        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, **z},
     }
 
 

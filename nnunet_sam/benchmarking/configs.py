@@ -152,7 +152,7 @@ def unet_plans(patch: Sequence[int], num_classes: int) -> dict:
         data_identifier="benchmark",
         architecture=architecture,
         batch_dice=False,
-        **nnunet_preprocessing(dim),
+        **nnunet_preprocessing([1.0] * dim),
     )
 
 

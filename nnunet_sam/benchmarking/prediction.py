@@ -108,7 +108,7 @@ def network_predictor(
     from nnunet_sam.synthetic_plans import configuration_name, nnunet_preprocessing, plans_for_patch
 
     block = {PLANS_KEY: record} if record is not None else {}
-    manager = PlansManager(plans_for_patch(patch, **nnunet_preprocessing(len(patch)), **block))
+    manager = PlansManager(plans_for_patch(patch, **nnunet_preprocessing([1.0] * len(patch)), **block))
     predictor = nnUNetPredictor(
         tile_step_size=step_size,
         use_gaussian=True,
