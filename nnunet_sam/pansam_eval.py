@@ -41,7 +41,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from nnunet_sam.metrics import dice, jaccard, precision, recall
 
@@ -138,12 +137,12 @@ def evaluate(
     "reference_labels": {name: value}}; with ``output_folder`` the segmentations are written to
     ``output_folder/NAME/ROW/``.
     """
-    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
     from nnunet_sam.inference.bound_forward import BoundForward
     from nnunet_sam.inference.model_folder import load_predictor, require_network
     from nnunet_sam.network_architectures.pansam import PanSAMNetwork
+    from nnunet_sam.predict import predict_preprocessed
 
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -158,7 +157,6 @@ def evaluate(
         "evaluate a model trained with PanSAMTrainer",
     )
     plans, config, dataset_json = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
-    label_manager = plans.get_label_manager(dataset_json)
     reader = plans.image_reader_writer_class()
     ending = dataset_json["file_ending"]
     target = net.target_label
@@ -196,10 +194,7 @@ def evaluate(
                 reference_prompts = points_from == "reference"
                 x = np.concatenate([data, seg == reference_value]).astype(np.float32) if reference_prompts else data
                 predictor.network = BoundForward(net, output=output, reference_prompts=reference_prompts)
-                logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(x))
-                pred = convert_predicted_logits_to_segmentation_with_correct_shape(
-                    logits, plans, config, label_manager, props
-                )
+                pred = predict_preprocessed(predictor, case, x, props)
                 mask = np.asarray(pred) == target
                 results[row]["cases"][case] = {m: float(f(mask, reference)) for m, f in METRICS.items()}
                 if output_folder is not None:
