@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from nnunet_sam.backbones.sam_vit import BackboneSpec, build_sam, get_backbone
+from nnunet_sam.blocks.adapters import AdapterKind
 from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.blocks.mask_decoder_3d import AggregatingMaskDecoder3D
 from nnunet_sam.blocks.stem import PlainStem
@@ -31,10 +32,12 @@ from nnunet_sam.prompting.point_sampler import PointPromptEncoder
 class SAM3DAdapterOptions:
     """Network options (class attribute ``options`` of a 3DSAM-adapter trainer, saved in the model's record).
 
-    ``prompted``: with the point prompt encoder (clicks), or fully automatic.
+    ``prompted``: with the point prompt encoder (clicks), or fully automatic. ``adapter``: the adapter kind of
+    every encoder block (:data:`~nnunet_sam.blocks.adapters.ADAPTER_KINDS`; the method's DConv adapter).
     """
 
     prompted: bool = False
+    adapter: AdapterKind = "dconv"
 
 
 class SAM3DAdapterNetwork(nn.Module):
@@ -88,6 +91,7 @@ class SAM3DAdapterNetwork(nn.Module):
             window,
             spec.feature_indices,
             attention=attention,
+            adapter_kind=options.adapter,
         )
         self.prompt_encoder = (
             PointPromptEncoder(spec.prompt_dim, num_classes, num_heads=spec.decoder_heads) if options.prompted else None

@@ -13,6 +13,7 @@ from sam_testing import dataset_json, minimal_plans
 from torch import nn
 
 from nnunet_sam.inference.prompted import PromptedPredictor
+from nnunet_sam.training.synthetic_plans import nnunet_preprocessing
 
 SHAPE = (10, 30, 26)  # z, y, x of the test image
 SPACING = (0.8, 0.7, 2.0)  # x, y, z (ITK order)
@@ -46,18 +47,8 @@ def _plans() -> dict:
     plans = minimal_plans(PATCH)
     plans.update(transpose_forward=[2, 0, 1], transpose_backward=[1, 2, 0])
     plans["foreground_intensity_properties_per_channel"] = {"0": {}}  # unused by z-scoring
-    plans["configurations"]["3d_fullres"].update(
-        preprocessor_name="DefaultPreprocessor",
-        spacing=[1.0, 1.5, 1.0],  # transposed (x, z, y); the image is (0.8, 2.0, 0.7)
-        normalization_schemes=["ZScoreNormalization"],
-        use_mask_for_norm=[False],
-        resampling_fn_data="resample_data_or_seg_to_shape",
-        resampling_fn_seg="resample_data_or_seg_to_shape",
-        resampling_fn_probabilities="resample_data_or_seg_to_shape",
-        resampling_fn_data_kwargs={"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-        resampling_fn_seg_kwargs={"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-        resampling_fn_probabilities_kwargs={"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
-    )
+    # spacing transposed (x, z, y); the image is (0.8, 2.0, 0.7)
+    plans["configurations"]["3d_fullres"].update(nnunet_preprocessing([1.0, 1.5, 1.0]))
     return plans
 
 

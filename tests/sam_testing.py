@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone, reference_shapes
+from nnunet_sam.training.synthetic_plans import plans_for_patch
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent  # the repository root (tests may sit in subfolders)
@@ -33,28 +34,9 @@ def write_standin_checkpoint(path: Path, backbone: str) -> Path:
 
 
 def minimal_plans(patch_size: list[int], configuration: str = "3d_fullres") -> dict:
-    """A plans dict with just what nnU-Net's PlansManager and our patch rule read."""
-    return {
-        "dataset_name": "Dataset999_Test",
-        "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": [1.0] * len(patch_size),
-        "original_median_shape_after_transp": [64] * len(patch_size),
-        "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [0, 1, 2],
-        "transpose_backward": [0, 1, 2],
-        "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {},
-        "continue_training": False,
-        "configurations": {
-            configuration: {
-                "patch_size": list(patch_size),
-                "data_identifier": "x",
-                "batch_size": 2,
-                "architecture": {"network_class_name": "none", "arch_kwargs": {}, "_kw_requires_import": []},
-            }
-        },
-    }
+    """A plans dict with just what nnU-Net's PlansManager, trainer constructor and our patch rule read."""
+    plans = plans_for_patch(patch_size, configuration, "Dataset999_Test", data_identifier="x")
+    return plans | {"continue_training": False}  # set by nnU-Net's run_training, popped by the trainer
 
 
 def dataset_json(num_foreground: int = 3, **extra_labels) -> dict:

@@ -1,7 +1,7 @@
 """Shared nnU-Net trainer for SAM-based networks: patch rule, checkpoint loading, frozen-weight optimiser.
 
 Method trainers subclass :class:`SAMTrainer` and set ``network_class`` and ``options`` (the method's options
-dataclass), plus ``_build_loss`` and, where the method's forward needs mode arguments, ``forward_batch``; backbone
+dataclass), plus ``build_loss`` and, where the method's forward needs mode arguments, ``forward_batch``; backbone
 variants only change class attributes. The network is built from the model's saved record only
 (:mod:`nnunet_sam.model_record`).
 """
@@ -35,6 +35,7 @@ from nnunet_sam.backbones.checkpoints import (
 )
 from nnunet_sam.backbones.sam_vit import get_backbone
 from nnunet_sam.blocks.checkpointing import block_checkpointing
+from nnunet_sam.losses import DeepSupervisedSegLoss
 from nnunet_sam.model_record import PLANS_KEY, RECORD_FORMAT, ModelRecord, build_from_record, options_to_json
 from nnunet_sam.training.dataset_checks import check_training_data
 from nnunet_sam.training.distributed import check_batch_split, nnunet_ddp_wrapper, rank_device
@@ -275,6 +276,19 @@ class SAMTrainer(nnUNetTrainer):
         net = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
         return net._orig_mod if isinstance(net, OptimizedModule) else net
 
+    @classmethod
+    def build_loss(cls, num_classes: int, ddp: bool = False) -> nn.Module:
+        """The method's training loss for ``num_classes`` classes (background included); ``ddp``: the loss's
+        batch statistics are gathered across the ranks of a DDP run. Default: nnU-Net's CE + Dice on the outputs
+        (:class:`~nnunet_sam.losses.DeepSupervisedSegLoss`). A class method, so that the benchmark times the loss
+        a training uses without a training."""
+        return DeepSupervisedSegLoss()
+
+    def _build_loss(self) -> nn.Module:
+        """nnU-Net's hook, answered by :meth:`build_loss` (no deep-supervision wrapper: SAM networks have one
+        full-resolution output, whose auxiliary levels the method's loss weighs itself)."""
+        return self.build_loss(self.label_manager.num_segmentation_heads, self.is_ddp)
+
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """SAM networks have a single full-resolution output."""
 
@@ -492,6 +506,9 @@ class SAMTrainer(nnUNetTrainer):
 
         With AMP (CUDA) the grad scaler still lowers its scale after an overflow, as in nnU-Net.
         """
+        # Not super().train_step: nnU-Net's calls self.network(data) without the method's mode arguments
+        # (forward_batch), under its own fixed fp16 autocast (forward_context chooses), and steps the optimiser
+        # unconditionally, with no point between backward and step to skip a non-finite step.
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         if isinstance(target, list):  # nnU-Net's deep-supervision targets
@@ -549,23 +566,33 @@ class SAMTrainer(nnUNetTrainer):
 
     # ---- validation ----------------------------------------------------------------------------------------
     def validation_step(self, batch: dict) -> dict:
-        """Set loss on all outputs plus nnU-Net's online pseudo-Dice on the semantic map."""
+        """The method's loss on the outputs of :meth:`forward_batch` plus the counts of nnU-Net's online
+        pseudo-Dice (:meth:`pseudo_dice_counts`)."""
+        # Not super().validation_step: nnU-Net's calls self.network(data) (no mode arguments, no forward_context)
+        # and counts Dice on that output as one logits tensor, where SAM methods return several outputs.
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
         with self.forward_context():
             outputs = self.forward_batch(data, target)
             loss = self.loss(outputs, target)
+        tp, fp, fn = self.pseudo_dice_counts(outputs, target)
+        return {
+            "loss": loss.detach().cpu().numpy(),
+            "tp_hard": tp.detach().cpu().numpy(),
+            "fp_hard": fp.detach().cpu().numpy(),
+            "fn_hard": fn.detach().cpu().numpy(),
+        }
+
+    def pseudo_dice_counts(self, outputs: Any, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Hook: true positives, false positives and false negatives per foreground class of one validation
+        batch (nnU-Net's online pseudo-Dice). Default: the argmax of ``outputs["semantic"]`` (B, C, ...) against
+        the label map ``target`` (B, 1, ...), as nnU-Net counts its logits."""
         semantic = outputs["semantic"]
         axes = [0] + list(range(2, semantic.ndim))
         onehot = torch.zeros(semantic.shape, device=semantic.device, dtype=torch.float16)
         onehot.scatter_(1, semantic.argmax(1)[:, None], 1)
         tp, fp, fn, _ = get_tp_fp_fn_tn(onehot, target, axes=axes, mask=None)
-        return {
-            "loss": loss.detach().cpu().numpy(),
-            "tp_hard": tp.detach().cpu().numpy()[1:],
-            "fp_hard": fp.detach().cpu().numpy()[1:],
-            "fn_hard": fn.detach().cpu().numpy()[1:],
-        }
+        return tp[1:], fp[1:], fn[1:]
 
 
 # Backbone and schedule mixins: a method's variants are ``class XTrainer_vitl(ViTL, XTrainer)``.

@@ -24,13 +24,14 @@ class MaskSAMTrainer(SAMTrainer):
     mask_dice_weight: float = MASK_DICE_WEIGHT
     mask_loss_points: int | None = None
 
-    def _build_loss(self) -> nn.Module:
+    @classmethod
+    def build_loss(cls, num_classes: int, ddp: bool = False) -> nn.Module:
         return MaskSetCriterion(
-            self.label_manager.num_segmentation_heads,
-            num_points=self.mask_loss_points,
-            mask_bce_weight=self.mask_bce_weight,
-            mask_dice_weight=self.mask_dice_weight,
-            ddp=self.is_ddp,
+            num_classes,
+            num_points=cls.mask_loss_points,
+            mask_bce_weight=cls.mask_bce_weight,
+            mask_dice_weight=cls.mask_dice_weight,
+            ddp=ddp,
         )
 
 

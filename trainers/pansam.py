@@ -131,8 +131,9 @@ class PanSAMTrainer(SAMTrainer):
         if spacing is not None:
             network.set_pixel_spacing(spacing[-2:])
 
-    def _build_loss(self) -> nn.Module:
-        return FocalDiceLoss(self.label(), beta=self.dice_weight)
+    @classmethod
+    def build_loss(cls, num_classes: int, ddp: bool = False) -> nn.Module:
+        return FocalDiceLoss(cls.label(), beta=cls.dice_weight)
 
     # ---- stages ---------------------------------------------------------------------------------------------
     def stage(self, epoch: int) -> int:

@@ -83,7 +83,8 @@ class RadSAMTrainer(SAMTrainer):
         )
         network.set_intensity_windows(windows)
 
-    def _build_loss(self) -> nn.Module:
+    @classmethod
+    def build_loss(cls, num_classes: int, ddp: bool = False) -> nn.Module:
         return RadSAMLoss()
 
     def configure_optimizers(self):
@@ -112,27 +113,22 @@ class RadSAMTrainer(SAMTrainer):
         return apply_windows(data, affine)
 
     def forward_batch(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Logits (1 + rounds, B, 1, P, P) of simulated prompts and correction rounds for the picked structures."""
-        return self.network(data, interaction=SimulatedInteraction(target[:, 0].bool(), self.correction_rounds))
-
-    def validation_step(self, batch: dict) -> dict:
-        """Loss and pseudo-Dice per class of the prediction from one simulated initial prompt per structure."""
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"].to(self.device, non_blocking=True)
+        """Training: logits (1 + rounds, B, 1, P, P) of simulated prompts and correction rounds for the structures
+        :meth:`train_step` picked (``target`` (B, 1, P, P)). Validation: logits (1, B, K, P, P) (or
+        (1, B, K, 4, P, P) with SAM's four masks) from one simulated initial prompt per structure of the label map."""
+        if self.network.training:
+            return self.network(data, interaction=SimulatedInteraction(target[:, 0].bool(), self.correction_rounds))
         reference = structure_masks(target, self.label_manager.num_segmentation_heads)  # (B, K, P, P)
-        logits = self.network(data, interaction=SimulatedInteraction(reference.flatten(0, 1), rounds=0))
-        # (1, B, K, P, P), or (1, B, K, 4, P, P) with SAM's four masks
-        loss = self.loss(logits, target)
+        return self.network(data, interaction=SimulatedInteraction(reference.flatten(0, 1), rounds=0))
+
+    def pseudo_dice_counts(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Counts per structure class of the primary masks (validation's :meth:`forward_batch`)."""
+        reference = structure_masks(target, self.label_manager.num_segmentation_heads)  # (B, K, P, P)
         logits = logits[:, :, :, 0] if logits.dim() == 6 else logits  # the primary mask, as at prediction
         valid = (reference.flatten(2).sum(2) >= MIN_LABEL_PIXELS)[..., None, None]  # as in the loss
         prediction = ((logits[0] > 0) & valid).half()
         tp, fp, fn, _ = get_tp_fp_fn_tn(prediction, (reference & valid).half(), axes=[0, 2, 3])
-        return {
-            "loss": loss.detach().cpu().numpy(),
-            "tp_hard": tp.detach().cpu().numpy(),
-            "fp_hard": fp.detach().cpu().numpy(),
-            "fn_hard": fn.detach().cpu().numpy(),
-        }
+        return tp, fp, fn
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         """nnU-Net's validation predicts without prompts, which a promptable model cannot do."""

@@ -9,9 +9,7 @@ anywhere in the patch, each a click of the class found there; validation patches
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from nnunet_sam.losses import DeepSupervisedSegLoss
 from nnunet_sam.network_architectures.sam3d_adapter import SAM3DAdapterNetwork, SAM3DAdapterOptions
 from nnunet_sam.prompting.point_sampler import random_clicks, simulate_points
 from nnunet_sam.trainers.base import CPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
@@ -34,9 +32,6 @@ class SAM3DAdapterTrainer(SAMTrainer):
     @classmethod
     def patch_rule(cls) -> VolumePatchRule:
         return VolumePatchRule(cls.slice_group, cls.window, cls.max_windows)
-
-    def _build_loss(self) -> nn.Module:
-        return DeepSupervisedSegLoss()
 
 
 class SAM3DAdapterTrainer_prompted(SAM3DAdapterTrainer):

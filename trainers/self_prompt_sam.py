@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from nnunet_sam.losses import DeepSupervisedSegLoss
 from nnunet_sam.network_architectures.self_prompt_sam import (
     ABLATION_ROWS,
     SelfPromptSAMNetwork,
@@ -27,9 +25,6 @@ class SelfPromptSAMTrainer(SAMTrainer):
     options: SelfPromptSAMOptions = SelfPromptSAMOptions()
     stage1_fraction: float = 0.2
     _logged_stage: int | None = None
-
-    def _build_loss(self) -> nn.Module:
-        return DeepSupervisedSegLoss()
 
     def stage(self, epoch: int) -> int:
         return 1 if epoch < round(self.stage1_fraction * self.num_epochs) else 2

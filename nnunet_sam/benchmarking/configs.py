@@ -25,6 +25,7 @@ from nnunet_sam.trainers.radsam import RadSAMTrainer, RadSAMTrainer_AMOS
 from nnunet_sam.trainers.sam3d_adapter import SAM3DAdapterTrainer, SAM3DAdapterTrainer_prompted_paper
 from nnunet_sam.trainers.self_prompt_sam import SelfPromptSAMTrainer, SelfPromptSAMTrainer_paper
 from nnunet_sam.training.planning import PLANS_KEY
+from nnunet_sam.training.synthetic_plans import configuration_name, nnunet_preprocessing, plans_for_patch
 
 
 @dataclass(frozen=True)
@@ -140,46 +141,25 @@ def unet_plans(patch: Sequence[int], num_classes: int) -> dict:
         "nonlin": "torch.nn.LeakyReLU",
         "nonlin_kwargs": {"inplace": True},
     }
-    configuration = {
-        "data_identifier": "benchmark",
-        "preprocessor_name": "DefaultPreprocessor",
-        "batch_size": 2,
-        "patch_size": list(patch),
-        "spacing": [1.0] * dim,
-        "normalization_schemes": ["ZScoreNormalization"],
-        "use_mask_for_norm": [False],
-        "resampling_fn_data": "resample_data_or_seg_to_shape",
-        "resampling_fn_seg": "resample_data_or_seg_to_shape",
-        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-        "resampling_fn_data_kwargs": {},
-        "resampling_fn_seg_kwargs": {},
-        "resampling_fn_probabilities_kwargs": {},
-        "architecture": {
-            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "arch_kwargs": arch,
-            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-        },
-        "batch_dice": False,
+    architecture = {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": arch,
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
     }
-    return {
-        "dataset_name": "Dataset999_Benchmark",
-        "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": [1.0] * dim,
-        "original_median_shape_after_transp": [256] * dim,
-        "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": list(range(dim)),
-        "transpose_backward": list(range(dim)),
-        "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {},
-        "configurations": {"3d_fullres" if dim == 3 else "2d": configuration},
-    }
+    return plans_for_patch(
+        patch,
+        dataset_name="Dataset999_Benchmark",
+        data_identifier="benchmark",
+        architecture=architecture,
+        batch_dice=False,
+        **nnunet_preprocessing([1.0] * dim),
+    )
 
 
 def build_unet(patch: Sequence[int], in_channels: int, num_classes: int) -> nn.Module:
     """nnUNetTrainer's network for ``patch`` through nnU-Net's own build path (deep supervision off)."""
     plans = PlansManager(unet_plans(patch, num_classes))
-    config = plans.get_configuration("3d_fullres" if len(patch) == 3 else "2d")
+    config = plans.get_configuration(configuration_name(patch))
     return nnUNetTrainer.build_network_architecture(plans, config, in_channels, num_classes, False)
 
 

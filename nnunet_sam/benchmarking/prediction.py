@@ -43,10 +43,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_sam.training.planning import MIRROR_AXES_3D, sliding_window_cost, window_cost_note
+from nnunet_sam.training.planning import MIRROR_AXES_3D, PLANS_KEY, sliding_window_cost, window_cost_note
 
 __all__ = [
     "nnunet_prediction_threads",
+    "network_predictor",
     "benchmark_prediction",
     "format_report",
     "build_parser",
@@ -89,15 +90,25 @@ def _models(backbones: Sequence[str], shape: Sequence[int], num_classes: int) ->
     return models
 
 
-def _predictor(net: nn.Module, patch: Sequence[int], num_classes: int, step_size: float, mirroring: bool):
+def network_predictor(
+    net: nn.Module,
+    patch: Sequence[int],
+    num_classes: int,
+    step_size: float = 0.5,
+    mirroring: bool = False,
+    record: dict | None = None,
+    name: str = "benchmark",
+):
+    """nnU-Net's CPU predictor (Gaussian weighting, mirroring along every axis if ``mirroring``) around a network
+    in memory, for tiles of ``patch``; returns it and its plans manager (plans of :func:`plans_for_patch` with
+    nnU-Net's preprocessing and export, and the record block ``record`` if given)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_sam.benchmarking.configs import unet_plans
+    from nnunet_sam.training.synthetic_plans import configuration_name, nnunet_preprocessing, plans_for_patch
 
-    plans = unet_plans([16, 64, 64], num_classes)  # only the configuration's patch is read by the predictor
-    plans["configurations"]["3d_fullres"]["patch_size"] = list(patch)
-    manager = PlansManager(plans)
+    block = {PLANS_KEY: record} if record is not None else {}
+    manager = PlansManager(plans_for_patch(patch, **nnunet_preprocessing([1.0] * len(patch)), **block))
     predictor = nnUNetPredictor(
         tile_step_size=step_size,
         use_gaussian=True,
@@ -107,10 +118,11 @@ def _predictor(net: nn.Module, patch: Sequence[int], num_classes: int, step_size
         verbose=False,
         allow_tqdm=False,
     )
-    labels = {"background": 0, **{f"class{i}": i for i in range(1, num_classes)}}
+    labels = {"background": 0, **{f"c{i}": i for i in range(1, num_classes)}}
     dataset_json = {"labels": labels, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}
+    axes = tuple(range(len(patch))) if mirroring else None
     predictor.manual_initialization(
-        net.eval(), manager, manager.get_configuration("3d_fullres"), None, dataset_json, "benchmark", MIRROR_AXES_3D
+        net.eval(), manager, manager.get_configuration(configuration_name(patch)), None, dataset_json, name, axes
     )
     return predictor, manager
 
@@ -258,7 +270,7 @@ def benchmark_prediction(
             }
             log(f"{name}: {window_cost_note(shape, patch, MIRROR_AXES_3D if mirroring else None)}")
             entry["per_forward_s"] = forward_breakdown(net, patch, forwards)
-            predictor, manager = _predictor(net, patch, num_classes, 0.5, mirroring)
+            predictor, manager = network_predictor(net, patch, num_classes, 0.5, mirroring)
             runs, reference = [], None
             for n in thread_counts:
                 torch.set_num_threads(n)
@@ -279,7 +291,7 @@ def benchmark_prediction(
                 for label, step in (("--disable_tta", 0.5), ("--disable_tta -step_size 1", 1.0)):
                     if step == 1.0 and sliding_window_cost(shape, patch, 1.0).tiles == entry["cost"]["tiles"]:
                         continue  # the same tiles as nnU-Net's step
-                    fast, _ = _predictor(net, patch, num_classes, step, False)
+                    fast, _ = network_predictor(net, patch, num_classes, step, False)
                     _, wall, cpu = _timed(lambda p=fast: p.predict_sliding_window_return_logits(volume))
                     cost = sliding_window_cost(shape, patch, step, None)
                     choices[label] = {"forwards": cost.forwards, "wall_s": wall, "cpu_s": cpu}

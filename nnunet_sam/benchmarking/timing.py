@@ -23,15 +23,12 @@ from collections.abc import Callable, Sequence
 import torch
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
 from nnunet_sam.backbones.encoder import blockwise, run_block
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone
-from nnunet_sam.benchmarking.configs import build_unet, unet_plans
-from nnunet_sam.losses import DeepSupervisedSegLoss, MaskSetCriterion
-from nnunet_sam.trainers.masksam import MaskSAMTrainer
-from nnunet_sam.training.planning import PLANS_KEY
+from nnunet_sam.benchmarking.configs import build_unet
+from nnunet_sam.benchmarking.prediction import network_predictor
 
 
 def median_time(fn: Callable[[], object], runs: int, warmup: int) -> float:
@@ -89,35 +86,12 @@ def sliding_window_times(
     trainer: type, record: dict, in_channels: int, num_classes: int, scales: Sequence[int], repeats: int = 1
 ) -> list[dict]:
     """nnU-Net's sliding-window prediction (tile step 0.5, Gaussian, no mirroring) on growing volumes (seconds)."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 
     patch = list(record["patch_size"])
-    plans = unet_plans([16, 64, 64], num_classes)  # any valid plans: only the configuration's patch is read here
-    config = plans["configurations"]["3d_fullres"]
-    config["patch_size"], config[PLANS_KEY] = patch, record
-    plans_manager = PlansManager(plans)
     torch.manual_seed(0)
     net = trainer.build_network(record, in_channels, num_classes)
-    labels = {"background": 0, **{f"c{i}": i for i in range(1, num_classes)}}
-    predictor = nnUNetPredictor(
-        tile_step_size=0.5,
-        use_gaussian=True,
-        use_mirroring=False,
-        perform_everything_on_device=False,
-        device=torch.device("cpu"),
-        verbose=False,
-        allow_tqdm=False,
-    )
-    predictor.manual_initialization(
-        net,
-        plans_manager,
-        plans_manager.get_configuration("3d_fullres"),
-        None,
-        {"labels": labels, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"},
-        trainer.__name__,
-        None,
-    )
+    predictor, _ = network_predictor(net, patch, num_classes, record=record, name=trainer.__name__)
     base = [patch[0], 2 * patch[1], 2 * patch[2]]  # 1x volume: 1 x 2 x 2 patches
     growth = {1: (1, 1, 1), 2: (2, 1, 1), 4: (2, 2, 1), 8: (2, 2, 2)}
     results = []
@@ -139,7 +113,7 @@ def cpu_timings(trainer: type, record: dict, in_channels: int, num_classes: int,
     net = trainer.build_network(record, in_channels, num_classes)
     x = torch.randn(2, in_channels, *patch)
     target = blob_target(2, patch, num_classes)
-    loss = MaskSetCriterion(num_classes) if issubclass(trainer, MaskSAMTrainer) else DeepSupervisedSegLoss()
+    loss = trainer.build_loss(num_classes)  # the loss a training of this trainer uses
     sam = time_network(net, loss, trainer.optimizer_name, x, target, runs, warmup)
     key = (tuple(patch), in_channels, num_classes, runs, warmup)
     if key not in _UNET_TIMES:

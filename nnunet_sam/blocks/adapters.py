@@ -10,16 +10,22 @@ Token layout: adapters take tokens ``x`` of shape (S, *spatial, C) where the S =
 ``depth`` consecutive slices of V volumes (slice index fastest). Depth mixers un-fold this to
 (V, depth, *spatial, C) and never mix rows of different volumes or (for the MLP mixer) different positions.
 Callers must pass the *unpartitioned* token grid, never window-partitioned tokens.
+
+Kinds: :data:`ADAPTER_KINDS` maps each kind name to where its depth mixer sits and how it is built; a new kind is
+its mixer class plus one entry (:func:`register_adapter_kind`), and every network that takes an adapter kind
+(``AdapterKind`` option fields, the volumetric encoder) builds it from there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-AdapterKind = Literal["vanilla", "dmlp", "dconv", "dmlp_before", "dmlp_after"]
+AdapterKind = str  # a key of ADAPTER_KINDS: "vanilla", "dmlp", "dconv", "dmlp_before", "dmlp_after" or a registered one
 
 
 def unfold_depth(x: torch.Tensor, depth: int) -> torch.Tensor:
@@ -64,6 +70,47 @@ class DepthConvMixer(nn.Module):
         return v.permute(0, 2, 3, 4, 1).reshape(x.shape)
 
 
+@dataclass(frozen=True)
+class AdapterKindSpec:
+    """Where an adapter kind's depth mixer sits and how it is built.
+
+    ``position``: ``"middle"`` (on the hidden width, between the activation and ``fc_up``), ``"before"``
+    (``fc_down``'s input, width ``dim``) or ``"after"`` (``fc_up``'s output, width ``dim``); None: no mixer.
+    ``build(width, depth)``: the mixer (``forward(x, depth)``, shape kept) for tokens of ``width`` channels and
+    ``depth`` slices per volume. A mixer after ``fc_up`` must start as the identity (the adapter adds nothing at
+    step 0).
+    """
+
+    position: Literal["middle", "before", "after"] | None = None
+    build: Callable[[int, int], nn.Module] | None = None
+
+
+ADAPTER_KINDS: dict[str, AdapterKindSpec] = {
+    "vanilla": AdapterKindSpec(),
+    "dmlp": AdapterKindSpec("middle", lambda width, depth: DepthMLPMixer(depth)),
+    "dconv": AdapterKindSpec("middle", lambda width, depth: DepthConvMixer(width)),
+    "dmlp_before": AdapterKindSpec("before", lambda width, depth: DepthMLPMixer(depth)),
+    "dmlp_after": AdapterKindSpec("after", lambda width, depth: DepthMLPMixer(depth, identity_init=True)),
+}
+
+
+def register_adapter_kind(name: str, spec: AdapterKindSpec) -> None:
+    """Make ``name`` an adapter kind (an option value of every network that takes one); a name is registered
+    once, so a saved model's kind always means the same mixer."""
+    if name in ADAPTER_KINDS:
+        raise ValueError(f"adapter kind '{name}' is already registered")
+    if spec.position not in (None, "middle", "before", "after") or (spec.position is None) != (spec.build is None):
+        raise ValueError(f"adapter kind '{name}': give a position (middle, before, after) together with a builder")
+    ADAPTER_KINDS[name] = spec
+
+
+def adapter_kind(name: AdapterKind) -> AdapterKindSpec:
+    """The registered spec of kind ``name``; ValueError naming the registered kinds otherwise."""
+    if name not in ADAPTER_KINDS:
+        raise ValueError(f"Unknown adapter kind '{name}' (use {', '.join(ADAPTER_KINDS)}).")
+    return ADAPTER_KINDS[name]
+
+
 class Adapter(nn.Module):
     """Houlsby bottleneck ``dim -> dim * ratio -> dim`` with an optional depth mixer (see the module docstring).
 
@@ -77,6 +124,7 @@ class Adapter(nn.Module):
         self, dim: int, kind: AdapterKind = "vanilla", depth: int = 1, ratio: float = 0.25, skip: bool = True
     ) -> None:
         super().__init__()
+        spec = adapter_kind(kind)
         hidden = max(1, int(dim * ratio))
         self.kind = kind
         self.skip = skip
@@ -85,16 +133,12 @@ class Adapter(nn.Module):
         self.mixer: nn.Module | None = None  # in the middle, on the hidden width
         self.mixer_before: nn.Module | None = None  # before fc_down, on the input
         self.mixer_after: nn.Module | None = None  # after fc_up, on the output
-        if kind == "dmlp":
-            self.mixer = DepthMLPMixer(depth)
-        elif kind == "dconv":
-            self.mixer = DepthConvMixer(hidden)
-        elif kind == "dmlp_before":
-            self.mixer_before = DepthMLPMixer(depth)
-        elif kind == "dmlp_after":
-            self.mixer_after = DepthMLPMixer(depth, identity_init=True)
-        elif kind != "vanilla":
-            raise ValueError(f"Unknown adapter kind '{kind}' (use vanilla, dmlp, dconv, dmlp_before or dmlp_after).")
+        if spec.position == "middle":
+            self.mixer = spec.build(hidden, depth)
+        elif spec.position == "before":
+            self.mixer_before = spec.build(dim, depth)
+        elif spec.position == "after":
+            self.mixer_after = spec.build(dim, depth)
         self.up = nn.Linear(hidden, dim)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)

@@ -9,7 +9,8 @@ embedding (zero at initialisation). Every block attends within cubic 3D windows 
 along every axis with more than one window. Relative positions: SAM's h and w tables resized (linearly) to the
 window, and a depth table = mean of the resized h and w tables + a learnable offset (zero at initialisation,
 so the depth table starts as their mean whatever weights are loaded later). Each block starts with a
-DConv adapter (:mod:`nnunet_sam.blocks.adapters`, bottleneck with a depth-wise 3D conv, up-projection zero).
+DConv adapter (:mod:`nnunet_sam.blocks.adapters`, bottleneck with a depth-wise 3D conv, up-projection zero), or
+the registered kind ``adapter_kind`` (depth = the depth tokens T).
 ``attention`` picks how window attention is computed (:mod:`nnunet_sam.blocks.attention`): ``"sam"`` forms the
 (N, N) bias and Swin mask of every window; ``"sdpa"`` folds the per-axis relative positions and the per-axis
 shift masks into the query and key, with no (N, N) tensor. Blocks follow
@@ -27,7 +28,7 @@ from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.image_encoder import Attention, Block
 from torch import nn
 
-from nnunet_sam.blocks.adapters import Adapter
+from nnunet_sam.blocks.adapters import Adapter, AdapterKind
 from nnunet_sam.blocks.attention import (
     DEFAULT_ATTENTION,
     MASKED,
@@ -189,6 +190,7 @@ class VolumetricEncoder(nn.Module):
         feature_indices: tuple[int, ...] = (),
         adapter_ratio: float = 0.25,
         attention: AttentionImpl = DEFAULT_ATTENTION,
+        adapter_kind: AdapterKind = "dconv",
     ) -> None:
         super().__init__()
         self.attention = check_attention(attention)
@@ -207,7 +209,7 @@ class VolumetricEncoder(nn.Module):
         self.depth_embed = nn.Parameter(torch.zeros(self.grid[0], embed_dim))
         self.rel_pos_d = nn.Parameter(torch.zeros(num_blocks, 2 * window - 1, embed_dim // num_heads))
         self.adapters = nn.ModuleList(
-            Adapter(embed_dim, "dconv", ratio=adapter_ratio, skip=True) for _ in range(num_blocks)
+            Adapter(embed_dim, adapter_kind, self.grid[0], ratio=adapter_ratio, skip=True) for _ in range(num_blocks)
         )
         # Swin-style alternation: odd blocks shift by half a window along axes that hold more than one window.
         half = tuple(w // 2 if n > w else 0 for n, w in zip(self.grid, self.dims))

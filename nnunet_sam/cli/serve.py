@@ -56,13 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not os.path.isdir(args.m):
         parser.exit(2, f"error: the model folder {args.m} does not exist\n")
-    for name in ("dataset.json", "plans.json"):
-        if not os.path.isfile(os.path.join(args.m, name)):
-            parser.exit(
-                2,
-                f"error: {args.m} is not an nnU-Net model folder (no {name}); give the trained model's folder "
-                "nnUNet_results/DATASET/TRAINER__PLANS__CONFIGURATION\n",
-            )
+    from nnunet_sam.inference.model_folder import ModelFolderError, check_model_folder
+
+    try:
+        check_model_folder(args.m)
+    except ModelFolderError as error:
+        parser.exit(2, f"error: {error}\n")
     for name, value in (("--max-sessions", args.max_sessions), ("--idle-timeout", args.idle_timeout)):
         if value <= 0:
             parser.exit(2, f"error: {name} must be positive, got {value}\n")

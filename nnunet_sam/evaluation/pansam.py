@@ -40,7 +40,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from nnunet_sam.cli import conventions
 from nnunet_sam.evaluation.metrics import dice, jaccard, precision, recall
@@ -140,29 +139,26 @@ def evaluate(
     "reference_labels": {name: value}}; with ``output_folder`` the segmentations are written to
     ``output_folder/NAME/ROW/``.
     """
-    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
     from nnunet_sam.inference.bound_forward import BoundForward
+    from nnunet_sam.inference.model_folder import load_predictor, require_network
+    from nnunet_sam.inference.predict import predict_preprocessed
     from nnunet_sam.network_architectures.pansam import PanSAMNetwork
 
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     fold_id = fold if fold == "all" else int(fold)
-    predictor = nnUNetPredictor(
-        use_mirroring=not disable_tta,
-        perform_everything_on_device=device != "cpu",
-        device=torch.device(device),
-        allow_tqdm=False,
+    predictor = load_predictor(str(model_folder), [fold_id], checkpoint, device, mirroring=not disable_tta)
+    net = require_network(
+        predictor,
+        str(model_folder),
+        lambda network: isinstance(network, PanSAMNetwork),
+        "PanSAM",
+        "evaluate a model trained with PanSAMTrainer",
     )
-    predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold_id,), checkpoint_name=checkpoint)
-    net = getattr(predictor.network, "_orig_mod", predictor.network)
-    if not isinstance(net, PanSAMNetwork):
-        raise ValueError(f"{model_folder} is not a PanSAM model (its network is {type(net).__name__})")
     plans, config, dataset_json = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
-    label_manager = plans.get_label_manager(dataset_json)
     reader = plans.image_reader_writer_class()
     ending = dataset_json["file_ending"]
     target = net.target_label
@@ -200,10 +196,7 @@ def evaluate(
                 reference_prompts = points_from == "reference"
                 x = np.concatenate([data, seg == reference_value]).astype(np.float32) if reference_prompts else data
                 predictor.network = BoundForward(net, output=output, reference_prompts=reference_prompts)
-                logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(x))
-                pred = convert_predicted_logits_to_segmentation_with_correct_shape(
-                    logits, plans, config, label_manager, props
-                )
+                pred = predict_preprocessed(predictor, case, x, props)
                 mask = np.asarray(pred) == target
                 results[row]["cases"][case] = {m: float(f(mask, reference)) for m, f in METRICS.items()}
                 if output_folder is not None:
@@ -272,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from nnunet_sam.inference.model_folder import ModelFolderError
+
     args = build_parser().parse_args(argv)
     try:
         report = evaluate(
@@ -285,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.device,
             dict(args.target_label),
         )
-    except DatasetLabelError as error:
+    except (DatasetLabelError, ModelFolderError) as error:
         return conventions.error(COMMAND, error)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from nnunet_sam.inference.model_folder import ModelFolderError
     from nnunet_sam.inference.prompted import UnusableInputError
 
     args = build_parser().parse_args(argv)
@@ -203,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.device,
             whole_volume=args.whole_volume,
         )
-    except (EvaluationError, UnusableInputError) as error:
+    except (EvaluationError, UnusableInputError, ModelFolderError) as error:
         return conventions.error(COMMAND, error)
     print((Path(args.o) / "tables.md").read_text())
     return 0

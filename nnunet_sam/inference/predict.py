@@ -34,9 +34,9 @@ from nnunetv2.utilities.file_path_utilities import get_output_folder
 
 from nnunet_sam.cli import conventions
 from nnunet_sam.file_checks import DamagedFileError, load_nifti
+from nnunet_sam.inference.model_folder import ModelFolderError, check_model_folder, load_predictor
 from nnunet_sam.training.fault_tolerance import (
     DISK_FULL_ERRNOS,
-    checkpoint_problem,
     remove_stale_partial_files,
     staged_file,
     write_text_file,
@@ -223,30 +223,6 @@ def output_collisions(
     return sorted(inputs[p] for p in (os.path.realpath(os.path.join(output_folder, n)) for n in names) if p in inputs)
 
 
-def check_checkpoints(model_folder: str, folds: Sequence[int | str], checkpoint: str) -> None:
-    """Raise :class:`UnusableArgumentsError` unless every fold's ``checkpoint`` exists and is intact; the message
-    names the damaged or missing file and the checkpoints that do exist (``-chk NAME``)."""
-    if not os.path.isfile(os.path.join(model_folder, "dataset.json")):
-        raise UnusableArgumentsError(f"{model_folder} is not an nnU-Net model folder (no dataset.json)")
-    for fold in folds:
-        folder = os.path.join(model_folder, f"fold_{fold}")
-        if not os.path.isdir(folder):
-            trained = sorted(n[5:] for n in os.listdir(model_folder) if n.startswith("fold_"))
-            raise UnusableArgumentsError(
-                f"fold {fold} was never trained: no {folder}. Trained folds: {', '.join(trained) or 'none'} (-f)"
-            )
-        problem = checkpoint_problem(os.path.join(folder, checkpoint))
-        if problem is not None:
-            others = sorted(
-                n for n in os.listdir(folder) if n.endswith(".pth") and n != checkpoint and not n.startswith(".")
-            )
-            intact = [n for n in others if checkpoint_problem(os.path.join(folder, n)) is None]
-            raise UnusableArgumentsError(
-                f"{os.path.join(folder, checkpoint)} is {problem}. Intact checkpoints in {folder}: "
-                f"{', '.join(intact) or 'none'} (choose one with -chk NAME)"
-            )
-
-
 def check_run(
     input_folder: str,
     output_folder: str,
@@ -256,10 +232,11 @@ def check_run(
     save_probabilities: bool,
 ) -> None:
     """Everything that makes a prediction run impossible or harmful, checked before the model is loaded (raises
-    :class:`UnusableArgumentsError`): :func:`check_folders`, :func:`check_checkpoints` and
-    :func:`output_collisions` (an ``-o`` that would overwrite input files of the run)."""
+    :class:`UnusableArgumentsError`, or :class:`ModelFolderError` for the model folder): :func:`check_folders`,
+    :func:`~nnunet_sam.inference.model_folder.check_model_folder` and :func:`output_collisions` (an ``-o`` that
+    would overwrite input files of the run)."""
     check_folders(input_folder, output_folder)
-    check_checkpoints(model_folder, folds, checkpoint)
+    check_model_folder(model_folder, folds, checkpoint)
     with open(os.path.join(model_folder, "dataset.json"), encoding="utf-8") as f:
         ending = json.load(f)["file_ending"]
     cases, _ = cases_in_folder(input_folder, ending)
@@ -476,17 +453,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_folder, folds = model_folder_and_folds(parser, args)
     try:
         check_run(args.i, args.o, model_folder, folds, args.chk, args.save_probabilities)
-    except UnusableArgumentsError as error:
+    except (UnusableArgumentsError, ModelFolderError) as error:
         parser.error(str(error))
     if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
         parser.error(f"-part_id must be 0 to num_parts - 1 (got -part_id {args.part_id} -num_parts {args.num_parts})")
-    predictor = nnUNetPredictor(
-        tile_step_size=args.step_size,
-        use_mirroring=not args.disable_tta,
-        device=torch.device(args.device),
-        allow_tqdm=False,
-    )
-    predictor.initialize_from_trained_model_folder(model_folder, folds, args.chk)
+    predictor = load_predictor(model_folder, folds, args.chk, args.device, args.step_size, not args.disable_tta)
     ending = predictor.dataset_json["file_ending"]
     cases, misnamed = cases_in_folder(args.i, ending)
     part = f" of part {args.part_id} (-num_parts {args.num_parts}, {len(cases)} in the folder)"

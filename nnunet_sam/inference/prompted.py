@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -53,6 +52,7 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunet_sam.cli import conventions
 from nnunet_sam.inference import geometry
 from nnunet_sam.inference.geometry import to_preprocessed
+from nnunet_sam.inference.model_folder import ModelFolderError, load_predictor, require_network
 from nnunet_sam.inference.predict import (
     BadCaseError,
     UnusableArgumentsError,
@@ -279,20 +279,17 @@ def initialize_predictor(
     whole_volume: bool = False,
 ) -> PromptedPredictor:
     """A :class:`PromptedPredictor` for a model folder (``whole_volume``: every sliding-window patch instead of the
-    patch centred on the clicks); refuses models without a point prompt encoder."""
-    for name in ("dataset.json", "plans.json"):
-        if not os.path.isfile(os.path.join(model_folder, name)):
-            raise UnusableInputError(f"{model_folder} is not an nnU-Net model folder (no {name})")
-    predictor = PromptedPredictor(
-        tile_step_size=step_size, use_mirroring=mirroring, device=torch.device(device), allow_tqdm=False
-    )
+    patch centred on the clicks); :class:`ModelFolderError` for an unusable folder or a model without a point prompt
+    encoder."""
+    predictor = load_predictor(model_folder, folds, checkpoint, device, step_size, mirroring, PromptedPredictor)
     predictor.crop_to_clicks = not whole_volume
-    predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint)
-    if getattr(predictor.network, "prompt_encoder", None) is None:
-        raise UnusableInputError(
-            f"the model in {model_folder} takes no point prompts (trainer {predictor.trainer_name}); train it with "
-            "SAM3DAdapterTrainer_prompted* or predict it with nnUNetv2_predict"
-        )
+    require_network(
+        predictor,
+        model_folder,
+        lambda network: getattr(network, "prompt_encoder", None) is not None,
+        "point-prompted",
+        "train it with SAM3DAdapterTrainer_prompted* or predict it with nnUNetv2_predict",
+    )
     if predictor.label_manager.has_regions or predictor.label_manager.has_ignore_label:
         raise UnusableInputError("prompted prediction supports plain label maps (no regions, no ignore label)")
     return predictor
@@ -359,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_folder, folds, args.chk, args.step_size, not args.disable_tta, args.device, args.whole_volume
         )
         failures = predict_prompted(predictor, args.i, args.points, args.o, args.save_probabilities)
-    except (UnusableInputError, UnusableArgumentsError) as error:
+    except (UnusableInputError, UnusableArgumentsError, ModelFolderError) as error:
         return conventions.error(COMMAND, error)
     if failures:
         return conventions.failed_cases(COMMAND, failures)

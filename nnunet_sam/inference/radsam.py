@@ -37,17 +37,11 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_sam.cli import conventions
 from nnunet_sam.inference import geometry
-from nnunet_sam.inference.predict import (
-    BadCaseError,
-    UnusableArgumentsError,
-    check_checkpoints,
-    read_and_check,
-    write_checked,
-)
+from nnunet_sam.inference.model_folder import ModelFolderError, check_model_folder, load_predictor, require_network
+from nnunet_sam.inference.predict import BadCaseError, read_and_check, write_checked
 from nnunet_sam.prompting.radsam_prompts import Prompts
 
 COMMAND = "nnunet_sam_segment_radsam"
@@ -313,12 +307,15 @@ class RadSAMModel:
     def __init__(
         self, model_folder: str, fold: int | str = 0, checkpoint: str = "checkpoint_final.pth", device: str = "cpu"
     ) -> None:
-        predictor = nnUNetPredictor(device=torch.device(device), allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(model_folder, [fold], checkpoint)
-        if not hasattr(predictor.network, "decode_prompts"):
-            raise ValueError(f"{model_folder} holds no RadSAM model (trainer {predictor.trainer_name})")
-        predictor.network.load_state_dict(predictor.list_of_parameters[0])
-        self.network = predictor.network.to(device).eval()
+        predictor = load_predictor(model_folder, [fold], checkpoint, device)
+        network = require_network(
+            predictor,
+            model_folder,
+            lambda net: hasattr(net, "decode_prompts"),
+            "RadSAM",
+            "train it with RadSAMTrainer (2d configuration)",
+        )
+        self.network = network.to(device).eval()  # the predictor loaded the fold's weights
         self.device = device
         self.plans_manager = predictor.plans_manager
         self.configuration_manager = predictor.configuration_manager
@@ -544,10 +541,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.label == 0:
         parser.error("--label 0 is the background: the mask would be empty. Give the structure's label value")
     try:
-        check_checkpoints(args.m, [fold], args.chk)
+        check_model_folder(args.m, [fold], args.chk)
         with open(os.path.join(args.m, "dataset.json"), encoding="utf-8") as f:
             labels = json.load(f)["labels"]
-    except UnusableArgumentsError as error:
+    except ModelFolderError as error:
         parser.error(str(error))
     classes = sorted(v for v in labels.values() if isinstance(v, int) and not isinstance(v, bool) and v != 0)
     if args.label not in classes:
@@ -579,6 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         segmentation = edit(slices, segmentation, prompts.corrections)
         result = model.to_original(segmentation.mask, properties) * np.uint8(args.label)
         write_checked(os.path.basename(args.o), result, model.reader, args.o, properties)
+    except ModelFolderError as error:  # another method's model
+        parser.error(str(error))
     except (PromptError, BadCaseError) as error:
         return conventions.error(COMMAND, error)
     print(f"wrote {args.o}: {int(segmentation.mask.sum())} voxels in the model grid, slices {segmentation.boundaries}")

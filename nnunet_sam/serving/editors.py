@@ -312,16 +312,16 @@ def load_model(
     mirroring: bool = True,
 ) -> ServedModel:
     """A RadSAM or prompted 3DSAM-adapter model folder, loaded once; ValueError for any other model."""
+    from nnunet_sam.inference.model_folder import WrongMethodError
     from nnunet_sam.inference.prompted import UnusableInputError, initialize_predictor
 
     try:
         return ServedRadSAM(RadSAMModel(model_folder, fold, checkpoint, device))
-    except ValueError as error:
-        if "holds no RadSAM model" not in str(error):
-            raise
+    except WrongMethodError:
+        pass
     try:
         predictor = initialize_predictor(model_folder, [fold], checkpoint, step_size, mirroring, device)
-    except UnusableInputError as error:
+    except (UnusableInputError, WrongMethodError) as error:
         raise ValueError(
             f"{error}. nnunet_sam_serve serves RadSAM and prompted 3DSAM-adapter (SAM3DAdapterTrainer_prompted*) models"
         ) from None

@@ -363,7 +363,7 @@ def _check_gradients(root: Path, trainer_name: str, record: Path) -> None:
         if ref is None:
             continue
         assert torch.equal(g0, g1), f"ranks disagree on {name}"
-        atol = max(1e-6, 1e-4 * float(ref.abs().max()))  # as tests/integration/training/test_ddp.py: 2 x 1 vs 2 samples summed
+        atol = max(1e-6, 1e-4 * float(ref.abs().max()))  # as test_ddp.py: 2 x 1 vs 2 samples summed
         torch.testing.assert_close(g0, ref, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 

@@ -25,6 +25,7 @@ from sam_testing import dataset_json, minimal_plans
 
 from nnunet_sam.inference.predict import BadCaseError, read_and_check
 from nnunet_sam.training import fault_tolerance
+from nnunet_sam.training.synthetic_plans import nnunet_preprocessing
 
 SHAPE = (16, 32, 32)  # (z, y, x)
 
@@ -36,20 +37,8 @@ def _predictor():
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     plans = minimal_plans([4, 32, 32])
-    resample, kw = "resample_data_or_seg_to_shape", {"order_z": 0, "force_separate_z": None}
-    plans["configurations"]["3d_fullres"].update(
-        spacing=[3.0, 1.0, 1.0],
-        normalization_schemes=["ZScoreNormalization"],
-        use_mask_for_norm=[False],
-        resampling_fn_data=resample,
-        resampling_fn_data_kwargs={"is_seg": False, "order": 3, **kw},
-        resampling_fn_seg=resample,
-        resampling_fn_seg_kwargs={"is_seg": True, "order": 1, **kw},
-        resampling_fn_probabilities=resample,
-        resampling_fn_probabilities_kwargs={"is_seg": False, "order": 1, **kw},
-        preprocessor_name="DefaultPreprocessor",
-        median_image_size_in_voxels=list(SHAPE),
-    )
+    plans["configurations"]["3d_fullres"].update(nnunet_preprocessing([3.0, 1.0, 1.0]))
+    plans["configurations"]["3d_fullres"]["median_image_size_in_voxels"] = list(SHAPE)
     plans["foreground_intensity_properties_per_channel"] = {"0": {"mean": 0.0, "std": 1.0}}
     manager = PlansManager(plans)
     torch.manual_seed(0)
@@ -77,10 +66,12 @@ def _truncate(path: Path, fraction: float = 0.5) -> Path:
 
 
 def _model_folder(root: Path, folds=("all",)) -> Path:
-    """What the command-line checks read before a model is loaded: dataset.json and intact fold checkpoints."""
+    """What the command-line checks read before a model is loaded: dataset.json, plans.json and intact fold
+    checkpoints."""
     folder = root / "model"
     folder.mkdir(parents=True)
     (folder / "dataset.json").write_text(json.dumps(dataset_json(2)))
+    (folder / "plans.json").write_text(json.dumps(minimal_plans([4, 32, 32])))
     for fold in folds:
         (folder / f"fold_{fold}").mkdir()
         torch.save({"network_weights": {}}, folder / f"fold_{fold}" / "checkpoint_final.pth")

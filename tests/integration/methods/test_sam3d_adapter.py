@@ -234,7 +234,7 @@ def test_tiny_trainer_records_the_volume_patch(results):
         "attention": "sdpa",
         "slice_group": 2,
         "window": 4,
-        "options": {"prompted": False},
+        "options": {"prompted": False, "adapter": "dconv"},
     }
     net = SAM3DAdapterTrainer_tiny.build_network(saved["nnunet_sam"], 1, 3)
     assert net.encoder.grid == (8, 8, 8)

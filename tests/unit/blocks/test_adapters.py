@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone
-from nnunet_sam.blocks.adapters import Adapter
+from nnunet_sam.blocks.adapters import ADAPTER_KINDS, Adapter, AdapterKindSpec, register_adapter_kind, unfold_depth
 from nnunet_sam.blocks.injection import EncoderAdditions
+from nnunet_sam.blocks.volumetric_encoder import VolumetricEncoder
+from nnunet_sam.network_architectures.sam3d_adapter import SAM3DAdapterNetwork, SAM3DAdapterOptions
 
 
 def _randomise(module: torch.nn.Module) -> None:
@@ -97,3 +99,44 @@ def test_encoder_block_depth_mixing_uses_unpartitioned_grid(kind):
     assert not diff[1].any(), "another volume of the batch changed"
     assert not diff[0, 1, 6:, 6:].any(), "a far window of the same slice changed"
     assert not diff[0, 0, 6:, 6:].any() and not diff[0, 2, 6:, 6:].any(), "far windows of neighbouring slices"
+
+
+class _DepthMean(torch.nn.Module):
+    """A new depth mixer for the registry test: adds the mean over the volume's slices (shape kept)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor, depth: int) -> torch.Tensor:
+        v = unfold_depth(x, depth)
+        return (v + v.mean(1, keepdim=True) * self.scale).reshape(x.shape)
+
+
+@pytest.fixture
+def depth_mean_kind():
+    """The kind "dmean" registered for one test (one class plus one entry), removed afterwards."""
+    register_adapter_kind("dmean", AdapterKindSpec("middle", lambda width, depth: _DepthMean(width)))
+    yield "dmean"
+    del ADAPTER_KINDS["dmean"]
+
+
+def test_a_registered_adapter_kind_is_built_by_every_network_that_takes_a_kind(depth_mean_kind):
+    adapter = Adapter(16, depth_mean_kind, depth=3)
+    assert isinstance(adapter.mixer, _DepthMean) and adapter.mixer.scale.shape == (4,)  # on the hidden width
+    x = torch.randn(6, 4, 4, 16)
+    torch.testing.assert_close(adapter(x, 3), x)  # fc_up starts at zero, as for every kind
+    encoder = VolumetricEncoder(16, 2, 2, num_slices=4, grid=8, slice_group=2, window=4, adapter_kind="dmean")
+    assert all(isinstance(a.mixer, _DepthMean) for a in encoder.adapters)
+    net = SAM3DAdapterNetwork("tiny", 1, 3, (8, 64, 64), 4, 4, SAM3DAdapterOptions(adapter=depth_mean_kind))
+    assert all(isinstance(a.mixer, _DepthMean) for a in net.encoder.adapters)
+    additions = EncoderAdditions(16, num_blocks=2, depth=3, kind=depth_mean_kind)  # MaskSAM, Self-Prompt-SAM
+    assert sum(isinstance(m, _DepthMean) for m in additions.modules()) == 2 * 2  # two adapters per block
+    with pytest.raises(ValueError, match="already registered"):
+        register_adapter_kind(depth_mean_kind, AdapterKindSpec("middle", lambda width, depth: _DepthMean(width)))
+
+
+def test_an_unknown_adapter_kind_names_the_registered_ones():
+    with pytest.raises(ValueError, match="Unknown adapter kind 'dcnv' .*vanilla, dmlp, dconv"):
+        Adapter(16, "dcnv")
+    assert SAM3DAdapterOptions().adapter == "dconv"  # the method's adapter, as before the option existed

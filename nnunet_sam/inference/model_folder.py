@@ -1,0 +1,96 @@
+"""Loading a trained model folder (``nnUNet_results/DATASET/TRAINER__PLANS__CONFIGURATION``), in one place.
+
+Every command that predicts from a model folder (checked prediction, prompted prediction, RadSAM, the PanSAM and
+prompted evaluations, the server) loads it here: :func:`check_model_folder` refuses, before anything is loaded,
+a folder that is not a model folder, a fold that was never trained and a missing or damaged checkpoint (naming the
+intact ones); :func:`load_predictor` then builds nnU-Net's predictor from it (plans, ``dataset.json``, trainer's
+``build_network_architecture``, the checkpoint weights), and :func:`require_network` refuses the model of another
+method than the caller serves.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from torch import nn
+
+from nnunet_sam.training.fault_tolerance import checkpoint_problem
+
+MODEL_FILES = ("dataset.json", "plans.json")
+
+
+class ModelFolderError(ValueError):
+    """A model folder that cannot be used (not a model folder, untrained fold, damaged checkpoint, or the model of
+    another method); command-line tools exit with 2 before any work. The message names the problem and the fix."""
+
+
+class WrongMethodError(ModelFolderError):
+    """A model folder of another method than the one asked for (e.g. a U-Net given to the RadSAM command)."""
+
+
+def check_model_folder(
+    model_folder: str, folds: Sequence[int | str] = (), checkpoint: str = "checkpoint_final.pth"
+) -> None:
+    """Raise :class:`ModelFolderError` unless ``model_folder`` holds ``dataset.json`` and ``plans.json`` and every
+    fold of ``folds`` an intact ``checkpoint``; the message names the missing or damaged file and the folds and
+    checkpoints that do exist (``-f``, ``-chk NAME``)."""
+    for name in MODEL_FILES:
+        if not os.path.isfile(os.path.join(model_folder, name)):
+            raise ModelFolderError(
+                f"{model_folder} is not an nnU-Net model folder (no {name}); give the trained model's folder "
+                "nnUNet_results/DATASET/TRAINER__PLANS__CONFIGURATION"
+            )
+    for fold in folds:
+        folder = os.path.join(model_folder, f"fold_{fold}")
+        if not os.path.isdir(folder):
+            trained = sorted(n[5:] for n in os.listdir(model_folder) if n.startswith("fold_"))
+            raise ModelFolderError(
+                f"fold {fold} was never trained: no {folder}. Trained folds: {', '.join(trained) or 'none'} (-f)"
+            )
+        problem = checkpoint_problem(os.path.join(folder, checkpoint))
+        if problem is not None:
+            others = sorted(
+                n for n in os.listdir(folder) if n.endswith(".pth") and n != checkpoint and not n.startswith(".")
+            )
+            intact = [n for n in others if checkpoint_problem(os.path.join(folder, n)) is None]
+            raise ModelFolderError(
+                f"{os.path.join(folder, checkpoint)} is {problem}. Intact checkpoints in {folder}: "
+                f"{', '.join(intact) or 'none'} (choose one with -chk NAME)"
+            )
+
+
+def load_predictor(
+    model_folder: str,
+    folds: Sequence[int | str],
+    checkpoint: str = "checkpoint_final.pth",
+    device: str = "cpu",
+    step_size: float = 0.5,
+    mirroring: bool = True,
+    predictor_class: type[nnUNetPredictor] = nnUNetPredictor,
+) -> nnUNetPredictor:
+    """nnU-Net's predictor (or ``predictor_class``, a subclass) for ``folds`` of a checked model folder, as
+    ``nnUNetv2_predict`` builds it: the network of the saved plans with the first fold's weights loaded (the
+    predictor swaps in the others per fold). :class:`ModelFolderError` before loading if the folder is unusable."""
+    check_model_folder(model_folder, folds, checkpoint)
+    predictor = predictor_class(
+        tile_step_size=step_size, use_mirroring=mirroring, device=torch.device(device), allow_tqdm=False
+    )
+    predictor.initialize_from_trained_model_folder(model_folder, list(folds), checkpoint)
+    return predictor
+
+
+def require_network(
+    predictor: nnUNetPredictor, model_folder: str, accepts: Callable[[nn.Module], bool], method: str, advice: str
+) -> nn.Module:
+    """The predictor's network (without ``torch.compile``'s wrapper) if ``accepts`` it, else
+    :class:`WrongMethodError`: "``model_folder`` holds no ``method`` model (trainer ...); ``advice``"."""
+    network = getattr(predictor.network, "_orig_mod", predictor.network)
+    if not accepts(network):
+        raise WrongMethodError(
+            f"{model_folder} holds no {method} model (trainer {predictor.trainer_name}, network "
+            f"{type(network).__name__}); {advice}"
+        )
+    return network

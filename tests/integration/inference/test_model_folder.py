@@ -1,0 +1,62 @@
+"""Model folders are loaded in one place (nnunet_sam.inference.model_folder): each unusable folder is refused
+with a message naming the problem and the fix, and every command refuses another method's model the same way."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnunet_sam.inference.model_folder import (
+    ModelFolderError,
+    WrongMethodError,
+    check_model_folder,
+    load_predictor,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "saved_models"
+
+
+def _fixture(trainer: str) -> Path:
+    return next(p.parent for p in FIXTURES.glob(f"*/{trainer}__*/plans.json"))
+
+
+@pytest.fixture(autouse=True)
+def _no_checkpoint_folder(monkeypatch):
+    monkeypatch.delenv("nnUNet_SAM_checkpoints", raising=False)
+
+
+def test_unusable_folders_are_refused_before_loading(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(_fixture("MaskSAMTrainer_tiny"), model)
+    (model / "plans.json").rename(model / "plans.json.bak")
+    with pytest.raises(ModelFolderError, match=r"is not an nnU-Net model folder \(no plans.json\); give the"):
+        check_model_folder(str(model))
+    (model / "plans.json.bak").rename(model / "plans.json")
+    with pytest.raises(ModelFolderError, match=r"fold 3 was never trained: .* Trained folds: 0 \(-f\)"):
+        load_predictor(str(model), [3])
+    (model / "fold_0" / "checkpoint_best.pth").write_bytes(b"")
+    with pytest.raises(ModelFolderError, match=r"checkpoint_best.pth is an empty .* Intact checkpoints .*: "
+                       r"checkpoint_final.pth \(choose one with -chk NAME\)"):  # fmt: skip
+        load_predictor(str(model), [0], "checkpoint_best.pth")
+    predictor = load_predictor(str(model), [0])
+    assert predictor.trainer_name == "MaskSAMTrainer_tiny" and predictor.device == torch.device("cpu")
+
+
+def test_another_methods_model_is_named_by_each_loader(tmp_path):
+    from nnunet_sam.evaluation.pansam import evaluate
+    from nnunet_sam.inference.prompted import initialize_predictor
+    from nnunet_sam.inference.radsam import RadSAMModel
+    from nnunet_sam.serving.editors import load_model
+
+    masksam = str(_fixture("MaskSAMTrainer_tiny"))
+    with pytest.raises(WrongMethodError, match=r"holds no RadSAM model \(trainer MaskSAMTrainer_tiny, network "):
+        RadSAMModel(masksam, 0)
+    with pytest.raises(WrongMethodError, match="holds no point-prompted model .*SAM3DAdapterTrainer_prompted"):
+        initialize_predictor(masksam, [0])
+    with pytest.raises(WrongMethodError, match="holds no PanSAM model .*; evaluate a model trained with PanSAMTrainer"):
+        evaluate(masksam, [("other", tmp_path, tmp_path)])
+    with pytest.raises(ValueError, match="holds no point-prompted model .*nnunet_sam_serve serves RadSAM"):
+        load_model(masksam)  # neither RadSAM nor prompted: the server says what it serves
