@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy
 import pytest
@@ -265,3 +266,55 @@ def test_numpy_steps_of_the_forwards_are_operators_that_trace_without_values():
     assert distance_inside(masks.to("meta")).shape == masks.shape
     x = torch.rand(3, 64, 64)
     assert clahe_slices(x.to("meta")).shape == x.shape and clahe_slices(x).shape == x.shape
+
+
+def test_gpu_mode_measures_presets_on_the_cpu_with_the_tiny_backbone():
+    """The GPU mode's preset part (nnunet_sam.benchmarking.gpu) on the CPU: the estimate, the option set chosen
+    from it and measured steps of every PanSAM stage through its trainer's forward_batch, next to the ResEnc U-Net.
+    CUDA-only figures (max_memory_allocated) are None on a CPU."""
+    from nnunet_sam.benchmarking import gpu
+    from nnunet_sam.trainers.pansam import PanSAMTrainer_tiny
+
+    preset = configs.Preset("tiny pansam", PanSAMTrainer_tiny, (2, 32, 32), num_classes=2)
+    report = gpu.run_gpu_benchmark([preset], device="cpu", steps=1, warmup=0, short=None)
+    assert report["failed"] == {} and report["skipped"] == {} and report["device"] == "cpu"
+    (row,) = report["rows"]
+    assert set(row["phases"]) == {"stage 1", "stage 2", "stage 3"} and row["option_set"] == "none"
+    assert row["sam"]["step_s"] > 0 and row["resenc"]["step_s"] > 0 and row["sam"]["max_memory_allocated"] is None
+    assert row["estimate_bytes"] > 0 and row["patch_size"] == [2, 32, 32] and row["batch_size"] == 2
+    assert "tiny pansam" in gpu.format_gpu_report(report)
+
+
+def test_gpu_mode_short_training_through_nnunet_commands_on_the_cpu(tmp_path, monkeypatch):
+    """The GPU mode's short real training on the CPU with the tiny backbone: phantom dataset,
+    nnUNetv2_plan_and_preprocess, nnUNetv2_train of the trainer copy (a few timed steps), nnU-Net's final
+    checkpoint written; the report's structure."""
+    from nnunet_sam.benchmarking import gpu
+
+    monkeypatch.delenv("nnUNet_SAM_checkpoints", raising=False)
+    short = {"iterations": 4, "phantom_shape": (16, 32, 32), "num_train": 5}
+    report = gpu.run_gpu_benchmark([], device="cpu", short="MaskSAMTrainer_tiny", workdir=tmp_path, short_kwargs=short)
+    assert report["failed"] == {} and report["rows"] == []
+    run = report["short_training"]
+    assert run["trainer"] == "MaskSAMTrainer_tiny" and run["configuration"] == "3d_fullres"
+    assert run["iterations"] == 4 and run["step_s"] > 0 and run["max_memory_allocated"] is None
+    assert run["batch_size"] == 2 and os.path.isfile(run["checkpoint"])
+    checkpoint = torch.load(run["checkpoint"], map_location="cpu", weights_only=False)
+    assert checkpoint["current_epoch"] == 1 and checkpoint["init_args"]["configuration"] == "3d_fullres"
+    assert "short training (nnUNetv2_train MaskSAMTrainer_tiny" in gpu.format_gpu_report(report)
+
+
+def test_gpu_mode_stops_at_its_time_budget():
+    from nnunet_sam.benchmarking import gpu
+    from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
+
+    preset = configs.Preset("tiny", MaskSAMTrainer_tiny, (2, 32, 32), num_classes=3)
+    report = gpu.run_gpu_benchmark([preset], device="cpu", short=None, budget_s={"presets": -1})
+    assert report["rows"] == [] and "time budget" in report["skipped"]["tiny b2"]
+
+
+def test_gpu_mode_without_a_gpu_exits_2_before_any_work(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.run(["--device", "cuda"])
+    assert exit_info.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
