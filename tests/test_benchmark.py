@@ -318,3 +318,46 @@ def test_gpu_mode_without_a_gpu_exits_2_before_any_work(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.run(["--device", "cuda"])
     assert exit_info.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_trainer_memory_controls_estimate_the_training_forward(tmp_path, monkeypatch):
+    """On CUDA (here faked: 2 GiB, bf16) a trainer's memory controls trace its own training forward with its
+    trainable parameters: RadSAM's simulated interaction through all of SAM, not the frozen encoder path."""
+    from types import SimpleNamespace
+
+    from sam_testing import dataset_json, minimal_plans
+
+    from nnunet_sam.trainers.base import AUTOCAST_ENV, CHECKPOINTING_ENV
+    from nnunet_sam.trainers.radsam import RadSAMTrainer_tiny
+
+    for var in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    for var in ("nnUNet_SAM_checkpoints", CHECKPOINTING_ENV, AUTOCAST_ENV):
+        monkeypatch.delenv(var, raising=False)
+    plans = minimal_plans([64, 64], "2d")
+    plans["configurations"]["2d"]["normalization_schemes"] = ["ZScoreNormalization"]
+    data = tmp_path / "nnUNet_preprocessed" / plans["dataset_name"] / plans["configurations"]["2d"]["data_identifier"]
+    data.mkdir(parents=True)
+    (data / "case.b2nd").touch()  # initialize() reads only the file ending of the preprocessed data
+    trainer = RadSAMTrainer_tiny(plans, "2d", 0, dataset_json(2), torch.device("cpu"))
+    trainer.initialize()
+    logged = []
+    monkeypatch.setattr(trainer, "print_to_log_file", lambda *args, **kwargs: logged.append(" ".join(map(str, args))))
+    gpu = SimpleNamespace(total_memory=2 * memory.GIB)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    trainer.device = torch.device("cuda")
+    trainer.memory_controls()
+    (line,) = [text for text in logged if text.startswith("Memory controls")]
+    assert "(GiB, training forward, largest of training)" in line, line
+    assert trainer._autocast_dtype == torch.bfloat16 and not trainer._checkpointing
+    record = trainer.sam_record
+    (forward,) = configs.training_forwards(RadSAMTrainer_tiny, 3).values()
+    net = trainer._plain_network()
+    activations = memory.activation_bytes(
+        lambda: configs.training_network(RadSAMTrainer_tiny, record, 1, 3), trainer.batch_size, True, 1,
+        record["patch_size"], forward,
+    )["total"]  # fmt: skip
+    params = sum(p.numel() for p in net.parameters())
+    expected = memory.memory_estimate({"total": params, "trainable": params}, 1, activations)
+    assert f"estimated peak {expected / memory.GIB:.1f} GiB" in line
