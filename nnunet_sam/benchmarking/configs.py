@@ -155,7 +155,9 @@ def training_forwards(trainer: type, num_classes: int) -> dict[str, Forward]:
     its ``forward_batch`` hook runs on a batch x (B, M, ...) with an all-background target (B, 1, ...).
 
     The hook draws its prompts (RadSAM's simulated interaction, 3DSAM-adapter's clicks) from the target itself, so
-    a trace on tensors without values runs the same operations on the same shapes as a real step."""
+    a trace on tensors without values runs the same operations on the same shapes as a real step; where a branch
+    depends on values (RadSAM decodes mask prompts only when a row has one) the network takes the costlier one.
+    A trainer with stages gets its network set to each stage first (``set_stage``, as at the stage's first epoch)."""
     epochs = [0]
     if callable(getattr(trainer, "stage", None)):
         stand_in = stand_in_trainer(trainer, nn.Identity(), num_classes)
