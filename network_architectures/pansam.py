@@ -60,8 +60,15 @@ def clahe_slices(x: torch.Tensor, tiles: int = 8, clip: float = 2.0) -> torch.Te
     """CLAHE of every slice x (S, H, W) -> (S, H, W) in [0, 1] (min-max, CLAHE, min-max; constant slices -> 0).
 
     scikit-image's ``equalize_adapthist`` with ``tiles`` x ``tiles`` tiles; its clip limit is a fraction of the
-    tile's pixels, OpenCV's a multiple of the mean bin count, so OpenCV's ``clip`` is ``clip / nbins`` here.
+    tile's pixels, OpenCV's a multiple of the mean bin count, so OpenCV's ``clip`` is ``clip / nbins`` here. No
+    gradient flows through it. A PyTorch custom operator (``nnunet_sam::clahe_slices``), so that tensors without
+    values (fake or meta: the benchmark's memory and FLOP traces) pass through it with their shape.
     """
+    return _clahe_op(x.detach(), tiles, clip)
+
+
+@torch.library.custom_op("nnunet_sam::clahe_slices", mutates_args=())
+def _clahe_op(x: torch.Tensor, tiles: int, clip: float) -> torch.Tensor:
     nbins = 256
     h, w = x.shape[-2:]
     kernel = (max(1, h // tiles), max(1, w // tiles))
@@ -71,12 +78,17 @@ def clahe_slices(x: torch.Tensor, tiles: int = 8, clip: float = 2.0) -> torch.Te
         return np.zeros_like(a) if hi - lo < 1e-8 else (a - lo) / (hi - lo)
 
     out = []
-    for s in x.detach().float().cpu().numpy():
+    for s in x.float().cpu().numpy():
         s = minmax(s)
         if s.max() > 0:
             s = minmax(equalize_adapthist(s, kernel_size=kernel, clip_limit=clip / nbins, nbins=nbins))
         out.append(s.astype(np.float32))
     return torch.from_numpy(np.stack(out)).to(x.device, x.dtype)
+
+
+@_clahe_op.register_fake
+def _(x: torch.Tensor, tiles: int, clip: float) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _grad_if(modules: Sequence[nn.Module]):
@@ -192,7 +204,7 @@ class PanSAMNetwork(FoldedSAM):
         if output in ("refined", "final"):
             source = logits.sigmoid() if reference is None else reference.reshape(b * d, p, p).float()
             generator = None
-            if not self.training:
+            if not self.training and not x.is_meta:  # meta tensors (FLOP counts) have no generator and no values
                 generator = torch.Generator(device=x.device).manual_seed(self.options.point_seed)
             config = self.options.points.in_pixels(self.pixel_spacing)
             points, labels = generate_points(source, self.input_size, config, generator)

@@ -341,7 +341,8 @@ class SAMTrainer(nnUNetTrainer):
         autocast (fp32 variants only when autocast is forced off). Elsewhere nothing is estimated: nnU-Net's
         behaviour (no autocast off CUDA), checkpointing only when forced.
         """
-        from nnunet_sam.benchmarking.memory import GIB, OPTIMIZER_STATE, EncoderPath, choose_memory_options, memory_row
+        from nnunet_sam.benchmarking.configs import training_forwards
+        from nnunet_sam.benchmarking.memory import GIB, OPTIMIZER_STATE, choose_memory_options, memory_row
 
         checkpointing, use_autocast = self.forced_memory_options()
         if self.device.type != "cuda":
@@ -367,13 +368,10 @@ class SAMTrainer(nnUNetTrainer):
             return network
 
         buffers, patch = OPTIMIZER_STATE.get(self.optimizer_name, 2), record["patch_size"]
-        scope = "whole network"
+        forwards = training_forwards(type(self), heads)  # this trainer's forward_batch, per training stage
+        scope = f"training forward, largest of {', '.join(forwards)}"
         try:
-            try:
-                row = memory_row(build, params, buffers, channels, patch, self.batch_size)
-            except Exception:  # noqa: BLE001  (numpy in the forward, prompts it must be given: the encoder path)
-                row = memory_row(lambda: EncoderPath(build()), params, buffers, channels, patch, self.batch_size)
-                scope = "encoder path only (the whole forward cannot be traced)"
+            row = memory_row(build, params, buffers, channels, patch, self.batch_size, forwards=list(forwards.values()))
         except Exception as e:  # noqa: BLE001  (a forward that cannot run on fake tensors must not stop training)
             self._checkpointing = bool(checkpointing)
             self._autocast_dtype = None if use_autocast is False else self._autocast_dtype

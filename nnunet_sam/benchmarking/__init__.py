@@ -25,7 +25,11 @@ Figures and how each is obtained:
 * **Attention on this CPU** (``--attention-sizes``): SAM ViT-B's encoder forward + backward on one slice with
   segment-anything's attention and with ours, each in a fresh process of the same run (time, added peak memory).
 * **GPU mode** (``--device cuda``, nnunet_sam.benchmarking.gpu): real step time and
-  ``torch.cuda.max_memory_allocated`` per preset and for nnU-Net's ResEnc U-Net at the same patch.
+  ``torch.cuda.max_memory_allocated`` per preset and for nnU-Net's ResEnc U-Net at the same patch, and one short
+  real ``nnUNetv2_train`` of a preset on phantom data; each part within a time budget (about 8 minutes in all).
+* **Training step of a preset**: the trainer's own ``forward_batch`` hook (run on a stand-in trainer,
+  ``configs.stand_in_trainer``) for each of its training phases (stages), with the parameters its
+  ``configure_optimizers`` trains; memory and FLOPs of the costliest phase.
 * **Peak training memory** = fp32 parameters + fp32 gradients and optimiser state of the trainable parameters +
   activations. Activations = bytes of the tensors saved for backward at the end of the forward pass, summed
   through ``torch.autograd.graph.saved_tensors_hooks`` and deduplicated by storage (parameters excluded), on fake

@@ -66,13 +66,18 @@ def surrogate_loss(outputs) -> torch.Tensor:
     return sum(surrogate_loss(o) for o in outputs)
 
 
-def train_step_flops(net: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """FLOPs of forward + surrogate loss + backward, and how many frozen parameters got a ``.grad`` from it."""
+def train_step_flops(
+    net: nn.Module, x: torch.Tensor, forward: Callable[[nn.Module, torch.Tensor], object] | None = None
+) -> tuple[int, int]:
+    """FLOPs of forward + surrogate loss + backward, and how many frozen parameters got a ``.grad`` from it.
+
+    ``forward(net, x)``: the training forward (a trainer's ``forward_batch``); default ``net(x)``."""
     net.zero_grad(set_to_none=True)
+    forward = forward or (lambda n, inputs: n(inputs))
 
     def step():
         net.train()
-        loss = surrogate_loss(net(x))
+        loss = surrogate_loss(forward(net, x))
         if loss.requires_grad:  # a frozen encoder path (PanSAM's) trains nothing: its step is the forward
             loss.backward()
 
@@ -83,10 +88,23 @@ def train_step_flops(net: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return flops, frozen_with_grad
 
 
-def inference_flops(net: nn.Module, x: torch.Tensor) -> int:
-    net.eval()
-    with allow_meta_masks(), torch.no_grad():
-        return count_flops(lambda: net(x))
+def inference_flops(
+    net: nn.Module, x: torch.Tensor, forward: Callable[[nn.Module, torch.Tensor], object] | None = None
+) -> int:
+    """FLOPs of one eval-mode forward (``forward(net, x)``, default ``net(x)``) without gradients.
+
+    Every weight is frozen meanwhile: ``FlopCounterMode``'s module tracker fails on a parameter view that a module
+    passes on under ``no_grad`` (it still reports ``requires_grad``), e.g. learned query tokens."""
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    net.requires_grad_(False)
+    forward = forward or (lambda n, inputs: n(inputs))
+    try:
+        net.eval()
+        with allow_meta_masks(), torch.no_grad():
+            return count_flops(lambda: forward(net, x))
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def encoder_floor(net: nn.Module, x: torch.Tensor) -> float:

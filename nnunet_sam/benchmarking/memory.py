@@ -14,14 +14,14 @@ single block (recomputed in backward). Not included: the CUDA context and alloca
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from nnunet_sam.benchmarking.configs import on_meta
+from nnunet_sam.benchmarking.configs import Forward, on_meta
 from nnunet_sam.blocks.injection import EncoderAdditions
 from nnunet_sam.blocks.volumetric_encoder import VolumetricEncoder
 
@@ -101,33 +101,51 @@ class SavedTensorTrace:
         return {"total": total, "checkpointed": checkpointed}
 
 
-class EncoderPath(nn.Module):
-    """A network's encoder path (its ``encode``: stem, SAM's image encoder with the additions), for networks whose
-    whole forward cannot run on meta or fake tensors (numpy inside it, or prompts it must be given)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor):
-        return self.net.encode(x)
-
-
-def activation_bytes(build: Callable[[], nn.Module], batch: int, bf16: bool, in_channels: int, patch) -> dict:
+def activation_bytes(
+    build: Callable[[], nn.Module], batch: int, bf16: bool, in_channels: int, patch, forward: Forward | None = None
+) -> dict:
     """Saved-for-backward bytes of one training forward on fake CPU tensors, float32 or under bf16 autocast.
 
-    Fake CPU tensors, not the meta device: on meta, ``scaled_dot_product_attention`` runs its math path, which
-    keeps the full attention matrix for backward, while fake CPU tensors dispatch to the fused kernel that the
-    real run uses (and that stores no (N, N) tensor).
+    ``forward(net, x)`` is the training forward (e.g. a trainer's ``forward_batch``,
+    :func:`~nnunet_sam.benchmarking.configs.training_forwards`); default ``net(x)``. Fake CPU tensors, not the meta
+    device: on meta, ``scaled_dot_product_attention`` runs its math path, which keeps the full attention matrix for
+    backward, while fake CPU tensors dispatch to the fused kernel that the real run uses (and that stores no
+    (N, N) tensor).
     """
     net = on_meta(build)  # built on meta, then given fake CPU storage: builders may call .item() at init
-    with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()):
+    forward = forward or (lambda n, inputs: n(inputs))
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    with mode:
         net.to_empty(device="cpu")
         x = torch.zeros(batch, in_channels, *patch)
-        net.train()
-        trace = SavedTensorTrace(net)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return trace.run(lambda: net(x))
+    net.train()
+    trace = SavedTensorTrace(net)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return trace.run(lambda: forward(CallInMode(net, mode), x))
+
+
+class CallInMode:
+    """``net`` as a training hook sees it, every call of it run inside ``mode`` (a fake-tensor mode): what the hook
+    prepares around the call (clicks drawn from the target) runs on real tensors, the network on fake ones."""
+
+    def __init__(self, net: nn.Module, mode: FakeTensorMode) -> None:
+        self._net, self._mode = net, mode
+
+    def __getattr__(self, name: str):
+        return getattr(self._net, name)
+
+    def __call__(self, *args, **kwargs):
+        with self._mode:
+            return self._net(*args, **kwargs)
+
+
+def peak_activation_bytes(
+    build: Callable[[], nn.Module], batch: int, bf16: bool, in_channels: int, patch, forwards: Sequence[Forward] = ()
+) -> dict:
+    """:func:`activation_bytes` of the largest of several training forwards (a trainer's phases), per figure."""
+    traces = [activation_bytes(build, batch, bf16, in_channels, patch, f) for f in forwards or [None]]
+    checkpointed = [t["checkpointed"] for t in traces if t["checkpointed"] is not None]
+    return {"total": max(t["total"] for t in traces), "checkpointed": max(checkpointed) if checkpointed else None}
 
 
 def memory_estimate(params: dict, optimizer_buffers: int, activations: int) -> int:
@@ -135,24 +153,41 @@ def memory_estimate(params: dict, optimizer_buffers: int, activations: int) -> i
     return 4 * params["total"] + 4 * (1 + optimizer_buffers) * params["trainable"] + activations
 
 
-def memory_row(build, params: dict, buffers: int, in_channels: int, patch, batch: int, bf16: bool = True) -> dict:
-    """Estimated peak training bytes at ``batch``: none / checkpointing / 16-bit autocast / both (bytes)."""
-    return memory_table(build, params, buffers, in_channels, patch, bf16, batches=(batch,))[f"batch{batch}"]
+def memory_row(
+    build,
+    params: dict,
+    buffers: int,
+    in_channels: int,
+    patch,
+    batch: int,
+    bf16: bool = True,
+    forwards: Sequence[Forward] = (),
+) -> dict:
+    """Estimated peak training bytes at ``batch``: none / checkpointing / 16-bit autocast / both (bytes); the
+    largest over ``forwards`` (training forwards ``forward(net, x)``; default ``net(x)``)."""
+    return memory_table(build, params, buffers, in_channels, patch, bf16, (batch,), forwards)[f"batch{batch}"]
 
 
 def memory_table(
-    build, params: dict, buffers: int, in_channels: int, patch, bf16: bool, batches: tuple[int, ...] = (1, 2)
+    build,
+    params: dict,
+    buffers: int,
+    in_channels: int,
+    patch,
+    bf16: bool,
+    batches: tuple[int, ...] = (1, 2),
+    forwards: Sequence[Forward] = (),
 ) -> dict:
     """Estimated peak training bytes for batch 1 and 2: none / checkpointing / 16-bit autocast / both."""
     table = {}
     for batch in batches:
-        fp32 = activation_bytes(build, batch, False, in_channels, patch)
+        fp32 = peak_activation_bytes(build, batch, False, in_channels, patch, forwards)
         row = {"activations_fp32": fp32["total"]}
         row["none"] = memory_estimate(params, buffers, fp32["total"])
         if fp32["checkpointed"] is not None:
             row["checkpointing"] = memory_estimate(params, buffers, fp32["checkpointed"])
         if bf16:
-            half = activation_bytes(build, batch, True, in_channels, patch)
+            half = peak_activation_bytes(build, batch, True, in_channels, patch, forwards)
             row["activations_autocast"] = half["total"]
             row["autocast"] = memory_estimate(params, buffers, half["total"])
             if half["checkpointed"] is not None:

@@ -29,6 +29,8 @@ from nnunet_sam.benchmarking.configs import (
     on_meta,
     sam_record,
     trainer_class,
+    training_forwards,
+    training_network,
 )
 from nnunet_sam.benchmarking.counting import (
     all_frozen_floor,
@@ -43,7 +45,6 @@ from nnunet_sam.benchmarking.memory import (
     GIB,
     MEMORY_OPTIONS,
     OPTIMIZER_STATE,
-    EncoderPath,
     SavedTensorTrace,
     activation_bytes,
     choose_memory_options,
@@ -179,22 +180,29 @@ def preset_row(preset: Preset, in_channels: int, bf16: bool) -> dict:
     """Parameters, FLOPs (training step, inference forward; per sample) and estimated peak training memory at the
     preset's batch size with segment-anything's attention ("sam") and ours ("sdpa"), every memory option set.
 
-    A network whose whole forward cannot be traced is counted through its encoder path (``scope`` says so, with
-    the reason): a lower bound, which holds the SAM encoder that dominates memory and FLOPs.
+    The training step is the trainer's own ``forward_batch`` hook (its stages, prompts simulated from the target),
+    with the parameters its ``configure_optimizers`` trains (SAM's weights pretrained); FLOPs and memory are those
+    of the costliest phase. Inference is the eval-mode forward; a promptable model without a prompt-free output
+    (RadSAM) is counted through its last training phase in eval mode (``inference_scope`` says which).
     """
     records = {attention: preset.record(attention) for attention in ("sam", "sdpa")}
     patch = records["sdpa"]["patch_size"]
-    trainer = preset.trainer
-    x = torch.zeros(1, in_channels, *patch, device="meta")
-    scope, wrap = "whole network", lambda net: net
-    net = on_meta(lambda: build_sam_network(trainer, records["sdpa"], in_channels, preset.num_classes))
-    try:
-        flops = {"train_step": train_step_flops(net, x)[0], "inference": inference_flops(net, x)}
-    except Exception as e:  # noqa: BLE001
-        scope, wrap = f"encoder path ({type(e).__name__}: {str(e)[:80]})", EncoderPath
-        net = wrap(net)
-        flops = {"train_step": train_step_flops(net, x)[0], "inference": inference_flops(net, x)}
+    trainer, classes = preset.trainer, preset.num_classes
+    forwards = training_forwards(trainer, classes)
+
+    def build(record: dict) -> nn.Module:
+        return training_network(trainer, record, in_channels, classes)
+
+    net = on_meta(lambda: build(records["sdpa"]))
     params = parameter_counts(net)
+    x = torch.zeros(1, in_channels, *patch, device="meta")
+    per_phase = {phase: train_step_flops(net, x, forward)[0] for phase, forward in forwards.items()}
+    inference_scope = "eval forward"
+    try:
+        inference = inference_flops(net, x)
+    except Exception as e:  # noqa: BLE001  (no prompt-free output)
+        inference_scope = f"last training phase in eval mode (eval forward: {type(e).__name__})"
+        inference = inference_flops(net, x, list(forwards.values())[-1])
     buffers = OPTIMIZER_STATE[trainer.optimizer_name]
     row = {
         "preset": preset.name,
@@ -204,20 +212,22 @@ def preset_row(preset: Preset, in_channels: int, bf16: bool) -> dict:
         "sam_input_size": records["sdpa"]["sam_input_size"],
         "batch_size": preset.batch_size,
         "target_gib": preset.target_gib,
-        "scope": scope,
+        "phases": list(forwards),
+        "inference_scope": inference_scope,
         "params": params,
-        "flops": flops,
+        "flops": {"train_step": max(per_phase.values()), "train_step_per_phase": per_phase, "inference": inference},
         "memory_bytes": {},
     }
     for attention, record in records.items():
         row["memory_bytes"][attention] = memory_row(
-            lambda r=record: wrap(build_sam_network(trainer, r, in_channels, preset.num_classes)),
+            lambda r=record: build(r),
             params,
             buffers,
             in_channels,
             patch,
             preset.batch_size,
             bf16,
+            list(forwards.values()),
         )
     if preset.target_gib is not None:
         choice, fits = choose_memory_options(row["memory_bytes"]["sdpa"], preset.target_gib * GIB)
@@ -242,8 +252,11 @@ def format_presets(rows: list[dict], attention: list[dict]) -> list[str]:
         )
         lines += [head, "-" * len(head)]
         for r in rows:
-            if r["scope"] != "whole network":
-                lines.append(f"{r['preset']}: counted through its {r['scope']}")
+            if len(r["phases"]) > 1:
+                per_phase = ", ".join(f"{k} {_g(v)}" for k, v in r["flops"]["train_step_per_phase"].items())
+                lines.append(f"{r['preset']}: training phases (train GF) {per_phase}; the largest figures are shown")
+            if r["inference_scope"] != "eval forward":
+                lines.append(f"{r['preset']}: inference counted through its {r['inference_scope']}")
             for impl in ("sam", "sdpa"):
                 m = r["memory_bytes"][impl]
                 first = impl == "sam"

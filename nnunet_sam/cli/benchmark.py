@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 
 from nnunet_sam.benchmarking.configs import BACKBONES, CPU_BACKBONES, METHODS, PRESETS
@@ -55,6 +56,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="cpu",
         help="cuda: measure step time and memory of every preset on the GPU instead (nnunet_sam.benchmarking.gpu)",
     )
+    parser.add_argument(
+        "--short-training",
+        default="MaskSAMTrainer_ACDC",
+        metavar="TRAINER",
+        help="--device cuda: the trainer of the short real nnUNetv2_train run on phantom data ('none': skip it)",
+    )
+    parser.add_argument(
+        "--workdir",
+        default="nnunet_sam_gpu_check",
+        help="--device cuda: folder of the short training (nnU-Net's raw/preprocessed/results folders, its log)",
+    )
     parser.add_argument("--gpu-gib", type=float, default=24.0, help="GPU memory target for MaskSAMTrainer (vit_b)")
     parser.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     return parser.parse_args(argv)
@@ -64,9 +76,20 @@ def run(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark for command-line arguments ``argv``, print the table, write the JSON; return the report."""
     args = parse_args(argv)
     if args.device == "cuda":
+        import torch
+
         from nnunet_sam.benchmarking.gpu import format_gpu_report, run_gpu_benchmark
 
-        report = run_gpu_benchmark([p for p in PRESETS if p.name in args.presets], args.in_channels)
+        if not torch.cuda.is_available():
+            print(
+                "nnunet_sam_benchmark: --device cuda needs a CUDA GPU (torch.cuda.is_available() is False); the "
+                "estimates run on any machine without --device",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+        short = None if args.short_training.lower() == "none" else args.short_training
+        presets = [p for p in PRESETS if p.name in args.presets]
+        report = run_gpu_benchmark(presets, args.in_channels, "cuda", short=short, workdir=args.workdir)
         text = format_gpu_report
     else:
         report, text = run_benchmark(args), format_report

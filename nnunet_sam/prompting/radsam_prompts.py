@@ -103,9 +103,21 @@ def distance_inside(masks: torch.Tensor) -> torch.Tensor:
     """
     if max(masks.shape[-2:]) <= 256:
         return distance_transform_2d(masks)
+    return _distance_edt(masks)
+
+
+@torch.library.custom_op("nnunet_sam::distance_inside", mutates_args=())
+def _distance_edt(masks: torch.Tensor) -> torch.Tensor:
+    """SciPy's exact transform of :func:`distance_inside`, as a PyTorch operator so that tensors without values
+    (fake or meta: the benchmark's memory and FLOP traces) pass through it with their shape."""
     padded = np.pad(masks.cpu().numpy(), ((0, 0), (1, 1), (1, 1)))
     dist = np.stack([distance_transform_edt(m)[1:-1, 1:-1] for m in padded]).astype(np.float32)
     return torch.from_numpy(dist).to(masks.device)
+
+
+@_distance_edt.register_fake
+def _(masks: torch.Tensor) -> torch.Tensor:
+    return torch.empty(masks.shape, dtype=torch.float32, device=masks.device)
 
 
 def interior_points(

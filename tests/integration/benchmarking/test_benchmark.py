@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
+import numpy
 import pytest
 import torch
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
@@ -175,17 +177,18 @@ def test_preset_rows_compare_both_attentions_through_the_trainers_builders():
     big = {"sam_input_size": 256}
     preset = Preset("masksam", MaskSAMTrainer_tiny, (2, 64, 64), num_classes=4, block=big, target_gib=1)
     whole = preset_row(preset, 1, False)
-    assert whole["scope"] == "whole network" and whole["patch_size"] == [2, 64, 64]
+    assert whole["phases"] == ["training"] and whole["patch_size"] == [2, 64, 64]
     sam, ours = whole["memory_bytes"]["sam"], whole["memory_bytes"]["sdpa"]
     assert ours["activations_fp32"] < sam["activations_fp32"], "no stored attention matrices"
     assert ours["checkpointing"] < ours["none"]
     assert whole["target"] == {"option_set": "none", "fits": True, "bytes": ours["none"]}  # fp32 only: no bf16
-    # PanSAM's forward runs numpy (CLAHE): counted through the network's encoder path, and it says so; that path is
-    # frozen in PanSAM (no stem, no adapters), so its training step stores nothing
-    encoder = preset_row(Preset("pansam", PanSAMTrainer_tiny, (2, 64, 64), num_classes=2, block=big), 1, False)
-    assert encoder["scope"].startswith("encoder path")
-    assert encoder["memory_bytes"]["sdpa"]["activations_fp32"] == encoder["memory_bytes"]["sam"]["activations_fp32"]
-    assert encoder["flops"]["train_step"] == encoder["flops"]["inference"]
+    # PanSAM trains in three stages (CLAHE runs as a custom operator in its forward): each stage's training forward
+    # is traced through the trainer's forward_batch, and the row holds the costliest
+    pansam = preset_row(Preset("pansam", PanSAMTrainer_tiny, (2, 64, 64), num_classes=2, block=big), 1, False)
+    assert pansam["phases"] == ["stage 1", "stage 2", "stage 3"] and pansam["inference_scope"] == "eval forward"
+    per_phase = pansam["flops"]["train_step_per_phase"]
+    assert pansam["flops"]["train_step"] == max(per_phase.values()) > per_phase["stage 1"] > 0
+    assert pansam["memory_bytes"]["sdpa"]["activations_fp32"] > 0
     from nnunet_sam.benchmarking.report import format_presets
 
     attention = [
@@ -198,6 +201,163 @@ def test_preset_rows_compare_both_attentions_through_the_trainers_builders():
         },
         {"input_size": 1024, "sam": {"error": ["MemoryError"]}, "sdpa": {"seconds": 3.0, "peak_added_bytes": 1}},
     ]
-    text = "\n".join(format_presets([whole, encoder], attention))
-    assert "masksam" in text and "pansam: counted through its encoder path" in text
+    text = "\n".join(format_presets([whole, pansam], attention))
+    assert "masksam" in text and "pansam: training phases (train GF) stage 1" in text
     assert "time 0.50, peak memory 0.25" in text and "MemoryError" in text
+
+
+@pytest.mark.parametrize(
+    "trainer, planned, classes",
+    [("PanSAMTrainer_tiny", (2, 64, 64), 2), ("SAM3DAdapterTrainer_prompted_tiny", (16, 64, 64), 3)],
+)
+def test_training_forward_trace_equals_a_real_step(trainer, planned, classes):
+    """The fake-tensor trace of a trainer's own training forward (forward_batch, per stage; clicks simulated from
+    the target) stores exactly the bytes a real step on real tensors stores."""
+    from nnunet_sam.trainers import pansam, sam3d_adapter
+
+    trainer = getattr(pansam, trainer, None) or getattr(sam3d_adapter, trainer)
+    record = configs.sam_record(trainer, planned, classes)
+
+    def build():
+        return configs.training_network(trainer, record, 1, classes)
+
+    for phase, forward in configs.training_forwards(trainer, classes).items():
+        fake = memory.activation_bytes(build, 2, False, 1, record["patch_size"], forward)
+        net = build().train()
+        x = torch.randn(2, 1, *record["patch_size"])
+        real = memory.SavedTensorTrace(net).run(lambda f=forward, n=net, x=x: f(n, x))
+        assert fake == real, phase
+        assert fake["total"] > 0, phase
+
+
+def test_radsam_training_forward_trains_sam_and_traces_its_prompts():
+    """RadSAM fine-tunes all of SAM: its trace is the simulated interaction of forward_batch (initial prompt and
+    correction rounds), not SAM's frozen encoder. Without values the trace takes the mask-prompt path (every
+    correction round's), so it holds at least what a real step with an empty reference (no mask prompt) stores."""
+    from nnunet_sam.trainers.radsam import RadSAMTrainer_tiny
+
+    record = configs.sam_record(RadSAMTrainer_tiny, (64, 64), 3)
+
+    def build():
+        return configs.training_network(RadSAMTrainer_tiny, record, 1, 3)
+
+    net = build().train()
+    assert all(p.requires_grad for p in net.parameters()), "RadSAM's configure_optimizers trains all of SAM"
+    (forward,) = configs.training_forwards(RadSAMTrainer_tiny, 3).values()
+    fake = memory.activation_bytes(build, 2, False, 1, record["patch_size"], forward)
+    real = memory.SavedTensorTrace(net).run(lambda: forward(net, torch.randn(2, 1, *record["patch_size"])))
+    assert real["total"] <= fake["total"] < 1.05 * real["total"]
+    assert fake["checkpointed"] is not None, "SAM's encoder blocks store activations: they train"
+
+
+def test_numpy_steps_of_the_forwards_are_operators_that_trace_without_values():
+    """CLAHE (PanSAM) and the exact distance transform of slices over 256 px (RadSAM's interior clicks) run numpy as
+    PyTorch custom operators: real results unchanged (equal to scipy / scikit-image), meta tensors keep the shape."""
+    from scipy.ndimage import distance_transform_edt
+
+    from nnunet_sam.network_architectures.pansam import clahe_slices
+    from nnunet_sam.prompting.radsam_prompts import distance_inside
+
+    masks = torch.zeros(2, 300, 280, dtype=torch.bool)
+    masks[0, 100:200, 50:120] = True
+    masks[1, 0:40, 0:280] = True
+    expected = [distance_transform_edt(m)[1:-1, 1:-1] for m in torch.nn.functional.pad(masks, (1, 1, 1, 1)).numpy()]
+    assert torch.equal(distance_inside(masks), torch.from_numpy(numpy.stack(expected)).float())
+    assert distance_inside(masks.to("meta")).shape == masks.shape
+    x = torch.rand(3, 64, 64)
+    assert clahe_slices(x.to("meta")).shape == x.shape and clahe_slices(x).shape == x.shape
+
+
+def test_gpu_mode_measures_presets_on_the_cpu_with_the_tiny_backbone():
+    """The GPU mode's preset part (nnunet_sam.benchmarking.gpu) on the CPU: the estimate, the option set chosen
+    from it and measured steps of every PanSAM stage through its trainer's forward_batch, next to the ResEnc U-Net.
+    CUDA-only figures (max_memory_allocated) are None on a CPU."""
+    from nnunet_sam.benchmarking import gpu
+    from nnunet_sam.trainers.pansam import PanSAMTrainer_tiny
+
+    preset = configs.Preset("tiny pansam", PanSAMTrainer_tiny, (2, 32, 32), num_classes=2)
+    report = gpu.run_gpu_benchmark([preset], device="cpu", steps=1, warmup=0, short=None)
+    assert report["failed"] == {} and report["skipped"] == {} and report["device"] == "cpu"
+    (row,) = report["rows"]
+    assert set(row["phases"]) == {"stage 1", "stage 2", "stage 3"} and row["option_set"] == "none"
+    assert row["sam"]["step_s"] > 0 and row["resenc"]["step_s"] > 0 and row["sam"]["max_memory_allocated"] is None
+    assert row["estimate_bytes"] > 0 and row["patch_size"] == [2, 32, 32] and row["batch_size"] == 2
+    assert "tiny pansam" in gpu.format_gpu_report(report)
+
+
+def test_gpu_mode_short_training_through_nnunet_commands_on_the_cpu(tmp_path, monkeypatch):
+    """The GPU mode's short real training on the CPU with the tiny backbone: phantom dataset,
+    nnUNetv2_plan_and_preprocess, nnUNetv2_train of the trainer copy (a few timed steps), nnU-Net's final
+    checkpoint written; the report's structure."""
+    from nnunet_sam.benchmarking import gpu
+
+    monkeypatch.delenv("nnUNet_SAM_checkpoints", raising=False)
+    short = {"iterations": 4, "phantom_shape": (16, 32, 32), "num_train": 5}
+    report = gpu.run_gpu_benchmark([], device="cpu", short="MaskSAMTrainer_tiny", workdir=tmp_path, short_kwargs=short)
+    assert report["failed"] == {} and report["rows"] == []
+    run = report["short_training"]
+    assert run["trainer"] == "MaskSAMTrainer_tiny" and run["configuration"] == "3d_fullres"
+    assert run["iterations"] == 4 and run["step_s"] > 0 and run["max_memory_allocated"] is None
+    assert run["batch_size"] == 2 and os.path.isfile(run["checkpoint"])
+    checkpoint = torch.load(run["checkpoint"], map_location="cpu", weights_only=False)
+    assert checkpoint["current_epoch"] == 1 and checkpoint["init_args"]["configuration"] == "3d_fullres"
+    assert "short training (nnUNetv2_train MaskSAMTrainer_tiny" in gpu.format_gpu_report(report)
+
+
+def test_gpu_mode_stops_at_its_time_budget():
+    from nnunet_sam.benchmarking import gpu
+    from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
+
+    preset = configs.Preset("tiny", MaskSAMTrainer_tiny, (2, 32, 32), num_classes=3)
+    report = gpu.run_gpu_benchmark([preset], device="cpu", short=None, budget_s={"presets": -1})
+    assert report["rows"] == [] and "time budget" in report["skipped"]["tiny b2"]
+
+
+def test_gpu_mode_without_a_gpu_exits_2_before_any_work(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.run(["--device", "cuda"])
+    assert exit_info.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_trainer_memory_controls_estimate_the_training_forward(tmp_path, monkeypatch):
+    """On CUDA (here faked: 2 GiB, bf16) a trainer's memory controls trace its own training forward with its
+    trainable parameters: RadSAM's simulated interaction through all of SAM, not the frozen encoder path."""
+    from types import SimpleNamespace
+
+    from sam_testing import dataset_json, minimal_plans
+
+    from nnunet_sam.trainers.base import AUTOCAST_ENV, CHECKPOINTING_ENV
+    from nnunet_sam.trainers.radsam import RadSAMTrainer_tiny
+
+    for var in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    for var in ("nnUNet_SAM_checkpoints", CHECKPOINTING_ENV, AUTOCAST_ENV):
+        monkeypatch.delenv(var, raising=False)
+    plans = minimal_plans([64, 64], "2d")
+    plans["configurations"]["2d"]["normalization_schemes"] = ["ZScoreNormalization"]
+    data = tmp_path / "nnUNet_preprocessed" / plans["dataset_name"] / plans["configurations"]["2d"]["data_identifier"]
+    data.mkdir(parents=True)
+    (data / "case.b2nd").touch()  # initialize() reads only the file ending of the preprocessed data
+    trainer = RadSAMTrainer_tiny(plans, "2d", 0, dataset_json(2), torch.device("cpu"))
+    trainer.initialize()
+    logged = []
+    monkeypatch.setattr(trainer, "print_to_log_file", lambda *args, **kwargs: logged.append(" ".join(map(str, args))))
+    gpu = SimpleNamespace(total_memory=2 * memory.GIB)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    trainer.device = torch.device("cuda")
+    trainer.memory_controls()
+    (line,) = [text for text in logged if text.startswith("Memory controls")]
+    assert "(GiB, training forward, largest of training)" in line, line
+    assert trainer._autocast_dtype == torch.bfloat16 and not trainer._checkpointing
+    record = trainer.sam_record
+    (forward,) = configs.training_forwards(RadSAMTrainer_tiny, 3).values()
+    net = trainer._plain_network()
+    activations = memory.activation_bytes(
+        lambda: configs.training_network(RadSAMTrainer_tiny, record, 1, 3), trainer.batch_size, True, 1,
+        record["patch_size"], forward,
+    )["total"]  # fmt: skip
+    params = sum(p.numel() for p in net.parameters())
+    expected = memory.memory_estimate({"total": params, "trainable": params}, 1, activations)
+    assert f"estimated peak {expected / memory.GIB:.1f} GiB" in line

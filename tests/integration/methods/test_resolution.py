@@ -14,8 +14,8 @@ from sam_testing import dataset_json, minimal_plans
 
 from nnunet_sam.backbones.checkpoints import resize_to_input
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone, reference_shapes
-from nnunet_sam.benchmarking.configs import on_meta
-from nnunet_sam.benchmarking.counting import allow_meta_masks
+from nnunet_sam.benchmarking.configs import on_meta, stand_in_trainer, training_forwards
+from nnunet_sam.benchmarking.counting import allow_meta_masks, surrogate_loss
 from nnunet_sam.model_record import ModelRecord
 from nnunet_sam.prompting.radsam_prompts import SimulatedInteraction
 from nnunet_sam.trainers import masksam, pansam, radsam, sam3d_adapter, self_prompt_sam
@@ -101,9 +101,10 @@ def test_tiny_methods_train_at_2x_and_4x(trainer_class, scale):
 @pytest.mark.parametrize("scale", [2, 4])
 @pytest.mark.parametrize("trainer_class", VIT_B, ids=lambda c: c.__name__)
 def test_vit_b_methods_at_2x_and_4x_on_meta(trainer_class, scale):
-    """ViT-B: the official checkpoint's keys and shapes, resized to the input, load strictly; MaskSAM,
-    Self-Prompt-SAM and 3DSAM-adapter also run forward and backward on meta tensors (PanSAM's CLAHE and point
-    sampling and RadSAM's prompt simulation read values, which meta tensors do not have)."""
+    """ViT-B: the official checkpoint's keys and shapes, resized to the input, load strictly, and every method runs
+    forward and backward on meta tensors. PanSAM and RadSAM run their trainer's training forward (forward_batch):
+    each of PanSAM's three stages, RadSAM's simulated prompt with its correction rounds, with the parameters their
+    configure_optimizers trains (CLAHE and the prompt generators are shape-only on meta tensors)."""
     is_2d = trainer_class is radsam.RadSAMTrainer
     patch = [128, 128] if is_2d else [4, 128, 128]
     cls = _scaled(trainer_class, scale, patch)
@@ -114,10 +115,24 @@ def test_vit_b_methods_at_2x_and_4x_on_meta(trainer_class, scale):
     official = {k: torch.empty(shape, device="meta") for k, shape in reference_shapes(spec).items()}
     net.sam.load_state_dict(resize_to_input(official, spec, block["sam_input_size"]), strict=True)
     assert net.sam.image_encoder.pos_embed.shape[1:3] == (8 * scale, 8 * scale)
-    if trainer_class in (pansam.PanSAMTrainer, radsam.RadSAMTrainer):
-        return
     net.train()
     x = torch.zeros(2, 1, *patch, device="meta")
+    if trainer_class in (pansam.PanSAMTrainer, radsam.RadSAMTrainer):
+        stand_in_trainer(cls, net, _classes(cls)).configure_optimizers()
+        for phase, forward in training_forwards(cls, _classes(cls)).items():
+            net.zero_grad(set_to_none=True)
+            with allow_meta_masks():
+                out = forward(net, x)
+                surrogate_loss(out).backward()
+            if is_2d:  # initial prompt + correction rounds, one structure per slice, SAM's four masks
+                assert out.shape == (1 + cls.correction_rounds, 2, 1, 4, *patch), phase
+            else:
+                assert out["semantic"].shape == (2, _classes(cls), *patch), phase
+            trained = [p for p in net.parameters() if p.grad is not None]
+            assert trained and all(p.requires_grad for p in trained), phase
+        if is_2d:
+            assert net.sam.image_encoder.patch_embed.proj.weight.grad is not None, "RadSAM fine-tunes SAM"
+        return
     with allow_meta_masks():
         semantic, loss = _loss(net, x, False)
         assert semantic.shape == (2, _classes(cls), *patch)
