@@ -46,7 +46,7 @@ class SAM3DAdapterNetwork(nn.Module):
     ``forward(x, points=None, labels=None)``: points (B, K, 3) voxel (z, y, x) of the patch with labels (B, K)
     (class k >= 1, 0 background, -1 padding) for a prompted network (none: global queries only). With
     ``return_all`` (default: in training mode) forward returns {"aux": [], "logits": ..., "semantic": ...}
-    (the layout of :class:`~nnunet_sam.losses.DeepSupervisedSegLoss`).
+    (the layout of :class:`~nnunet_sam.losses.segmentation.DeepSupervisedSegLoss`).
     """
 
     def __init__(

@@ -35,7 +35,7 @@ from nnunet_sam.backbones.checkpoints import (
 )
 from nnunet_sam.backbones.sam_vit import get_backbone
 from nnunet_sam.blocks.checkpointing import block_checkpointing
-from nnunet_sam.losses import DeepSupervisedSegLoss
+from nnunet_sam.losses.segmentation import DeepSupervisedSegLoss
 from nnunet_sam.model_record import PLANS_KEY, RECORD_FORMAT, ModelRecord, build_from_record, options_to_json
 from nnunet_sam.training.dataset_checks import check_training_data
 from nnunet_sam.training.distributed import check_batch_split, nnunet_ddp_wrapper, rank_device
@@ -280,8 +280,8 @@ class SAMTrainer(nnUNetTrainer):
     def build_loss(cls, num_classes: int, ddp: bool = False) -> nn.Module:
         """The method's training loss for ``num_classes`` classes (background included); ``ddp``: the loss's
         batch statistics are gathered across the ranks of a DDP run. Default: nnU-Net's CE + Dice on the outputs
-        (:class:`~nnunet_sam.losses.DeepSupervisedSegLoss`). A class method, so that the benchmark times the loss
-        a training uses without a training."""
+        (:class:`~nnunet_sam.losses.segmentation.DeepSupervisedSegLoss`). A class method, so that the benchmark
+        times the loss a training uses without a training."""
         return DeepSupervisedSegLoss()
 
     def _build_loss(self) -> nn.Module:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from nnunet_sam.losses import MASK_BCE_WEIGHT, MASK_DICE_WEIGHT, MaskSetCriterion
+from nnunet_sam.losses.set_criterion import MASK_BCE_WEIGHT, MASK_DICE_WEIGHT, MaskSetCriterion
 from nnunet_sam.network_architectures.masksam import ABLATION_ROWS, MaskSAMNetwork, MaskSAMOptions
 from nnunet_sam.trainers.base import CPUDemo, LiteMedSAM, LiteMedSAMCPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
 

@@ -18,7 +18,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 from torch.optim.lr_scheduler import _LRScheduler
 
-from nnunet_sam.losses import FocalDiceLoss
+from nnunet_sam.losses.segmentation import FocalDiceLoss
 from nnunet_sam.network_architectures.pansam import STAGE_OUTPUT, PanSAMNetwork, PanSAMOptions
 from nnunet_sam.trainers.base import (
     CPUDemo,

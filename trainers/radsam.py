@@ -18,7 +18,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnunet_sam.losses import RadSAMLoss
+from nnunet_sam.losses.segmentation import RadSAMLoss
 from nnunet_sam.network_architectures.radsam import (
     RadSAMNetwork,
     RadSAMOptions,

@@ -10,7 +10,8 @@ from sam_testing import dataset_json, minimal_plans, write_tiny_checkpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nnunet_sam.blocks.adapters import Adapter
-from nnunet_sam.losses import DeepSupervisedSegLoss, MaskSetCriterion, dice_loss, elementwise_generalized_box_iou
+from nnunet_sam.losses.segmentation import DeepSupervisedSegLoss
+from nnunet_sam.losses.set_criterion import MaskSetCriterion, dice_loss, elementwise_generalized_box_iou
 from nnunet_sam.network_architectures.masksam import MaskSAMNetwork, MaskSAMOptions
 from nnunet_sam.network_architectures.self_prompt_sam import SelfPromptSAMNetwork, SelfPromptSAMOptions
 from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny

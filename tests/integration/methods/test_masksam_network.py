@@ -6,7 +6,7 @@ import pytest
 import torch
 from sam_testing import dataset_json, minimal_plans
 
-from nnunet_sam.losses import MaskSetCriterion
+from nnunet_sam.losses.set_criterion import MaskSetCriterion
 from nnunet_sam.network_architectures.masksam import MaskSAMNetwork, MaskSAMOptions
 from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
 

@@ -16,7 +16,7 @@ from sam_testing import dataset_json, minimal_plans, nnunet_env, run_tool
 
 from nnunet_sam.blocks.aggregator_3d import SliceAggregator3D
 from nnunet_sam.demo.phantoms import make_phantom_dataset
-from nnunet_sam.losses import FocalDiceLoss
+from nnunet_sam.losses.segmentation import FocalDiceLoss
 from nnunet_sam.network_architectures.pansam import STAGE_OUTPUT, PanSAMNetwork, PanSAMOptions, clahe_slices
 from nnunet_sam.prompting.pansam_points import (
     LEGACY_POINTS,

@@ -23,7 +23,7 @@ from nnunet_sam.inference.radsam import (
     read_prompt_file,
     segment_from_prompt,
 )
-from nnunet_sam.losses import RadSAMLoss
+from nnunet_sam.losses.segmentation import RadSAMLoss
 from nnunet_sam.network_architectures.radsam import RadSAMNetwork, intensity_windows
 from nnunet_sam.prompting.mask_ops import pixel_boxes
 from nnunet_sam.prompting.radsam_prompts import (
@@ -516,7 +516,7 @@ def test_trained_tiny_radsam_segments_from_one_prompt_and_edits_improve_dice(tmp
 
 # ---- the paper's training recipe: oracle multi-mask loss, random HU windows, AdamW -------------------------------
 def test_oracle_loss_is_the_primary_plus_the_best_of_the_other_three():
-    from nnunet_sam.losses import dice_bce_per_mask, oracle_multimask_loss
+    from nnunet_sam.losses.segmentation import dice_bce_per_mask, oracle_multimask_loss
 
     target = torch.zeros(1, 1, 16, 16)
     target[0, 0, 4:12, 4:12] = 1

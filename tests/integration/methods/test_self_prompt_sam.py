@@ -7,7 +7,7 @@ import torch
 from sam_testing import dataset_json, minimal_plans
 
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone
-from nnunet_sam.losses import DeepSupervisedSegLoss
+from nnunet_sam.losses.segmentation import DeepSupervisedSegLoss
 from nnunet_sam.network_architectures.self_prompt_sam import (
     ABLATION_ROWS,
     SelfPromptSAMNetwork,

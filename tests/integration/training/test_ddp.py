@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from sam_testing import dataset_json, minimal_plans, write_tiny_checkpoint
 from torch.nn.parallel import DistributedDataParallel
 
-from nnunet_sam.losses import MaskSetCriterion
+from nnunet_sam.losses.set_criterion import MaskSetCriterion
 from nnunet_sam.trainers.base import wrap_ddp
 from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
 from nnunet_sam.trainers.self_prompt_sam import SelfPromptSAMTrainer_tiny

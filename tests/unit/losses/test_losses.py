@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnunet_sam import losses
-from nnunet_sam.losses import (
+from nnunet_sam.losses import segmentation
+from nnunet_sam.losses import set_criterion as losses
+from nnunet_sam.losses.mask_classification import segments_from_labels, semantic_log_probs
+from nnunet_sam.losses.set_criterion import (
     MaskSetCriterion,
     elementwise_generalized_box_iou,
     generalized_box_iou,
@@ -15,7 +17,6 @@ from nnunet_sam.losses import (
     pairwise_dice,
     pairwise_l1,
 )
-from nnunet_sam.losses.mask_classification import segments_from_labels, semantic_log_probs
 
 
 @pytest.fixture(autouse=True)
@@ -249,7 +250,7 @@ def test_deep_supervision_targets_are_nnunets_cell_centres(size):
 
     torch.manual_seed(0)
     target = torch.randint(0, 4, (2, 1, 3, 224, 224)).float()
-    ours = losses.downsample_target(target, (3, size, size))
+    ours = segmentation.downsample_target(target, (3, size, size))
     scale = (1.0, size / 224, size / 224)
     nnunet = torch.stack([DownsampleSegForDSTransform([scale])(segmentation=t)["segmentation"][0] for t in target])
     assert torch.equal(ours, nnunet.float())
@@ -257,7 +258,7 @@ def test_deep_supervision_targets_are_nnunets_cell_centres(size):
 
     # the loss supervises each level with those targets: logits that fit them give (almost) no loss
     logits = F.one_hot(ours[:, 0].long(), 4).permute(0, 4, 1, 2, 3).float() * 30
-    assert losses.DeepSupervisedSegLoss()({"aux": [logits]}, target).item() < 1e-3
+    assert segmentation.DeepSupervisedSegLoss()({"aux": [logits]}, target).item() < 1e-3
 
 
 def test_importance_sampling_is_denser_where_the_mask_is_uncertain():
