@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sam_testing import TESTS
 
 from nnunet_sam.inference.model_folder import (
     ModelFolderError,
@@ -16,7 +17,7 @@ from nnunet_sam.inference.model_folder import (
     load_predictor,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "saved_models"
+FIXTURES = TESTS / "fixtures" / "saved_models"
 
 
 def _fixture(trainer: str) -> Path:
