@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 from collections.abc import Mapping
 from contextlib import ExitStack, nullcontext
 from typing import Any
@@ -635,12 +636,17 @@ class Tiny:
 
 
 class CPUDemo:
-    """A few minutes of CPU training (about 600 steps).
+    """A few minutes of CPU training (about 600 steps), seeded.
 
     nnU-Net's final validation after training is skipped: with test-time mirroring it predicts every validation
     case with 8 forwards per tile (44 tiles of 4x64x64 per 24x96x96 phantom), which took longer than the whole
     training; ``nnunet_sam_demo`` evaluates the held-out test cases itself. ``nnUNetv2_train ... --val`` still runs
     nnU-Net's full validation.
+
+    ``seed`` seeds Python's, numpy's and torch's generators before the network is built, so a fresh training
+    starts from the same weights and, with nnU-Net's single-threaded augmenter (``nnUNet_n_proc_DA=0``, as
+    ``nnunet_sam_demo`` runs it), draws the same batches: one CPU thread then repeats the run exactly. nnU-Net's
+    augmentation workers seed themselves from the system, so with workers only the initial weights repeat.
     """
 
     epochs = 20
@@ -650,8 +656,14 @@ class CPUDemo:
     # competes with nnU-Net's augmentation workers; under load the second thread multiplied the CPU time of a tiny
     # forward by about 10: nnunet_sam_benchmark_prediction). None keeps nnU-Net's choice.
     cpu_threads: int | None = 1
+    seed: int | None = 0
 
     def on_train_start(self) -> None:
+        if self.seed is not None and not self.was_initialized:  # not on --c: a resumed run keeps its own state
+            random.seed(self.seed)
+            np.random.seed(self.seed)
+            torch.manual_seed(self.seed)
+            self.print_to_log_file(f"{type(self).__name__}: seeded with {self.seed}")
         if self.device.type == "cpu" and self.cpu_threads:
             torch.set_num_threads(self.cpu_threads)
             self.print_to_log_file(f"{type(self).__name__}: {self.cpu_threads} intra-op thread(s) on the CPU")

