@@ -10,8 +10,11 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Mapping
+
+from nnunetv2.utilities.file_path_utilities import get_output_folder
 
 DONE = 0
 FAILED = 1  # the command ran; some cases or a step failed
@@ -32,3 +35,26 @@ def failed_cases(command: str, failures: Mapping[str, str], what: str = "case(s)
     for message in failures.values():
         print(f"  {message}", file=sys.stderr)
     return FAILED
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, trainer: str, configuration: str | None) -> None:
+    """Model selection and inference options, named as in ``nnUNetv2_predict``; see :func:`model_folder_and_folds`."""
+    parser.add_argument("-m", help="model folder (instead of -d, -c, -tr, -p), as nnUNetv2_predict_from_modelfolder")
+    parser.add_argument("-d", help="dataset name or id")
+    parser.add_argument("-c", default=configuration, help=f"configuration (default {configuration})")
+    parser.add_argument("-tr", default=trainer, help=f"trainer (default {trainer})")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    parser.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (or 'all')")
+    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
+    parser.add_argument("-step_size", type=float, default=0.5, help="sliding window step (fraction of the patch)")
+    parser.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    parser.add_argument("--save_probabilities", action="store_true", help="also write the probabilities (.npz)")
+    parser.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="device")
+
+
+def model_folder_and_folds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, list]:
+    """The model folder (``-m``, or nnU-Net's results folder of ``-d -c -tr -p``) and the folds of ``-f``."""
+    if args.m is None and (args.d is None or args.c is None):
+        parser.error("give -d and -c (with -tr, -p), or the model folder with -m")
+    folds = [f if f == "all" else int(f) for f in args.f]
+    return args.m or get_output_folder(args.d, args.tr, args.p, args.c), folds

@@ -11,11 +11,11 @@ from collections.abc import Callable, Sequence
 
 # old name -> (new name, "module:function" of the new command)
 RENAMED: dict[str, tuple[str, str]] = {
-    "nnunet_sam_phantom": ("nnunet_sam_make_phantom", "nnunet_sam.demo.phantoms:main"),
-    "nnunet_sam_radsam": ("nnunet_sam_segment_radsam", "nnunet_sam.inference.radsam:main"),
-    "nnunet_sam_radsam_benchmark": ("nnunet_sam_benchmark_radsam", "nnunet_sam.evaluation.radsam:main"),
-    "nnunet_sam_prompted_eval": ("nnunet_sam_evaluate_prompted", "nnunet_sam.evaluation.prompted:main"),
-    "nnunet_sam_pansam_eval": ("nnunet_sam_evaluate_pansam", "nnunet_sam.evaluation.pansam:main"),
+    "nnunet_sam_phantom": ("nnunet_sam_make_phantom", "nnunet_sam.cli.make_phantom:main"),
+    "nnunet_sam_radsam": ("nnunet_sam_segment_radsam", "nnunet_sam.cli.segment_radsam:main"),
+    "nnunet_sam_radsam_benchmark": ("nnunet_sam_benchmark_radsam", "nnunet_sam.cli.benchmark_radsam:main"),
+    "nnunet_sam_prompted_eval": ("nnunet_sam_evaluate_prompted", "nnunet_sam.cli.evaluate_prompted:main"),
+    "nnunet_sam_pansam_eval": ("nnunet_sam_evaluate_pansam", "nnunet_sam.cli.evaluate_pansam:main"),
     "nnunet_sam_submission": ("nnunet_sam_convert_submission", "nnunet_sam.dataset_conversion.submission:main"),
 }
 

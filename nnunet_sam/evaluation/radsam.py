@@ -19,10 +19,7 @@ resampling). Everything is seeded (``--seed``): the same model and cases give th
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -175,53 +172,3 @@ def format_table(result: dict) -> str:
     for name, row in list(result["classes"].items()) + [("**mean**", result["mean"])]:
         lines.append(f"| {name} | " + " | ".join(f"{row[s]:.3f}" for s in settings) + " |")
     return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="RadSAM benchmark: volume-level prompting (one prompt + two boundary slices, propagated) and "
-        "slice-level prompting (one prompt per slice), with 0..N simulated edit clicks; prints the per-class 3D "
-        "Dice table."
-    )
-    parser.add_argument("-m", required=True, help="RadSAM model folder (nnUNet_results/DATASET/TRAINER__PLANS__2d)")
-    parser.add_argument("-i", required=True, help="image folder (CASE_0000.nii.gz ...)")
-    parser.add_argument("-l", required=True, help="reference label folder (CASE.nii.gz)")
-    parser.add_argument("--prompts", nargs="+", default=["point", "box"], choices=["point", "box"])
-    parser.add_argument("--edits", nargs="+", type=int, default=[0, 5], help="edit clicks per volume (volume level)")
-    parser.add_argument(
-        "--slice-edits", nargs="+", type=int, default=[0, 2], help="edit clicks per slice (slice level)"
-    )
-    parser.add_argument("-f", default="0", help="fold (default 0; or 'all')")
-    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the simulated prompts and clicks")
-    parser.add_argument("--max-cases", type=int, help="use only the first N cases")
-    parser.add_argument("--json", help="also write the result (with per-case values) to this JSON file")
-    parser.add_argument("-device", default="cpu", choices=["cuda", "cpu", "mps"], help="device (default cpu)")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if min(args.edits + args.slice_edits) < 0:
-        parser.error("edit counts must be >= 0")
-    model = RadSAMModel(args.m, args.f if args.f == "all" else int(args.f), args.chk, args.device)
-    result = run_benchmark(
-        model,
-        args.i,
-        args.l,
-        args.prompts,
-        sorted(set(args.edits)),
-        sorted(set(args.slice_edits)),
-        args.seed,
-        args.max_cases,
-    )
-    print(format_table(result))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

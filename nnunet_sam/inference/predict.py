@@ -15,7 +15,6 @@ See docs/bad_inputs.md for what is checked and what nnU-Net does with each bad i
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -30,11 +29,9 @@ from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
-from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-from nnunet_sam.cli import conventions
 from nnunet_sam.file_checks import DamagedFileError, load_nifti
-from nnunet_sam.inference.model_folder import ModelFolderError, check_model_folder, load_predictor
+from nnunet_sam.inference.model_folder import check_model_folder
 from nnunet_sam.training.fault_tolerance import (
     DISK_FULL_ERRNOS,
     remove_stale_partial_files,
@@ -404,76 +401,3 @@ def predict_cases(
         else:
             print(f"done {case}")
     return failures
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, trainer: str, configuration: str | None) -> None:
-    """Model selection and inference options, named as in ``nnUNetv2_predict``; see :func:`model_folder_and_folds`."""
-    parser.add_argument("-m", help="model folder (instead of -d, -c, -tr, -p), as nnUNetv2_predict_from_modelfolder")
-    parser.add_argument("-d", help="dataset name or id")
-    parser.add_argument("-c", default=configuration, help=f"configuration (default {configuration})")
-    parser.add_argument("-tr", default=trainer, help=f"trainer (default {trainer})")
-    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier")
-    parser.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (or 'all')")
-    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
-    parser.add_argument("-step_size", type=float, default=0.5, help="sliding window step (fraction of the patch)")
-    parser.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
-    parser.add_argument("--save_probabilities", action="store_true", help="also write the probabilities (.npz)")
-    parser.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="device")
-
-
-def model_folder_and_folds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, list]:
-    """The model folder (``-m``, or nnU-Net's results folder of ``-d -c -tr -p``) and the folds of ``-f``."""
-    if args.m is None and (args.d is None or args.c is None):
-        parser.error("give -d and -c (with -tr, -p), or the model folder with -m")
-    folds = [f if f == "all" else int(f) for f in args.f]
-    return args.m or get_output_folder(args.d, args.tr, args.p, args.c), folds
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Predict a folder like nnUNetv2_predict, but check every case, skip bad ones with a message and "
-        "predict the others; exits with 1 if any case failed. Cases run one after the other in this process."
-    )
-    parser.add_argument("-i", required=True, help="input folder (CASE_0000.nii.gz, CASE_0001.nii.gz, ...)")
-    parser.add_argument("-o", required=True, help="output folder")
-    parser.add_argument("--continue_prediction", action="store_true", help="skip cases whose output exists")
-    parser.add_argument(
-        "-num_parts", type=int, default=1, help="split the cases into this many parts (one per machine or job)"
-    )
-    parser.add_argument(
-        "-part_id", type=int, default=0, help="the part this run predicts, 0 to num_parts - 1 (as nnUNetv2_predict)"
-    )
-    add_model_arguments(parser, trainer="nnUNetTrainer", configuration=None)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    model_folder, folds = model_folder_and_folds(parser, args)
-    try:
-        check_run(args.i, args.o, model_folder, folds, args.chk, args.save_probabilities)
-    except (UnusableArgumentsError, ModelFolderError) as error:
-        parser.error(str(error))
-    if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
-        parser.error(f"-part_id must be 0 to num_parts - 1 (got -part_id {args.part_id} -num_parts {args.num_parts})")
-    predictor = load_predictor(model_folder, folds, args.chk, args.device, args.step_size, not args.disable_tta)
-    ending = predictor.dataset_json["file_ending"]
-    cases, misnamed = cases_in_folder(args.i, ending)
-    part = f" of part {args.part_id} (-num_parts {args.num_parts}, {len(cases)} in the folder)"
-    part = part if args.num_parts > 1 else ""
-    cases = cases_of_part(cases, args.num_parts, args.part_id)
-    try:
-        failures = predict_cases(predictor, cases, args.o, args.save_probabilities, not args.continue_prediction)
-    except OSError as error:  # dataset.json / plans.json of the output folder
-        return conventions.error(COMMAND, f"cannot write into {args.o}: {_describe(error)}; nothing was predicted")
-    print(f"{len(cases) - len(failures)} of {len(cases)} case(s){part} predicted into {args.o}")
-    for name in misnamed if args.part_id == 0 else []:  # in no part: part 0 reports them
-        failures[name] = f"{name}: not named CASE_XXXX{ending} (XXXX = channel number, e.g. _0000); not predicted"
-    for name in other_format_files(args.i, ending) if args.part_id == 0 else []:
-        failures[name] = f"{name}: not a {ending} file, the format of this model's data; not predicted (convert it)"
-    return conventions.failed_cases(COMMAND, failures, f"case(s){part}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -37,7 +37,6 @@ without an image and an image without points are each reported (the others are p
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -49,17 +48,12 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
-from nnunet_sam.cli import conventions
 from nnunet_sam.inference import geometry
 from nnunet_sam.inference.geometry import to_preprocessed
-from nnunet_sam.inference.model_folder import ModelFolderError, load_predictor, require_network
+from nnunet_sam.inference.model_folder import load_predictor, require_network
 from nnunet_sam.inference.predict import (
     BadCaseError,
-    UnusableArgumentsError,
-    add_model_arguments,
     cases_in_folder,
-    check_run,
-    model_folder_and_folds,
     predict_cases,
 )
 
@@ -322,47 +316,3 @@ def predict_prompted(
         )
     )
     return failures
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nnunet_sam_predict_prompted",
-        description="Point-prompted prediction with a SAM3DAdapterTrainer_prompted* model: images + a points file "
-        '(JSON: {"coordinates": "voxel" | "world", "points": {case: [{"position": [..3..], "label": class}, ...]}}; '
-        "voxel = 0-based (z, y, x) index of the array as SimpleITK reads it, world = ITK physical (x, y, z) mm) -> "
-        "label maps with the input's geometry. Bad cases are reported and skipped; exits with 1 if any failed.",
-    )
-    parser.add_argument("-i", required=True, help="input folder (CASE_0000.nii.gz, ...)")
-    parser.add_argument("-o", required=True, help="output folder")
-    parser.add_argument("-points", required=True, help="points file (JSON, see the description)")
-    parser.add_argument(
-        "--whole-volume",
-        action="store_true",
-        help="predict every sliding-window patch, each with the clicks inside it (default: 3DSAM-adapter's test "
-        "protocol, one patch centred on the clicks and background elsewhere)",
-    )
-    add_model_arguments(parser, trainer="SAM3DAdapterTrainer_prompted", configuration="3d_fullres")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    model_folder, folds = model_folder_and_folds(parser, args)
-    try:
-        read_points_file(args.points)  # a broken file stops the command before the model is loaded
-        check_run(args.i, args.o, model_folder, folds, args.chk, args.save_probabilities)
-        predictor = initialize_predictor(
-            model_folder, folds, args.chk, args.step_size, not args.disable_tta, args.device, args.whole_volume
-        )
-        failures = predict_prompted(predictor, args.i, args.points, args.o, args.save_probabilities)
-    except (UnusableInputError, UnusableArgumentsError, ModelFolderError) as error:
-        return conventions.error(COMMAND, error)
-    if failures:
-        return conventions.failed_cases(COMMAND, failures)
-    print(f"every case predicted into {args.o}")
-    return conventions.DONE
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,10 +26,8 @@ nnU-Net's export, checked like ``nnunet_sam_predict``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -38,10 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nnunet_sam.cli import conventions
 from nnunet_sam.inference import geometry
-from nnunet_sam.inference.model_folder import ModelFolderError, check_model_folder, load_predictor, require_network
-from nnunet_sam.inference.predict import BadCaseError, read_and_check, write_checked
+from nnunet_sam.inference.model_folder import load_predictor, require_network
+from nnunet_sam.inference.predict import read_and_check
 from nnunet_sam.prompting.radsam_prompts import Prompts
 
 COMMAND = "nnunet_sam_segment_radsam"
@@ -507,82 +504,3 @@ def read_prompt_file(path: str, geometry: Geometry, mask_prompt: np.ndarray | No
     elif kind is not None:
         raise PromptError(f"unknown prompt kind '{kind}': use 'point', 'box' or 'mask'")
     return PromptFile(prompt, boundaries, tuple(corrections))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="RadSAM: segment a 3D structure from one prompt (point, box or mask on one slice, plus the "
-        "boundary slices) with a trained RadSAM model, apply correction clicks, and write the 3D mask with the "
-        "image's geometry. The prompt file format is described in nnunet_sam.inference.radsam.read_prompt_file."
-    )
-    parser.add_argument("-i", nargs="+", required=True, help="image file(s), one per channel (CASE_0000.nii.gz ...)")
-    parser.add_argument("-o", required=True, help="output mask file (same format as the image)")
-    parser.add_argument("-m", required=True, help="model folder (nnUNet_results/DATASET/TRAINER__PLANS__2d)")
-    parser.add_argument("--prompt", required=True, help="prompt file (JSON)")
-    parser.add_argument("--mask", help="3D mask file with the image's geometry, for 'kind': 'mask' prompts")
-    parser.add_argument(
-        "--start", help="start from this 3D label map (e.g. any nnU-Net model's prediction) instead of a prompt"
-    )
-    parser.add_argument("--start-label", type=int, default=1, help="label of the structure in --start (default 1)")
-    parser.add_argument("--label", type=int, default=1, help="value written for the structure (default 1)")
-    parser.add_argument("-f", default="0", help="fold (default 0; or 'all')")
-    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
-    parser.add_argument("-device", default="cpu", choices=["cuda", "cpu", "mps"], help="device (default cpu)")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    fold = args.f if args.f == "all" else int(args.f)
-    inputs = [*args.i, args.prompt, *(f for f in (args.mask, args.start) if f)]
-    if any(os.path.realpath(args.o) == os.path.realpath(f) for f in inputs):
-        parser.error(f"the output -o {args.o} is an input of this run; it would be overwritten. Give a new file")
-    if args.label == 0:
-        parser.error("--label 0 is the background: the mask would be empty. Give the structure's label value")
-    try:
-        check_model_folder(args.m, [fold], args.chk)
-        with open(os.path.join(args.m, "dataset.json"), encoding="utf-8") as f:
-            labels = json.load(f)["labels"]
-    except ModelFolderError as error:
-        parser.error(str(error))
-    classes = sorted(v for v in labels.values() if isinstance(v, int) and not isinstance(v, bool) and v != 0)
-    if args.label not in classes:
-        parser.error(f"--label {args.label} is not a class of the model; its classes are {classes}")
-    try:
-        model = RadSAMModel(args.m, fold, args.chk, args.device)
-        image, properties = model.read(args.i)
-
-        def label_map(path: str, value: int | None) -> np.ndarray:
-            seg = model.reader.read_seg(path)[0]  # (1, Z, Y, X)
-            if seg.shape[1:] != image.shape[1:]:
-                raise PromptError(f"{path} has shape {seg.shape[1:]} but the image has {image.shape[1:]}")
-            return (seg > 0 if value is None else seg == value).astype(np.int16)
-
-        extra = None
-        if args.mask or args.start:
-            extra = label_map(args.mask, None) if args.mask else label_map(args.start, args.start_label)
-        data, seg, properties = model.preprocess(image, properties, extra)
-        geometry = Geometry(properties, data.shape[1:])
-        extra_mask = None if seg is None else seg[0] > 0
-        prompts = read_prompt_file(args.prompt, geometry, extra_mask if args.mask else None)
-        slices = SliceModel(model.network, data, args.device)
-        if args.start:
-            segmentation = from_mask(extra_mask, prompts.boundaries)
-        else:
-            if prompts.prompt is None or prompts.boundaries is None:
-                raise PromptError("the prompt file needs 'kind' (with its coordinates) and 'boundaries'")
-            segmentation = segment_from_prompt(slices, prompts.prompt, prompts.boundaries)
-        segmentation = edit(slices, segmentation, prompts.corrections)
-        result = model.to_original(segmentation.mask, properties) * np.uint8(args.label)
-        write_checked(os.path.basename(args.o), result, model.reader, args.o, properties)
-    except ModelFolderError as error:  # another method's model
-        parser.error(str(error))
-    except (PromptError, BadCaseError) as error:
-        return conventions.error(COMMAND, error)
-    print(f"wrote {args.o}: {int(segmentation.mask.sum())} voxels in the model grid, slices {segmentation.boundaries}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,9 +29,9 @@ from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folde
 from sam_testing import dataset_json, minimal_plans, nnunet_env, run_tool
 
 from nnunet_sam.cli import train as train_cli
+from nnunet_sam.cli.predict import main as predict_main
 from nnunet_sam.demo.phantoms import make_phantom_dataset
 from nnunet_sam.inference.predict import cases_in_folder, cases_of_part
-from nnunet_sam.inference.predict import main as predict_main
 from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
 from nnunet_sam.training.distributed import DistributedSetupError, check_batch_split, rank_device
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nnunet_sam.cli.evaluate import main
 from nnunet_sam.evaluation.folders import (
     PROTOCOLS,
     EvaluationError,
     check_protocol_labels,
     evaluate_folder,
-    main,
     results_table,
     run_evaluation,
 )

@@ -10,7 +10,8 @@ from prompted_testing import SHAPE, _predictor, _write_case
 from scipy import ndimage
 
 import nnunet_sam.inference.prompted as predict_prompted
-from nnunet_sam.evaluation.prompted import click_region, main, run_prompted_evaluation, simulate_clicks
+from nnunet_sam.cli.evaluate_prompted import main
+from nnunet_sam.evaluation.prompted import click_region, run_prompted_evaluation, simulate_clicks
 
 
 def _box() -> np.ndarray:

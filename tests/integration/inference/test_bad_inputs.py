@@ -198,7 +198,7 @@ def test_extreme_intensities_are_clipped_by_ct_normalisation(model, predictor, t
 
 @pytest.mark.slow
 def test_folder_with_bad_cases_predicts_the_others_and_exits_non_zero(model, tmp_path, capsys):
-    from nnunet_sam.inference.predict import main
+    from nnunet_sam.cli.predict import main
 
     like = sitk.ReadImage(str(model[1]))
     array = sitk.GetArrayFromImage(like).astype(np.float32)

@@ -79,7 +79,7 @@ def _model_folder(root: Path, folds=("all",)) -> Path:
 
 
 def _predict_main(capsys, *args: str) -> tuple[int, str]:
-    from nnunet_sam.inference.predict import main
+    from nnunet_sam.cli.predict import main
 
     with pytest.raises(SystemExit) as exit_:
         main([*args, "-f", "all", "-device", "cpu"])
@@ -295,7 +295,7 @@ def test_unusable_prediction_arguments_stop_with_exit_2(tmp_path, capsys):
     for args, message in cases:
         code, err = _predict_main(capsys, *args, *([] if "-m" in args else ["-m", str(model)]))
         assert code == 2 and re.search(message, err), err
-    from nnunet_sam.inference.predict import main
+    from nnunet_sam.cli.predict import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["-i", str(folder), "-o", str(tmp_path / "o"), "-m", str(model), "-f", "3", "-device", "cpu"])
@@ -473,7 +473,7 @@ def test_integral_float_slices_are_taken(tmp_path, geometry):
     ],
 )
 def test_radsam_arguments_are_checked_before_the_model_is_loaded(tmp_path, capsys, args, message):
-    from nnunet_sam.inference.radsam import main
+    from nnunet_sam.cli.segment_radsam import main
 
     image = _image(tmp_path / "c_0000.nii.gz")
     prompt = tmp_path / "prompt.json"

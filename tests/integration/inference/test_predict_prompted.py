@@ -20,9 +20,9 @@ import torch
 from prompted_testing import DIRECTION, ORIGIN, SPACING, Painter, _image, _predictor, _write_case
 from sam_testing import dataset_json
 
+from nnunet_sam.cli.predict_prompted import main
 from nnunet_sam.inference.predict import BadCaseError
 from nnunet_sam.inference.prompted import (
-    main,
     parse_case_points,
     points_in_patch,
     predict_prompted,

@@ -405,7 +405,7 @@ def test_pansam_train_predict_ablation_and_zero_shot_cli(tmp_path):
     )
 
     report_dir = tmp_path / "eval"
-    evaluate = [sys.executable, "-m", "nnunet_sam.evaluation.pansam", "-m", str(model), "-f", "0", "--disable_tta"]
+    evaluate = [sys.executable, "-m", "nnunet_sam.cli.evaluate_pansam", "-m", str(model), "-f", "0", "--disable_tta"]
     table = run(
         evaluate
         + ["--data", "phantom", str(source / "imagesTs"), str(source / "labelsTs")]

@@ -432,7 +432,7 @@ def test_trained_tiny_radsam_segments_from_one_prompt_and_edits_improve_dice(tmp
     assert "validation is skipped" in log  # the demo trainer's skip (CPUDemo) or RadSAM's prompt-free one
 
     volume_edits, slice_edits = (0, 4, 10), (0, 1, 3)
-    bench = [sys.executable, "-m", "nnunet_sam.evaluation.radsam", "-m", str(model), "-i", str(raw / "imagesTs")]
+    bench = [sys.executable, "-m", "nnunet_sam.cli.benchmark_radsam", "-m", str(model), "-i", str(raw / "imagesTs")]
     bench += ["-l", str(raw / "labelsTs"), "--json", str(tmp_path / "bench.json")]
     bench += ["--edits", *map(str, volume_edits), "--slice-edits", *map(str, slice_edits)]
     out = run_tool(bench, env)

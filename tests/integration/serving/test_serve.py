@@ -32,8 +32,11 @@ from nnInteractive.inference.remote import (  # noqa: E402
 from nnInteractive.inference.remote._protocol import META_HEADER  # noqa: E402
 from nnInteractive.inference.remote.serialization import pack_array  # noqa: E402
 
-from nnunet_sam.cli import serve  # noqa: E402
-from nnunet_sam.inference import prompted as predict_prompted  # noqa: E402
+from nnunet_sam.cli import (  # noqa: E402
+    predict_prompted,
+    segment_radsam,
+    serve,  # noqa: E402
+)
 from nnunet_sam.inference import radsam
 from nnunet_sam.serving.app import make_app  # noqa: E402
 from nnunet_sam.serving.editors import load_model  # noqa: E402
@@ -89,7 +92,7 @@ def _radsam_command(tmp: Path, folder: Path, image_file: Path, spec: dict, start
         _, properties = SimpleITKIO().read_images([str(image_file)])
         SimpleITKIO().write_seg(start.astype(np.uint8), str(tmp / "start.nii.gz"), properties)
         argv += ["--start", str(tmp / "start.nii.gz")]
-    assert radsam.main(argv) == 0
+    assert segment_radsam.main(argv) == 0
     return SimpleITKIO().read_seg(str(out))[0][0]
 
 

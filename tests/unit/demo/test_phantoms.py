@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nnunet_sam.cli.make_phantom import main
 from nnunet_sam.demo import phantoms
 from nnunet_sam.demo.phantoms import (
     MAX_ORGANS,
     MIN_SHAPE,
     ORGAN_NAMES,
     generate_case,
-    main,
     make_phantom_dataset,
     phantom_origin,
 )
