@@ -314,7 +314,7 @@ def test_console_script_is_registered():
     from importlib.metadata import entry_points
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "nnunet_sam_evaluate"]
-    assert script.value == "nnunet_sam.evaluation.folders:main"
+    assert script.value == "nnunet_sam.cli.evaluate:main"
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
