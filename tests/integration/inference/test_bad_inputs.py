@@ -63,6 +63,8 @@ def model(tmp_path_factory) -> tuple[Path, Path]:
     env = dict(os.environ, OMP_NUM_THREADS="1", nnUNet_compile="f")
     env.update({var: str(root / var.split("_")[1]) for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
     env.pop("nnUNet_SAM_checkpoints", None)
+    tests = str(Path(__file__).resolve().parents[2])  # this file runs as a script: its helpers (sam_testing) live there
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, __file__, str(root)],
         env=env,
