@@ -470,7 +470,7 @@ def test_trained_tiny_radsam_segments_from_one_prompt_and_edits_improve_dice(tmp
         [
             sys.executable,
             "-m",
-            "nnunet_sam.inference.radsam",
+            "nnunet_sam.cli.segment_radsam",
             "-i",
             str(image),
             "-o",
@@ -500,7 +500,7 @@ def test_trained_tiny_radsam_segments_from_one_prompt_and_edits_improve_dice(tmp
     cmd = [
         sys.executable,
         "-m",
-        "nnunet_sam.inference.radsam",
+        "nnunet_sam.cli.segment_radsam",
         "-i",
         str(image),
         "-o",

@@ -315,7 +315,7 @@ def test_tiny_trainers_train_and_predict_with_nnunet_tools(tmp_path):
     run("nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", "977", "-c", "3d_fullres", "-f", "0",
         "-tr", "SAM3DAdapterTrainer_tiny_e2e", "-device", "cpu", "--disable_tta")  # fmt: skip
     auto = evaluate_folder(labels, out, automatic / "dataset.json")
-    run("nnunet_sam.evaluation.prompted", "-m", str(prompted), "-i", str(images), "-ref", str(labels),
+    run("nnunet_sam.cli.evaluate_prompted", "-m", str(prompted), "-i", str(images), "-ref", str(labels),
         "-o", str(tmp_path / "prompted"), "--points", "1", "--position", "centre", "-device", "cpu",
         "--disable_tta")  # fmt: skip
     clicks = json.loads((tmp_path / "prompted" / "1pt_centre" / "points.json").read_text())["points"]
