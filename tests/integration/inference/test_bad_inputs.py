@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from sam_testing import REPO
+from sam_testing import REPO, TESTS
 
 DATASET = 991
 PATCH = (4, 32, 32)  # what the tiny patch rule derives from this dataset's plans
@@ -63,8 +63,8 @@ def model(tmp_path_factory) -> tuple[Path, Path]:
     env = dict(os.environ, OMP_NUM_THREADS="1", nnUNet_compile="f")
     env.update({var: str(root / var.split("_")[1]) for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
     env.pop("nnUNet_SAM_checkpoints", None)
-    tests = str(Path(__file__).resolve().parents[2])  # this file runs as a script: its helpers (sam_testing) live there
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))
+    # this file runs as a script below: its helpers (sam_testing) must be importable there too
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, __file__, str(root)],
         env=env,
