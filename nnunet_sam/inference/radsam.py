@@ -134,8 +134,10 @@ class SliceModel:
     """A RadSAM network (:class:`~nnunet_sam.network_architectures.radsam.RadSAMNetwork`, eval mode) on the slices
     of one preprocessed volume (M, Z, Y, X).
 
-    Slices larger than the network's P x P patch are shrunk to fit (keeping the aspect ratio); every slice is padded
-    with 0 at the bottom and right to P x P, as nnU-Net pads its training patches.
+    Networks with the input contract (``network.contract``) take each whole slice as their backbone was pretrained
+    (longest side resized to the input size, padded after normalisation; masks cropped and resized back). Models
+    saved before it: slices larger than the network's P x P patch are shrunk to fit (keeping the aspect ratio) and
+    every slice is padded with 0 at the bottom and right to P x P, as nnU-Net pads its training patches.
     """
 
     def __init__(self, network: torch.nn.Module, volume: np.ndarray | torch.Tensor, device: str = "cpu") -> None:
@@ -158,11 +160,15 @@ class SliceModel:
             image = F.interpolate(image[None].float(), size=self.fitted, mode=mode)[0]
         return F.pad(image, (0, self.patch - image.shape[-1], 0, self.patch - image.shape[-2]))
 
+    @property
+    def contract(self):
+        return getattr(self.network, "contract", None)
+
     def embedding(self, z: int) -> torch.Tensor:
         if z not in self._embeddings:
-            image = self._fit(self.volume[:, z], "bilinear")[None].to(self.device)
+            image = self.volume[:, z] if self.contract is not None else self._fit(self.volume[:, z], "bilinear")
             with torch.no_grad():
-                self._embeddings[z] = self.network.embed(image)
+                self._embeddings[z] = self.network.embed(image[None].to(self.device))
         return self._embeddings[z]
 
     def predict(
@@ -173,6 +179,8 @@ class SliceModel:
         mask: np.ndarray | None = None,
     ) -> np.ndarray:
         """Mask (Y, X) bool of slice z from clicks (y, x, positive), a box (y0, x0, y1, x1) and/or a mask (Y, X)."""
+        if self.contract is not None:
+            return self._predict_slice(z, clicks, box, mask)
         f, p = self.factor, self.patch
 
         def scaled(c: float) -> float:
@@ -195,6 +203,29 @@ class SliceModel:
         if self.factor < 1:
             logits = F.interpolate(logits[None, None], size=self.shape[1:], mode="bilinear")[0, 0]
         return (logits > 0).numpy()
+
+    def _predict_slice(
+        self,
+        z: int,
+        clicks: Sequence[tuple[float, float, bool]],
+        box: Sequence[float] | None,
+        mask: np.ndarray | None,
+    ) -> np.ndarray:
+        """The input-contract path of :meth:`predict`: the whole slice, prompts in its pixels."""
+        h, w = self.shape[1:]
+        prompts = Prompts.empty(1, h, w)
+        for y, x, positive in clicks:
+            prompts = prompts.with_points(torch.tensor([[float(x), float(y)]]), torch.tensor([int(positive)]))
+        if box is not None:
+            y0, x0, y1, x1 = box
+            boxes = torch.tensor([[float(x0), float(y0), float(x1), float(y1)]])
+            prompts = replace(prompts, boxes=boxes, has_box=torch.ones(1, dtype=torch.bool))
+        if mask is not None and mask.any():
+            prompts = prompts.with_masks(torch.from_numpy(np.asarray(mask, dtype=bool))[None])
+        prompts = Prompts(*(t.to(self.device) for t in vars(prompts).values()))
+        with torch.no_grad():
+            logits = self.network.segment_slice(self.embedding(z), prompts, (h, w))[0]
+        return (logits > 0).cpu().numpy()
 
 
 def _clicks_on(corrections: Sequence[Correction], z: int) -> list[tuple[float, float, bool]]:
