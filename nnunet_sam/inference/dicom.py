@@ -151,9 +151,15 @@ def read_series(folder: str | os.PathLike, series_uid: str | None = None) -> Dic
     headers = []
     for path in files:
         try:
-            headers.append((path, pydicom.dcmread(path, stop_before_pixels=True)))
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as error:
             raise DicomError(f"{folder}: {os.path.basename(path)} is not a readable DICOM file ({error})") from None
+        if "Rows" not in ds or "SeriesInstanceUID" not in ds:  # pydicom returns what it could parse, maybe nothing
+            raise DicomError(
+                f"{folder}: {os.path.basename(path)} is not a readable DICOM image: its header ends early or lacks "
+                "Rows/SeriesInstanceUID (a damaged copy, or no image); remove or replace it"
+            )
+        headers.append((path, ds))
     by_series: dict[str, list] = {}
     for path, ds in headers:
         by_series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
@@ -175,23 +181,10 @@ def read_series(folder: str | os.PathLike, series_uid: str | None = None) -> Dic
             raise DicomError(f"{folder}: {_instance(path, ds)} is not an image slice (no Rows/Columns/PixelSpacing)")
     if len(headers) < 2:
         raise DicomError(f"{folder}: one slice only; a volume needs at least 2 (its slice spacing is unknown)")
-    first_path, first = headers[0]
-    orientation = _vector(first, "ImageOrientationPatient", 6, first_path, folder)
-    grid = (int(first.Rows), int(first.Columns), *_vector(first, "PixelSpacing", 2, first_path, folder))
-    for path, ds in headers[1:]:
-        if not np.allclose(
-            _vector(ds, "ImageOrientationPatient", 6, path, folder), orientation, atol=ORIENTATION_TOLERANCE
-        ):
-            raise DicomError(
-                f"{folder}: {_instance(path, ds)} has the orientation {list(ds.ImageOrientationPatient)}, "
-                f"{_instance(first_path, first)} {orientation.tolist()}; mixed orientations make no volume"
-            )
-        other = (int(ds.Rows), int(ds.Columns), *_vector(ds, "PixelSpacing", 2, path, folder))
-        if not np.allclose(other, grid, rtol=1e-5):
-            raise DicomError(
-                f"{folder}: {_instance(path, ds)} has {other[0]}x{other[1]} pixels of {other[2]:g}x{other[3]:g} mm, "
-                f"{_instance(first_path, first)} {grid[0]}x{grid[1]} of {grid[2]:g}x{grid[3]:g} mm"
-            )
+    orientations = [_vector(ds, "ImageOrientationPatient", 6, p, folder).round(4) for p, ds in headers]
+    orientation = _odd_ones_out(folder, headers, orientations, "the orientation", "mixed orientations make no volume")
+    grids = [np.array([ds.Rows, ds.Columns, *_vector(ds, "PixelSpacing", 2, p, folder)], float) for p, ds in headers]
+    grid = _odd_ones_out(folder, headers, grids, "the pixel grid (rows, columns, spacing)", "mixed pixel grids")
     row, column = orientation[:3], orientation[3:]
     normal = np.cross(row, column)
     positions = np.array([_vector(ds, "ImagePositionPatient", 3, p, folder) @ normal for p, ds in headers])
@@ -221,6 +214,19 @@ def read_series(folder: str | os.PathLike, series_uid: str | None = None) -> Dic
         origin=tuple(float(v) for v in _vector(headers[0][1], "ImagePositionPatient", 3, headers[0][0], folder)),
         direction=tuple(float(v) for v in direction.ravel()),
     )
+
+
+def _odd_ones_out(folder: str, headers: list, values: list[np.ndarray], what: str, problem: str) -> np.ndarray:
+    """The value most instances share; :class:`DicomError` naming the instances that differ from it, if any."""
+    keys = [tuple(v.tolist()) for v in values]
+    common = max(set(keys), key=keys.count)
+    odd = [f"{_instance(p, ds)}: {list(k)}" for (p, ds), k in zip(headers, keys) if k != common]
+    if odd:
+        shown = "; ".join(odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+        raise DicomError(
+            f"{folder}: {len(keys) - len(odd)} instances have {what} {list(common)}, but {shown}; {problem}"
+        )
+    return np.asarray(common)
 
 
 def _list_series(by_series: Mapping[str, list]) -> str:
@@ -366,8 +372,10 @@ def write_segmentation(
             device_serial_number="0",
             series_description=f"{algorithm.trainer} segmentation"[:64],
         )
-    except (ValueError, TypeError) as error:
-        raise DicomError(f"{series.folder}: highdicom refused the segmentation: {error}") from None
+    except (ValueError, TypeError, AttributeError, KeyError) as error:  # e.g. a source without PatientBirthDate
+        raise DicomError(
+            f"{series.folder}: highdicom refused the segmentation: {type(error).__name__}: {error}"
+        ) from None
     with staged_file(output_file) as temporary:
         seg.save_as(temporary)
 
