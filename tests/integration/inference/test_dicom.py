@@ -465,23 +465,34 @@ def test_seg_only_writes_only_the_seg(cropped, tmp_path, capsys):
     assert code == 0 and sorted(p.name for p in out.iterdir()) == ["ct.dcm", "dataset.json", "plans.json"]
 
 
-def test_radsam_from_the_dicom_folder_equals_the_nifti_conversion_and_writes_a_seg(cropped, tmp_path, capsys):
+def test_radsam_from_the_dicom_folder_equals_the_nifti_conversion_and_writes_a_seg(cropped, tmp_path):
+    """RadSAM editing a start mask (TotalSegmentator's aorta of the real series, written as NIfTI on the crop's grid)
+    between two boundary slices: the same mask from the DICOM folder and from its NIfTI conversion, and the SEG
+    holds it on the same source slices, named as the model's label 3."""
     dicom_in, nifti_in = cropped
+    image = sitk.ReadImage(str(nifti_in / "ct_0000.nii.gz"))
+    reference = sitk.ReadImage(str(reference_files() / "example_seg_dicom.nii.gz"))
+    labels = sitk.Resample(reference, image, sitk.Transform(), sitk.sitkNearestNeighbor)
+    aorta = sitk.Cast(labels == TOTALSEG_LABELS["aorta"], sitk.sitkUInt8)
+    sitk.WriteImage(aorta, str(tmp_path / "start.nii.gz"))
     prompt = tmp_path / "prompt.json"
-    prompt.write_text(json.dumps({"kind": "point", "slice": 10, "point": [48, 40], "boundaries": [6, 14]}))
-    common = ["-m", str(RADSAM), "--prompt", str(prompt), "--label", "1"]
+    prompt.write_text(json.dumps({"boundaries": [3, 16]}))
+    common = ["-m", str(RADSAM), "--prompt", str(prompt), "--start", str(tmp_path / "start.nii.gz"), "--label", "3"]
     from_dicom, from_nifti = tmp_path / "d.nii.gz", tmp_path / "n.nii.gz"
-    assert (
-        radsam_cli.main(["-i", str(dicom_in / "ct"), "-o", str(from_dicom), "--output-type", "dicom_seg", *common]) == 0
-    )
+    args = ["-i", str(dicom_in / "ct"), "-o", str(from_dicom), "--output-type", "dicom_seg"]
+    assert radsam_cli.main([*args, *common]) == 0
     assert radsam_cli.main(["-i", str(nifti_in / "ct_0000.nii.gz"), "-o", str(from_nifti), *common]) == 0
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(from_dicom)))
-    assert mask.any() and np.array_equal(mask, sitk.GetArrayFromImage(sitk.ReadImage(str(from_nifti))))
+    assert np.array_equal(mask, sitk.GetArrayFromImage(sitk.ReadImage(str(from_nifti))))
+    assert set(np.unique(mask).tolist()) == {0, 3} and np.flatnonzero(mask.any(axis=(1, 2))).tolist() == list(
+        range(3, 17)
+    )
     series = dicom.read_series(dicom_in / "ct")
     read = hd.seg.segread(tmp_path / "d.dcm")
     uids = [str(ds.SOPInstanceUID) for ds in series.datasets]
     pixels = read.get_pixels_by_source_instance(uids, combine_segments=True, assert_missing_frames_are_empty=True)
-    assert np.array_equal(pixels, mask) and [s.SegmentLabel for s in read.SegmentSequence] == ["liver"]
+    assert np.array_equal(pixels * 3, mask) and [s.SegmentLabel for s in read.SegmentSequence] == ["aorta"]
+    assert read.number_of_frames == 14  # slices without the structure are left out
 
 
 def test_radsam_refuses_a_seg_for_a_nifti_image(cropped, tmp_path, capsys):
