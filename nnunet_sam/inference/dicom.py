@@ -380,6 +380,32 @@ def write_segmentation(
         seg.save_as(temporary)
 
 
+def save_result(
+    result: np.ndarray,
+    series_folder: str | os.PathLike,
+    output_file: str | os.PathLike,
+    labels: Mapping[int, str],
+    algorithm: Algorithm,
+    series_uid: str | None = None,
+) -> None:
+    """A label map computed on a DICOM series -> its DICOM SEG (e.g. an interactive server's result).
+
+    ``result``: (Z, Y, X) or (1, Z, Y, X), in the array order of ``read_series(series_folder).image()`` (what a client
+    of ``nnunet_sam_serve`` uploads when it sends that array as its image); ``labels``: value -> name. The series is
+    read again (headers only) so that every frame references its source instance; :class:`DicomError` for a series
+    that cannot be read or referenced, or a result of another shape."""
+    series = read_series(series_folder, series_uid)
+    result = np.asarray(result)
+    result = result[0] if result.ndim == 4 and result.shape[0] == 1 else result
+    expected = (len(series.files), int(series.datasets[0].Rows), int(series.datasets[0].Columns))
+    if result.shape != expected:
+        raise DicomError(
+            f"the result has shape {result.shape}, the series {series_folder} {expected} (slices, rows, columns): "
+            "it must be in the order of read_series(folder).image()"
+        )
+    write_segmentation(series, result, labels, output_file, algorithm)
+
+
 def _series_number(source) -> int:
     try:
         return (int(source.get("SeriesNumber", 0) or 0) + 1000) % 2**31

@@ -497,7 +497,7 @@ def predict_cases(
     for name, content in (("dataset.json", dataset_json), ("plans.json", plans.plans)):
         write_text_file(os.path.join(output_folder, name), json.dumps(content, indent=4))
     want_seg = output_type == "dicom_seg"
-    algorithm = algorithm or dicom.Algorithm(predictor.trainer_name or "")
+    algorithm = algorithm or dicom.Algorithm(getattr(predictor, "trainer_name", None) or "")
     failures: dict[str, str] = {}
     for case, files in sorted(cases.items()):
         output = os.path.join(output_folder, case)

@@ -502,3 +502,50 @@ def test_radsam_refuses_a_seg_for_a_nifti_image(cropped, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         radsam_cli.main([*args, "--prompt", str(prompt), "--output-type", "dicom_seg"])
     assert stop.value.code == 2 and "needs a DICOM series folder as -i" in capsys.readouterr().err
+
+
+# ---- the interactive server's results ------------------------------------------------------------------------
+def test_server_session_result_is_saved_as_a_seg_of_its_series(cropped, tmp_path):
+    """What a client of nnunet_sam_serve holds after interacting on ``read_series(folder).image()``: the session's
+    target buffer; saved as a SEG, it reads back on the same source slices. A result of another shape is refused."""
+    from nnunet_sam.serving.dicom_export import save_session_as_seg
+    from nnunet_sam.serving.inputs import InteractionError
+    from nnunet_sam.serving.sessions import Session
+
+    series_folder = cropped[0] / "ct"
+    image, _ = dicom.read_series(series_folder).image()
+    session = Session(undo_depth=2)
+    with pytest.raises(InteractionError, match="no result in this session"):
+        save_session_as_seg(session, series_folder, tmp_path / "s.dcm", "liver", dicom.Algorithm("RadSAMTrainer"))
+    buffer = np.zeros(image.shape[1:], np.uint8)
+    buffer[4:9, 30:60, 20:50] = 1
+    session.set_buffer(buffer)
+    save_session_as_seg(session, series_folder, tmp_path / "s.dcm", "liver", dicom.Algorithm("RadSAMTrainer"))
+    series = dicom.read_series(series_folder)
+    read = hd.seg.segread(tmp_path / "s.dcm")
+    uids = [str(ds.SOPInstanceUID) for ds in series.datasets]
+    pixels = read.get_pixels_by_source_instance(uids, combine_segments=True, assert_missing_frames_are_empty=True)
+    assert np.array_equal(pixels, buffer) and read.number_of_frames == 5
+    session.set_buffer(buffer[:, :, :40])
+    with pytest.raises(dicom.DicomError, match=r"the result has shape \(20, 96, 40\), the series .* \(20, 96, 96\)"):
+        save_session_as_seg(session, series_folder, tmp_path / "t.dcm", "liver", dicom.Algorithm("RadSAMTrainer"))
+    assert not (tmp_path / "t.dcm").exists()
+
+
+@pytest.mark.slow
+def test_prediction_from_the_whole_real_series_equals_the_one_from_its_nifti_conversion(tmp_path, capsys):
+    """The uncropped 20 x 512 x 512 series, as shipped (JPEG 2000, UIDs blanked: NIfTI output only)."""
+    nifti = nifti_conversion(real_series(), tmp_path / "nifti" / "example_ct_dicom_0000.nii.gz")
+    step = ["-step_size", "1"]  # no overlap: a quarter of the windows; both runs alike
+    assert (
+        run_predict(capsys, "-i", str(real_series()), "-o", str(tmp_path / "d"), "--save_probabilities", *step)[0] == 0
+    )
+    assert (
+        run_predict(capsys, "-i", str(nifti.parent), "-o", str(tmp_path / "n"), "--save_probabilities", *step)[0] == 0
+    )
+    a = sitk.ReadImage(str(tmp_path / "d" / "example_ct_dicom.nii.gz"))
+    b = sitk.ReadImage(str(tmp_path / "n" / "example_ct_dicom.nii.gz"))
+    assert a.GetSize() == (512, 512, 20) and np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+    assert (a.GetSpacing(), a.GetOrigin(), a.GetDirection()) == (b.GetSpacing(), b.GetOrigin(), b.GetDirection())
+    probabilities = [np.load(tmp_path / f / "example_ct_dicom.npz")["probabilities"] for f in ("d", "n")]
+    assert np.array_equal(*probabilities)
