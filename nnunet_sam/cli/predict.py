@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"-part_id must be 0 to num_parts - 1 (got -part_id {args.part_id} -num_parts {args.num_parts})")
     predictor = load_predictor(model_folder, folds, args.chk, args.device, args.step_size, not args.disable_tta)
     ending = predictor.dataset_json["file_ending"]
-    cases, misnamed = input_cases(args.i, ending)
+    cases, misnamed = input_cases(args.i, ending, args.o)
     part = f" of part {args.part_id} (-num_parts {args.num_parts}, {len(cases)} in the folder)"
     part = part if args.num_parts > 1 else ""
     cases = cases_of_part(cases, args.num_parts, args.part_id)

@@ -188,12 +188,17 @@ def is_dicom_case(files: Sequence[str]) -> bool:
     return len(files) == 1 and os.path.isdir(files[0])
 
 
-def input_cases(folder: str, file_ending: str) -> tuple[dict[str, list[str]], list[str]]:
+def input_cases(
+    folder: str, file_ending: str, output_folder: str | None = None
+) -> tuple[dict[str, list[str]], list[str]]:
     """:func:`cases_in_folder`, plus each DICOM series folder (``-i`` itself or its sub-folders, see
-    :func:`nnunet_sam.inference.dicom.dicom_cases`) as a case whose only "file" is the folder."""
+    :func:`nnunet_sam.inference.dicom.dicom_cases`) as a case whose only "file" is the folder; an ``output_folder``
+    inside ``folder`` is no case (it holds the SEGs of an earlier run)."""
     cases, misnamed = cases_in_folder(folder, file_ending)
+    skip = os.path.realpath(output_folder) if output_folder else None
     for case, series_folder in dicom.dicom_cases(folder).items():
-        cases.setdefault(case, [series_folder])
+        if os.path.realpath(series_folder) != skip:
+            cases.setdefault(case, [series_folder])
     return cases, misnamed
 
 
@@ -257,7 +262,7 @@ def check_run(
     check_model_folder(model_folder, folds, checkpoint)
     with open(os.path.join(model_folder, "dataset.json"), encoding="utf-8") as f:
         ending = json.load(f)["file_ending"]
-    cases, misnamed = input_cases(input_folder, ending)
+    cases, misnamed = input_cases(input_folder, ending, output_folder)
     if not cases and not misnamed and not other_format_files(input_folder, ending):
         raise UnusableArgumentsError(
             f"the input folder -i {input_folder} holds no case: expected image files CASE_0000{ending} (one per "

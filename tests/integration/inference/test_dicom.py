@@ -457,12 +457,23 @@ def test_prediction_from_the_dicom_folder_equals_the_one_from_its_nifti_conversi
     )
 
 
-def test_seg_only_writes_only_the_seg(cropped, tmp_path, capsys):
+def test_seg_only_writes_only_the_seg_and_a_second_run_skips_it(cropped, tmp_path, capsys):
+    """-i the series folder itself; --seg-only; then -i its parent with -o beside the series: the SEG folder of the
+    first run is no case, and --continue_prediction finds the SEG done."""
     out = tmp_path / "out"
     code, _ = run_predict(
         capsys, "-i", str(cropped[0] / "ct"), "-o", str(out), "--output-type", "dicom_seg", "--seg-only"
     )
     assert code == 0 and sorted(p.name for p in out.iterdir()) == ["ct.dcm", "dataset.json", "plans.json"]
+    inside = cropped[0] / "segs"
+    try:
+        shutil.copytree(out, inside)
+        args = ["-i", str(cropped[0]), "-o", str(inside), "--output-type", "dicom_seg", "--seg-only"]
+        before = (inside / "ct.dcm").stat().st_mtime_ns
+        assert run_predict(capsys, *args, "--continue_prediction")[0] == 0  # "segs" read as a series would fail
+        assert (inside / "ct.dcm").stat().st_mtime_ns == before
+    finally:
+        shutil.rmtree(inside)
 
 
 def test_radsam_from_the_dicom_folder_equals_the_nifti_conversion_and_writes_a_seg(cropped, tmp_path):
