@@ -560,3 +560,40 @@ def test_prediction_from_the_whole_real_series_equals_the_one_from_its_nifti_con
     assert (a.GetSpacing(), a.GetOrigin(), a.GetDirection()) == (b.GetSpacing(), b.GetOrigin(), b.GetDirection())
     probabilities = [np.load(tmp_path / f / "example_ct_dicom.npz")["probabilities"] for f in ("d", "n")]
     assert np.array_equal(*probabilities)
+
+
+def test_server_route_saves_the_session_result_inside_the_dicom_root_only(cropped, tmp_path):
+    """nnunet_sam_serve --dicom-root: POST /nnunet_sam/save_dicom_seg writes the leased session's result as a SEG
+    of a series below the root; a path leaving the root, an existing output, a missing key or lease are refused."""
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from nnInteractive.inference.remote import _protocol as wire
+
+    from nnunet_sam.serving.dicom_export import SAVE_PATH, add_save_route
+    from nnunet_sam.serving.sessions import Registry
+
+    root = tmp_path / "root"  # a copy: the outputs must not join the folder other tests predict from
+    shutil.copytree(cropped[0] / "ct", root / "ct")
+    (root / "results").mkdir()
+    app = FastAPI()
+    app.state.registry = Registry(2, 600.0, 600.0)
+    add_save_route(app, str(root), "key", dicom.Algorithm("RadSAMTrainer"))
+    token = app.state.registry.claim()
+    buffer = np.zeros((20, 96, 96), np.uint8)
+    buffer[2:4, 10:20, 10:20] = 1
+    app.state.registry.get(token).set_buffer(buffer)
+    headers = {"Authorization": "Bearer key", wire.LEASE_HEADER: token}
+    body = {"series": "ct", "output": "results/r.dcm", "label_name": "spleen"}
+    with TestClient(app) as client:
+        assert client.post(SAVE_PATH, json=body, headers={wire.LEASE_HEADER: token}).status_code == 401
+        assert client.post(SAVE_PATH, json=body, headers={"Authorization": "Bearer key"}).status_code == 410
+        answer = client.post(SAVE_PATH, json=body, headers=headers)
+        assert answer.status_code == 200 and answer.json() == {"written": "results/r.dcm"}
+        again = client.post(SAVE_PATH, json=body, headers=headers)
+        assert again.status_code == 400 and "must be a new .dcm file" in again.json()["detail"]
+        outside = client.post(SAVE_PATH, json={**body, "output": "../x.dcm"}, headers=headers)
+        assert outside.status_code == 400 and "leaves the server's --dicom-root" in outside.json()["detail"]
+    read = hd.seg.segread(root / "results" / "r.dcm")
+    assert read.number_of_frames == 2 and [s.SegmentLabel for s in read.SegmentSequence] == ["spleen"]
+    assert not (tmp_path / "x.dcm").exists()
