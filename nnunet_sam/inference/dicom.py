@@ -181,15 +181,25 @@ def read_series(folder: str | os.PathLike, series_uid: str | None = None) -> Dic
             raise DicomError(f"{folder}: {_instance(path, ds)} is not an image slice (no Rows/Columns/PixelSpacing)")
     if len(headers) < 2:
         raise DicomError(f"{folder}: one slice only; a volume needs at least 2 (its slice spacing is unknown)")
-    orientations = [_vector(ds, "ImageOrientationPatient", 6, p, folder).round(4) for p, ds in headers]
+    orientations = [_vector(ds, "ImageOrientationPatient", 6, p, folder) for p, ds in headers]
     orientation = _odd_ones_out(folder, headers, orientations, "the orientation", "mixed orientations make no volume")
     grids = [np.array([ds.Rows, ds.Columns, *_vector(ds, "PixelSpacing", 2, p, folder)], float) for p, ds in headers]
     grid = _odd_ones_out(folder, headers, grids, "the pixel grid (rows, columns, spacing)", "mixed pixel grids")
     row, column = orientation[:3], orientation[3:]
     normal = np.cross(row, column)
-    positions = np.array([_vector(ds, "ImagePositionPatient", 3, p, folder) @ normal for p, ds in headers])
+    points = np.array([_vector(ds, "ImagePositionPatient", 3, p, folder) for p, ds in headers])
+    positions = points @ normal
     order = np.argsort(positions, kind="stable")
-    headers = [headers[i] for i in order]
+    headers, points = [headers[i] for i in order], points[order]
+    # consecutive slices must lie along the normal: an in-plane shift (gantry tilt) makes a sheared volume
+    shift = (points - points[0]) - np.outer((points - points[0]) @ normal, normal)
+    sheared = np.flatnonzero(np.linalg.norm(shift, axis=1) > 0.01 * min(grid[2], grid[3]))
+    if sheared.size:
+        i = int(sheared[0])
+        raise DicomError(
+            f"{folder}: {_instance(*headers[i])} is shifted in plane by {np.linalg.norm(shift[i]):.3g} mm from "
+            f"{_instance(*headers[0])} (gantry tilt?): the slices make a sheared volume; resample the series first"
+        )
     steps = np.diff(positions[order])
     for i, step in enumerate(steps):
         if step < 1e-3:
@@ -218,7 +228,7 @@ def read_series(folder: str | os.PathLike, series_uid: str | None = None) -> Dic
 
 def _odd_ones_out(folder: str, headers: list, values: list[np.ndarray], what: str, problem: str) -> np.ndarray:
     """The value most instances share; :class:`DicomError` naming the instances that differ from it, if any."""
-    keys = [tuple(v.tolist()) for v in values]
+    keys = [tuple(np.round(v, 4).tolist()) for v in values]  # equal within scanner rounding
     common = max(set(keys), key=keys.count)
     odd = [f"{_instance(p, ds)}: {list(k)}" for (p, ds), k in zip(headers, keys) if k != common]
     if odd:
@@ -226,7 +236,7 @@ def _odd_ones_out(folder: str, headers: list, values: list[np.ndarray], what: st
         raise DicomError(
             f"{folder}: {len(keys) - len(odd)} instances have {what} {list(common)}, but {shown}; {problem}"
         )
-    return np.asarray(common)
+    return values[keys.index(common)]  # the exact values, as stored
 
 
 def _list_series(by_series: Mapping[str, list]) -> str:

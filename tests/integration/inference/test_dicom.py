@@ -212,6 +212,16 @@ def test_mixed_orientations_are_refused_naming_the_instance(tmp_path):
         dicom.read_series(tmp_path / "ct")
 
 
+def test_slices_shifted_in_plane_are_refused_as_a_sheared_volume(tmp_path):
+    uids = synthetic_series(tmp_path / "ct")
+    slice_at(tmp_path / "ct", "tilt.dcm", 8.0, instance=9, **uids)
+    ds = pydicom.dcmread(tmp_path / "ct" / "tilt.dcm")
+    ds.ImagePositionPatient = [-4.0, -1.5, 8.0]  # 2.5 mm along y: a tilted gantry
+    ds.save_as(tmp_path / "ct" / "tilt.dcm")
+    with pytest.raises(dicom.DicomError, match=r"tilt.dcm \(instance 9\) is shifted in plane by 2.5 mm .* sheared"):
+        dicom.read_series(tmp_path / "ct")
+
+
 def test_localiser_among_the_slices_is_refused_naming_it(tmp_path):
     uids = synthetic_series(tmp_path / "ct")
     slice_at(tmp_path / "ct", "scout.dcm", 8.0, instance=9, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), **uids)
