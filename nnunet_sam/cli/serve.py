@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", type=int, help="prompted 3DSAM-adapter: class served (default: the first)")
     parser.add_argument("-step_size", type=float, default=0.5, help="prompted 3DSAM-adapter: sliding window step")
     parser.add_argument("--disable_tta", action="store_true", help="prompted 3DSAM-adapter: no mirroring")
+    parser.add_argument(
+        "--dicom-root",
+        help="let clients save their result as a DICOM SEG of a series below this folder (POST "
+        "/nnunet_sam/save_dicom_seg; needs the extra nnunet-sam[dicom]; see docs/dicom.md)",
+    )
     return parser
 
 
@@ -65,6 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in (("--max-sessions", args.max_sessions), ("--idle-timeout", args.idle_timeout)):
         if value <= 0:
             parser.exit(2, f"error: {name} must be positive, got {value}\n")
+    if args.dicom_root:
+        from nnunet_sam.inference.dicom import DicomError, require
+
+        if not os.path.isdir(args.dicom_root):
+            parser.exit(2, f"error: --dicom-root {args.dicom_root} is not a folder\n")
+        try:
+            require("--dicom-root")
+        except DicomError as error:
+            parser.exit(2, f"error: {error}\n")
     import uvicorn
 
     from nnunet_sam.serving.app import make_app
@@ -86,6 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         api_key=args.api_key or None,
         max_upload_mb=args.max_upload_mb,
     )
+    if args.dicom_root:
+        from nnunet_sam.inference.dicom import Algorithm
+        from nnunet_sam.serving.dicom_export import add_save_route
+
+        fold = args.f if args.f == "all" else int(args.f)
+        add_save_route(app, args.dicom_root, args.api_key or None, Algorithm.of_model_folder(args.m, [fold]))
     print(f"serving {model.kind} from {args.m} on http://{args.host}:{args.port}", flush=True)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal under the handler it found: with
     # this one, that ends uvicorn.run instead of killing the process, so the command exits with 0

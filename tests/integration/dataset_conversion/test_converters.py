@@ -318,6 +318,16 @@ def test_nih_label_geometry_mismatch(nnunet_env):
     assert _leftovers(nnunet_env) == []
 
 
+def test_nih_unreadable_series_is_named_not_counted_as_too_few_folds(nnunet_env):
+    """Issue 29: a patient whose .dcm files cannot be read was reported as "1 cases cannot make 4 folds"."""
+    images, labels = make_nih_pancreas(nnunet_env / "tcia", numbers=(1,))
+    for path in (images / "PANCREAS_0001").rglob("*.dcm"):
+        path.write_bytes(b"not a dicom file")
+    with pytest.raises(ConversionError, match=r"no readable DICOM series below .*PANCREAS_0001: 8 file\(s\) there"):
+        convert_nih_pancreas(images, labels, dataset_id=82)
+    assert _leftovers(nnunet_env) == []
+
+
 def test_nih_align_labels_reorders_a_flipped_label(nnunet_env):
     images, labels = make_nih_pancreas(nnunet_env / "tcia", numbers=(1, 2))
     on_grid = volume(702, values=1)
