@@ -89,9 +89,11 @@ def _code(path: Path) -> list[Code]:
             if pending:
                 found.append(Code(path, first, pending))
     for tok, children in _inline_children(path):
+        line = tok.map[0] + 1
         for child in children:
+            line += child.type in ("softbreak", "hardbreak")
             if child.type == "code_inline":
-                found.append(Code(path, tok.map[0] + 1, child.content.replace("\\|", "|")))
+                found.append(Code(path, line, child.content.replace("\\|", "|")))
     return found
 
 
