@@ -10,6 +10,7 @@ two-node training where one rank is killed and ``--c`` on one node continues fro
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import re
@@ -226,6 +227,127 @@ def test_a_lost_rank_stops_the_others_with_its_name(tmp_path, how):
     assert "rank 1 (" in output and "was lost: no heartbeat" in output, output
     if how == "stopped":  # only the heartbeat shows it
         assert "no heartbeat for 5 s" in output, output
+
+
+# ---- every rank fails, stop paths end the workers (bare process groups) -------------------------------------------
+GROUP = """
+import multiprocessing, os, signal, sys, time
+import torch
+import torch.distributed as dist
+from nnunet_sam.training.distributed import RankInfo, run_as_rank
+
+def worker():  # as nnU-Net's augmentation workers (batchgenerators forks them as daemons)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only SIGKILL or the kernel's parent-death signal ends them
+    while True:
+        time.sleep(1)
+
+def work():
+    how = os.environ["HOW"]
+    workers = [multiprocessing.get_context("fork").Process(target=worker, daemon=True) for _ in range(2)]
+    for w in workers:
+        w.start()
+    with open(os.environ["PID_FILE"] + os.environ["RANK"], "w") as f:
+        f.write(" ".join(str(p) for p in [os.getpid()] + [w.pid for w in workers]))
+    for step in range(10**9):
+        dist.all_reduce(torch.ones(1))
+        if how == "raise" and step == 5:
+            raise ValueError(f"a bug in the trainer, rank {os.environ['RANK']}")
+        time.sleep(0.05)
+
+sys.exit(run_as_rank(work, RankInfo.from_environ(), "cpu"))
+"""
+WORKERS_GONE_S = 15  # a stopping rank's workers are gone within this time (measured: under 3 s)
+
+
+def _start_group(tmp_path: Path, how: str) -> tuple[list[subprocess.Popen], list[list[int]]]:
+    """Two ranks of GROUP; returns them and each rank's [rank PID, worker PIDs...] once all are running."""
+    port = _free_port()
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "HOW": how}
+    env.update(PID_FILE=str(tmp_path / "pid"), OMP_NUM_THREADS="1", nnUNet_SAM_dist_lost_after="5")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", GROUP],
+            env={**env, "RANK": str(r), "LOCAL_RANK": "0"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for r in range(2)
+    ]
+    deadline = time.time() + 300
+    while not all((tmp_path / f"pid{r}").is_file() for r in range(2)):
+        if time.time() > deadline or (how != "raise" and any(p.poll() is not None for p in procs)):
+            _end_group(procs)
+            raise AssertionError("the ranks did not start: " + "".join(p.communicate()[0] for p in procs))
+        time.sleep(0.2)
+    time.sleep(0.5)  # the PID files are complete
+    return procs, [[int(p) for p in (tmp_path / f"pid{r}").read_text().split()] for r in range(2)]
+
+
+def _end_group(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _gone_within(pids: list[int], seconds: float) -> list[int]:
+    """The PIDs still running after ``seconds`` (checked every 0.1 s)."""
+    deadline = time.time() + seconds
+    while any(_running(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if _running(p)]
+
+
+def test_every_rank_raising_prints_its_own_error_not_a_lost_node(tmp_path):
+    """Issue 26 item 1: all ranks raise the same error (a bug in a trainer subclass): each prints its own traceback
+    and names the other as failed, never as lost."""
+    procs, _ = _start_group(tmp_path, "raise")
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        _end_group(procs)
+    for rank, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 1, output
+        assert "Traceback" in output and f"ValueError: a bug in the trainer, rank {rank}" in output, output
+        assert "was lost" not in output and "were lost" not in output, output
+        assert output.index("Traceback") < output.index(f"training stopped on rank {rank}"), output
+        other = 1 - rank
+        assert f"rank {other} (" in output and "failed: ValueError" in output, output
+
+
+@pytest.mark.parametrize("how", ["lost peer", "exception", "SIGTERM", "SIGUSR1"])
+def test_a_stopping_rank_ends_its_workers(tmp_path, how):
+    """Issue 26 item 2 / issue 29 item 10: no augmentation worker outlives its rank, on any exit path. Rank 1 is
+    SIGKILLed (its workers die with it: the kernel's parent-death signal) or rank 0 gets SIGTERM or SIGUSR1 (a
+    scheduler's stop or pre-emption notice) or raises; every worker of both ranks is gone within WORKERS_GONE_S."""
+    procs, pids = _start_group(tmp_path, "raise" if how == "exception" else "loop")
+    try:
+        time.sleep(1)
+        if how == "lost peer":
+            os.kill(pids[1][0], signal.SIGKILL)
+        elif how.startswith("SIG"):
+            os.kill(pids[0][0], getattr(signal, how))
+        start = time.time()
+        output = procs[0].communicate(timeout=LOST_WITHIN_S)[0]
+        left = _gone_within(pids[0][1:] + pids[1][1:], WORKERS_GONE_S)
+        elapsed = time.time() - start
+    finally:
+        _end_group(procs)
+    print(f"{how}: rank 0 and every worker gone {elapsed:.1f} s after the event")
+    assert not left, f"workers {left} outlived their rank ({how}); rank 0 said: {output}"
+    expected = {"lost peer": 1, "exception": 1, "SIGTERM": 128 + signal.SIGTERM, "SIGUSR1": 128 + signal.SIGUSR1}
+    assert procs[0].returncode == expected[how], output
+    if how.startswith("SIG"):
+        assert f"{how} received" in output, output
 
 
 # ---- two torchrun nodes train (slow) ------------------------------------------------------------------------------
