@@ -366,12 +366,33 @@ def _group_attempt(info: RankInfo) -> str:
     return str(token[0])
 
 
+SEPARATE_STORES_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def check_restartable(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse ``torchrun --max-restarts N`` (N > 0) with the store shared between rendezvous rounds.
+
+    By default torchrun's agents keep one store for all rounds, and the keys a process group is built from carry no
+    round: a worker of a restarted group can read the address of a process of the last group and fail, or wait
+    forever for it (seen with torch 2.14 and gloo). ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's
+    environment gives every round a store of its own.
+    """
+    restarts = int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise DistributedSetupError(
+            f"torchrun --max-restarts {restarts} needs {SEPARATE_STORES_ENV}=1 in torchrun's environment (on every "
+            "node): with the store shared between rounds a restarted group cannot form. Start torchrun as "
+            f"'{SEPARATE_STORES_ENV}=1 torchrun ...' (scripts/slurm/train_multinode.sbatch does)"
+        )
+
+
 def start(info: RankInfo, device_type: str) -> RankMonitor:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU; ``env://``) and start the rank monitor.
 
     Collectives time out after ``$nnUNet_SAM_dist_timeout`` seconds (default 1800), a rank counts as lost after
     ``$nnUNet_SAM_dist_lost_after`` seconds without a heartbeat (default 60).
     """
+    check_restartable()
     timeout = timedelta(seconds=seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
     lost_after = seconds_from_env(LOST_AFTER_ENV, DEFAULT_LOST_AFTER_S)
     if device_type == "cuda":

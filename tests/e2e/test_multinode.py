@@ -34,7 +34,14 @@ from nnunet_sam.cli.predict import main as predict_main
 from nnunet_sam.demo.phantoms import make_phantom_dataset
 from nnunet_sam.inference.predict import cases_in_folder, cases_of_part
 from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
-from nnunet_sam.training.distributed import DistributedSetupError, check_batch_split, rank_device
+from nnunet_sam.training import distributed
+from nnunet_sam.training.distributed import (
+    SEPARATE_STORES_ENV,
+    DistributedSetupError,
+    check_batch_split,
+    check_restartable,
+    rank_device,
+)
 
 BIN = Path(sys.executable).parent
 DATASET = 991
@@ -348,6 +355,123 @@ def test_a_stopping_rank_ends_its_workers(tmp_path, how):
     assert procs[0].returncode == expected[how], output
     if how.startswith("SIG"):
         assert f"{how} received" in output, output
+
+
+# ---- torchrun: elastic restarts and exit codes --------------------------------------------------------------------
+ELASTIC = """
+import os, signal, sys, time
+import torch
+import torch.distributed as dist
+from nnunet_sam.training.distributed import DistributedSetupError, RankInfo, run_as_rank
+
+def work():
+    restart, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
+    if os.environ["HOW"] == "setup":
+        raise DistributedSetupError("this job cannot use these settings")
+    for step in range(20):
+        dist.all_reduce(torch.ones(1))
+        time.sleep(0.1)
+        if step == 5 and restart == 0 and rank == 1 and os.environ["HOW"] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)  # a worker lost in the first attempt only
+    open(os.path.join(os.environ["OUT"], f"done_rank{rank}_restart{restart}"), "w").close()
+
+sys.exit(run_as_rank(work, RankInfo.from_environ(), "cpu"))
+"""
+
+
+def _torchrun_nodes(
+    tmp_path: Path, how: str, *options: str, extra_env: dict[str, str] | None = None
+) -> list[subprocess.CompletedProcess]:
+    """Two torchrun nodes on 127.0.0.1 (c10d rendezvous), one process each, running ELASTIC."""
+    (tmp_path / "elastic.py").write_text(ELASTIC)
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path), "HOW": how, **(extra_env or {})}
+    env["nnUNet_SAM_dist_lost_after"] = "10"
+    command = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
+    command += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "elastic", *options, str(tmp_path / "elastic.py")]
+    nodes = []
+    for node in range(2):
+        nodes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        if node == 0:
+            time.sleep(3)  # node 0's torchrun holds the rendezvous store
+    try:
+        outputs = [n.communicate(timeout=300)[0] for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+            n.wait()
+    return [subprocess.CompletedProcess(n.args, n.returncode, o) for n, o in zip(nodes, outputs, strict=True)]
+
+
+def test_max_restarts_survives_a_killed_worker(tmp_path):
+    """Issue 26 item 3: with --max-restarts 1 the group is restarted after a worker is SIGKILLed and finishes (both
+    nodes, although only node 1's restart count goes up when node 0 merely follows the new rendezvous)."""
+    nodes = _torchrun_nodes(tmp_path, "kill", "--max-restarts", "1", extra_env={SEPARATE_STORES_ENV: "1"})
+    logs = "\n".join(n.stdout for n in nodes)
+    assert [n.returncode for n in nodes] == [0, 0], logs[-6000:]
+    done = sorted(p.name for p in tmp_path.glob("done_*"))
+    assert len(done) == 2 and {d.split("_")[1] for d in done} == {"rank0", "rank1"}, (done, logs[-6000:])
+    assert "done_rank1_restart1" in done, done  # node 1's worker was the one restarted
+
+
+def test_max_restarts_with_a_shared_store_is_refused_clearly():
+    """torchrun's default store, shared between rounds, lets a restarted group hang (stale addresses): refused."""
+    check_restartable({"TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"})
+    check_restartable({"TORCHELASTIC_MAX_RESTARTS": "1", "TORCHELASTIC_USE_AGENT_STORE": "False"})
+    with pytest.raises(DistributedSetupError, match=f"--max-restarts 2 needs {SEPARATE_STORES_ENV}=1"):
+        check_restartable({"TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"})
+
+
+def test_exit_codes_under_torchrun(tmp_path):
+    """Issue 26 item 4: a setting the job cannot use: each process prints its message and exits 2; torchrun itself
+    exits 1 and shows each process's code in its failure summary."""
+    nodes = _torchrun_nodes(tmp_path, "setup")
+    for node in nodes:
+        assert node.returncode == 1, node.stdout[-4000:]
+        assert "nnunet_sam_train: error: this job cannot use these settings" in node.stdout, node.stdout[-4000:]
+        assert re.search(r"exitcode\s*:\s*2\b", node.stdout), node.stdout[-4000:]
+
+
+def test_a_restarted_group_continues_from_the_last_checkpoint(monkeypatch):
+    """Issue 26 item 3: torchrun's restart count > 0 adds --c (nnU-Net starts afresh when there is no checkpoint)."""
+    seen = []
+    monkeypatch.setattr(train_cli, "run_as_rank", lambda work, info, device: seen.append(list(sys.argv[1:])) or 0)
+    monkeypatch.setattr(sys, "argv", ["nnunet_sam_train"])
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    args = ["1", "3d_fullres", "0", "-device", "cpu"]
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert train_cli.main(args) == 0
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert train_cli.main(args) == 0
+    assert train_cli.main([*args, "--c"]) == 0
+    assert seen == [args, [*args, "--c"], [*args, "--c"]]
+
+
+def test_batch_per_process_sets_the_global_batch(tmp_path, monkeypatch, capsys):
+    """Issue 26 item 5: --batch-per-process B gives a global batch of B x processes (8 processes: 8, where the plans'
+    batch of 2 cannot be split)."""
+    monkeypatch.setattr(sys, "argv", ["nnunet_sam_train"])
+    monkeypatch.setattr(train_cli, "run_as_rank", lambda work, info, device: 0)
+    monkeypatch.delenv(distributed.BATCH_PER_PROCESS_ENV, raising=False)
+    assert train_cli.main(["1", "3d_fullres", "0", "--batch-per-process", "1"]) == 2  # not under torchrun
+    assert "under torchrun only" in capsys.readouterr().err
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="8", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    assert train_cli.main(["1", "3d_fullres", "0", "-device", "cpu", "--batch-per-process", "1"]) == 0
+    assert os.environ[distributed.BATCH_PER_PROCESS_ENV] == "1" and "--batch-per-process" not in sys.argv
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 8)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
+    plans = minimal_plans([2, 32, 32])
+    assert plans["configurations"]["3d_fullres"]["batch_size"] == 2
+    trainer = MaskSAMTrainer_tiny(plans, "3d_fullres", 0, dataset_json(2), torch.device("cpu"))
+    assert trainer.configuration_manager.batch_size == 8
+    check_batch_split(trainer.configuration_manager.batch_size, 8)
+    monkeypatch.setenv(distributed.BATCH_PER_PROCESS_ENV, "0")
+    with pytest.raises(DistributedSetupError, match="expected a whole number"):
+        MaskSAMTrainer_tiny(plans, "3d_fullres", 0, dataset_json(2), torch.device("cpu"))
 
 
 # ---- two torchrun nodes train (slow) ------------------------------------------------------------------------------
