@@ -27,7 +27,7 @@ import SimpleITK as sitk
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
-from sam_testing import dataset_json, minimal_plans, nnunet_env, run_tool
+from sam_testing import REPO, dataset_json, minimal_plans, nnunet_env, run_tool
 
 from nnunet_sam.cli import train as train_cli
 from nnunet_sam.cli.predict import main as predict_main
@@ -689,3 +689,125 @@ def test_two_nodes_masksam_lose_a_node_and_continue_on_one(workspace):
     resumed = sorted(fold.glob("training_log_*.txt"))[-1].read_text()
     assert re.search(rf"Epoch {saved_epoch}\s*$", resumed, re.M), "--c did not resume at the saved epoch"
     assert not re.search(r"Epoch 0\s*$", resumed, re.M), "--c started from scratch"
+
+
+# ---- the SLURM script under a fake Slurm (sbatch, srun, scontrol) on 127.0.0.1 ------------------------------------
+SLURM_SCRIPT = REPO / "scripts" / "slurm" / "train_multinode.sbatch"
+JOB_ID = 4242
+FAKE_SBATCH = """#!/bin/bash
+# sbatch SCRIPT ARGS: the job's variables as Slurm sets them (from the script's #SBATCH lines), then the script
+script=$1; shift
+option() { sed -n "s/^#SBATCH --$1=//p" "$script" | head -n 1; }
+export SLURM_JOB_ID=${FAKE_JOB_ID} SLURM_JOB_NAME=$(option job-name) SLURM_JOB_NODELIST="node[1-2]"
+export SLURM_NNODES=$(option nodes) SLURM_JOB_NUM_NODES=$(option nodes) SLURM_CPUS_PER_TASK=$(option cpus-per-task)
+export SLURM_NTASKS_PER_NODE=$(option ntasks-per-node) SLURM_SUBMIT_DIR=$PWD
+exec bash "$script" "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "scontrol $*" >> "$FAKE_SLURM_LOG"
+case "$1 $2" in
+    "show hostnames") for i in $(seq "$SLURM_NNODES"); do echo 127.0.0.1; done ;;  # every node is this machine
+    "requeue "*) kill "$(cat "$FAKE_SLURM_LOG.srun_pid")" ;;  # Slurm ends the running step
+esac
+"""
+FAKE_SRUN = """#!/bin/bash
+# one task per node: SLURM_NNODES copies of the command, node 0 first (its torchrun holds the rendezvous store)
+echo "srun $*" >> "$FAKE_SLURM_LOG"
+echo "env nnUNet_raw=$nnUNet_raw nnUNet_preprocessed=$nnUNet_preprocessed" >> "$FAKE_SLURM_LOG"
+echo "env nnUNet_results=$nnUNet_results" >> "$FAKE_SLURM_LOG"
+echo $$ > "$FAKE_SLURM_LOG.srun_pid"
+while [[ $1 == --* ]]; do
+    case $1 in --cpus-per-task=*) export SLURM_CPUS_PER_TASK=${1#*=} ;; esac
+    shift
+done
+if [ -n "${FAKE_SRUN_HOLD:-}" ]; then exec sleep 300; fi
+pids=()
+for node in $(seq 0 $((SLURM_NNODES - 1))); do
+    SLURM_PROCID=$node SLURM_NODEID=$node SLURM_LOCALID=0 "$@" > "$FAKE_SLURM_LOG.node$node" 2>&1 &
+    pids+=($!)
+    sleep 3
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+def _fake_slurm(tmp_path: Path, **env: str) -> tuple[dict[str, str], Path]:
+    """PATH with fake sbatch, srun and scontrol first; returns the environment and the fake Slurm's log."""
+    bin_dir = tmp_path / "fake_slurm"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "slurm.log"
+    full = nnunet_env(tmp_path, OMP_NUM_THREADS="1", FAKE_JOB_ID=str(JOB_ID), FAKE_SLURM_LOG=str(log), **env)
+    full["PATH"] = os.pathsep.join([str(bin_dir), str(BIN), full["PATH"]])  # torchrun of this environment
+    return full, log
+
+
+def _sbatch(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["sbatch", str(SLURM_SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_slurm_script_starts_two_nodes_as_one_group(tmp_path):
+    """Issue 26 item 6: the README's SLURM script under a fake Slurm: two nodes' torchruns on 127.0.0.1 form one
+    group (both ranks meet nnU-Net's error for a dataset that does not exist, each naming the other as failed), with
+    the job's port and id, the nnU-Net folders exported, and --cpus-per-task passed to srun."""
+    env, log = _fake_slurm(tmp_path, NPROC_PER_NODE="1")
+    result = _sbatch(env, "999", "3d_fullres", "0", "-device", "cpu")
+    assert result.returncode == 1, result.stdout + result.stderr
+    text = log.read_text()
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    assert "--cpus-per-task=32 " in srun  # the script's #SBATCH --cpus-per-task, explicitly
+    assert f"--rdzv-endpoint 127.0.0.1:{20000 + JOB_ID % 40000} --rdzv-id {JOB_ID}" in srun, srun
+    assert "--nnodes 2 --nproc-per-node 1" in srun and srun.endswith("999 3d_fullres 0 -device cpu"), srun
+    assert f"nnUNet_results={tmp_path / 'results'}" in text
+    nodes = [Path(f"{log}.node{n}").read_text() for n in range(2)]
+    for rank in range(2):
+        output = "".join(nodes)
+        assert f"training stopped on rank {rank}" in output, output[-4000:]
+        assert f"rank {1 - rank} (" in output and "failed: RuntimeError" in output, output[-4000:]
+
+    env.pop("nnUNet_results")
+    result = _sbatch(env, "999", "3d_fullres", "0")
+    assert result.returncode == 2 and "set nnUNet_results" in result.stderr
+
+
+def test_slurm_script_requeues_on_preemption_and_continues_with_c(tmp_path):
+    """Issue 26 item 6: SLURM's USR1 notice (#SBATCH --signal=B:USR1@120) requeues the job; started again
+    (SLURM_RESTART_COUNT=1), the script continues with --c."""
+    env, log = _fake_slurm(tmp_path, FAKE_SRUN_HOLD="1")
+    job = subprocess.Popen(["sbatch", str(SLURM_SCRIPT), "1", "3d_fullres", "0"], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while not Path(f"{log}.srun_pid").is_file():
+            assert time.time() < deadline and job.poll() is None, "srun did not start"
+            time.sleep(0.1)
+        job.send_signal(signal.SIGUSR1)  # fake sbatch execs the script: this is the batch shell
+        stderr = job.communicate(timeout=60)[1].decode()
+    finally:
+        job.kill()
+        job.wait()
+    assert f"scontrol requeue {JOB_ID}" in log.read_text(), log.read_text()
+    assert "pre-emption notice, requeueing" in stderr
+    srun = [line for line in log.read_text().splitlines() if line.startswith("srun ")]
+    assert srun[-1].endswith("1 3d_fullres 0"), srun
+
+    Path(f"{log}.srun_pid").unlink()
+    env["SLURM_RESTART_COUNT"] = "1"  # Slurm sets it in a requeued job
+    job = subprocess.Popen(["sbatch", str(SLURM_SCRIPT), "1", "3d_fullres", "0"], env=env)
+    try:
+        deadline = time.time() + 60
+        while not Path(f"{log}.srun_pid").is_file():
+            assert time.time() < deadline, "srun did not start"
+            time.sleep(0.1)
+    finally:
+        job.kill()
+        job.wait()
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(Path(f"{log}.srun_pid").read_text()), signal.SIGKILL)
+    srun = [line for line in log.read_text().splitlines() if line.startswith("srun ")]
+    assert srun[-1].endswith("1 3d_fullres 0 --c"), srun
