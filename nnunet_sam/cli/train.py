@@ -28,7 +28,13 @@ from collections.abc import Sequence
 from nnunetv2.run.run_training import run_training_entry
 
 from nnunet_sam.cli import conventions
-from nnunet_sam.training.distributed import BATCH_PER_PROCESS_ENV, DistributedSetupError, RankInfo, run_as_rank
+from nnunet_sam.training.distributed import (
+    BATCH_PER_PROCESS_ENV,
+    DistributedSetupError,
+    RankInfo,
+    group_restarted,
+    run_as_rank,
+)
 
 COMMAND = "nnunet_sam_train"
 
@@ -66,8 +72,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         os.environ[BATCH_PER_PROCESS_ENV] = str(per_process)  # read by the trainer (nnunet_sam.training.distributed)
     options = _launch_options(argv)
-    if info is not None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and not options.c:
-        argv.append("--c")  # torchrun restarted this group: continue from the last checkpoint
     sys.argv = [sys.argv[0], *argv]  # nnU-Net's parser reads sys.argv
     if info is None:
         run_training_entry()
@@ -78,7 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"-num_gpus {options.num_gpus} starts processes of its own; under torchrun, choose the processes per "
             "node with torchrun's --nproc-per-node instead",
         )
-    return run_as_rank(run_training_entry, info, options.device)
+    return run_as_rank(lambda: _train(options.c), info, options.device)
+
+
+def _train(continuing: bool) -> None:
+    """nnU-Net's training; with ``--c`` added when torchrun restarted the group (on every rank alike)."""
+    if not continuing and group_restarted():
+        sys.argv.append("--c")  # continue from the last checkpoint (nnU-Net starts afresh when there is none)
+    run_training_entry()
 
 
 if __name__ == "__main__":

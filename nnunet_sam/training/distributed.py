@@ -366,6 +366,17 @@ def _group_attempt(info: RankInfo) -> str:
     return str(token[0])
 
 
+def group_restarted(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether torchrun restarted this process group (any rank's ``TORCHELASTIC_RESTART_COUNT`` > 0); a collective.
+
+    Every rank must get the same answer, but the counts differ between nodes: an agent whose own worker failed counts
+    the restart, one that only follows the new rendezvous round does not.
+    """
+    counts: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, int(environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
+    return max(int(c) for c in counts) > 0
+
+
 SEPARATE_STORES_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 

@@ -42,6 +42,7 @@ from nnunet_sam.training.distributed import (
     check_restartable,
     rank_device,
 )
+from nnunet_sam.training.fault_tolerance import descendants
 
 BIN = Path(sys.executable).parent
 DATASET = 991
@@ -433,17 +434,27 @@ def test_exit_codes_under_torchrun(tmp_path):
 
 
 def test_a_restarted_group_continues_from_the_last_checkpoint(monkeypatch):
-    """Issue 26 item 3: torchrun's restart count > 0 adds --c (nnU-Net starts afresh when there is no checkpoint)."""
+    """Issue 26 item 3: when torchrun restarted the group, every rank adds --c (nnU-Net starts afresh when there is
+    no checkpoint yet), also a rank whose own restart count is 0 (its node only followed the new rendezvous)."""
     seen = []
-    monkeypatch.setattr(train_cli, "run_as_rank", lambda work, info, device: seen.append(list(sys.argv[1:])) or 0)
+    monkeypatch.setattr(train_cli, "run_as_rank", lambda work, info, device: work() or 0)
+    monkeypatch.setattr(train_cli, "run_training_entry", lambda: seen.append(list(sys.argv[1:])))
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    other_rank = {"count": 0}
+    monkeypatch.setattr(
+        torch.distributed,
+        "all_gather_object",
+        lambda out, obj: out.__setitem__(slice(None), [obj, other_rank["count"]]),
+    )
     monkeypatch.setattr(sys, "argv", ["nnunet_sam_train"])
     for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
         monkeypatch.setenv(name, value)
     args = ["1", "3d_fullres", "0", "-device", "cpu"]
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     assert train_cli.main(args) == 0
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    other_rank["count"] = 1
     assert train_cli.main(args) == 0
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert train_cli.main([*args, "--c"]) == 0
     assert seen == [args, [*args, "--c"], [*args, "--c"]]
 
@@ -733,15 +744,16 @@ exit $status
 """
 
 
-def _fake_slurm(tmp_path: Path, **env: str) -> tuple[dict[str, str], Path]:
-    """PATH with fake sbatch, srun and scontrol first; returns the environment and the fake Slurm's log."""
+def _fake_slurm(tmp_path: Path, root: Path | None = None, **env: str) -> tuple[dict[str, str], Path]:
+    """PATH with fake sbatch, srun and scontrol first; returns the environment and the fake Slurm's log. nnU-Net's
+    folders under ``root`` (default ``tmp_path``)."""
     bin_dir = tmp_path / "fake_slurm"
     bin_dir.mkdir()
     for name, text in (("sbatch", FAKE_SBATCH), ("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     log = tmp_path / "slurm.log"
-    full = nnunet_env(tmp_path, OMP_NUM_THREADS="1", FAKE_JOB_ID=str(JOB_ID), FAKE_SLURM_LOG=str(log), **env)
+    full = nnunet_env(root or tmp_path, OMP_NUM_THREADS="1", FAKE_JOB_ID=str(JOB_ID), FAKE_SLURM_LOG=str(log), **env)
     full["PATH"] = os.pathsep.join([str(bin_dir), str(BIN), full["PATH"]])  # torchrun of this environment
     return full, log
 
@@ -811,3 +823,50 @@ def test_slurm_script_requeues_on_preemption_and_continues_with_c(tmp_path):
             os.kill(int(Path(f"{log}.srun_pid").read_text()), signal.SIGKILL)
     srun = [line for line in log.read_text().splitlines() if line.startswith("srun ")]
     assert srun[-1].endswith("1 3d_fullres 0 --c"), srun
+
+
+@pytest.mark.slow
+def test_slurm_script_trains_on_two_nodes_and_survives_a_killed_worker(workspace, tmp_path):
+    """Issues 26 items 2, 3, 5, 6 with real nnU-Net training: the SLURM script (fake Slurm, two nodes on 127.0.0.1,
+    --batch-per-process 1) trains the tiny MaskSAM; the rank on node 1 is SIGKILLed after the first checkpoint: its
+    augmentation workers die with it, torchrun restarts the group (NNUNET_SAM_MAX_RESTARTS=1), which continues
+    from the checkpoint and finishes."""
+    trainer = "MaskSAMTrainer_tiny_mn"
+    record = tmp_path / "record"
+    record.mkdir()
+    env, log = _fake_slurm(
+        tmp_path, workspace, NPROC_PER_NODE="1", NNUNET_SAM_MAX_RESTARTS="1", MULTINODE_RECORD=str(record)
+    )
+    env.update(MULTINODE_EPOCHS="3", nnUNet_SAM_dist_lost_after="30", FAKE_JOB_ID="4343")
+    results = workspace / "results" / f"Dataset{DATASET}_Phantom" / f"{trainer}__nnUNetPlans__3d_fullres"
+    fold = results / "fold_0"
+    args = [str(DATASET), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", "--batch-per-process", "1"]
+    job = subprocess.Popen(
+        ["sbatch", str(SLURM_SCRIPT), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        latest = fold / "checkpoint_latest.pth"
+        deadline = time.time() + 1800
+        while not latest.is_file() and time.time() < deadline and job.poll() is None:
+            time.sleep(0.5)
+        assert job.poll() is None, "the job ended before the first checkpoint"
+        saved_epoch = torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"]
+        rank1 = int((record / "pid_1").read_text().split()[0])
+        workers = descendants(rank1)
+        assert workers, "no augmentation workers found"
+        os.kill(rank1, signal.SIGKILL)
+        left = _gone_within(workers, WORKERS_GONE_S)
+        output = job.communicate(timeout=1800)[0]
+    finally:
+        if job.poll() is None:
+            job.kill()
+        job.wait()
+    nodes = [Path(f"{log}.node{n}").read_text(errors="replace") for n in range(2)]
+    assert not left, f"workers {left} of the killed rank outlived it"
+    assert job.returncode == 0, output[-3000:] + nodes[0][-3000:] + nodes[1][-3000:]
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 3
+    resumed = sorted(fold.glob("training_log_*.txt"))[-1].read_text()
+    assert re.search(rf"Epoch {saved_epoch}\s*$", resumed, re.M), "the restarted group did not resume"
+    plans = load_json(results / "plans.json")
+    assert plans["configurations"]["3d_fullres"]["batch_size"] == 2  # 1 per process x 2 processes
