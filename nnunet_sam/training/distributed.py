@@ -421,7 +421,8 @@ def start(info: RankInfo, device_type: str) -> RankMonitor:
 
 
 def run_as_rank(work: Callable[[], object], info: RankInfo, device_type: str) -> int:
-    """Run ``work`` as one rank of a torchrun job; returns the exit code (0; 2 for settings the job cannot use).
+    """Run ``work`` as one rank of a torchrun job; returns 0 when it ends normally, 2 when the process group cannot
+    be joined with these settings. Any other end ends the process (``os._exit``; codes in :mod:`nnunet_sam.cli.train`).
 
     Joins the process group (:func:`start`). When ``work`` raises, this rank prints its own traceback, leaves its
     error for the others, names the other ranks that failed or were lost too, ends its process tree and exits
@@ -443,6 +444,11 @@ def run_as_rank(work: Callable[[], object], info: RankInfo, device_type: str) ->
         monitor.stop_watching()
         conventions.error("nnunet_sam_train", error)
         stop_process(conventions.UNUSABLE)
+    except SystemExit as error:  # nnU-Net's argument parser (its message is printed): the same on every rank
+        claim_stop()
+        monitor.report_failure(RuntimeError(f"exited with code {error.code}"))
+        monitor.stop_watching()
+        stop_process(error.code if isinstance(error.code, int) else conventions.FAILED)
     except BaseException as error:
         traceback.print_exc()  # this rank's own error first, whatever the others did
         sys.stderr.flush()

@@ -398,8 +398,13 @@ def _torchrun_nodes(
     try:
         outputs = [n.communicate(timeout=300)[0] for n in nodes]
     finally:
-        for n in nodes:
-            n.kill()
+        for n in nodes:  # torchrun passes SIGTERM on to its processes (each leads a session of its own)
+            if n.poll() is None:
+                n.terminate()
+                try:
+                    n.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    n.kill()
             n.wait()
     return [subprocess.CompletedProcess(n.args, n.returncode, o) for n, o in zip(nodes, outputs, strict=True)]
 
