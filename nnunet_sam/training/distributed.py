@@ -298,6 +298,7 @@ class RankMonitor:
             signal.signal(signum, handler)
         signal.set_wakeup_fd(write, warn_on_full_buffer=False)
         self._signal_pipe, self._signal_handler = read, handler
+        os.register_at_fork(after_in_child=_default_signals)
 
     def _check_signals(self) -> None:
         if self._signal_pipe is None:
@@ -314,6 +315,14 @@ class RankMonitor:
         claim_stop()
         stop_message(self.info.rank, reason)
         stop_process(1)
+
+
+def _default_signals() -> None:
+    """In a forked child (an augmentation worker): SIGTERM and SIGUSR1 end it as usual; the rank's handler, which
+    would print the rank's stop message and exit code, stays with the rank."""
+    signal.set_wakeup_fd(-1)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
 
 
 _STOPPING = threading.Lock()
