@@ -409,6 +409,7 @@ def _torchrun_nodes(
     return [subprocess.CompletedProcess(n.args, n.returncode, o) for n, o in zip(nodes, outputs, strict=True)]
 
 
+@pytest.mark.slow
 def test_max_restarts_survives_a_killed_worker(tmp_path):
     """Issue 26 item 3: with --max-restarts 1 the group is restarted after a worker is SIGKILLed and finishes (both
     nodes, although only node 1's restart count goes up when node 0 merely follows the new rendezvous)."""
@@ -769,11 +770,12 @@ def _sbatch(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess
     )
 
 
+@pytest.mark.slow
 def test_slurm_script_starts_two_nodes_as_one_group(tmp_path):
     """Issue 26 item 6: the README's SLURM script under a fake Slurm: two nodes' torchruns on 127.0.0.1 form one
     group (both ranks meet nnU-Net's error for a dataset that does not exist, each naming the other as failed), with
     the job's port and id, the nnU-Net folders exported, and --cpus-per-task passed to srun."""
-    env, log = _fake_slurm(tmp_path, NPROC_PER_NODE="1")
+    env, log = _fake_slurm(tmp_path, NPROC_PER_NODE="1", NNUNET_SAM_MAX_RESTARTS="0")  # no retries of the error
     result = _sbatch(env, "999", "3d_fullres", "0", "-device", "cpu")
     assert result.returncode == 1, result.stdout + result.stderr
     text = log.read_text()
@@ -782,11 +784,10 @@ def test_slurm_script_starts_two_nodes_as_one_group(tmp_path):
     assert f"--rdzv-endpoint 127.0.0.1:{20000 + JOB_ID % 40000} --rdzv-id {JOB_ID}" in srun, srun
     assert "--nnodes 2 --nproc-per-node 1" in srun and srun.endswith("999 3d_fullres 0 -device cpu"), srun
     assert f"nnUNet_results={tmp_path / 'results'}" in text
-    nodes = [Path(f"{log}.node{n}").read_text() for n in range(2)]
-    for rank in range(2):
-        output = "".join(nodes)
+    output = "".join(Path(f"{log}.node{n}").read_text() for n in range(2))
+    for rank in range(2):  # each rank stops on its own error; the later one also names the first as failed
         assert f"training stopped on rank {rank}" in output, output[-4000:]
-        assert f"rank {1 - rank} (" in output and "failed: RuntimeError" in output, output[-4000:]
+    assert re.search(r"rank [01] \(.*\) failed: RuntimeError", output) and "was lost" not in output, output[-4000:]
 
     env.pop("nnUNet_results")
     result = _sbatch(env, "999", "3d_fullres", "0")
