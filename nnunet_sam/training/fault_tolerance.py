@@ -334,7 +334,7 @@ def lock_folder(folder: str | os.PathLike, what: str = "training") -> TextIO | H
 # ---- no process left behind -------------------------------------------------------------------------------------
 _PR_SET_PDEATHSIG = 1
 _fork_from_main_thread = [False]
-_workers_die_with_parent = [False]
+_prctl: list = []  # libc's prctl, looked up in the parent (a forked child of a threaded process must not dlopen)
 
 
 def _before_fork() -> None:
@@ -350,8 +350,7 @@ def _die_with_parent() -> None:
     if not _fork_from_main_thread[0]:
         return
     parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _prctl[0](_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent ended before the request: nobody to work for
         os._exit(1)
 
@@ -360,9 +359,9 @@ def workers_die_with_parent() -> None:
     """From now on, every child this process forks (nnU-Net's data-augmentation workers: batchgenerators forks them
     with ``multiprocessing``) is killed by the kernel when this process ends, even by SIGKILL. Linux only; a no-op
     elsewhere. Children started with ``spawn``/``subprocess`` are not affected."""
-    if _workers_die_with_parent[0] or not sys.platform.startswith("linux") or not hasattr(os, "register_at_fork"):
+    if _prctl or not sys.platform.startswith("linux") or not hasattr(os, "register_at_fork"):
         return
-    _workers_die_with_parent[0] = True
+    _prctl.append(ctypes.CDLL(None, use_errno=True).prctl)
     os.register_at_fork(before=_before_fork, after_in_child=_die_with_parent)
 
 
