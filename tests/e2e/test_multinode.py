@@ -14,6 +14,7 @@ import contextlib
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -846,6 +847,8 @@ def test_slurm_script_trains_on_two_nodes_and_survives_a_killed_worker(workspace
     env.update(MULTINODE_EPOCHS="3", nnUNet_SAM_dist_lost_after="30", FAKE_JOB_ID="4343")
     results = workspace / "results" / f"Dataset{DATASET}_Phantom" / f"{trainer}__nnUNetPlans__3d_fullres"
     fold = results / "fold_0"
+    # a fresh fold: the restart's --c takes nnU-Net's first checkpoint, checkpoint_final.pth of an earlier test first
+    shutil.rmtree(fold, ignore_errors=True)
     args = [str(DATASET), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", "--batch-per-process", "1"]
     job = subprocess.Popen(
         ["sbatch", str(SLURM_SCRIPT), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
