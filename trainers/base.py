@@ -39,7 +39,7 @@ from nnunet_sam.blocks.checkpointing import block_checkpointing
 from nnunet_sam.losses.segmentation import DeepSupervisedSegLoss
 from nnunet_sam.model_record import PLANS_KEY, RECORD_FORMAT, ModelRecord, build_from_record, options_to_json
 from nnunet_sam.training.dataset_checks import check_training_data
-from nnunet_sam.training.distributed import check_batch_split, nnunet_ddp_wrapper, rank_device
+from nnunet_sam.training.distributed import batch_per_process, check_batch_split, nnunet_ddp_wrapper, rank_device
 from nnunet_sam.training.fault_tolerance import (
     DamagedCheckpointError,
     NonFiniteTrainingError,
@@ -49,6 +49,7 @@ from nnunet_sam.training.fault_tolerance import (
     intact_checkpoint,
     lock_folder,
     remove_stale_temp_files,
+    workers_die_with_parent,
 )
 from nnunet_sam.training.planning import PatchRule, VolumePatchRule, sam_settings, window_cost_note
 from nnunet_sam.training.slim_checkpoints import SLIM_ENV, attach_expansion, base_record, slim_requested, slim_saving
@@ -149,6 +150,8 @@ class SAMTrainer(nnUNetTrainer):
         config[PLANS_KEY] = record
         if self.fixed_batch_size is not None:
             config["batch_size"] = int(self.fixed_batch_size)
+        if (per_process := batch_per_process()) is not None and dist.is_available() and dist.is_initialized():
+            config["batch_size"] = per_process * dist.get_world_size()  # nnunet_sam_train --batch-per-process
         checkpoint_path = find_checkpoint(spec, required=spec.requires_checkpoint)
         sam_state = load_checkpoint(checkpoint_path, spec) if checkpoint_path is not None else None
         slim = slim_requested(self.slim_checkpoints)
@@ -462,6 +465,7 @@ class SAMTrainer(nnUNetTrainer):
     def on_train_start(self) -> None:
         if self.local_rank == 0:  # before anything is written: a second training of this fold stops here
             self._fold_lock = lock_folder(self.output_folder)
+        workers_die_with_parent()  # the augmentation workers nnU-Net starts next end with this process, even on SIGKILL
         super().on_train_start()
         if self.local_rank == 0:
             for path in remove_stale_temp_files(self.output_folder):
