@@ -6,9 +6,9 @@ Builds (once, in ``--workdir``) a phantom CT of ``--shape`` (z, y, x) and a RadS
 (default ``RadSAMTrainer_LiteMedSAM``: LiteMedSAM's shipped weights, initialised by the trainer as
 ``nnUNetv2_train`` does, not trained further), starts the server as its own process on the CPU with ``--threads``
 threads, and drives it with the real ``nninteractive-client``: ``set_image``, a box around an organ on its middle
-slice (LiteMedSAM's own prompt; time to first mask), then ``--edits`` correction clicks (positive and negative, around the organ, seeded). Reports the
-upload time, the first mask, p50 and p95 per edit, the server's resident memory (now and peak) and the load
-average of the machine before and after, as a Markdown table row and JSON.
+slice (LiteMedSAM's own prompt; time to first mask), then ``--edits`` correction clicks (positive and negative,
+around the organ, seeded). Reports the upload time, the first mask, p50 and p95 per edit, the server's resident
+memory (now and peak) and the load average of the machine before and after, as a Markdown table row and JSON.
 
 ``--server-path DIR`` runs the server from another checkout (e.g. an earlier commit), to compare two versions
 side by side on the same machine and data.
