@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--undo-mb", type=float, default=64.0, help="memory of one session's undo log, oldest steps dropped first"
     )
+    parser.add_argument(
+        "--encode-ahead",
+        action="store_true",
+        help="RadSAM: encode every slice in the background after an image arrives (faster first mask and edits "
+        "once done; costs CPU/GPU time and the embeddings' memory for every slice)",
+    )
     parser.add_argument("--label", type=int, help="prompted 3DSAM-adapter: class served (default: the first)")
     parser.add_argument("-step_size", type=float, default=0.5, help="prompted 3DSAM-adapter: sliding window step")
     parser.add_argument("--disable_tta", action="store_true", help="prompted 3DSAM-adapter: no mirroring")
@@ -142,7 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nnunet_sam.serving.editors import load_model
 
     try:
-        model = load_model(args.m, args.f, args.chk, args.device, args.label, args.step_size, not args.disable_tta)
+        model = load_model(
+            args.m, args.f, args.chk, args.device, args.label, args.step_size, not args.disable_tta, args.encode_ahead
+        )
     except (ValueError, FileNotFoundError) as error:
         return conventions.error(COMMAND, error)
     gc.freeze()  # the model lives until exit: keep its many objects out of every collection, the last one included

@@ -103,7 +103,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(model: Path, image_file: Path, label_file: Path, edits: int, threads: int, server_path: str | None) -> dict:
+def run(
+    model: Path,
+    image_file: Path,
+    label_file: Path,
+    edits: int,
+    threads: int,
+    server_path: str | None,
+    server_options: Sequence[str] = (),
+    think: float = 0.0,
+) -> dict:
     """Start the server, drive it, stop it; the figures as a dict."""
     import httpx
     from nnInteractive.inference.remote import nnInteractiveRemoteInferenceSession
@@ -123,7 +132,7 @@ def run(model: Path, image_file: Path, label_file: Path, edits: int, threads: in
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     if server_path:
         env["PYTHONPATH"] = os.pathsep.join([server_path, env.get("PYTHONPATH", "")])
-    command = [sys.executable, "-m", "nnunet_sam.cli.serve", "-m", str(model), "--port", str(port)]
+    command = [sys.executable, "-m", "nnunet_sam.cli.serve", "-m", str(model), "--port", str(port), *server_options]
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     load_before = os.getloadavg()
@@ -144,6 +153,7 @@ def run(model: Path, image_file: Path, label_file: Path, edits: int, threads: in
             buffer = np.zeros(image.shape[1:], dtype=np.uint8)
             client.set_target_buffer(buffer)
             upload = time.perf_counter() - started
+            time.sleep(think)  # the user looks at the image before the first prompt
             started = time.perf_counter()
             client.add_bbox_interaction(box, include_interaction=True)
             first = time.perf_counter() - started
@@ -164,6 +174,8 @@ def run(model: Path, image_file: Path, label_file: Path, edits: int, threads: in
     return {
         "shape": list(image.shape[1:]),
         "threads": threads,
+        "server_options": list(server_options),
+        "think_s": think,
         "cpus": os.cpu_count(),
         "load_before": [round(v, 2) for v in load_before],
         "load_after": [round(v, 2) for v in os.getloadavg()],
@@ -197,12 +209,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--edits", type=int, default=20, help="correction clicks after the first mask")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the server")
     parser.add_argument("--server-path", help="run the server from this checkout (PYTHONPATH), for before/after")
+    parser.add_argument("--encode-ahead", action="store_true", help="serve with --encode-ahead")
+    parser.add_argument("--think", type=float, default=0.0, help="seconds between set_image and the first prompt")
     parser.add_argument("--label", default="this version", help="the row's name in the table")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if min(args.shape) < 16 or args.edits < 1 or args.threads < 1:
-        parser.error("--shape needs at least 16 voxels per axis, --edits and --threads at least 1")
+    if min(args.shape) < 16 or args.edits < 1 or args.threads < 1 or not args.think >= 0:
+        parser.error("--shape needs at least 16 voxels per axis, --edits and --threads at least 1, --think >= 0")
     workdir = Path(args.workdir).resolve()
     if args.build_only:
         _build_here(workdir, args.shape, args.trainer)
@@ -211,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw = workdir / "raw" / f"Dataset{DATASET}_Latency"
     image_file = sorted((raw / "imagesTs").glob("*.nii.gz"))[0]
     label_file = raw / "labelsTs" / image_file.name.replace("_0000", "")
-    result = run(model, image_file, label_file, args.edits, args.threads, args.server_path)
+    options = ["--encode-ahead"] if args.encode_ahead else []
+    result = run(model, image_file, label_file, args.edits, args.threads, args.server_path, options, args.think)
     result["label"] = args.label
     print("| server | first mask | edit p50 | edit p95 | server RSS | machine |")
     print("|---|---|---|---|---|---|")

@@ -25,6 +25,8 @@ from all clicks so far, as ``nnunet_sam_predict_prompted`` does with the same cl
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -106,6 +108,9 @@ class Editor:
     def undo(self, difference) -> None:
         self.restore(difference)
 
+    def close(self) -> None:
+        """The editor is dropped (a new image, the session ended): stop any background work."""
+
 
 class ServedModel:
     """A loaded model, once per server: what it supports, and :meth:`open` for each uploaded image."""
@@ -172,7 +177,9 @@ def drawn_on(extent: Sequence[int]) -> int | None:
 
 
 class RadSAMEditor(Editor):
-    def __init__(self, model: RadSAMModel, image: np.ndarray, spacing: Sequence[float], lock) -> None:
+    def __init__(
+        self, model: RadSAMModel, image: np.ndarray, spacing: Sequence[float], lock, encode_ahead: bool = False
+    ) -> None:
         self.model, self.lock = model, lock
         self.image, self.spacing = image, list(spacing)
         self.shape = tuple(image.shape[1:])
@@ -180,6 +187,25 @@ class RadSAMEditor(Editor):
         self.slices = SliceModel(model.network, self.data, model.device)
         self.boundaries = (0, self.data.shape[1] - 1)  # every slice: a later click may extend the mask anywhere
         self.segmentation = None
+        self._stop = threading.Event()
+        self.encoded_ahead = 0  # slices the background thread has encoded (or found encoded)
+        if encode_ahead:
+            threading.Thread(target=self.encode_ahead, name="encode-ahead", daemon=True).start()
+
+    def encode_ahead(self) -> None:
+        """Encode every slice in the background, middle slice first, then outwards; one slice at a time under the
+        model's lock, so an interaction waits for one slice at most and finds the slices encoded so far."""
+        count = self.data.shape[1]
+        for z in sorted(range(count), key=lambda z: (abs(z - count // 2), z)):
+            with self.lock:
+                if self._stop.is_set():
+                    return
+                self.slices.embedding(z)
+                self.encoded_ahead += 1
+            time.sleep(0.01)  # a lock is not fair: give a waiting interaction the model first
+
+    def close(self) -> None:
+        self._stop.set()
 
     def state(self):
         return self.segmentation
@@ -348,8 +374,8 @@ class ServedRadSAM(ServedModel):
     supported = {"points": True, "bbox2d": True, "bbox3d": True, "scribble": True, "lasso": True}
     supports_initial_label = True
 
-    def __init__(self, model: RadSAMModel, model_folder: str | None = None) -> None:
-        self.model = model
+    def __init__(self, model: RadSAMModel, model_folder: str | None = None, encode_ahead: bool = False) -> None:
+        self.model, self.encode_ahead = model, encode_ahead
         self.num_channels = len(model.dataset_json["channel_names"])
         self.patch_size = list(model.configuration_manager.patch_size)
         plans = model.plans_manager
@@ -361,7 +387,7 @@ class ServedRadSAM(ServedModel):
         self.license = model_license(model.configuration_manager.configuration, model.dataset_json, model_folder)
 
     def open(self, image: np.ndarray, spacing: Sequence[float], lock) -> Editor:
-        return RadSAMEditor(self.model, image, spacing, lock)
+        return RadSAMEditor(self.model, image, spacing, lock, self.encode_ahead)
 
 
 # ---- prompted 3DSAM-adapter ----------------------------------------------------------------------------------
@@ -453,13 +479,15 @@ def load_model(
     label: int | None = None,
     step_size: float = 0.5,
     mirroring: bool = True,
+    encode_ahead: bool = False,
 ) -> ServedModel:
-    """A RadSAM or prompted 3DSAM-adapter model folder, loaded once; ValueError for any other model."""
+    """A RadSAM or prompted 3DSAM-adapter model folder, loaded once; ValueError for any other model.
+    ``encode_ahead``: RadSAM encodes every slice of an image in the background after ``set_image``."""
     from nnunet_sam.inference.model_folder import WrongMethodError
     from nnunet_sam.inference.prompted import UnusableInputError, initialize_predictor
 
     try:
-        return ServedRadSAM(RadSAMModel(model_folder, fold, checkpoint, device), model_folder)
+        return ServedRadSAM(RadSAMModel(model_folder, fold, checkpoint, device), model_folder, encode_ahead)
     except WrongMethodError:
         pass
     try:

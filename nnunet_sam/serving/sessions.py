@@ -67,7 +67,13 @@ class Session:
             raise InteractionError("no target buffer in this session: call set_target_buffer after set_image")
         return self.editor
 
+    def close(self) -> None:
+        """The session ends: stop its editor's background work."""
+        if self.editor is not None:
+            self.editor.close()
+
     def set_editor(self, editor: Editor) -> None:
+        self.close()
         self.editor, self.buffer = editor, None
         self.undo_log.clear()
         self.pending.clear()
@@ -209,7 +215,7 @@ class Registry:
             session = self._sessions.get(token)
             reason = None if session is None else self._expired(session, now)
             if reason is not None:
-                del self._sessions[token]
+                self._sessions.pop(token).close()
         if session is None:
             raise LeaseError("the lease is unknown or has expired; connect again to get a new session")
         if reason is not None:
@@ -225,7 +231,10 @@ class Registry:
 
     def release(self, token: str | None) -> bool:
         with self._lock:
-            return self._sessions.pop(token or "", None) is not None
+            session = self._sessions.pop(token or "", None)
+        if session is not None:
+            session.close()
+        return session is not None
 
     def sweep(self) -> int:
         """Drop expired sessions; returns how many."""
@@ -233,9 +242,11 @@ class Registry:
         with self._lock:
             expired = [t for t, s in self._sessions.items() if self._expired(s, now) is not None]
             for token in expired:
-                del self._sessions[token]
+                self._sessions.pop(token).close()
         return len(expired)
 
     def close_all(self) -> None:
         with self._lock:
+            for session in self._sessions.values():
+                session.close()
             self._sessions.clear()

@@ -9,6 +9,7 @@ image as the server preprocesses it.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -206,3 +207,26 @@ def test_capabilities_report_the_weights_and_the_models_license(server, tmp_path
         "trained model: CC-BY-4.0, Example Hospital (LICENSE of the model folder)"
     )
     assert model_license({}, {}, None).endswith("trained model: not stated in the model folder")
+
+
+# ---- item 12: slices encoded in the background change no result ---------------------------------------------------
+def test_encode_ahead_encodes_every_slice_in_the_background_and_changes_no_result(case, folders, radsam_model):
+    _, image, spacing, (z, y, x) = case
+    ahead = load_model(str(folders[1]), encode_ahead=True)
+    with ThreadedServer(make_app(ahead)) as fast, ThreadedServer(make_app(radsam_model)) as plain:
+        with nnInteractiveRemoteInferenceSession(fast.url) as a, nnInteractiveRemoteInferenceSession(plain.url) as b:
+            first, second = _start(a, image, spacing), _start(b, image, spacing)
+            editor = fast.server.config.app.state.registry.get(a._lease_token).editor
+            a.add_point_interaction((z, y, x), include_interaction=True)  # while the background thread encodes
+            b.add_point_interaction((z, y, x), include_interaction=True)
+            _nontrivial(first)
+            np.testing.assert_array_equal(first, second)
+            count, deadline = editor.data.shape[1], time.monotonic() + 120
+            while editor.encoded_ahead < count:
+                assert time.monotonic() < deadline, f"{editor.encoded_ahead} of {count} slices encoded in 120 s"
+                time.sleep(0.2)
+            for client in (a, b):
+                client.add_point_interaction((z + 2, y + 3, x - 3), include_interaction=False)
+            np.testing.assert_array_equal(first, second)
+            a.set_image(image, {"spacing": spacing})  # a new image: the old editor's thread stops
+            assert editor._stop.is_set()
