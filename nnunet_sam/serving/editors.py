@@ -6,21 +6,25 @@ interaction returns the whole binary result (uint8, the client's grid) or raises
 undo. Positions and boxes arrive in the client's grid and go through :mod:`nnunet_sam.inference.geometry` (nnU-Net's
 transpose, crop and resampling), results come back through nnU-Net's export, as in the command-line tools.
 
-RadSAM (:mod:`nnunet_sam.inference.radsam`; slices along axis 0 of the image, between the first and last slice):
+RadSAM (:mod:`nnunet_sam.inference.radsam`; slices along axis 0 of the image; the boundaries are its first and
+last slice, so a later click may extend a mask anywhere; the table in ``docs/serving.md`` lists every case):
 
-* the first positive point, a positive 2D box on an axis-0 slice, or a positive lasso start
-  :func:`~nnunet_sam.inference.radsam.segment_from_prompt` (point, box or mask prompt on that slice); a box or lasso
-  later
-  starts again from it (the previous result is one undo away);
-* later points are :func:`~nnunet_sam.inference.radsam.edit` corrections (positive or negative);
-* a scribble becomes points on the axis-0 slice that holds most of its voxels: the voxel nearest its centre, then
-  up to three more, each the scribble voxel farthest from those already taken; they are the prompt and
-  corrections (no segmentation yet) or corrections (positive or negative);
+* a positive point without a mask, an axial box, a 3D box (box prompt on its middle slice, propagated within its
+  slices), an axial lasso (mask prompt) start :func:`~nnunet_sam.inference.radsam.segment_from_prompt`; a box or
+  lasso drawn across axis 1 or 2 gives its slice range and a point prompt at its centre; a positive box or lasso
+  later starts again (the previous result is one undo away);
+* later points are :func:`~nnunet_sam.inference.radsam.edit` corrections (positive or negative); negative boxes and
+  lassos are up to four negative corrections on the mask inside them;
+* a scribble (any view) becomes up to four points along it (:func:`spread_points`), each on its own slice: the prompt
+  and corrections (no mask yet) or corrections;
 * an initial segmentation seeds :func:`~nnunet_sam.inference.radsam.from_mask` (its nonzero voxels).
 
 Prompted 3DSAM-adapter (:mod:`nnunet_sam.inference.prompted`): every point is a 3D click (positive = the served
 class, negative = background), a box is one click at its centre; every interaction predicts the volume again
 from all clicks so far, as ``nnunet_sam_predict_prompted`` does with the same clicks.
+
+Interactions queued in manual mode run through :meth:`Editor.run` (the prompted model: all their clicks, one
+prediction). Undo entries hold :meth:`Editor.difference` (RadSAM: the changed box of its mask), not whole states.
 """
 
 from __future__ import annotations
