@@ -189,17 +189,11 @@ class RadSAMTrainer_tiny_demo(CPUDemo, RadSAMTrainer_tiny):
     val_iterations_per_epoch = 2
 
 
-# ---- paper presets (README "Paper presets"; every value with its source) ----------------------------------------
+# ---- paper presets (README "Paper presets", docs/presets.md: every field with its source) -------------------------
 class RadSAMTrainer_AMOS(RadSAMTrainer):
-    """RadSAM as trained on AMOS CT (2d configuration).
-
-    * backbone SAM ViT-B, CT window [-500, 1000] HU, slices of 512 px resized to 1024 px (input_scale 2, plain
-      interpolation): paper, sections 3.1-3.2 (ViT-L is an ablation, section 6);
-    * batch size, optimiser and LR: not stated (section 3.4: 32 V100s, about 4 passes over all slice / prompt
-      pairs). Chosen: batch 2, the batch of the other 1024-px presets that fits one GPU, and this package's
-      RadSAM optimiser (nnU-Net's SGD, LR 0.01, poly 0.9) over all of SAM;
-    * epochs: nnU-Net's 1000 of 250 iterations (section 3.4's 4 passes over every slice of AMOS are a different unit).
-    """
+    """RadSAM as trained on AMOS CT (2d configuration): SAM ViT-B, CT window [-500, 1000] HU, 512-px slices at 1024
+    px (paper sections 3.1-3.2). No public code exists; the paper states no batch size, optimiser or LR (section
+    3.4: 32 V100s, about 4 passes over all slice / prompt pairs), so those are stated choices."""
 
     backbone = "vit_b"
     fixed_patch = (512, 512)
@@ -207,3 +201,16 @@ class RadSAMTrainer_AMOS(RadSAMTrainer):
     optimizer_name = "sgd"
     fixed_batch_size = 2
     epochs = 1000
+    preset_sources = {
+        "backbone": "paper: sections 3.1-3.2 (SAM ViT-B; ViT-L is an ablation)",
+        "fixed_patch": "paper: section 3.2 (AMOS slices of 512 px)",
+        "input_scale": "paper: section 3.2 (resized / padded to 1024 px)",
+        "options": "paper: section 3.1 (CT window [-500, 1000] HU)",
+        "epochs": "chosen: nnU-Net's 1000 x 250 iterations (paper: about 4 passes over all slices)",
+        "fixed_batch_size": "chosen: not stated (32 GPUs); the batch of the other 1024-px presets",
+        "optimizer_name": "chosen: not stated; nnU-Net's SGD (momentum 0.99)",
+        "learning_rate": "chosen: not stated; nnU-Net's 0.01",
+        "optimizer_weight_decay": "chosen: not stated; nnU-Net's 3e-5",
+        "lr_schedule": "chosen: not stated; nnU-Net's poly 0.9",
+        "grad_clip": "chosen: not stated; nnU-Net's 12",
+    }
