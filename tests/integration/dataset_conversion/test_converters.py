@@ -381,7 +381,7 @@ def _convert_with_float_label(root: Path, converter: str, fractional: bool) -> t
         task = make_msd_pancreas(root / "msd", n=10)
         _as_float_labels(task / "labelsTr" / "pancreas_003.nii.gz", fractional)
         if converter == "tumour":
-            return (lambda: convert_tumour("msd_pancreas", task, dataset_id=8)), "pancreas_003"
+            return (lambda: convert_tumour("msd_pancreas", task, dataset_id=8, split_kind="random")), "pancreas_003"
         return (lambda: convert_msd_pancreas(task, dataset_id=7, num_processes=1)), "pancreas_003"
     if converter == "amos":
         src = make_amos(root / "amos22")
