@@ -113,7 +113,7 @@ def test_synapse_all_labels_keeps_btcv_values(nnunet_env):
 
 def test_acdc_paper_split_by_patient_and_phases(nnunet_env):
     src = make_acdc(nnunet_env / "database", per_group=10)
-    out = convert_acdc(src, dataset_id=27)
+    out = convert_acdc(src, dataset_id=27, protocol="random")
     verify_dataset_integrity(str(out), num_processes=1)
     record = json.loads((out / RECORD_FILE).read_text())
     split = record["splits"]
@@ -288,7 +288,7 @@ def test_acdc_missing_label(nnunet_env):
     src = make_acdc(nnunet_env / "database", per_group=1)
     (src / "training" / "patient003" / "patient003_frame08_gt.nii.gz").unlink()
     with pytest.raises(ConversionError, match="image without label: .*patient003_frame08.nii.gz has no"):
-        convert_acdc(src, dataset_id=27)
+        convert_acdc(src, dataset_id=27, protocol="random")
     assert _leftovers(nnunet_env) == []
 
 
@@ -376,7 +376,7 @@ def _convert_with_float_label(root: Path, converter: str, fractional: bool) -> t
     if converter == "acdc":
         src = make_acdc(root / "database", per_group=1)
         _as_float_labels(src / "training" / "patient003" / "patient003_frame01_gt.nii.gz", fractional)
-        return (lambda: convert_acdc(src, dataset_id=27)), "patient003_frame01"
+        return (lambda: convert_acdc(src, dataset_id=27, protocol="random")), "patient003_frame01"
     if converter in ("msd_pancreas", "tumour"):
         task = make_msd_pancreas(root / "msd", n=10)
         _as_float_labels(task / "labelsTr" / "pancreas_003.nii.gz", fractional)
@@ -431,3 +431,32 @@ def test_abdomenct1k_converter_keeps_named_labels_as_test_cases(nnunet_env):
     source = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "Mask" / "Case_00002.nii.gz")))
     np.testing.assert_array_equal(label, source)  # values kept: 4 is the pancreas
     assert dataset_target("a1k", out / "imagesTs", out / "labelsTs", "pancreas") == 4
+
+
+# ---- ACDC paper protocol: the fixed patient lists of the papers' tables (issue 25, item 11) ------------------------
+def test_acdc_paper_lists_are_masksam_public_split_and_the_baselines_test_patients():
+    from nnunet_sam.dataset_conversion.acdc import PAPER_PATIENTS
+
+    assert [len(PAPER_PATIENTS[k]) for k in ("train", "val", "test")] == [70, 10, 20]
+    listed = sum(PAPER_PATIENTS.values(), [])
+    assert sorted(listed) == [f"patient{n:03d}" for n in range(1, 101)]  # a partition of the 100 patients
+    assert PAPER_PATIENTS["test"][:4] == ["patient002", "patient003", "patient008", "patient009"]
+    assert PAPER_PATIENTS["val"] == [f"patient{n:03d}" for n in (89, 90, 91, 93, 94, 96, 97, 98, 99, 100)]
+
+
+def test_acdc_paper_protocol_uses_the_lists_and_refuses_an_incomplete_download(nnunet_env, monkeypatch):
+    from nnunet_sam.dataset_conversion import acdc
+
+    src = make_acdc(nnunet_env / "database", per_group=2)  # patients 001-010
+    with pytest.raises(ConversionError, match=r"90 patient\(s\) of the paper protocol.*--protocol random"):
+        convert_acdc(src, dataset_id=27)
+    lists = {
+        "train": [f"patient{n:03d}" for n in range(1, 8)],
+        "val": ["patient008"],
+        "test": ["patient009", "patient010"],
+    }
+    monkeypatch.setattr(acdc, "PAPER_PATIENTS", lists)
+    out = convert_acdc(src, dataset_id=29)
+    split = json.loads((out / RECORD_FILE).read_text())["splits"]
+    assert {k: sorted({c.split("_")[0] for c in v}) for k, v in split.items()} == lists
+    assert _cases(out / "labelsTs") == split["test"]
