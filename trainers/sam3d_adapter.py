@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from nnunet_sam.network_architectures.sam3d_adapter import SAM3DAdapterNetwork, SAM3DAdapterOptions
+from nnunet_sam.network_architectures.sam3d_adapter import PAPER_CAPACITY, SAM3DAdapterNetwork, SAM3DAdapterOptions
 from nnunet_sam.prompting.point_sampler import random_clicks, simulate_points
-from nnunet_sam.trainers.base import CPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
+from nnunet_sam.trainers.base import CPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL, with_sources
 from nnunet_sam.training.planning import VolumePatchRule
 
 
@@ -97,11 +97,13 @@ class SAM3DAdapterTrainer_prompted_paper(SAM3DAdapterTrainer_prompted):
     """3DSAM-adapter as its public code trains it for the tumour benchmarks (KiTS, LiTS, MSD colon and pancreas;
     3d_fullres): SAM ViT-B, 128^3 crops upsampled x4 in-plane (SAM input 512 px), 4 slices per depth token, AdamW
     4e-4 without weight decay, linear LR decay to 1 %, gradient clip 1.0, 500 epochs, batch 1; training clicks 10 per
-    tumour plus 20 anywhere in the crop (``points_per_class``, ``random_points``).
-
-    Not yet the public network: its adapters, 3D neck and decoder train 25.46 M parameters, this package's 6.5 M.
+    tumour plus 20 anywhere in the crop (``points_per_class``, ``random_points``). The network is the public code's
+    (``PAPER_CAPACITY``: adapters at half width, trainable 3D necks, two-way prompt encoder, multi-level head): 25.4 M
+    trainable parameters, 15.2 M of them in the image encoder, as the paper reports (25.46 M, 15.21 M).
+    ``SAM3DAdapterTrainer_prompted_paper_light``: the same regime with this package's lighter network (6.5 M).
     """
 
+    options = SAM3DAdapterOptions(prompted=True, **PAPER_CAPACITY)
     backbone = "vit_b"
     fixed_patch = (128, 128, 128)
     input_scale = 4
@@ -115,6 +117,7 @@ class SAM3DAdapterTrainer_prompted_paper(SAM3DAdapterTrainer_prompted):
     lr_schedule = "linear"
     grad_clip = 1.0
     preset_sources = {
+        "options": "code: image_encoder.py, mask_decoder.py, prompt_encoder.py (capacity; paper: 25.46 M / 15.21 M)",
         "backbone": f"code: {_TRAIN} (sam_vit_b_01ec64.pth)",
         "fixed_patch": f"code: {_TRAIN} (rand_crop_size 128^3)",
         "input_scale": f"code: {_TRAIN} (crop interpolated by 512 / 128 before the patch embedding)",
@@ -130,3 +133,13 @@ class SAM3DAdapterTrainer_prompted_paper(SAM3DAdapterTrainer_prompted):
         "points_per_class": f"code: {_TRAIN} (10 tumour voxels per crop)",
         "random_points": f"code: {_TRAIN} (20 voxels anywhere in the crop)",
     }
+
+
+class SAM3DAdapterTrainer_prompted_paper_light(SAM3DAdapterTrainer_prompted_paper):
+    """``SAM3DAdapterTrainer_prompted_paper``'s regime with this package's lighter network (6.5 M trainable
+    parameters: quarter-width adapters, SAM's frozen 2D neck, one cross-attention prompt layer, aggregating head)."""
+
+    options = SAM3DAdapterOptions(prompted=True)
+    preset_sources = with_sources(
+        SAM3DAdapterTrainer_prompted_paper.preset_sources, options="chosen: this package's lighter network (6.5 M)"
+    )
