@@ -234,7 +234,14 @@ def test_tiny_trainer_records_the_volume_patch(results):
         "attention": "sdpa",
         "slice_group": 2,
         "window": 4,
-        "options": {"prompted": False, "adapter": "dconv"},
+        "options": {
+            "prompted": False,
+            "adapter": "dconv",
+            "adapter_ratio": 0.25,
+            "neck": "sam",
+            "decoder": "aggregating",
+            "prompt_encoder": "cross",
+        },
     }
     net = SAM3DAdapterTrainer_tiny.build_network(saved["nnunet_sam"], 1, 3)
     assert net.encoder.grid == (8, 8, 8)
