@@ -17,7 +17,9 @@ from sam_testing import dataset_json, minimal_plans, write_standin_checkpoint
 from nnunet_sam.backbones.sam_vit import get_backbone
 from nnunet_sam.benchmarking.configs import on_meta
 from nnunet_sam.network_architectures import masksam as masksam_net
+from nnunet_sam.network_architectures import pansam as pansam_net
 from nnunet_sam.network_architectures import self_prompt_sam as self_prompt_net
+from nnunet_sam.prompting.pansam_points import PointPromptConfig
 from nnunet_sam.trainer_shim import nnunet_sam_trainers as shim
 from nnunet_sam.trainers import base, masksam, pansam, radsam, sam3d_adapter, self_prompt_sam
 from nnunet_sam.trainers.base import SAMTrainer
@@ -138,6 +140,7 @@ ABLATION_PRESETS = {
     )
     for row in rows
 }
+TEXT_POINTS = PointPromptConfig(num_border=2, num_trivial_background=2)
 VARIANTS = {  # the other reading of each disputed field: name -> (preset, {attribute: paper value})
     "MaskSAMTrainer_ACDC_paperLR": ("MaskSAMTrainer_ACDC", {"learning_rate": 1e-2}),
     "MaskSAMTrainer_AMOS_paperLR": ("MaskSAMTrainer_AMOS", {"learning_rate": 1e-2, "optimizer_name": "sgd"}),
@@ -145,6 +148,10 @@ VARIANTS = {  # the other reading of each disputed field: name -> (preset, {attr
     "MaskSAMTrainer_AMOS_vitb": ("MaskSAMTrainer_AMOS", {"backbone": "vit_b"}),
     "MaskSAMTrainer_Synapse_vitb": ("MaskSAMTrainer_Synapse", {"backbone": "vit_b"}),
     "PanSAMTrainer_NIH_vitb": ("PanSAMTrainer_NIH", {"backbone": "vit_b"}),
+    "PanSAMTrainer_NIH_textpoints": (
+        "PanSAMTrainer_NIH",
+        {"options": pansam_net.PanSAMOptions(aggregator_layers=3, points=TEXT_POINTS)},
+    ),
 }
 
 
@@ -237,3 +244,14 @@ def test_nnunet_finds_every_preset_variant_and_ablation_row_by_name(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.split("RESULT:")[-1]) == {n: n for n in names}
+
+
+def test_pansam_preset_aggregator_has_the_papers_14k_parameters():
+    """PanSAM's appendix: a 3D aggregator of 14 K parameters (the default 2-layer one has 7.4 K); Table 3: 4 points."""
+    cls = pansam.PanSAMTrainer_NIH
+    block = cls.sam_block({"patch_size": [64, 160, 160]}, 2)
+    net = on_meta(lambda: cls.build_network(block, 1, 2))
+    count = sum(p.numel() for p in net.aggregator.parameters())
+    assert abs(count / 14e3 - 1) < 0.05, count
+    assert cls.record_options().points.num_points == 4
+    assert pansam.PanSAMTrainer_NIH_textpoints.options.points.num_points == 6
