@@ -6,7 +6,8 @@ structure with its own prompt (a point inside it, a perturbed box or a noisy mas
 ``correction_rounds`` rounds of one correction click each with the previous prediction as the mask prompt. Loss:
 Dice + BCE over all rounds, on SAM's primary mask plus the best of its three other masks (the paper's oracle loss,
 ``options.multimask_training``); structures with fewer than 15 pixels on a slice are left out. CT windows are
-varied at random per training slice (``hu_window_jitter``). The 3D product (one prompt -> a 3D mask, editing) is
+varied at random per training slice (``hu_window_jitter``). Every training slice is drawn at a labelled voxel
+(``foreground_slices``), so it holds a structure. The 3D product (one prompt -> a 3D mask, editing) is
 :mod:`nnunet_sam.inference.radsam`; ``nnUNetv2_predict`` cannot run a promptable model.
 """
 
@@ -60,6 +61,20 @@ class RadSAMTrainer(SAMTrainer):
     # Training only: each bound of the CT window moves by up to this fraction of its width, at random per slice
     # (the paper varies the window as augmentation; it gives no range). 0 turns it off.
     hu_window_jitter: float = 0.1
+    # Share of training slices drawn at a labelled voxel (nnU-Net's oversample_foreground_percent, 0.33 there): a slice
+    # without a structure of >= 15 px gives no loss, so RadSAM draws every training slice at a labelled voxel.
+    foreground_slices: float = 1.0
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ) -> None:
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.oversample_foreground_percent = self.foreground_slices
 
     @classmethod
     def check_dataset(cls, plans_manager: PlansManager, configuration: str, label_manager: LabelManager) -> None:
