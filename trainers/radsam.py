@@ -42,6 +42,7 @@ from nnunet_sam.trainers.base import (
     UnsupportedDatasetError,
     ViTH,
     ViTL,
+    with_sources,
 )
 
 
@@ -64,6 +65,7 @@ class RadSAMTrainer(SAMTrainer):
     # Share of training slices drawn at a labelled voxel (nnU-Net's oversample_foreground_percent, 0.33 there): a slice
     # without a structure of >= 15 px gives no loss, so RadSAM draws every training slice at a labelled voxel.
     foreground_slices: float = 1.0
+    training_mask_prompts: bool = True  # noisy-mask prompts and the previous mask in correction rounds (Table 9)
 
     def __init__(
         self,
@@ -132,7 +134,10 @@ class RadSAMTrainer(SAMTrainer):
         :meth:`train_step` picked (``target`` (B, 1, P, P)). Validation: logits (1, B, K, P, P) (or
         (1, B, K, 4, P, P) with SAM's four masks) from one simulated initial prompt per structure of the label map."""
         if self.network.training:
-            return self.network(data, interaction=SimulatedInteraction(target[:, 0].bool(), self.correction_rounds))
+            interaction = SimulatedInteraction(
+                target[:, 0].bool(), self.correction_rounds, mask_prompts=self.training_mask_prompts
+            )
+            return self.network(data, interaction=interaction)
         reference = structure_masks(target, self.label_manager.num_segmentation_heads)  # (B, K, P, P)
         return self.network(data, interaction=SimulatedInteraction(reference.flatten(0, 1), rounds=0))
 
@@ -229,3 +234,30 @@ class RadSAMTrainer_AMOS(RadSAMTrainer):
         "lr_schedule": "chosen: not stated; nnU-Net's poly 0.9",
         "grad_clip": "chosen: not stated; nnU-Net's 12",
     }
+
+
+# The paper's Table 9 (AMOS, slice-level prompting): training without mask prompts and / or without edit rounds.
+class RadSAMTrainer_AMOS_noMask(RadSAMTrainer_AMOS):
+    """``RadSAMTrainer_AMOS`` trained without mask prompts (no noisy-mask prompt, no mask in correction rounds)."""
+
+    training_mask_prompts = False
+    preset_sources = with_sources(RadSAMTrainer_AMOS.preset_sources, training_mask_prompts="paper: Table 9, no mask")
+
+
+class RadSAMTrainer_AMOS_noEdit(RadSAMTrainer_AMOS):
+    """``RadSAMTrainer_AMOS`` trained without correction (edit) rounds."""
+
+    correction_rounds = 0
+    preset_sources = with_sources(RadSAMTrainer_AMOS.preset_sources, correction_rounds="paper: Table 9, no edition")
+
+
+class RadSAMTrainer_AMOS_noMaskNoEdit(RadSAMTrainer_AMOS):
+    """``RadSAMTrainer_AMOS`` trained without mask prompts and without correction rounds."""
+
+    training_mask_prompts = False
+    correction_rounds = 0
+    preset_sources = with_sources(
+        RadSAMTrainer_AMOS.preset_sources,
+        training_mask_prompts="paper: Table 9, no mask",
+        correction_rounds="paper: Table 9, no edition",
+    )

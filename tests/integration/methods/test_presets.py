@@ -148,6 +148,9 @@ VARIANTS = {  # the other reading of each disputed field: name -> (preset, {attr
     "MaskSAMTrainer_AMOS_vitb": ("MaskSAMTrainer_AMOS", {"backbone": "vit_b"}),
     "MaskSAMTrainer_Synapse_vitb": ("MaskSAMTrainer_Synapse", {"backbone": "vit_b"}),
     "PanSAMTrainer_NIH_vitb": ("PanSAMTrainer_NIH", {"backbone": "vit_b"}),
+    "RadSAMTrainer_AMOS_noMask": ("RadSAMTrainer_AMOS", {"training_mask_prompts": False}),
+    "RadSAMTrainer_AMOS_noEdit": ("RadSAMTrainer_AMOS", {"correction_rounds": 0}),
+    "RadSAMTrainer_AMOS_noMaskNoEdit": ("RadSAMTrainer_AMOS", {"training_mask_prompts": False, "correction_rounds": 0}),
     "PanSAMTrainer_NIH_textpoints": (
         "PanSAMTrainer_NIH",
         {"options": pansam_net.PanSAMOptions(aggregator_layers=3, points=TEXT_POINTS)},

@@ -34,7 +34,7 @@ from nnunet_sam.prompting.radsam_prompts import (
     noisy_masks,
     perturbed_boxes,
 )
-from nnunet_sam.trainers.radsam import RadSAMTrainer_tiny
+from nnunet_sam.trainers.radsam import RadSAMTrainer_AMOS_noEdit, RadSAMTrainer_AMOS_noMask, RadSAMTrainer_tiny
 
 CPU = torch.device("cpu")
 
@@ -653,3 +653,16 @@ def test_dice_in_the_original_grid_maps_the_mask_back_first():
     assert score(model_grid) == 1.0
     shifted = np.roll(model_grid, 1, axis=2)
     assert score(shifted) == pytest.approx(2 * (4 * 8 * 6) / (2 * 4 * 8 * 8))
+
+
+def test_training_without_mask_prompts_uses_clicks_and_boxes_only():
+    """RadSAM's Table 9 row "without mask": no noisy-mask initial prompt and no mask prompt in the edit rounds."""
+    reference = torch.zeros(64, 32, 32, dtype=torch.bool)
+    reference[:, 8:24, 8:24] = True
+    for mask_prompts in (True, False):
+        interaction = SimulatedInteraction(reference, 1, torch.Generator().manual_seed(0), mask_prompts=mask_prompts)
+        first = interaction.initial()
+        corrected = interaction.correct(torch.randn(64, 32, 32))
+        assert bool(first.has_mask.any()) == mask_prompts  # 64 rows: about a third draw a mask prompt
+        assert bool(corrected.has_mask.any()) == mask_prompts
+    assert (RadSAMTrainer_AMOS_noMask.training_mask_prompts, RadSAMTrainer_AMOS_noEdit.correction_rounds) == (False, 0)
