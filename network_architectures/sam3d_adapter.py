@@ -42,7 +42,9 @@ class SAM3DAdapterOptions:
     width; public code 0.5); ``neck`` "sam" (SAM's frozen 2D neck) or "3d" (a trainable 3D neck per feature level);
     ``decoder`` "aggregating" (:class:`AggregatingMaskDecoder3D`) or "multilevel" (:class:`MultiLevelMaskDecoder3D`,
     needs ``neck="3d"``); ``prompt_encoder`` "cross" (:class:`PointPromptEncoder`, one cross-attention layer) or
-    "two_way" (:class:`TwoWayPointPromptEncoder`, SAM's two-way transformer, depth 2).
+    "two_way" (:class:`TwoWayPointPromptEncoder`, SAM's two-way transformer, depth 2). ``prompt_levels``: the
+    feature levels (1-4, 4 = the final embedding) that a prompt encoder of its own conditions on the points (the
+    paper's feature-level ablation; levels below 4 need ``neck="3d"``).
     """
 
     prompted: bool = False
@@ -51,6 +53,7 @@ class SAM3DAdapterOptions:
     neck: str = "sam"
     decoder: str = "aggregating"
     prompt_encoder: str = "cross"
+    prompt_levels: tuple[int, ...] = (4,)
 
 
 # The public code's network (the paper's 25.46 M trainable parameters, 15.21 M of them in the image encoder).
@@ -117,13 +120,21 @@ class SAM3DAdapterNetwork(nn.Module):
             adapter_kind=options.adapter,
             neck_dim=spec.prompt_dim if options.neck == "3d" else None,
         )
-        self.prompt_encoder: nn.Module | None = None
-        if options.prompted and options.prompt_encoder == "two_way":
-            self.prompt_encoder = TwoWayPointPromptEncoder(
-                spec.prompt_dim, num_classes, num_heads=spec.decoder_heads, mlp_dim=spec.decoder_mlp_dim
-            )
-        elif options.prompted:
-            self.prompt_encoder = PointPromptEncoder(spec.prompt_dim, num_classes, num_heads=spec.decoder_heads)
+        levels = tuple(options.prompt_levels)
+        assert levels and set(levels) <= {1, 2, 3, 4}, f"prompt_levels must be among 1-4, got {levels}"
+        assert levels == (4,) or options.neck == "3d", "prompt encoders below level 4 need neck='3d'"
+
+        def prompt_encoder() -> nn.Module:
+            if options.prompt_encoder == "two_way":
+                return TwoWayPointPromptEncoder(
+                    spec.prompt_dim, num_classes, num_heads=spec.decoder_heads, mlp_dim=spec.decoder_mlp_dim
+                )
+            return PointPromptEncoder(spec.prompt_dim, num_classes, num_heads=spec.decoder_heads)
+
+        self.prompt_encoder = prompt_encoder() if options.prompted and 4 in levels else None
+        self.level_prompt_encoders = nn.ModuleDict(
+            {str(k): prompt_encoder() for k in sorted(levels) if k < 4} if options.prompted else {}
+        )
         self.decoder: nn.Module
         if options.decoder == "multilevel":
             self.decoder = MultiLevelMaskDecoder3D(spec.prompt_dim, len(spec.feature_indices), in_channels, num_classes)
@@ -149,10 +160,17 @@ class SAM3DAdapterNetwork(nn.Module):
         slices = self.stem(x.transpose(1, 2).reshape(b * d, m, h, w))  # (B * D, 3, S, S)
         slices = slices.reshape(b, d, 3, *slices.shape[-2:]).transpose(1, 2)
         embedding, features = self.encoder(self.sam.image_encoder, slices)
-        if self.prompt_encoder is not None:
+        if self.options.prompted:
             points = None if points is None else points.to(x.device)
             labels = None if labels is None else labels.to(x.device)
-            embedding = self.prompt_encoder(embedding, points, labels, self.patch)
+            if self.prompt_encoder is not None:
+                embedding = self.prompt_encoder(embedding, points, labels, self.patch)
+            features = [
+                self.level_prompt_encoders[str(k)](f, points, labels, self.patch)
+                if str(k) in self.level_prompt_encoders
+                else f
+                for k, f in enumerate(features, start=1)
+            ]
         else:
             assert points is None, "this network was built without a prompt encoder (automatic mode)"
         if self.options.decoder == "multilevel":

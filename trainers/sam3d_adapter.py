@@ -143,3 +143,14 @@ class SAM3DAdapterTrainer_prompted_paper_light(SAM3DAdapterTrainer_prompted_pape
     preset_sources = with_sources(
         SAM3DAdapterTrainer_prompted_paper.preset_sources, options="chosen: this package's lighter network (6.5 M)"
     )
+
+
+class SAM3DAdapterTrainer_prompted_paper_allLevels(SAM3DAdapterTrainer_prompted_paper):
+    """The paper's feature-level ablation, row "all four levels": a prompt encoder on each of the four feature levels
+    (the preset: on the final level only). The poster's other rows (two levels each) cannot be read unambiguously."""
+
+    options = SAM3DAdapterOptions(prompted=True, **PAPER_CAPACITY, prompt_levels=(1, 2, 3, 4))
+    preset_sources = with_sources(
+        SAM3DAdapterTrainer_prompted_paper.preset_sources,
+        options="paper: ablation 'feature level' (prompt encoders at levels 1-4)",
+    )

@@ -161,6 +161,7 @@ VARIANTS = {  # the other reading of each disputed field: name -> (preset, {attr
 def test_every_preset_gives_a_source_for_every_field():
     presets = _presets()
     lighter = {"SAM3DAdapterTrainer_prompted_paper_light"}  # a paper regime with this package's lighter network
+    lighter.add("SAM3DAdapterTrainer_prompted_paper_allLevels")  # an ablation row of the paper's (options only)
     assert set(PRESETS) | set(VARIANTS) | set(ABLATION_PRESETS) | lighter == set(presets)
     for name, cls in presets.items():
         sources = cls.preset_sources

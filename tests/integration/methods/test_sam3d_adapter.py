@@ -241,6 +241,7 @@ def test_tiny_trainer_records_the_volume_patch(results):
             "neck": "sam",
             "decoder": "aggregating",
             "prompt_encoder": "cross",
+            "prompt_levels": [4],
         },
     }
     net = SAM3DAdapterTrainer_tiny.build_network(saved["nnunet_sam"], 1, 3)
@@ -440,3 +441,18 @@ def test_paper_capacity_network_trains_every_parameter_it_counts():
     assert [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None] == []
     without = net(torch.randn(1, 2, 8, 32, 32), return_all=False)  # nnUNetv2_predict: global queries only
     assert without.shape == (1, 3, 8, 32, 32)
+
+
+def test_prompt_encoders_at_every_feature_level():
+    """The paper's feature-level ablation (all four levels): one prompt encoder per level, each trained."""
+    from nnunet_sam.network_architectures.sam3d_adapter import PAPER_CAPACITY, SAM3DAdapterOptions
+    from nnunet_sam.trainers.sam3d_adapter import SAM3DAdapterTrainer_prompted_paper_allLevels
+
+    assert SAM3DAdapterTrainer_prompted_paper_allLevels.options.prompt_levels == (1, 2, 3, 4)
+    torch.manual_seed(0)
+    options = SAM3DAdapterOptions(prompted=True, **PAPER_CAPACITY, prompt_levels=(1, 2, 3, 4))
+    net = SAM3DAdapterNetwork("tiny", 1, 2, (8, 32, 32), 2, 4, options, 64)
+    assert sorted(net.level_prompt_encoders) == ["1", "2", "3"] and net.prompt_encoder is not None
+    points, labels = torch.tensor([[[3, 10, 12]]]), torch.tensor([[1]])
+    net(torch.randn(1, 1, 8, 32, 32), points, labels, return_all=True)["logits"].square().mean().backward()
+    assert all(p.grad is not None for p in net.level_prompt_encoders.parameters() if p.requires_grad)
