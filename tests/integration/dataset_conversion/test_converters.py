@@ -433,6 +433,31 @@ def test_abdomenct1k_converter_keeps_named_labels_as_test_cases(nnunet_env):
     assert dataset_target("a1k", out / "imagesTs", out / "labelsTs", "pancreas") == 4
 
 
+def test_abdomenct1k_zero_shot_protocol_excludes_the_training_scans_by_content(nnunet_env, capsys):
+    """PanSAM's zero-shot protocol (issue 25, item 12): AbdomenCT-1K cases that are scans of the training set (NIH
+    Pancreas-CT) are left out by content, whatever their case id, file type or orientation, and counted."""
+    from nnunet_sam.dataset_conversion.abdomenct1k import main
+
+    tmp_path = nnunet_env
+    for k in (1, 2, 3, 4):
+        write(volume(k), tmp_path / "A1K" / f"Case_{k:05d}_0000.nii.gz")
+        write(volume(100 + k, values=4), tmp_path / "Mask" / f"Case_{k:05d}.nii.gz")
+    nih = tmp_path / "NIH" / "imagesTr"
+    nih.mkdir(parents=True)
+    sitk.WriteImage(volume(2), str(nih / "pancreas_0007_0000.nrrd"))  # the same scan as Case_00002, another format
+    flipped = sitk.DICOMOrient(volume(4), "RAS")  # Case_00004's scan stored in another orientation
+    sitk.WriteImage(flipped, str(nih / "pancreas_0011_0000.nii.gz"))
+    sitk.WriteImage(volume(50), str(nih / "pancreas_0012_0000.nii.gz"))  # a scan AbdomenCT-1K does not hold
+    argv = ["-i", str(tmp_path / "A1K"), "-l", str(tmp_path / "Mask"), "-d", "512", "--exclude-like", str(nih)]
+    assert main(argv) == 0
+    assert "excluded 2 case(s)" in capsys.readouterr().out
+    out = next((tmp_path / "raw").glob("Dataset512_*"))
+    assert sorted(p.name for p in (out / "labelsTs").iterdir()) == ["Case_00001.nii.gz", "Case_00003.nii.gz"]
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert sorted(record["excluded"]) == ["Case_00002", "Case_00004"]
+    assert record["excluded"]["Case_00002"].endswith("pancreas_0007_0000.nrrd")
+
+
 # ---- ACDC paper protocol: the fixed patient lists of the papers' tables (issue 25, item 11) ------------------------
 def test_acdc_paper_lists_are_masksam_public_split_and_the_baselines_test_patients():
     from nnunet_sam.dataset_conversion.acdc import PAPER_PATIENTS
