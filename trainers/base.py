@@ -248,11 +248,17 @@ class SAMTrainer(nnUNetTrainer):
             cls.patch_rule(),
             num_classes,
             cls.num_queries,
-            cls.sam_input_size,
+            cls.default_sam_input_size(),
             cls.input_scale,
             cls.fixed_patch,
         )
         return cls.new_record(block).to_block()
+
+    @classmethod
+    def default_sam_input_size(cls) -> int | None:
+        """The SAM input size of a new training unless ``input_scale`` or the plans say otherwise (hook: a method
+        that feeds the backbone at its pretraining size returns that; None: the in-plane patch size)."""
+        return cls.sam_input_size
 
     @classmethod
     def record_options(cls) -> Any:

@@ -19,8 +19,10 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+from nnunet_sam.backbones.contract import SOFT_TISSUE_WINDOW_HU, input_contract
 from nnunet_sam.losses.segmentation import RadSAMLoss
 from nnunet_sam.network_architectures.radsam import (
+    CT_SCHEMES,
     RadSAMNetwork,
     RadSAMOptions,
     apply_windows,
@@ -51,7 +53,12 @@ class RadSAMTrainer(SAMTrainer):
 
     Unlike the other SAM trainers, SAM itself trains (the paper fine-tunes the whole model). The patch covers the
     planned 2d patch with up to ``max_tiles`` attention windows (4: 896 px for SAM's ViTs), so a slice is seen
-    whole at nnU-Net's spacing, as at inference.
+    whole at nnU-Net's spacing, as at inference. The backbone is fed by its input contract
+    (:mod:`nnunet_sam.backbones.contract`): the patch is resized to the backbone's pretraining size (1024 px for SAM's
+    ViTs and MedSAM, 256 for LiteMedSAM) and normalised as in pretraining. For exact HU under the CT window, plan
+    with ``nnunet_sam_plan_hu`` (nnU-Net's CT normalisation clips to the labels' percentiles first).
+    Departure from the contract: training batches mix point, box and mask prompts, so prompt rows are padded to one
+    token count (``options.prompt_tokens`` "padded"); prediction uses the same tokens.
     """
 
     network_class = RadSAMNetwork
@@ -89,15 +96,26 @@ class RadSAMTrainer(SAMTrainer):
             )
 
     @classmethod
+    def default_sam_input_size(cls) -> int | None:
+        """The backbone's pretraining size (its input contract) unless the trainer fixes a size."""
+        if cls.sam_input_size is None and cls.options.input_contract:
+            return input_contract(cls.backbone).input_size
+        return cls.sam_input_size
+
+    @classmethod
     def configure_from_plans(
         cls, network: nn.Module, plans_manager: PlansManager, configuration_manager: ConfigurationManager
     ) -> None:
-        """The intensity windows of the plans' normalisation and the record's CT window."""
+        """The intensity windows of the plans' normalisation and the record's CT window (with the input contract,
+        channels that are not CT take each slice's own percentile window)."""
+        schemes = configuration_manager.normalization_schemes
         windows = intensity_windows(
-            configuration_manager.normalization_schemes,
+            schemes,
             plans_manager.plans.get("foreground_intensity_properties_per_channel", {}),
             network.options.ct_window_hu,
         )
+        if network.contract is not None:
+            windows = [w if scheme in CT_SCHEMES else None for w, scheme in zip(windows, schemes)]
         network.set_intensity_windows(windows)
 
     @classmethod
@@ -179,11 +197,15 @@ class RadSAMTrainer_vith(ViTH, RadSAMTrainer):
 
 
 class RadSAMTrainer_MedSAM(MedSAM, RadSAMTrainer):
-    pass
+    """MedSAM's weights, its soft-tissue CT window (its training data's rendering) instead of the paper's."""
+
+    options = RadSAMOptions(ct_window_hu=SOFT_TISSUE_WINDOW_HU)
 
 
 class RadSAMTrainer_LiteMedSAM(LiteMedSAM, RadSAMTrainer):
-    pass
+    """LiteMedSAM's weights, its soft-tissue CT window and its 256 px input (the input contract)."""
+
+    options = RadSAMOptions(ct_window_hu=SOFT_TISSUE_WINDOW_HU)
 
 
 class RadSAMTrainer_tiny(Tiny, RadSAMTrainer):
