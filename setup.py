@@ -154,6 +154,8 @@ setup(
             "nnunet_sam_evaluate_prompted=nnunet_sam.cli.evaluate_prompted:main",
             "nnunet_sam_evaluate_pansam=nnunet_sam.cli.evaluate_pansam:main",
             "nnunet_sam_serve=nnunet_sam.cli.serve:main",
+            "nnunet_sam_zero_shot=nnunet_sam.cli.zero_shot:main",
+            "nnunet_sam_benchmark_real=nnunet_sam.cli.benchmark_real:main",
             "nnunet_sam_convert_synapse=nnunet_sam.dataset_conversion.synapse:main",
             "nnunet_sam_convert_acdc=nnunet_sam.dataset_conversion.acdc:main",
             "nnunet_sam_convert_msd_pancreas=nnunet_sam.dataset_conversion.msd_pancreas:main",

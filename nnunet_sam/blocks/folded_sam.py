@@ -105,14 +105,16 @@ class FoldedSAM(nn.Module):
         decoder: MaskDecoder | None = None,
         dense_pe: torch.Tensor | None = None,
         all_masks: bool = False,
+        size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One batched pass of SAM's mask decoder over all rows; SAM's single-mask output head.
 
         embedding (B * D, C, g, g); sparse (R, T, C) and dense (R or 1, C, g, g) prompt embeddings of the
         R = B * K * D rows; prefix_tokens (R, T0, C) go before SAM's output tokens. ``decoder`` and its prompt
         encoder's ``dense_pe`` (1, C, g, g) default to SAM's own (a method with a second decoder passes its own).
-        Returns mask logits (R, P, P) at patch resolution and the transformed tokens (R, T0 + 5 + T, C); with
-        ``all_masks`` the logits of all of SAM's mask tokens (R, 4, P, P), the single-mask output first.
+        Returns mask logits (R, P, P) at patch resolution (``size``: at size x size instead) and the transformed
+        tokens (R, T0 + 5 + T, C); with ``all_masks`` the logits of all of SAM's mask tokens (R, 4, P, P), the
+        single-mask output first.
         """
         c, g = embedding.shape[1], embedding.shape[-1]
         rows = dense.shape[0]
@@ -134,5 +136,6 @@ class FoldedSAM(nn.Module):
             [decoder.output_hypernetworks_mlps[i](tokens_out[:, offset + 1 + i]) for i in range(count)], 1
         )
         masks = (hyper @ upscaled.flatten(2)).view(rows, count, *upscaled.shape[-2:])
-        masks = F.interpolate(masks, size=(self.patch, self.patch), mode="bilinear", align_corners=False)
+        size = size or self.patch
+        masks = F.interpolate(masks, size=(size, size), mode="bilinear", align_corners=False)
         return (masks if all_masks else masks[:, 0]), tokens_out

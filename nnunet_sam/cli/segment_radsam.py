@@ -137,9 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.start:
             segmentation = from_mask(extra_mask, prompts.boundaries)
         else:
-            if prompts.prompt is None or prompts.boundaries is None:
-                raise PromptError("the prompt file needs 'kind' (with its coordinates) and 'boundaries'")
-            segmentation = segment_from_prompt(slices, prompts.prompt, prompts.boundaries)
+            if prompts.prompt is None:
+                raise PromptError("the prompt file needs 'kind' (with its coordinates)")
+            if prompts.boundaries is None and slices.propagation != "box":
+                raise PromptError("the prompt file needs 'boundaries' (this model propagates mask prompts)")
+            # box models stop where the structure ends: without boundaries they may go through the whole volume
+            boundaries = prompts.boundaries or (0, data.shape[1] - 1)
+            segmentation = segment_from_prompt(slices, prompts.prompt, boundaries)
         segmentation = edit(slices, segmentation, prompts.corrections)
         result = model.to_original(segmentation.mask, properties) * np.uint8(args.label)
         if series is not None and args.output_type == "dicom_seg":

@@ -35,6 +35,9 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from scipy.ndimage import distance_transform_edt
+from scipy.ndimage import label as ndimage_label
 
 from nnunet_sam.inference import geometry
 from nnunet_sam.inference.model_folder import load_predictor, require_network
@@ -134,8 +137,10 @@ class SliceModel:
     """A RadSAM network (:class:`~nnunet_sam.network_architectures.radsam.RadSAMNetwork`, eval mode) on the slices
     of one preprocessed volume (M, Z, Y, X).
 
-    Slices larger than the network's P x P patch are shrunk to fit (keeping the aspect ratio); every slice is padded
-    with 0 at the bottom and right to P x P, as nnU-Net pads its training patches.
+    Networks with the input contract (``network.contract``) take each whole slice as their backbone was pretrained
+    (longest side resized to the input size, padded after normalisation; masks cropped and resized back). Models
+    saved before it: slices larger than the network's P x P patch are shrunk to fit (keeping the aspect ratio) and
+    every slice is padded with 0 at the bottom and right to P x P, as nnU-Net pads its training patches.
     """
 
     def __init__(self, network: torch.nn.Module, volume: np.ndarray | torch.Tensor, device: str = "cpu") -> None:
@@ -158,11 +163,15 @@ class SliceModel:
             image = F.interpolate(image[None].float(), size=self.fitted, mode=mode)[0]
         return F.pad(image, (0, self.patch - image.shape[-1], 0, self.patch - image.shape[-2]))
 
+    @property
+    def contract(self):
+        return getattr(self.network, "contract", None)
+
     def embedding(self, z: int) -> torch.Tensor:
         if z not in self._embeddings:
-            image = self._fit(self.volume[:, z], "bilinear")[None].to(self.device)
+            image = self.volume[:, z] if self.contract is not None else self._fit(self.volume[:, z], "bilinear")
             with torch.no_grad():
-                self._embeddings[z] = self.network.embed(image)
+                self._embeddings[z] = self.network.embed(image[None].to(self.device))
         return self._embeddings[z]
 
     def predict(
@@ -173,6 +182,8 @@ class SliceModel:
         mask: np.ndarray | None = None,
     ) -> np.ndarray:
         """Mask (Y, X) bool of slice z from clicks (y, x, positive), a box (y0, x0, y1, x1) and/or a mask (Y, X)."""
+        if self.contract is not None:
+            return self._predict_slice(z, clicks, box, mask)
         f, p = self.factor, self.patch
 
         def scaled(c: float) -> float:
@@ -196,6 +207,152 @@ class SliceModel:
             logits = F.interpolate(logits[None, None], size=self.shape[1:], mode="bilinear")[0, 0]
         return (logits > 0).numpy()
 
+    # ---- propagation and corrections (box models never saw mask prompts: they follow with boxes) --------------
+    @property
+    def propagation(self) -> str:
+        options = getattr(self.network, "options", None)
+        return getattr(options, "propagation", "mask")
+
+    def margin(self) -> float:
+        """Box margin (slice pixels) of box propagation: 2.5 % of the slice's longest side (3 px on a 122 px slice);
+        tighter boxes lost structures whose area grows from slice to slice (measured on a real CT)."""
+        return BOX_MARGIN * max(self.shape[1:])
+
+    def box_around(self, mask: np.ndarray, extra: Sequence[tuple[float, float]] = ()) -> tuple[float, ...]:
+        """(y0, x0, y1, x1): the bounding box of ``mask`` and the points ``extra``, widened by :meth:`margin`."""
+        ys, xs = np.nonzero(mask)
+        ys = np.concatenate([ys, [p[0] for p in extra]]).astype(float)
+        xs = np.concatenate([xs, [p[1] for p in extra]]).astype(float)
+        m, (h, w) = self.margin(), self.shape[1:]
+        return (max(0.0, ys.min() - m), max(0.0, xs.min() - m), min(h - 1.0, ys.max() + m), min(w - 1.0, xs.max() + m))
+
+    def follow(self, z: int, previous: np.ndarray, clicks: Sequence[tuple[float, float, bool]]) -> np.ndarray:
+        """Mask of slice z from its neighbour's mask ``previous`` (and the clicks stored on z).
+
+        "mask" propagation: the neighbour's mask is the mask prompt (RadSAM's training). "box" propagation: the box of
+        the neighbour's mask (and the positive clicks on z); the result counts only if at least half of it overlaps
+        the neighbour's mask (otherwise the box found another structure: this one has ended, the slice is empty);
+        negative clicks on z then remove what they point at."""
+        if self.propagation != "box":
+            return self.predict(z, clicks, mask=previous)
+        positive = [(y, x) for y, x, p in clicks if p]
+        if not previous.any() and not positive:
+            return np.zeros(self.shape[1:], dtype=bool)
+        base = previous if previous.any() else np.zeros(self.shape[1:], dtype=bool)
+        new = self.predict(z, box=self.box_around(base, positive)) if base.any() else self._around_clicks(z, positive)
+        if previous.any() and not positive and (new & previous).sum() < CONTINUITY * max(1, new.sum()):
+            return np.zeros(self.shape[1:], dtype=bool)
+        return _apply_negative_clicks(new, clicks)
+
+    def correct(
+        self, z: int, mask: np.ndarray, clicks: Sequence[tuple[float, float, bool]], boundaries: tuple[int, int]
+    ) -> np.ndarray:
+        """Slice z re-segmented after a new click (``clicks``: all clicks stored on z, the newest last).
+
+        "mask" models: the current mask as mask prompt plus the clicks (RadSAM's editing). "box" models (never trained
+        with clicks): a positive click adds the mask of the box of the slice's mask (or, on an empty slice, of the
+        nearest segmented slice) widened to include it; a negative click removes what it points at: its separate part
+        of the mask, else the disc around it that reaches the mask's nearest border."""
+        current = mask[z]
+        if self.propagation != "box":
+            return self.predict(z, clicks, mask=current)
+        y, x, positive = clicks[-1]
+        point = (round(y), round(x))
+        if positive:
+            base = current if current.any() else _nearest_mask(mask, z, boundaries)
+            if base.any():
+                new = self.predict(z, box=self.box_around(base, [(y, x)]))
+            else:
+                new = self._around_clicks(z, [(y, x)])
+            return _apply_negative_clicks(new | current, clicks)
+        if not current[point]:
+            return current
+        return current & ~_cut_at(current, point)
+
+    def _around_clicks(self, z: int, points: Sequence[tuple[float, float]]) -> np.ndarray:
+        """A box model on a slice with nothing to follow: a box of 5 % of the slice around the positive clicks."""
+        seed = np.zeros(self.shape[1:], dtype=bool)
+        for y, x in points:
+            seed[round(y), round(x)] = True
+        m = 0.05 * max(self.shape[1:])
+        ys, xs = np.nonzero(seed)
+        h, w = self.shape[1:]
+        box = (max(0.0, ys.min() - m), max(0.0, xs.min() - m), min(h - 1.0, ys.max() + m), min(w - 1.0, xs.max() + m))
+        return self.predict(z, box=box)
+
+    def _predict_slice(
+        self,
+        z: int,
+        clicks: Sequence[tuple[float, float, bool]],
+        box: Sequence[float] | None,
+        mask: np.ndarray | None,
+    ) -> np.ndarray:
+        """The input-contract path of :meth:`predict`: the whole slice, prompts in its pixels."""
+        h, w = self.shape[1:]
+        prompts = Prompts.empty(1, h, w)
+        for y, x, positive in clicks:
+            prompts = prompts.with_points(torch.tensor([[float(x), float(y)]]), torch.tensor([int(positive)]))
+        if box is not None:
+            y0, x0, y1, x1 = box
+            boxes = torch.tensor([[float(x0), float(y0), float(x1), float(y1)]])
+            prompts = replace(prompts, boxes=boxes, has_box=torch.ones(1, dtype=torch.bool))
+        if mask is not None and mask.any():
+            prompts = prompts.with_masks(torch.from_numpy(np.asarray(mask, dtype=bool))[None])
+        prompts = Prompts(*(t.to(self.device) for t in vars(prompts).values()))
+        with torch.no_grad():
+            logits = self.network.segment_slice(self.embedding(z), prompts, (h, w))[0]
+        return (logits > 0).cpu().numpy()
+
+
+BOX_MARGIN = 0.025  # box propagation: margin as a fraction of the slice's longest side
+CONTINUITY = 0.5  # box propagation: least fraction of a new slice mask inside its neighbour's mask
+
+
+def _component(mask: np.ndarray, point: tuple[int, int]) -> np.ndarray:
+    """The 8-connected part of ``mask`` (Y, X) that holds ``point`` (empty if the point is outside the mask)."""
+    if not mask[point]:
+        return np.zeros_like(mask)
+    labels, _ = ndimage_label(mask, structure=np.ones((3, 3), dtype=bool))
+    return labels == labels[point]
+
+
+def _apply_negative_clicks(mask: np.ndarray, clicks: Sequence[tuple[float, float, bool]]) -> np.ndarray:
+    """``mask`` without the parts that negative clicks point at (a part that holds a positive click stays)."""
+    keep = np.zeros_like(mask)
+    for y, x, positive in clicks:
+        if positive:
+            keep |= _component(mask, (round(y), round(x)))
+    out = mask.copy()
+    for y, x, positive in clicks:
+        if not positive:
+            part = _component(out, (round(y), round(x)))
+            if not (part & keep).any():
+                out &= ~part
+    return out
+
+
+def _cut_at(mask: np.ndarray, point: tuple[int, int]) -> np.ndarray:
+    """What a negative click at ``point`` inside ``mask`` (Y, X) removes: its separate part of the mask if the mask has
+    several, else the disc around the click that reaches the mask's nearest border (what the click points at, and no
+    further: a user clicks in the middle of a wrong region)."""
+    part = _component(mask, point)
+    if (mask & ~part).any():
+        return part
+    padded = np.pad(mask, 1)
+    radius = distance_transform_edt(padded)[point[0] + 1, point[1] + 1]
+    yy, xx = np.ogrid[: mask.shape[0], : mask.shape[1]]
+    return mask & ((yy - point[0]) ** 2 + (xx - point[1]) ** 2 <= radius**2)
+
+
+def _nearest_mask(mask: np.ndarray, z: int, boundaries: tuple[int, int]) -> np.ndarray:
+    """The mask of the segmented slice nearest to z within the boundaries (empty if there is none)."""
+    lo, hi = boundaries
+    for d in range(1, mask.shape[0]):
+        for k in (z - d, z + d):
+            if lo <= k <= hi and mask[k].any():
+                return mask[k]
+    return np.zeros(mask.shape[1:], dtype=bool)
+
 
 def _clicks_on(corrections: Sequence[Correction], z: int) -> list[tuple[float, float, bool]]:
     return [(c.y, c.x, c.positive) for c in corrections if c.slice == z]
@@ -209,7 +366,8 @@ def _propagate(
     corrections: Sequence[Correction],
     fixed: set[int] = frozenset(),
 ) -> None:
-    """Segment slices start + step .. stop (inclusive, step +-1) in place, each from its neighbour's mask.
+    """Segment slices start + step .. stop (inclusive, step +-1) in place, each from its neighbour's mask
+    (:meth:`SliceModel.follow`).
 
     Stops before the first slice in ``fixed``. Once a slice comes out empty without a click, the structure has
     ended: the slices up to ``stop`` are emptied, unless a fixed slice lies that way (the structure continues
@@ -227,7 +385,7 @@ def _propagate(
                 return
             mask[z] = False
             continue
-        mask[z] = model.predict(z, clicks, mask=previous)
+        mask[z] = model.follow(z, previous, clicks)
 
 
 def segment_from_prompt(model: SliceModel, prompt: Prompt, boundaries: tuple[int, int]) -> Segmentation3D:
@@ -288,12 +446,16 @@ def edit(
         _check_inside("correction", (c.y, c.x), h, w)
         stored.append(c)
         j = c.slice
-        mask[j] = model.predict(j, _clicks_on(stored, j), mask=mask[j])
+        mask[j] = model.correct(j, mask, _clicks_on(stored, j), (lo, hi))
         current = replace(segmentation, corrections=tuple(stored))
         fixed = ({current.seed} if current.seed_fixed else set()) if through_clicks else current.fixed_slices()
         fixed = fixed - {j}
-        _propagate(model, mask, j, hi, stored, fixed)
-        _propagate(model, mask, j, lo, stored, fixed)
+        # a box model's slices follow the seed outwards: a correction changes only the slices beyond it
+        outwards_only = model.propagation == "box" and current.seed_fixed
+        if not outwards_only or j >= current.seed:
+            _propagate(model, mask, j, hi, stored, fixed)
+        if not outwards_only or j <= current.seed:
+            _propagate(model, mask, j, lo, stored, fixed)
     return replace(segmentation, mask=mask, corrections=tuple(stored))
 
 
@@ -323,11 +485,25 @@ class RadSAMModel:
         if transpose[0] != 0:
             raise ValueError(f"this model's plans transpose the volume ({transpose}); RadSAM needs slices along axis 0")
 
+    @property
+    def native_spacing(self) -> bool:
+        """Whether the model keeps each image's own in-plane spacing (its record's ``native_spacing``)."""
+        options = getattr(self.network, "options", None)
+        return bool(getattr(options, "native_spacing", False))
+
+    def configuration_for(self, properties: dict) -> ConfigurationManager:
+        """The plans' configuration, with this image's in-plane spacing where the model keeps native spacing."""
+        if not self.native_spacing:
+            return self.configuration_manager
+        spacing = [float(properties["spacing"][i]) for i in self.plans_manager.transpose_forward][1:]
+        return ConfigurationManager({**self.configuration_manager.configuration, "spacing": spacing})
+
     def preprocess(self, image: np.ndarray, properties: dict, seg: np.ndarray | None = None):
         """nnU-Net's preprocessing of a read image (C, Z, Y, X) (and a label map) -> data, seg, properties."""
-        preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
+        configuration = self.configuration_for(properties)
+        preprocessor = configuration.preprocessor_class(verbose=False)
         return preprocessor.run_case_npy(
-            image.copy(), seg, dict(properties), self.plans_manager, self.configuration_manager, self.dataset_json
+            image.copy(), seg, dict(properties), self.plans_manager, configuration, self.dataset_json
         )
 
     def read(self, files: Sequence[str]) -> tuple[np.ndarray, dict]:
@@ -337,7 +513,7 @@ class RadSAMModel:
     def to_original(self, mask: np.ndarray, properties: dict) -> np.ndarray:
         """A mask in the preprocessed grid (Z', Y', X') -> the original image grid (Z, Y, X) uint8 0/1."""
         return geometry.mask_to_original(
-            mask, self.plans_manager, self.configuration_manager, self.label_manager, properties
+            mask, self.plans_manager, self.configuration_for(properties), self.label_manager, properties
         )
 
 
