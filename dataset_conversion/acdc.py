@@ -7,11 +7,15 @@ Input: the ACDC download (``database/``) with ``training/patientXXX/`` (patients
 
 Protocols (``--protocol``):
 
-- ``paper`` (default): the 70 / 10 / 20 split of the 100 training patients used by TransUNet-style papers,
-  made by patient (both frames of a patient stay together), stratified by the ``Group`` of ``Info.cfg``
-  (14 / 2 / 4 patients of each of the five groups), shuffled with ``--seed``. Train and val go to
-  ``imagesTr`` and one fold of ``splits_final.json``; the 20 test patients go to ``imagesTs``/``labelsTs``.
-  The challenge's testing patients are not part of this protocol and are not written.
+- ``paper`` (default): the fixed 70 / 10 / 20 patient lists (:data:`PAPER_PATIENTS`) of MaskSAM's public ACDC
+  trainer: its 70 training and 10 validation patients, and as test set the 20 training patients it leaves out,
+  the patient list of the baselines that MaskSAM's and Self-Prompt-SAM's ACDC tables copy (TransUNet / nnFormer).
+- ``random``: a 70 / 10 / 20 split made by patient, stratified by the ``Group`` of ``Info.cfg`` (14 / 2 / 4
+  patients of each of the five groups), shuffled with ``--seed``.
+
+In both, both frames of a patient stay together; train and val go to ``imagesTr`` and one fold of
+``splits_final.json``, the 20 test patients to ``imagesTs``/``labelsTs``; the challenge's testing patients are not
+written.
 - ``challenge``: nnU-Net's own conversion unchanged (all 100 training patients in ``imagesTr``, testing
   patients in ``imagesTs``) with nnU-Net's 5-fold split by patient (``create_ACDC_split``); predict
   ``imagesTs`` and write the challenge files with ``nnunet_sam_convert_submission acdc``.
@@ -47,6 +51,21 @@ from nnunet_sam.dataset_conversion.common import (
 COMMAND = "nnunet_sam_convert_acdc"
 
 ACDC_LABELS = {"background": 0, "RV": 1, "MLV": 2, "LVC": 3}  # names as in nnU-Net's Dataset027
+
+
+def _patients(numbers: str) -> list[str]:
+    return [f"patient{int(n):03d}" for n in numbers.split()]
+
+
+# MaskSAM's public ACDC trainer (MaskSAM_ACDC.do_split): train and val patients; test = the rest of 001-100.
+_VAL = "089 090 091 093 094 096 097 098 099 100"
+_TEST = "002 003 008 009 012 014 017 024 042 048 049 053 055 064 067 079 081 088 092 095"
+PAPER_PATIENTS: dict[str, list[str]] = {
+    "train": sorted(set(_patients(" ".join(str(n) for n in range(1, 101)))) - set(_patients(_VAL + " " + _TEST))),
+    "val": _patients(_VAL),
+    "test": _patients(_TEST),
+}
+PROTOCOLS = ("paper", "random", "challenge")
 PAPER_COUNTS = (14, 2, 4)  # train / val / test patients per pathology group (5 groups of 20)
 
 
@@ -111,10 +130,19 @@ def convert_acdc(
 ) -> Path:
     source = Path(source)
     training = require_folder(source / "training", "ACDC training folder training/")
-    if protocol not in ("paper", "challenge"):
-        raise ConversionError(f"unknown protocol {protocol!r}: use 'paper' or 'challenge'")
+    if protocol not in PROTOCOLS:
+        raise ConversionError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     testing = require_folder(source / "testing", "ACDC testing folder testing/") if protocol == "challenge" else None
     cases = _check_patients(training, True, tolerance)
+    if protocol == "paper":
+        present = {r["patient"] for r in cases.values()}
+        missing = sorted({p for ids in PAPER_PATIENTS.values() for p in ids} - present)
+        if missing:
+            raise ConversionError(
+                f"{len(missing)} patient(s) of the paper protocol's lists are not in {training} "
+                f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}). Convert the complete ACDC training "
+                "set, or use --protocol random."
+            )
     test_cases = _check_patients(testing, False, tolerance) if testing else {}
     for record in {**cases, **test_cases}.values():
         record["submission_name"] = f"{record['patient']}_{record['phase']}{NIFTI}"
@@ -138,11 +166,11 @@ def convert_acdc(
             if f.name[: -len("_0000" + NIFTI)] not in test_cases:
                 f.unlink()
 
-        if protocol == "paper":
+        if protocol in ("paper", "random"):
             groups = {}
             for patient_dir in sorted(p for p in training.iterdir() if p.is_dir()):
                 groups[patient_dir.name] = read_info(patient_dir).get("Group", "unknown")
-            by_patient = paper_split(groups, seed)
+            by_patient = PAPER_PATIENTS if protocol == "paper" else paper_split(groups, seed)
             split = {k: sorted(c for c, r in cases.items() if r["patient"] in v) for k, v in by_patient.items()}
             move_cases_to_test(folder, split["test"])
             folds = [{"train": split["train"], "val": split["val"]}]
@@ -166,7 +194,7 @@ def convert_acdc(
             label_map={v: v for v in ACDC_LABELS.values()},
             cases={**cases, **test_cases},
             splits=split,
-            seed=seed,
+            seed=seed if protocol == "random" else None,
         )
         write_splits(dataset_id, name, folds)
     return folder.parent / dataset_folder_name(dataset_id, name)
@@ -175,15 +203,16 @@ def convert_acdc(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Convert the ACDC download (training/, testing/ patient folders) with nnU-Net's Dataset027 "
-        "converter. --protocol paper: 70/10/20 patients of the training set (stratified by pathology group, "
-        "seeded), test patients in imagesTs/labelsTs. --protocol challenge: nnU-Net's conversion and 5-fold split, "
+        "converter. --protocol paper: the fixed 70/10/20 patient lists of MaskSAM's public ACDC code and the "
+        "baselines' test patients; --protocol random: 70/10/20 patients stratified by pathology group, seeded; test "
+        "patients in imagesTs/labelsTs. --protocol challenge: nnU-Net's conversion and 5-fold split, "
         "testing patients in imagesTs for the challenge submission."
     )
     parser.add_argument("-i", "--input", required=True, help="ACDC folder holding training/ (and testing/)")
     parser.add_argument("-d", "--dataset-id", type=int, default=27, help="nnU-Net dataset id (default 27)")
     parser.add_argument("--name", default="ACDC", help="dataset name (default ACDC)")
-    parser.add_argument("--protocol", choices=("paper", "challenge"), default="paper")
-    parser.add_argument("--seed", type=int, default=12345, help="seed of the paper split (default 12345)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="paper")
+    parser.add_argument("--seed", type=int, default=12345, help="seed of --protocol random (default 12345)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="image/label geometry tolerance")
     args = parser.parse_args(argv)
     try:

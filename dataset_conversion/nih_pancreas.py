@@ -62,6 +62,13 @@ def find_series(patient_dir: Path) -> list[str]:
     for folder in sorted({p.parent for p in patient_dir.rglob("*") if p.is_file()}):
         for series_id in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
             found.append(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id))
+    if not found:
+        files = [p for p in patient_dir.rglob("*") if p.is_file()]
+        raise ConversionError(
+            f"no readable DICOM series below {patient_dir}: {len(files)} file(s) there, none of them a DICOM image "
+            f"that can be read (e.g. {files[0].relative_to(patient_dir) if files else 'no file at all'}); the "
+            "download is damaged or incomplete. Download this patient again"
+        )
     if len(found) != 1:
         raise ConversionError(f"expected one DICOM series below {patient_dir}, found {len(found)}")
     return list(found[0])
@@ -90,10 +97,8 @@ def convert_nih_pancreas(
             patients[match.group(1)] = p
     label_files = nifti_cases(require_folder(labels, "NIfTI label folder"), prefix="label")
     ids = pair_cases(patients, label_files)
-    if len(ids) < folds:
-        raise ConversionError(f"{len(ids)} cases cannot make {folds} folds")
     series = {}
-    for case in ids:
+    for case in ids:  # each patient's series is checked first: a damaged one is named, not counted as too few
         series[case] = find_series(patients[case])
         reader = sitk.ImageFileReader()
         reader.SetFileName(series[case][0])
@@ -107,6 +112,8 @@ def convert_nih_pancreas(
                 f"{reader.GetSize()[:2]} != label size {label.GetSize()}"
             )
 
+    if len(ids) < folds:
+        raise ConversionError(f"{len(ids)} cases cannot make {folds} folds")
     to_nnunet = {c: f"nih_{c}" for c in ids}
     with staged_dataset(dataset_id, name) as folder:
         for sub in ("imagesTr", "labelsTr"):

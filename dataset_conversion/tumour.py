@@ -1,9 +1,12 @@
 """3DSAM-adapter's tumour protocol -> nnU-Net raw datasets: KiTS21, LiTS17, MSD-Colon, MSD-Pancreas (tumour only).
 
 Each dataset becomes a binary task (0 background, 1 tumour): the tumour label of the download is mapped to 1,
-every other label (kidney, cyst, liver, pancreas) to background, as the method segments the tumour only. The
-labelled cases are shuffled with ``--seed`` and cut 70 % train / 10 % val / 20 % test
-(:func:`~nnunet_sam.dataset_conversion.common.split_fractions`): train and val stay in ``imagesTr``/``labelsTr``
+every other label (kidney, cyst, liver, pancreas) to background, as the method segments the tumour only. The split
+(``--split``) is by default the paper protocol's: the train / val / test case lists that 3DSAM-adapter's public code
+ships (:mod:`~nnunet_sam.dataset_conversion.published_splits`; e.g. KiTS 209 / 30 / 61, pancreas 196 / 28 / 57;
+cases no list names, such as 13 LiTS volumes, are left out and named in the record); ``--split random`` shuffles
+the labelled cases with ``--seed`` and cuts 70 % train / 10 % val / 20 % test
+(:func:`~nnunet_sam.dataset_conversion.common.split_fractions`). Train and val stay in ``imagesTr``/``labelsTr``
 and form the one fold of ``splits_final.json``; the test cases go to ``imagesTs``/``labelsTs`` and are listed in
 the conversion record (``nnunet_sam_conversion.json``, ``splits.test``) with the original ids.
 
@@ -52,6 +55,7 @@ from nnunet_sam.dataset_conversion.common import (
     write_record,
     write_splits,
 )
+from nnunet_sam.dataset_conversion.published_splits import PUBLISHED_SPLITS
 
 COMMAND = "nnunet_sam_convert_tumour"
 
@@ -128,6 +132,24 @@ PROTOCOLS = {
 }  # fmt: skip
 
 
+SPLITS = ("published", "random")
+
+
+def published_split(protocol: str, cases: Cases) -> tuple[dict[str, list[str]], list[str]]:
+    """(3DSAM-adapter's published train / val / test lists for ``protocol``, the download's cases that no list
+    names). A listed case missing from the download is an error: the protocol's test set would be incomplete."""
+    split = {k: list(v) for k, v in PUBLISHED_SPLITS[protocol].items()}
+    listed = {c for ids in split.values() for c in ids}
+    missing = sorted(listed - set(cases))
+    if missing:
+        raise ConversionError(
+            f"{len(missing)} case(s) of 3DSAM-adapter's published {protocol} split are not in the download "
+            f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}). Convert the complete download, or use "
+            "--split random for a seeded 70/10/20 split of the cases present."
+        )
+    return split, sorted(set(cases) - listed)
+
+
 def convert_tumour(
     protocol: str,
     source: str | Path,
@@ -135,8 +157,13 @@ def convert_tumour(
     seed: int = 12345,
     name: str | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    split_kind: str = "published",
 ) -> Path:
-    """Convert one download of the tumour protocol (``protocol`` in :data:`PROTOCOLS`); returns the dataset folder."""
+    """Convert one download of the tumour protocol (``protocol`` in :data:`PROTOCOLS`); returns the dataset folder.
+
+    ``split_kind``: "published" (the paper protocol: the case lists 3DSAM-adapter's public code ships; cases no list
+    names are left out and listed in the record as ``unlisted``) or "random" (a ``seed``-ed 70/10/20 split)."""
+    assert split_kind in SPLITS, f"split_kind must be one of {SPLITS}, got {split_kind!r}"
     spec = PROTOCOLS[protocol]
     dataset_id = spec.dataset_id if dataset_id is None else dataset_id
     name = name or spec.name
@@ -144,9 +171,16 @@ def convert_tumour(
     cases = spec.find_cases(source)
     if not cases:
         raise ConversionError(f"no {spec.title} cases found in {source}")
+    unlisted: list[str] = []
+    if split_kind == "published":
+        split, unlisted = published_split(protocol, cases)
+        cases = {c: paths for c, paths in cases.items() if c not in unlisted}
+        how = "3DSAM-adapter's published split (fold 0 of its public code)"
+    else:
+        split = split_fractions(sorted(cases), FRACTIONS, seed)
+        how = f"3DSAM-adapter 70/10/20 random split (seed {seed})"
     for case, (image, label) in cases.items():
         check_case(image, label, case, spec.labels, tolerance)
-    split = split_fractions(sorted(cases), FRACTIONS, seed)
     with staged_dataset(dataset_id, name) as folder:
         for sub in ("imagesTr", "labelsTr"):
             (folder / sub).mkdir()
@@ -166,12 +200,12 @@ def convert_tumour(
             len(split["train"]) + len(split["val"]),
             dataset_name=dataset_folder_name(dataset_id, name),
             reference=spec.reference,
-            description=f"{spec.title}, tumour only, 3DSAM-adapter 70/10/20 random split (seed {seed})",
+            description=f"{spec.title}, tumour only, {how}",
             numTest=len(split["test"]),
         )
         write_record(
             folder,
-            protocol=f"{protocol}-tumour-70-10-20",
+            protocol=f"{protocol}-tumour-{'published' if split_kind == 'published' else '70-10-20'}",
             source=source,
             label_map={0: 0, 1: spec.tumour},
             cases={
@@ -184,7 +218,8 @@ def convert_tumour(
                 for c, (image, label) in cases.items()
             },
             splits=split,
-            seed=seed,
+            seed=seed if split_kind == "random" else None,
+            unlisted=unlisted,
         )
         write_splits(dataset_id, name, [{"train": split["train"], "val": split["val"]}])
     return folder.parent / dataset_folder_name(dataset_id, name)
@@ -194,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="nnunet_sam_convert_tumour",
         description="Convert KiTS21, LiTS17, MSD-Colon or MSD-Pancreas to a tumour-only nnU-Net dataset with "
-        "3DSAM-adapter's 70/10/20 random split (test cases in imagesTs/labelsTs, train/val as fold 0 of "
-        "splits_final.json, all three lists in nnunet_sam_conversion.json).",
+        "3DSAM-adapter's split (default: the case lists its public code ships; --split random: a seeded 70/10/20 "
+        "split). Test cases in imagesTs/labelsTs, train/val as fold 0 of splits_final.json, all three lists in "
+        "nnunet_sam_conversion.json.",
     )
     parser.add_argument("protocol", choices=sorted(PROTOCOLS), help="which dataset")
     parser.add_argument(
@@ -207,11 +243,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-d", "--dataset-id", type=int, help="nnU-Net dataset id (default 501-504 by dataset)")
     parser.add_argument("--name", help="dataset name (default e.g. KiTS21Tumour)")
-    parser.add_argument("--seed", type=int, default=12345, help="seed of the random split (default 12345)")
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="published",
+        help="published (default, the paper protocol): 3DSAM-adapter's case lists; random: seeded 70/10/20",
+    )
+    parser.add_argument("--seed", type=int, default=12345, help="seed of --split random (default 12345)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="image/label geometry tolerance")
     args = parser.parse_args(argv)
     try:
-        out = convert_tumour(args.protocol, args.input, args.dataset_id, args.seed, args.name, args.tolerance)
+        out = convert_tumour(
+            args.protocol, args.input, args.dataset_id, args.seed, args.name, args.tolerance, args.split
+        )
     except ConversionError as e:
         return conventions.error(COMMAND, e)
     splits = json.loads((out / RECORD_FILE).read_text())["splits"]

@@ -140,7 +140,9 @@ class MaskSAMNetwork(FoldedSAM):
             return semantic
 
         aux = proposals.masks
-        if aux.shape[-1] != p:
+        if aux.shape[-1] > p:  # SAM input above the patch: average the logits over each patch pixel's area, so
+            aux = F.interpolate(aux, size=(p, p), mode="area")  # every logit the prompts read gets a gradient
+        elif aux.shape[-1] < p:
             aux = F.interpolate(aux, size=(p, p), mode="bilinear", align_corners=False)
         learned = proposals.boxes if proposals.boxes is not None else boxes
         return {

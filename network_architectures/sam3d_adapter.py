@@ -7,7 +7,9 @@ SAM's frozen image encoder run on a 3D token grid by :class:`VolumetricEncoder`,
 unused) only so that the trainer loads the official checkpoint unchanged.
 
 Trainable: the encoder additions (slice grouping conv, depth embedding, depth relative-position offsets,
-adapters), the LayerNorms of SAM's image encoder, the point prompt encoder and the mask decoder.
+adapters, with ``neck="3d"`` the 3D necks), the LayerNorms of SAM's image encoder, the point prompt encoder and the
+mask decoder. :data:`PAPER_CAPACITY` builds the public code's network (adapters at half width, 3D necks, two-way
+prompt encoder, multi-level head): 25.5 M trainable parameters at ViT-B against the paper's 25.46 M.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from torch import nn
 from nnunet_sam.backbones.sam_vit import BackboneSpec, build_sam, get_backbone
 from nnunet_sam.blocks.adapters import AdapterKind
 from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
-from nnunet_sam.blocks.mask_decoder_3d import AggregatingMaskDecoder3D
+from nnunet_sam.blocks.mask_decoder_3d import AggregatingMaskDecoder3D, MultiLevelMaskDecoder3D
 from nnunet_sam.blocks.stem import PlainStem
 from nnunet_sam.blocks.volumetric_encoder import VolumetricEncoder
-from nnunet_sam.prompting.point_sampler import PointPromptEncoder
+from nnunet_sam.prompting.point_sampler import PointPromptEncoder, TwoWayPointPromptEncoder
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,28 @@ class SAM3DAdapterOptions:
 
     ``prompted``: with the point prompt encoder (clicks), or fully automatic. ``adapter``: the adapter kind of
     every encoder block (:data:`~nnunet_sam.blocks.adapters.ADAPTER_KINDS`; the method's DConv adapter).
+
+    Capacity (defaults: this package's lighter network, 6.5 M trainable parameters at ViT-B; :data:`PAPER_CAPACITY`
+    sets the public code's, 25.46 M as the paper reports): ``adapter_ratio`` (adapter hidden width / embedding
+    width; public code 0.5); ``neck`` "sam" (SAM's frozen 2D neck) or "3d" (a trainable 3D neck per feature level);
+    ``decoder`` "aggregating" (:class:`AggregatingMaskDecoder3D`) or "multilevel" (:class:`MultiLevelMaskDecoder3D`,
+    needs ``neck="3d"``); ``prompt_encoder`` "cross" (:class:`PointPromptEncoder`, one cross-attention layer) or
+    "two_way" (:class:`TwoWayPointPromptEncoder`, SAM's two-way transformer, depth 2). ``prompt_levels``: the
+    feature levels (1-4, 4 = the final embedding) that a prompt encoder of its own conditions on the points (the
+    paper's feature-level ablation; levels below 4 need ``neck="3d"``).
     """
 
     prompted: bool = False
     adapter: AdapterKind = "dconv"
+    adapter_ratio: float = 0.25
+    neck: str = "sam"
+    decoder: str = "aggregating"
+    prompt_encoder: str = "cross"
+    prompt_levels: tuple[int, ...] = (4,)
+
+
+# The public code's network (the paper's 25.46 M trainable parameters, 15.21 M of them in the image encoder).
+PAPER_CAPACITY = {"adapter_ratio": 0.5, "neck": "3d", "decoder": "multilevel", "prompt_encoder": "two_way"}
 
 
 class SAM3DAdapterNetwork(nn.Module):
@@ -77,10 +97,15 @@ class SAM3DAdapterNetwork(nn.Module):
         grid = size // spec.patch_size
         self.sam = build_sam(spec, size)
         self.sam.requires_grad_(False)
-        for module in self.sam.image_encoder.modules():  # the method tunes the encoder's norms
+        for name, module in self.sam.image_encoder.named_modules():  # the method tunes the encoder's norms
+            if name.startswith("neck") and options.neck == "3d":
+                continue  # SAM's 2D neck is not run: its norms stay frozen
             if isinstance(module, nn.LayerNorm) or type(module).__name__ == "LayerNorm2d":
                 module.requires_grad_(True)
         self.stem = PlainStem(self.patch[-1], size)
+        assert options.neck in ("sam", "3d") and options.decoder in ("aggregating", "multilevel"), options
+        assert options.prompt_encoder in ("cross", "two_way"), options
+        assert options.decoder == "aggregating" or options.neck == "3d", "the multilevel decoder needs neck='3d'"
         self.encoder = VolumetricEncoder(
             spec.embed_dim,
             spec.num_heads,
@@ -90,19 +115,37 @@ class SAM3DAdapterNetwork(nn.Module):
             slice_group,
             window,
             spec.feature_indices,
+            adapter_ratio=options.adapter_ratio,
             attention=attention,
             adapter_kind=options.adapter,
+            neck_dim=spec.prompt_dim if options.neck == "3d" else None,
         )
-        self.prompt_encoder = (
-            PointPromptEncoder(spec.prompt_dim, num_classes, num_heads=spec.decoder_heads) if options.prompted else None
+        levels = tuple(options.prompt_levels)
+        assert levels and set(levels) <= {1, 2, 3, 4}, f"prompt_levels must be among 1-4, got {levels}"
+        assert levels == (4,) or options.neck == "3d", "prompt encoders below level 4 need neck='3d'"
+
+        def prompt_encoder() -> nn.Module:
+            if options.prompt_encoder == "two_way":
+                return TwoWayPointPromptEncoder(
+                    spec.prompt_dim, num_classes, num_heads=spec.decoder_heads, mlp_dim=spec.decoder_mlp_dim
+                )
+            return PointPromptEncoder(spec.prompt_dim, num_classes, num_heads=spec.decoder_heads)
+
+        self.prompt_encoder = prompt_encoder() if options.prompted and 4 in levels else None
+        self.level_prompt_encoders = nn.ModuleDict(
+            {str(k): prompt_encoder() for k in sorted(levels) if k < 4} if options.prompted else {}
         )
-        self.decoder = AggregatingMaskDecoder3D(
-            spec.prompt_dim,
-            spec.embed_dim,
-            len(spec.feature_indices),
-            num_classes,
-            num_stages=max(1, round(math.log2(self.patch[-1] / grid))),  # x2 steps from the token grid to P
-        )
+        self.decoder: nn.Module
+        if options.decoder == "multilevel":
+            self.decoder = MultiLevelMaskDecoder3D(spec.prompt_dim, len(spec.feature_indices), in_channels, num_classes)
+        else:
+            self.decoder = AggregatingMaskDecoder3D(
+                spec.prompt_dim,
+                spec.embed_dim,
+                len(spec.feature_indices),
+                num_classes,
+                num_stages=max(1, round(math.log2(self.patch[-1] / grid))),  # x2 steps from the token grid to P
+            )
 
     def forward(
         self,
@@ -117,12 +160,22 @@ class SAM3DAdapterNetwork(nn.Module):
         slices = self.stem(x.transpose(1, 2).reshape(b * d, m, h, w))  # (B * D, 3, S, S)
         slices = slices.reshape(b, d, 3, *slices.shape[-2:]).transpose(1, 2)
         embedding, features = self.encoder(self.sam.image_encoder, slices)
-        if self.prompt_encoder is not None:
+        if self.options.prompted:
             points = None if points is None else points.to(x.device)
             labels = None if labels is None else labels.to(x.device)
-            embedding = self.prompt_encoder(embedding, points, labels, self.patch)
+            if self.prompt_encoder is not None:
+                embedding = self.prompt_encoder(embedding, points, labels, self.patch)
+            features = [
+                self.level_prompt_encoders[str(k)](f, points, labels, self.patch)
+                if str(k) in self.level_prompt_encoders
+                else f
+                for k, f in enumerate(features, start=1)
+            ]
         else:
             assert points is None, "this network was built without a prompt encoder (automatic mode)"
-        logits = self.decoder(embedding, features, self.patch)
+        if self.options.decoder == "multilevel":
+            logits = self.decoder([*features, embedding], x, self.patch)
+        else:
+            logits = self.decoder(embedding, features, self.patch)
         outputs = {"aux": [], "logits": logits, "semantic": logits}
         return outputs if return_all else logits

@@ -9,6 +9,7 @@ variants only change class attributes. The network is built from the model's sav
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import random
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import autocast, nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunet_sam.backbones.checkpoints import (
     CHECKPOINT_DIR_ENV,
@@ -39,7 +41,7 @@ from nnunet_sam.blocks.checkpointing import block_checkpointing
 from nnunet_sam.losses.segmentation import DeepSupervisedSegLoss
 from nnunet_sam.model_record import PLANS_KEY, RECORD_FORMAT, ModelRecord, build_from_record, options_to_json
 from nnunet_sam.training.dataset_checks import check_training_data
-from nnunet_sam.training.distributed import check_batch_split, nnunet_ddp_wrapper, rank_device
+from nnunet_sam.training.distributed import batch_per_process, check_batch_split, nnunet_ddp_wrapper, rank_device
 from nnunet_sam.training.fault_tolerance import (
     DamagedCheckpointError,
     NonFiniteTrainingError,
@@ -49,6 +51,7 @@ from nnunet_sam.training.fault_tolerance import (
     intact_checkpoint,
     lock_folder,
     remove_stale_temp_files,
+    workers_die_with_parent,
 )
 from nnunet_sam.training.planning import PatchRule, VolumePatchRule, sam_settings, window_cost_note
 from nnunet_sam.training.slim_checkpoints import SLIM_ENV, attach_expansion, base_record, slim_requested, slim_saving
@@ -76,6 +79,27 @@ def wrap_ddp(network: nn.Module, device: torch.device) -> DistributedDataParalle
     return DistributedDataParallel(network, device_ids=device_ids, find_unused_parameters=True)
 
 
+class LinearLRScheduler(_LRScheduler):
+    """LR falling linearly from ``initial_lr`` to ``end_factor * initial_lr`` over ``num_epochs`` (torch's LinearLR
+    with start factor 1, stepped once per epoch), with nnU-Net's ``step(current_epoch)`` interface."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, num_epochs: int, end_factor: float = 0.01):
+        self.initial_lr = initial_lr
+        self.num_epochs = num_epochs
+        self.end_factor = end_factor
+        self.ctr = 0
+        super().__init__(optimizer, -1)
+
+    def step(self, current_step: int | None = None) -> None:
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        fraction = min(current_step, self.num_epochs) / max(1, self.num_epochs)
+        lr = self.initial_lr * (1 + (self.end_factor - 1) * fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+
 class SAMTrainer(nnUNetTrainer):
     """Base of all SAM trainers. Configure subclasses through these class attributes only."""
 
@@ -95,6 +119,13 @@ class SAMTrainer(nnUNetTrainer):
     optimizer_name: str = "sgd"
     learning_rate: float | None = None
     optimizer_weight_decay: float | None = None  # None keeps nnU-Net's 3e-5
+    optimizer_eps: float | None = None  # AdamW's eps (None: torch's 1e-8)
+    # LR schedule over the epochs: nnU-Net's "poly" (exponent 0.9) or "linear" (factor 1 -> 0.01, torch's LinearLR
+    # as the 3DSAM-adapter code steps it once per epoch).
+    lr_schedule: str = "poly"
+    grad_clip: float = 12.0  # gradient-norm clip of every step (nnU-Net's 12), over all trainable parameters
+    # Paper presets: field -> where its value comes from (see PRESET_RULE and preset_rows); empty: not a preset.
+    preset_sources: dict[str, str] = {}
     # Schedule overrides (None keeps nnU-Net's 1000 epochs x 250 training / 50 validation iterations).
     epochs: int | None = None
     iterations_per_epoch: int | None = None
@@ -149,6 +180,8 @@ class SAMTrainer(nnUNetTrainer):
         config[PLANS_KEY] = record
         if self.fixed_batch_size is not None:
             config["batch_size"] = int(self.fixed_batch_size)
+        if (per_process := batch_per_process()) is not None and dist.is_available() and dist.is_initialized():
+            config["batch_size"] = per_process * dist.get_world_size()  # nnunet_sam_train --batch-per-process
         checkpoint_path = find_checkpoint(spec, required=spec.requires_checkpoint)
         sam_state = load_checkpoint(checkpoint_path, spec) if checkpoint_path is not None else None
         slim = slim_requested(self.slim_checkpoints)
@@ -456,18 +489,23 @@ class SAMTrainer(nnUNetTrainer):
             self._plain_network().sam.requires_grad_(True)
         params = [p for p in self.network.parameters() if p.requires_grad]
         if self.optimizer_name == "adamw":
-            optimizer = torch.optim.AdamW(params, self.initial_lr, weight_decay=self.weight_decay)
+            eps = {} if self.optimizer_eps is None else {"eps": self.optimizer_eps}
+            optimizer = torch.optim.AdamW(params, self.initial_lr, weight_decay=self.weight_decay, **eps)
         else:
             assert self.optimizer_name == "sgd", f"unknown optimizer_name '{self.optimizer_name}' (sgd or adamw)"
             optimizer = torch.optim.SGD(
                 params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True
             )
+        if self.lr_schedule == "linear":
+            return optimizer, LinearLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        assert self.lr_schedule == "poly", f"unknown lr_schedule '{self.lr_schedule}' (poly or linear)"
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     # ---- fault tolerance (nnunet_sam.training.fault_tolerance) -------------------------------------------------------
     def on_train_start(self) -> None:
         if self.local_rank == 0:  # before anything is written: a second training of this fold stops here
             self._fold_lock = lock_folder(self.output_folder)
+        workers_die_with_parent()  # the augmentation workers nnU-Net starts next end with this process, even on SIGKILL
         super().on_train_start()
         if self.local_rank == 0:
             for path in remove_stale_temp_files(self.output_folder):
@@ -529,7 +567,7 @@ class SAMTrainer(nnUNetTrainer):
             self.grad_scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
         if all_finite(loss, grad_norm, across_ranks=self.is_ddp):
             self._nonfinite_steps_in_a_row = 0
             if self.grad_scaler is not None:
@@ -705,3 +743,110 @@ class LiteMedSAMCPUDemo(CPUDemo):
     val_iterations_per_epoch = 2
     optimizer_name = "adamw"
     learning_rate = 1e-3
+
+
+# ---- paper presets: one rule for every field, a source per field -----------------------------------------------------
+PRESET_RULE = (
+    "Every field of a preset takes the value of the code that produced the paper's published numbers, where that code "
+    "exists and sets the field; otherwise the paper's; otherwise it is a stated choice. Where the paper states another "
+    "value than its code, the paper's reading is a named variant of the preset."
+)
+# A source reads "KIND: where", KIND one of these. "nnU-Net" marks a default that the public code inherits unchanged.
+SOURCE_KINDS = ("code", "paper", "nnU-Net", "chosen")
+# Fields every preset's row gives (method presets add their own, e.g. loss weights, and each attribute they set).
+PRESET_FIELDS = (
+    "backbone",
+    "fixed_patch",
+    "input_scale",
+    "epochs",
+    "fixed_batch_size",
+    "optimizer_name",
+    "learning_rate",
+    "optimizer_weight_decay",
+    "lr_schedule",
+    "grad_clip",
+)
+_NNUNET_DEFAULTS = {"learning_rate": 1e-2, "optimizer_weight_decay": 3e-5, "epochs": 1000}
+_NOT_FIELDS = {"preset_sources", "network_class"}
+
+
+def is_preset(cls: type) -> bool:
+    """Whether a trainer class is a paper preset (or a variant of one): it carries per-field sources."""
+    return bool(getattr(cls, "preset_sources", None))
+
+
+def preset_set_fields(cls: type[SAMTrainer]) -> set[str]:
+    """The attributes a preset (and each preset class it derives from) sets in its own body: each needs a source."""
+    fields = set()
+    for klass in cls.__mro__:
+        if not is_preset(klass) or "preset_sources" not in vars(klass):
+            break
+        fields |= {
+            name
+            for name, value in vars(klass).items()
+            if not name.startswith("_")
+            and name not in _NOT_FIELDS
+            and not callable(value)
+            and not isinstance(value, (classmethod, staticmethod, property))
+        }
+    return fields
+
+
+def preset_value(cls: type[SAMTrainer], field: str) -> str:
+    """A preset field's effective value as the table shows it (None: nnU-Net's default or the patch rule)."""
+    value = getattr(cls, field)
+    if value is None and field in _NNUNET_DEFAULTS:
+        value = _NNUNET_DEFAULTS[field]
+    if value is None and field == "num_queries":
+        return "max(8, ceil(1.5 C))"
+    if value is None and field == "input_scale":
+        value = 1
+    if field == "options" and dataclasses.is_dataclass(value):
+        default = type(value)()
+        changed = {
+            f.name: getattr(value, f.name)
+            for f in dataclasses.fields(value)
+            if getattr(value, f.name) != getattr(default, f.name)
+        }
+        return ", ".join(f"{k}={v}" for k, v in changed.items()) or "defaults"
+    if isinstance(value, tuple):
+        return "x".join(str(v) for v in value)
+    return str(value)
+
+
+def preset_rows(cls: type[SAMTrainer]) -> list[tuple[str, str, str]]:
+    """``(field, value, source)`` for every field of a preset's sources, in their order."""
+    return [(field, preset_value(cls, field), source) for field, source in cls.preset_sources.items()]
+
+
+def preset_markdown(cls: type[SAMTrainer]) -> str:
+    """The markdown table of one preset (docs/presets.md holds these tables; a test keeps them equal)."""
+    lines = [f"#### `{cls.__name__}`", "", "| field | value | source |", "|---|---|---|"]
+    lines += [f"| `{field}` | {value} | {source} |" for field, value, source in preset_rows(cls)]
+    return "\n".join(lines)
+
+
+def with_sources(base: dict[str, str], **changes: str) -> dict[str, str]:
+    """A variant's sources: its parent's, with the fields it changes."""
+    return {**base, **changes}
+
+
+def ablation_trainers(preset: type[SAMTrainer], rows: Mapping[str, Any], table: str) -> dict[str, type[SAMTrainer]]:
+    """``{PRESET_ROW: trainer}``: every ablation row (``rows``: row name -> options) on top of a paper preset, so that
+    the paper's ablation table runs in the paper's regime by name (``nnUNetv2_train ... -tr MaskSAMTrainer_ACDC_B4``).
+    The module that defines ``preset`` binds them (``globals().update(...)``), so nnU-Net finds and pickles them."""
+    trainers = {}
+    for row, options in rows.items():
+        name = f"{preset.__name__}_{row}"
+        trainers[name] = type(
+            name,
+            (preset,),
+            {
+                "__module__": preset.__module__,
+                "__qualname__": name,
+                "__doc__": f"Row {row} of {table} on top of :class:`{preset.__name__}` (its regime, these options).",
+                "options": options,
+                "preset_sources": with_sources(preset.preset_sources, options=f"paper: {table}, row {row}"),
+            },
+        )
+    return trainers

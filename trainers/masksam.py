@@ -6,7 +6,18 @@ from torch import nn
 
 from nnunet_sam.losses.set_criterion import MASK_BCE_WEIGHT, MASK_DICE_WEIGHT, MaskSetCriterion
 from nnunet_sam.network_architectures.masksam import ABLATION_ROWS, MaskSAMNetwork, MaskSAMOptions
-from nnunet_sam.trainers.base import CPUDemo, LiteMedSAM, LiteMedSAMCPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
+from nnunet_sam.trainers.base import (
+    CPUDemo,
+    LiteMedSAM,
+    LiteMedSAMCPUDemo,
+    MedSAM,
+    SAMTrainer,
+    Tiny,
+    ViTH,
+    ViTL,
+    ablation_trainers,
+    with_sources,
+)
 
 
 class MaskSAMTrainer(SAMTrainer):
@@ -118,64 +129,156 @@ class MaskSAMTrainer_B9(MaskSAMTrainer):
     options = ABLATION_ROWS["B9"]
 
 
-# ---- paper presets (README "Paper presets"; every value with its source) ----------------------------------------
-class MaskSAMTrainer_ACDC(MaskSAMTrainer):
-    """MaskSAM as trained on ACDC (3d_fullres).
+# ---- paper presets (README "Paper presets", docs/presets.md: every field with its source) -------------------------
+# The public MaskSAM code: github.com/bxie9/MaskSAM, a fork of nnU-Net 2.5 with the trainers MaskSAM_ACDC, _AMOS and
+# _Synapse, their networks (nnunetv2/sam/sam_model_2024_*.py) and the commands of bash/MaskSAM_*.sh (plans names).
+_ACDC = "MaskSAM_ACDC trainer"
+_AMOS = "MaskSAM_AMOS trainer"
+_SYNAPSE = "MaskSAM_Synapse trainer"
+_SGD = "the public trainers inherit nnU-Net's SGD (momentum 0.99, Nesterov)"
 
-    * backbone SAM ViT-B: public code's ACDC trainer (MaskSAM_ACDC);
-    * patch 4x256x256, SAM input 1024 px (input_scale 4, learned by two stride-2 transposed convolutions of the
-      modality stem; one token = 4x4 voxels): public ACDC trainer;
-    * 8 queries: public ACDC trainer;
-    * 500 epochs of 250 iterations, SGD (momentum 0.99, weight decay 3e-5, LR 0.01, poly 0.9), batch size 2:
-      paper, Appendix A (implementation details);
-    * final-mask BCE / Dice weights 1.5 / 1.5: public ACDC trainer (the paper gives none). They take effect through
-      the MaskSAM loss-weight attributes ``mask_bce_weight`` / ``mask_dice_weight`` of the MaskSAM trainer.
-    """
+
+class MaskSAMTrainer_ACDC(MaskSAMTrainer):
+    """MaskSAM as its public code trained it on ACDC (3d_fullres): SAM ViT-B, patch 4x256x256 learned up to 1024 px,
+    8 queries, 500 epochs, SGD at LR 1e-3, batch 2. ``MaskSAMTrainer_ACDC_paperLR``: the paper's LR 0.01."""
 
     backbone = "vit_b"
     fixed_patch = (4, 256, 256)
     input_scale = 4
     num_queries = 8
     epochs = 500
-    optimizer_name = "sgd"
     fixed_batch_size = 2
+    optimizer_name = "sgd"
+    learning_rate = 1e-3
     mask_bce_weight = 1.5
     mask_dice_weight = 1.5
+    preset_sources = {
+        "backbone": f"code: {_ACDC}'s network loads sam_vit_b_01ec64.pth",
+        "fixed_patch": "code: plans nnUNetPlans_4_256_256_b2 (bash/MaskSAM_ACDC.sh)",
+        "input_scale": f"code: {_ACDC}'s network (two stride-2 transposed convs, 256 -> 1024 px)",
+        "num_queries": f"code: {_ACDC}'s network (8)",
+        "epochs": f"code: {_ACDC} (num_epochs 500; paper App. A agrees)",
+        "fixed_batch_size": "code: plans ..._b2, over 2 GPUs (paper App. A agrees)",
+        "optimizer_name": f"code: {_SGD}",
+        "learning_rate": f"code: {_ACDC} (initial_lr 1e-3; paper App. A: 0.01, variant _paperLR)",
+        "optimizer_weight_decay": "nnU-Net: 3e-5, inherited by the public trainer",
+        "lr_schedule": "nnU-Net: poly 0.9, inherited by the public trainer",
+        "grad_clip": f"code: {_ACDC} (12, nnU-Net's)",
+        "mask_bce_weight": f"code: {_ACDC} (mask_weight 1.5)",
+        "mask_dice_weight": f"code: {_ACDC} (dice_weight 1.5)",
+    }
 
 
 class MaskSAMTrainer_AMOS(MaskSAMTrainer):
-    """MaskSAM as trained on AMOS 2022 (3d_fullres).
-
-    * backbone SAM ViT-H, patch 9x512x512 seen at 512 px (input_scale 1), 24 queries: public code's AMOS trainer
-      and its plans ``nnUNetPlans_9_512_512_b2``;
-    * 1000 epochs of 250 iterations, SGD (LR 0.01, poly 0.9), batch size 2: paper, Appendix A. The public AMOS
-      trainer uses AdamW (LR 1e-3) instead; the paper's stated optimiser is kept here;
-    * loss weights: the public code's defaults (final mask BCE / Dice 1.2 / 1.2), as for this trainer's parent.
-    """
+    """MaskSAM as its public code trained it on AMOS 2022 (3d_fullres): SAM ViT-H, patch 9x512x512 at 512 px, 24
+    queries, 1000 epochs, AdamW (LR 1e-3, eps 1e-4), batch 2. Variants with the paper's readings: ``_paperLR`` (SGD
+    0.01, App. A) and ``_vitb`` (section 3.6 names the base ViT)."""
 
     backbone = "vit_h"
     fixed_patch = (9, 512, 512)
     input_scale = 1
     num_queries = 24
     epochs = 1000
-    optimizer_name = "sgd"
     fixed_batch_size = 2
+    optimizer_name = "adamw"
+    learning_rate = 1e-3
+    optimizer_eps = 1e-4
+    preset_sources = {
+        "backbone": f"code: {_AMOS}'s network loads sam_vit_h_4b8939.pth (paper 3.6: base ViT, variant _vitb)",
+        "fixed_patch": "code: plans nnUNetPlans_9_512_512_b2 (bash/MaskSAM_AMOS.sh)",
+        "input_scale": f"code: {_AMOS}'s network (Patch512: SAM at the patch size)",
+        "num_queries": f"code: {_AMOS} (num_queries 24)",
+        "epochs": f"code: {_AMOS} (num_epochs 1000; paper App. A agrees)",
+        "fixed_batch_size": "code: plans ..._b2, over 2 GPUs (paper App. A agrees)",
+        "optimizer_name": f"code: {_AMOS}'s configure_optimizers (AdamW; paper App. A: SGD, variant _paperLR)",
+        "learning_rate": f"code: {_AMOS} (initial_lr 1e-3; paper App. A: 0.01, variant _paperLR)",
+        "optimizer_weight_decay": "nnU-Net: 3e-5, passed to AdamW by the public trainer",
+        "optimizer_eps": f"code: {_AMOS} (AdamW eps 1e-4)",
+        "lr_schedule": "nnU-Net: poly 0.9, kept by the public trainer",
+        "grad_clip": f"code: {_AMOS} (12, nnU-Net's)",
+        "mask_bce_weight": f"code: {_AMOS} (mask_weight 1.2, this package's default)",
+        "mask_dice_weight": f"code: {_AMOS} (dice_weight 1.2, this package's default)",
+    }
 
 
 class MaskSAMTrainer_Synapse(MaskSAMTrainer):
-    """MaskSAM as trained on Synapse (BTCV, 8 organs; 3d_fullres).
-
-    * backbone SAM ViT-H, patch 26x256x256 seen at 256 px (input_scale 1): public code's Synapse trainer;
-    * queries: stated nowhere; the patch rule's max(8, ceil(1.5 * C)) = 14 for the 9 classes of Synapse;
-    * 1000 epochs of 250 iterations, SGD (LR 0.01, poly 0.9), batch size 2: paper, Appendix A;
-    * final-mask BCE / Dice weights 1.5 / 1.5: public Synapse trainer (``mask_bce_weight`` / ``mask_dice_weight``).
-    """
+    """MaskSAM as its public code trained it on Synapse (BTCV, 8 organs; 3d_fullres): SAM ViT-H, patch 26x256x256 at
+    256 px, 24 queries, 1000 epochs, SGD at LR 1e-3, batch 2. Variants: ``_paperLR`` (LR 0.01), ``_vitb``."""
 
     backbone = "vit_h"
     fixed_patch = (26, 256, 256)
     input_scale = 1
+    num_queries = 24
     epochs = 1000
-    optimizer_name = "sgd"
     fixed_batch_size = 2
+    optimizer_name = "sgd"
+    learning_rate = 1e-3
     mask_bce_weight = 1.5
     mask_dice_weight = 1.5
+    preset_sources = {
+        "backbone": f"code: {_SYNAPSE}'s network loads sam_vit_h_4b8939.pth (paper 3.6: base ViT, variant _vitb)",
+        "fixed_patch": "code: plans nnUNetPlans_26_256_256_b2 (bash/MaskSAM_Synapse.sh)",
+        "input_scale": f"code: {_SYNAPSE}'s network (Patch256: SAM at the patch size)",
+        "num_queries": f"code: {_SYNAPSE}'s network (num_queries default 24)",
+        "epochs": f"code: {_SYNAPSE} (num_epochs 1000; paper App. A agrees)",
+        "fixed_batch_size": "code: plans ..._b2, over 2 GPUs (paper App. A agrees)",
+        "optimizer_name": f"code: {_SGD}",
+        "learning_rate": f"code: {_SYNAPSE} (initial_lr 1e-3; paper App. A: 0.01, variant _paperLR)",
+        "optimizer_weight_decay": "nnU-Net: 3e-5, inherited by the public trainer",
+        "lr_schedule": "nnU-Net: poly 0.9, inherited by the public trainer",
+        "grad_clip": f"code: {_SYNAPSE} (12, nnU-Net's)",
+        "mask_bce_weight": f"code: {_SYNAPSE} (mask_weight 1.5)",
+        "mask_dice_weight": f"code: {_SYNAPSE} (dice_weight 1.5)",
+    }
+
+
+_PAPER_OPTIMISER = "paper: App. A (SGD momentum 0.99, LR 0.01, poly)"
+
+
+class MaskSAMTrainer_ACDC_paperLR(MaskSAMTrainer_ACDC):
+    """``MaskSAMTrainer_ACDC`` with the paper's LR 0.01 (Appendix A) instead of its code's 1e-3."""
+
+    learning_rate = 1e-2
+    preset_sources = with_sources(MaskSAMTrainer_ACDC.preset_sources, learning_rate=_PAPER_OPTIMISER)
+
+
+class MaskSAMTrainer_AMOS_paperLR(MaskSAMTrainer_AMOS):
+    """``MaskSAMTrainer_AMOS`` with the paper's optimiser (SGD, LR 0.01; Appendix A) instead of AdamW 1e-3."""
+
+    optimizer_name = "sgd"
+    learning_rate = 1e-2
+    optimizer_eps = None
+    preset_sources = with_sources(
+        MaskSAMTrainer_AMOS.preset_sources,
+        optimizer_name=_PAPER_OPTIMISER,
+        learning_rate=_PAPER_OPTIMISER,
+        optimizer_eps="paper: SGD has none",
+    )
+
+
+class MaskSAMTrainer_Synapse_paperLR(MaskSAMTrainer_Synapse):
+    """``MaskSAMTrainer_Synapse`` with the paper's LR 0.01 (Appendix A) instead of its code's 1e-3."""
+
+    learning_rate = 1e-2
+    preset_sources = with_sources(MaskSAMTrainer_Synapse.preset_sources, learning_rate=_PAPER_OPTIMISER)
+
+
+_PAPER_VITB = "paper: section 3.6 (the base ViT, 12 blocks)"
+
+
+class MaskSAMTrainer_AMOS_vitb(MaskSAMTrainer_AMOS):
+    """``MaskSAMTrainer_AMOS`` on SAM ViT-B, the backbone the paper's section 3.6 names (its code loads ViT-H)."""
+
+    backbone = "vit_b"
+    preset_sources = with_sources(MaskSAMTrainer_AMOS.preset_sources, backbone=_PAPER_VITB)
+
+
+class MaskSAMTrainer_Synapse_vitb(MaskSAMTrainer_Synapse):
+    """``MaskSAMTrainer_Synapse`` on SAM ViT-B, the backbone the paper's section 3.6 names (its code loads ViT-H)."""
+
+    backbone = "vit_b"
+    preset_sources = with_sources(MaskSAMTrainer_Synapse.preset_sources, backbone=_PAPER_VITB)
+
+
+# Table 4 (ACDC) in the paper's ACDC regime: MaskSAMTrainer_ACDC_B1 ... MaskSAMTrainer_ACDC_B9.
+globals().update(ablation_trainers(MaskSAMTrainer_ACDC, ABLATION_ROWS, "MaskSAM paper Table 4 (ACDC)"))

@@ -6,7 +6,8 @@ structure with its own prompt (a point inside it, a perturbed box or a noisy mas
 ``correction_rounds`` rounds of one correction click each with the previous prediction as the mask prompt. Loss:
 Dice + BCE over all rounds, on SAM's primary mask plus the best of its three other masks (the paper's oracle loss,
 ``options.multimask_training``); structures with fewer than 15 pixels on a slice are left out. CT windows are
-varied at random per training slice (``hu_window_jitter``). The 3D product (one prompt -> a 3D mask, editing) is
+varied at random per training slice (``hu_window_jitter``). Every training slice is drawn at a labelled voxel
+(``foreground_slices``), so it holds a structure. The 3D product (one prompt -> a 3D mask, editing) is
 :mod:`nnunet_sam.inference.radsam`; ``nnUNetv2_predict`` cannot run a promptable model.
 """
 
@@ -43,6 +44,7 @@ from nnunet_sam.trainers.base import (
     UnsupportedDatasetError,
     ViTH,
     ViTL,
+    with_sources,
 )
 
 
@@ -73,6 +75,21 @@ class RadSAMTrainer(SAMTrainer):
     # Training only: each bound of the CT window moves by up to this fraction of its width, at random per slice
     # (the paper varies the window as augmentation; it gives no range). 0 turns it off.
     hu_window_jitter: float = 0.1
+    # Share of training slices drawn at a labelled voxel (nnU-Net's oversample_foreground_percent, 0.33 there): a slice
+    # without a structure of >= 15 px gives no loss, so RadSAM draws every training slice at a labelled voxel.
+    foreground_slices: float = 1.0
+    training_mask_prompts: bool = True  # noisy-mask prompts and the previous mask in correction rounds (Table 9)
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ) -> None:
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.oversample_foreground_percent = self.foreground_slices
 
     @classmethod
     def check_dataset(cls, plans_manager: PlansManager, configuration: str, label_manager: LabelManager) -> None:
@@ -142,7 +159,10 @@ class RadSAMTrainer(SAMTrainer):
         :meth:`train_step` picked (``target`` (B, 1, P, P)). Validation: logits (1, B, K, P, P) (or
         (1, B, K, 4, P, P) with SAM's four masks) from one simulated initial prompt per structure of the label map."""
         if self.network.training:
-            return self.network(data, interaction=SimulatedInteraction(target[:, 0].bool(), self.correction_rounds))
+            interaction = SimulatedInteraction(
+                target[:, 0].bool(), self.correction_rounds, mask_prompts=self.training_mask_prompts
+            )
+            return self.network(data, interaction=interaction)
         reference = structure_masks(target, self.label_manager.num_segmentation_heads)  # (B, K, P, P)
         return self.network(data, interaction=SimulatedInteraction(reference.flatten(0, 1), rounds=0))
 
@@ -219,17 +239,11 @@ class RadSAMTrainer_tiny_demo(CPUDemo, RadSAMTrainer_tiny):
     val_iterations_per_epoch = 2
 
 
-# ---- paper presets (README "Paper presets"; every value with its source) ----------------------------------------
+# ---- paper presets (README "Paper presets", docs/presets.md: every field with its source) -------------------------
 class RadSAMTrainer_AMOS(RadSAMTrainer):
-    """RadSAM as trained on AMOS CT (2d configuration).
-
-    * backbone SAM ViT-B, CT window [-500, 1000] HU, slices of 512 px resized to 1024 px (input_scale 2, plain
-      interpolation): paper, sections 3.1-3.2 (ViT-L is an ablation, section 6);
-    * batch size, optimiser and LR: not stated (section 3.4: 32 V100s, about 4 passes over all slice / prompt
-      pairs). Chosen: batch 2, the batch of the other 1024-px presets that fits one GPU, and this package's
-      RadSAM optimiser (nnU-Net's SGD, LR 0.01, poly 0.9) over all of SAM;
-    * epochs: nnU-Net's 1000 of 250 iterations (section 3.4's 4 passes over every slice of AMOS are a different unit).
-    """
+    """RadSAM as trained on AMOS CT (2d configuration): SAM ViT-B, CT window [-500, 1000] HU, 512-px slices at 1024
+    px (paper sections 3.1-3.2). No public code exists; the paper states no batch size, optimiser or LR (section
+    3.4: 32 V100s, about 4 passes over all slice / prompt pairs), so those are stated choices."""
 
     backbone = "vit_b"
     fixed_patch = (512, 512)
@@ -237,3 +251,43 @@ class RadSAMTrainer_AMOS(RadSAMTrainer):
     optimizer_name = "sgd"
     fixed_batch_size = 2
     epochs = 1000
+    preset_sources = {
+        "backbone": "paper: sections 3.1-3.2 (SAM ViT-B; ViT-L is an ablation)",
+        "fixed_patch": "paper: section 3.2 (AMOS slices of 512 px)",
+        "input_scale": "paper: section 3.2 (resized / padded to 1024 px)",
+        "options": "paper: section 3.1 (CT window [-500, 1000] HU)",
+        "epochs": "chosen: nnU-Net's 1000 x 250 iterations (paper: about 4 passes over all slices)",
+        "fixed_batch_size": "chosen: not stated (32 GPUs); the batch of the other 1024-px presets",
+        "optimizer_name": "chosen: not stated; nnU-Net's SGD (momentum 0.99)",
+        "learning_rate": "chosen: not stated; nnU-Net's 0.01",
+        "optimizer_weight_decay": "chosen: not stated; nnU-Net's 3e-5",
+        "lr_schedule": "chosen: not stated; nnU-Net's poly 0.9",
+        "grad_clip": "chosen: not stated; nnU-Net's 12",
+    }
+
+
+# The paper's Table 9 (AMOS, slice-level prompting): training without mask prompts and / or without edit rounds.
+class RadSAMTrainer_AMOS_noMask(RadSAMTrainer_AMOS):
+    """``RadSAMTrainer_AMOS`` trained without mask prompts (no noisy-mask prompt, no mask in correction rounds)."""
+
+    training_mask_prompts = False
+    preset_sources = with_sources(RadSAMTrainer_AMOS.preset_sources, training_mask_prompts="paper: Table 9, no mask")
+
+
+class RadSAMTrainer_AMOS_noEdit(RadSAMTrainer_AMOS):
+    """``RadSAMTrainer_AMOS`` trained without correction (edit) rounds."""
+
+    correction_rounds = 0
+    preset_sources = with_sources(RadSAMTrainer_AMOS.preset_sources, correction_rounds="paper: Table 9, no edition")
+
+
+class RadSAMTrainer_AMOS_noMaskNoEdit(RadSAMTrainer_AMOS):
+    """``RadSAMTrainer_AMOS`` trained without mask prompts and without correction rounds."""
+
+    training_mask_prompts = False
+    correction_rounds = 0
+    preset_sources = with_sources(
+        RadSAMTrainer_AMOS.preset_sources,
+        training_mask_prompts="paper: Table 9, no mask",
+        correction_rounds="paper: Table 9, no edition",
+    )

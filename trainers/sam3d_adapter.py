@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from nnunet_sam.network_architectures.sam3d_adapter import SAM3DAdapterNetwork, SAM3DAdapterOptions
+from nnunet_sam.network_architectures.sam3d_adapter import PAPER_CAPACITY, SAM3DAdapterNetwork, SAM3DAdapterOptions
 from nnunet_sam.prompting.point_sampler import random_clicks, simulate_points
-from nnunet_sam.trainers.base import CPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL
+from nnunet_sam.trainers.base import CPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL, with_sources
 from nnunet_sam.training.planning import VolumePatchRule
 
 
@@ -89,25 +89,68 @@ class SAM3DAdapterTrainer_prompted_tiny_demo(CPUDemo, SAM3DAdapterTrainer_prompt
     pass
 
 
-# ---- paper presets (README "Paper presets"; every value with its source) ----------------------------------------
-class SAM3DAdapterTrainer_prompted_paper(SAM3DAdapterTrainer_prompted):
-    """3DSAM-adapter as trained for its tumour benchmarks (KiTS, LiTS, MSD colon and pancreas; 3d_fullres).
+# ---- paper presets (README "Paper presets", docs/presets.md: every field with its source) -------------------------
+_TRAIN = "med-air 3DSAM-adapter train.py"
 
-    * backbone SAM ViT-B; crops of 128x128x128 voxels, upsampled x4 in-plane before the frozen patch embedding
-      (SAM input 512 px, input_scale 4: one token = 4x4 voxels in-plane), 4 slices per depth token (token grid
-      32x32x32); AdamW, LR 4e-4, 500 epochs, batch size 1: public code (med-air 3DSAM-adapter);
-    * windows of 8 tokens per axis (4x4x4 windows of 512 tokens): this package's volumetric attention;
-    * the public code decays the LR linearly; this trainer keeps nnU-Net's poly schedule (the one schedule of
-      all SAM trainers). One click per foreground class and patch in training (``points_per_class``), as the
-      paper's one-point evaluation.
+
+class SAM3DAdapterTrainer_prompted_paper(SAM3DAdapterTrainer_prompted):
+    """3DSAM-adapter as its public code trains it for the tumour benchmarks (KiTS, LiTS, MSD colon and pancreas;
+    3d_fullres): SAM ViT-B, 128^3 crops upsampled x4 in-plane (SAM input 512 px), 4 slices per depth token, AdamW
+    4e-4 without weight decay, linear LR decay to 1 %, gradient clip 1.0, 500 epochs, batch 1; training clicks 10 per
+    tumour plus 20 anywhere in the crop (``points_per_class``, ``random_points``). The network is the public code's
+    (``PAPER_CAPACITY``: adapters at half width, trainable 3D necks, two-way prompt encoder, multi-level head): 25.4 M
+    trainable parameters, 15.2 M of them in the image encoder, as the paper reports (25.46 M, 15.21 M).
+    ``SAM3DAdapterTrainer_prompted_paper_light``: the same regime with this package's lighter network (6.5 M).
     """
 
+    options = SAM3DAdapterOptions(prompted=True, **PAPER_CAPACITY)
     backbone = "vit_b"
     fixed_patch = (128, 128, 128)
     input_scale = 4
     slice_group = 4
     window = 8
     epochs = 500
+    fixed_batch_size = 1
     optimizer_name = "adamw"
     learning_rate = 4e-4
-    fixed_batch_size = 1
+    optimizer_weight_decay = 0.0
+    lr_schedule = "linear"
+    grad_clip = 1.0
+    preset_sources = {
+        "options": "code: image_encoder.py, mask_decoder.py, prompt_encoder.py (capacity; paper: 25.46 M / 15.21 M)",
+        "backbone": f"code: {_TRAIN} (sam_vit_b_01ec64.pth)",
+        "fixed_patch": f"code: {_TRAIN} (rand_crop_size 128^3)",
+        "input_scale": f"code: {_TRAIN} (crop interpolated by 512 / 128 before the patch embedding)",
+        "slice_group": "code: image encoder (4 slices per depth token, a 32^3 token grid)",
+        "window": "chosen: this package's windowed volumetric attention (8^3-token windows)",
+        "epochs": f"code: {_TRAIN} (max_epoch 500)",
+        "fixed_batch_size": f"code: {_TRAIN} (batch_size 1)",
+        "optimizer_name": f"code: {_TRAIN} (AdamW)",
+        "learning_rate": f"code: {_TRAIN} (lr 4e-4)",
+        "optimizer_weight_decay": f"code: {_TRAIN} (weight_decay 0)",
+        "lr_schedule": f"code: {_TRAIN} (LinearLR, factor 1 -> 0.01 over 500 epochs)",
+        "grad_clip": f"code: {_TRAIN} (1.0; there per module: encoder, decoder, prompt encoder)",
+        "points_per_class": f"code: {_TRAIN} (10 tumour voxels per crop)",
+        "random_points": f"code: {_TRAIN} (20 voxels anywhere in the crop)",
+    }
+
+
+class SAM3DAdapterTrainer_prompted_paper_light(SAM3DAdapterTrainer_prompted_paper):
+    """``SAM3DAdapterTrainer_prompted_paper``'s regime with this package's lighter network (6.5 M trainable
+    parameters: quarter-width adapters, SAM's frozen 2D neck, one cross-attention prompt layer, aggregating head)."""
+
+    options = SAM3DAdapterOptions(prompted=True)
+    preset_sources = with_sources(
+        SAM3DAdapterTrainer_prompted_paper.preset_sources, options="chosen: this package's lighter network (6.5 M)"
+    )
+
+
+class SAM3DAdapterTrainer_prompted_paper_allLevels(SAM3DAdapterTrainer_prompted_paper):
+    """The paper's feature-level ablation, row "all four levels": a prompt encoder on each of the four feature levels
+    (the preset: on the final level only). The poster's other rows (two levels each) cannot be read unambiguously."""
+
+    options = SAM3DAdapterOptions(prompted=True, **PAPER_CAPACITY, prompt_levels=(1, 2, 3, 4))
+    preset_sources = with_sources(
+        SAM3DAdapterTrainer_prompted_paper.preset_sources,
+        options="paper: ablation 'feature level' (prompt encoders at levels 1-4)",
+    )

@@ -62,3 +62,40 @@ class AggregatingMaskDecoder3D(nn.Module):
             size = tuple(out_shape) if last else (min(t * 2**i, out_shape[0]), side, side)
             x = F.interpolate(stage(x), size=size, mode="trilinear", align_corners=False)
         return self.head(x)
+
+
+def conv_norm_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3x3 conv without bias -> instance norm (not affine) -> ReLU."""
+    return nn.Sequential(
+        nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.InstanceNorm3d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class MultiLevelMaskDecoder3D(nn.Module):
+    """3DSAM-adapter's multi-level aggregation head: levels [(B, E, T, g, g)] + image (B, M, D, P, P) -> logits
+    (B, num_classes, *out_shape).
+
+    Each level passes two (3x3x3 conv, IN, ReLU) of ``width`` channels and is upsampled x2 (trilinear) to
+    (2T, 2g, 2g); the levels and the image resized to that grid are concatenated, a (conv, IN, ReLU) and a 3x3x3
+    conv give the class logits, trilinearly resized to ``out_shape``.
+    """
+
+    def __init__(self, embed_dim: int, num_levels: int, image_channels: int, num_classes: int, width: int = 128):
+        super().__init__()
+        self.levels = nn.ModuleList(
+            nn.Sequential(conv_norm_relu(embed_dim, width), conv_norm_relu(width, width)) for _ in range(num_levels)
+        )
+        self.head = nn.Sequential(
+            conv_norm_relu(num_levels * width + image_channels, width),
+            nn.Conv3d(width, num_classes, 3, padding=1, bias=False),
+        )
+
+    def forward(self, levels: Sequence[torch.Tensor], image: torch.Tensor, out_shape: Sequence[int]) -> torch.Tensor:
+        assert len(levels) == len(self.levels), f"{len(levels)} levels for a decoder of {len(self.levels)}"
+        grid = tuple(2 * n for n in levels[0].shape[2:])
+        up = [F.interpolate(m(x), size=grid, mode="trilinear", align_corners=True) for m, x in zip(self.levels, levels)]
+        small = F.interpolate(image.to(up[0].dtype), size=grid, mode="trilinear", align_corners=False)
+        logits = self.head(torch.cat(up + [small], dim=1))
+        return F.interpolate(logits, size=tuple(out_shape), mode="trilinear", align_corners=True)

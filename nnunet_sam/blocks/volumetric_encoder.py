@@ -171,11 +171,40 @@ def window_attention_3d(
     return attn.proj(out.transpose(1, 2).reshape(bw, n, c))
 
 
+class LayerNorm3d(nn.Module):
+    """LayerNorm over the channels of (B, C, D, H, W) maps (SAM's ``LayerNorm2d`` one dimension up)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.movedim(1, -1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return x.movedim(-1, 1)
+
+
+def neck_3d(in_dim: int, out_dim: int) -> nn.Sequential:
+    """A trainable 3D neck: 1x1x1 conv to ``out_dim``, LayerNorm, 3x3x3 conv, LayerNorm (no conv biases), SAM's 2D
+    neck one dimension up, as 3DSAM-adapter puts one after every feature level."""
+    return nn.Sequential(
+        nn.Conv3d(in_dim, out_dim, 1, bias=False),
+        LayerNorm3d(out_dim),
+        nn.Conv3d(out_dim, out_dim, 3, padding=1, bias=False),
+        LayerNorm3d(out_dim),
+    )
+
+
 class VolumetricEncoder(nn.Module):
     """The trainable 2D-to-3D additions for a stock ``ImageEncoderViT``.
 
     ``forward(vit, x)``: x (B, 3, D, S, S) slices at SAM's input size -> neck embedding (B, prompt_dim, T, g, g)
     and the token maps after the blocks in ``feature_indices``, each (B, embed_dim, T, g, g).
+
+    ``neck_dim`` (None: SAM's frozen 2D neck, slice by slice, gives the embedding): one trainable 3D neck
+    (:func:`neck_3d`) per block in ``feature_indices``, whose last entry must be the last block; the embedding is
+    the last neck's output and the features the other necks' outputs, each (B, neck_dim, T, g, g).
     """
 
     def __init__(
@@ -191,6 +220,7 @@ class VolumetricEncoder(nn.Module):
         adapter_ratio: float = 0.25,
         attention: AttentionImpl = DEFAULT_ATTENTION,
         adapter_kind: AdapterKind = "dconv",
+        neck_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.attention = check_attention(attention)
@@ -211,6 +241,12 @@ class VolumetricEncoder(nn.Module):
         self.adapters = nn.ModuleList(
             Adapter(embed_dim, adapter_kind, self.grid[0], ratio=adapter_ratio, skip=True) for _ in range(num_blocks)
         )
+        self.necks: nn.ModuleList | None = None
+        if neck_dim is not None:
+            assert self.feature_indices and self.feature_indices[-1] == num_blocks - 1, (
+                f"3D necks need the last block among the feature blocks, got {self.feature_indices}"
+            )
+            self.necks = nn.ModuleList(neck_3d(embed_dim, neck_dim) for _ in self.feature_indices)
         # Swin-style alternation: odd blocks shift by half a window along axes that hold more than one window.
         half = tuple(w // 2 if n > w else 0 for n, w in zip(self.grid, self.dims))
         self.shifts: list[Grid] = [half if i % 2 == 1 else (0, 0, 0) for i in range(num_blocks)]  # type: ignore
@@ -268,5 +304,8 @@ class VolumetricEncoder(nn.Module):
             x = run_block_unit(self._block, i, block, x)
             if i in self.feature_indices:
                 features.append(x.permute(0, 4, 1, 2, 3))
+        if self.necks is not None:
+            necked = [neck(f) for neck, f in zip(self.necks, features)]
+            return necked[-1], necked[:-1]
         neck = vit.neck(x.flatten(0, 1).permute(0, 3, 1, 2))  # slice-wise frozen 2D neck: (B * T, C', g, g)
         return neck.view(b, t, *neck.shape[1:]).transpose(1, 2), features

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from nnunet_sam.backbones.sam_vit import BACKBONES as KNOWN_BACKBONES
 from nnunet_sam.benchmarking.configs import BACKBONES, CPU_BACKBONES, METHODS, PRESETS
 from nnunet_sam.benchmarking.report import format_report, run_benchmark
 
@@ -18,7 +19,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "next to nnU-Net's default U-Net. FLOPs and memory are counted on meta/fake tensors (no GPU needed).",
     )
     parser.add_argument("--trainers", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), help="unregistered ones are skipped")
+    known = sorted(KNOWN_BACKBONES)
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=known, metavar="BACKBONE")
     parser.add_argument(
         "--planned-patch",
         nargs="+",
@@ -28,7 +30,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num-classes", type=int, default=14, help="classes including background (Synapse: 14)")
     parser.add_argument("--in-channels", type=int, default=1)
-    parser.add_argument("--cpu-backbones", nargs="*", default=list(CPU_BACKBONES), help="backbones timed on CPU")
+    parser.add_argument(
+        "--cpu-backbones", nargs="*", default=list(CPU_BACKBONES), choices=known, help="backbones timed on CPU"
+    )
     parser.add_argument(
         "--cpu-planned-patch",
         nargs="+",

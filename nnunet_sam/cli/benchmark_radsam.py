@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from nnunet_sam.evaluation.radsam import format_table, run_benchmark
+from nnunet_sam.evaluation.radsam import GRIDS, format_table, run_benchmark
 from nnunet_sam.inference.radsam import RadSAMModel
 
 
@@ -29,6 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated prompts and clicks")
     parser.add_argument("--max-cases", type=int, help="use only the first N cases")
+    parser.add_argument(
+        "--grid",
+        choices=GRIDS,
+        default="original",
+        help="where 3D Dice is computed: original (default, the paper's: the image grid) or preprocessed",
+    )
+    parser.add_argument(
+        "--stop-at-clicked-slices",
+        action="store_true",
+        help="volume-level edits stop propagating before a slice with earlier clicks (default: they pass it and "
+        "re-use its clicks, the paper's reading)",
+    )
     parser.add_argument("--json", help="also write the result (with per-case values) to this JSON file")
     parser.add_argument("-device", default="cpu", choices=["cuda", "cpu", "mps"], help="device (default cpu)")
     return parser
@@ -49,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sorted(set(args.slice_edits)),
         args.seed,
         args.max_cases,
+        args.grid,
+        not args.stop_at_clicked_slices,
     )
     print(format_table(result))
     if args.json:

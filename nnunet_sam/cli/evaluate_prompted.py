@@ -10,7 +10,7 @@ from pathlib import Path
 from nnunet_sam.cli import conventions
 from nnunet_sam.evaluation.folders import EvaluationError
 from nnunet_sam.evaluation.metrics import DEFAULT_NSD_TOLERANCE_MM
-from nnunet_sam.evaluation.prompted import NUM_POINTS, POSITIONS, run_prompted_evaluation
+from nnunet_sam.evaluation.prompted import NUM_POINTS, PAPER_POSITION, POSITIONS, run_prompted_evaluation
 
 COMMAND = "nnunet_sam_evaluate_prompted"
 
@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunet_sam_evaluate_prompted",
         description="3DSAM-adapter's point-prompt evaluation: simulate 1, 3 or 10 clicks per object from the "
-        "reference (centre: deepest voxel, then the core with depth >= 0.75 of the maximum; surrounding: depth "
+        "reference (uniform, the default: voxels of the object drawn uniformly, as 3DSAM-adapter's public test "
+        "script; centre: deepest voxel, then the core with depth >= 0.75 of the maximum; surrounding: depth "
         "between 0.25 and 0.75; margin: depth <= 0.25), predict with a SAM3DAdapterTrainer_prompted* model and "
         "report Dice, NSD and HD95 per class (evaluation.json, tables.md, table_*.csv; one row per setting).",
     )
@@ -28,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-ref", required=True, help="reference label folder, e.g. labelsTs")
     parser.add_argument("-o", required=True, help="output folder")
     parser.add_argument("--points", type=int, nargs="+", choices=NUM_POINTS, default=[1], help="clicks per object")
-    parser.add_argument("--position", nargs="+", choices=POSITIONS, default=["centre"], help="click positions")
+    parser.add_argument(
+        "--position", nargs="+", choices=POSITIONS, default=[PAPER_POSITION], help="click positions (default uniform)"
+    )
     parser.add_argument("-f", nargs="+", default=["0"], help="folds (or 'all'); default 0")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated clicks (default 0)")
     parser.add_argument("--nsd-tolerance", type=float, default=DEFAULT_NSD_TOLERANCE_MM, help="NSD tolerance in mm")

@@ -9,10 +9,18 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
 from nnunet_sam.cli import conventions
+from nnunet_sam.inference import dicom
 from nnunet_sam.inference.model_folder import ModelFolderError, check_model_folder
-from nnunet_sam.inference.predict import BadCaseError, write_checked
+from nnunet_sam.inference.predict import (
+    OUTPUT_TYPES,
+    BadCaseError,
+    read_dicom_case,
+    write_checked,
+    write_seg_checked,
+)
 from nnunet_sam.inference.radsam import (
     Geometry,
     PromptError,
@@ -33,8 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
         "boundary slices) with a trained RadSAM model, apply correction clicks, and write the 3D mask with the "
         "image's geometry. The prompt file format is described in nnunet_sam.inference.radsam.read_prompt_file."
     )
-    parser.add_argument("-i", nargs="+", required=True, help="image file(s), one per channel (CASE_0000.nii.gz ...)")
-    parser.add_argument("-o", required=True, help="output mask file (same format as the image)")
+    parser.add_argument(
+        "-i",
+        nargs="+",
+        required=True,
+        help="image file(s), one per channel (CASE_0000.nii.gz ...), or one DICOM series folder",
+    )
+    parser.add_argument(
+        "-o", required=True, help="output mask file (same format as the image; .nii.gz for a DICOM series)"
+    )
+    parser.add_argument(
+        "--output-type",
+        choices=OUTPUT_TYPES,
+        default="nifti",
+        help="dicom_seg: also write a DICOM Segmentation of the series (-i a DICOM folder) to -o with the ending "
+        ".dcm (needs the extra nnunet-sam[dicom])",
+    )
+    parser.add_argument("--seg-only", action="store_true", help="with --output-type dicom_seg: write only the SEG")
+    parser.add_argument("--series", metavar="UID", help="the SeriesInstanceUID to read if the folder holds several")
     parser.add_argument("-m", required=True, help="model folder (nnUNet_results/DATASET/TRAINER__PLANS__2d)")
     parser.add_argument("--prompt", required=True, help="prompt file (JSON)")
     parser.add_argument("--mask", help="3D mask file with the image's geometry, for 'kind': 'mask' prompts")
@@ -58,6 +82,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"the output -o {args.o} is an input of this run; it would be overwritten. Give a new file")
     if args.label == 0:
         parser.error("--label 0 is the background: the mask would be empty. Give the structure's label value")
+    from_dicom = len(args.i) == 1 and os.path.isdir(args.i[0])
+    seg_file = seg_path(args.o)
+    if args.seg_only and args.output_type != "dicom_seg":
+        parser.error("--seg-only goes with --output-type dicom_seg")
+    if args.output_type == "dicom_seg":
+        if not from_dicom:
+            parser.error(
+                "--output-type dicom_seg needs a DICOM series folder as -i: a DICOM SEG must reference the source "
+                "instances it segments, which a NIfTI image has not"
+            )
+        try:
+            dicom.require("--output-type dicom_seg")
+        except dicom.DicomError as error:
+            parser.error(str(error))
+        if os.path.realpath(seg_file).startswith(os.path.realpath(args.i[0]) + os.sep):
+            parser.error(f"the SEG {seg_file} would be written into the series folder {args.i[0]}; write it elsewhere")
     try:
         check_model_folder(args.m, [fold], args.chk)
         with open(os.path.join(args.m, "dataset.json"), encoding="utf-8") as f:
@@ -69,7 +109,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--label {args.label} is not a class of the model; its classes are {classes}")
     try:
         model = RadSAMModel(args.m, fold, args.chk, args.device)
-        image, properties = model.read(args.i)
+        series, writer = None, model.reader
+        if from_dicom:
+            names = model.dataset_json["channel_names"]
+            channels = [names[k] for k in sorted(names, key=int)]
+            case = os.path.basename(os.path.normpath(args.i[0]))
+            for_seg = args.output_type == "dicom_seg"
+            series, image, properties = read_dicom_case(case, args.i[0], channels, False, args.series, for_seg)
+            writer = SimpleITKIO()
+        else:
+            image, properties = model.read(args.i)
 
         def label_map(path: str, value: int | None) -> np.ndarray:
             seg = model.reader.read_seg(path)[0]  # (1, Z, Y, X)
@@ -97,13 +146,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             segmentation = segment_from_prompt(slices, prompts.prompt, boundaries)
         segmentation = edit(slices, segmentation, prompts.corrections)
         result = model.to_original(segmentation.mask, properties) * np.uint8(args.label)
-        write_checked(os.path.basename(args.o), result, model.reader, args.o, properties)
+        if series is not None and args.output_type == "dicom_seg":
+            name = next(k for k, v in labels.items() if v == args.label)
+            algorithm = dicom.Algorithm.of_model_folder(args.m, [fold])
+            write_seg_checked(os.path.basename(args.o), series, result, {args.label: name}, seg_file, algorithm)
+        if not args.seg_only:
+            try:
+                write_checked(os.path.basename(args.o), result, writer, args.o, properties)
+            except BadCaseError:
+                if series is not None and args.output_type == "dicom_seg":
+                    os.unlink(seg_file)  # both outputs or neither
+                raise
     except ModelFolderError as error:  # another method's model
         parser.error(str(error))
     except (PromptError, BadCaseError) as error:
         return conventions.error(COMMAND, error)
-    print(f"wrote {args.o}: {int(segmentation.mask.sum())} voxels in the model grid, slices {segmentation.boundaries}")
+    written = ([seg_file] if args.output_type == "dicom_seg" else []) + ([] if args.seg_only else [args.o])
+    voxels = int(segmentation.mask.sum())
+    print(f"wrote {' and '.join(written)}: {voxels} voxels in the model grid, slices {segmentation.boundaries}")
     return 0
+
+
+def seg_path(output: str) -> str:
+    """Where ``--output-type dicom_seg`` writes the SEG: ``-o`` itself if it ends with .dcm, else ``-o`` with its
+    image ending replaced by .dcm (``liver.nii.gz`` -> ``liver.dcm``)."""
+    if output.lower().endswith(dicom.SEG_ENDING):
+        return output
+    for ending in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gipl", ".tif", ".tiff", ".png"):
+        if output.endswith(ending):
+            return output[: -len(ending)] + dicom.SEG_ENDING
+    return output + dicom.SEG_ENDING
 
 
 if __name__ == "__main__":

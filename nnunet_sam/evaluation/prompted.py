@@ -13,12 +13,15 @@ largest value in the object:
 * ``centre``: the first click is the deepest voxel (largest ``depth``, the first in array order on ties); further
   clicks are drawn from the core, the voxels with ``depth >= 0.75 * top``;
 * ``surrounding``: clicks drawn from the voxels around the core, ``0.25 * top < depth < 0.75 * top``;
-* ``margin``: clicks drawn from the border layer, ``depth <= 0.25 * top`` (for thin objects this is the surface).
+* ``margin``: clicks drawn from the border layer, ``depth <= 0.25 * top`` (for thin objects this is the surface);
+* ``uniform`` (the default, the paper protocol): every click a voxel of the object drawn uniformly with replacement,
+  as 3DSAM-adapter's public test script draws its clicks (there from numpy's unseeded global generator, here seeded).
 
-Draws are uniform without replacement (with replacement when the region has fewer voxels than clicks) from a
-generator seeded with ``--seed`` and the case id, so every run clicks the same voxels; an empty region (an object
-only one or two voxels thick has no ring) falls back to the whole object. A case without any foreground gets one
-background click (label 0) at its central voxel, so it is still predicted (and a predicted foreground scores 0).
+Draws of the other positions are uniform without replacement (with replacement when the region has fewer voxels
+than clicks). Every draw comes from a generator seeded with ``--seed`` and the case id, so every run clicks the
+same voxels; an empty region (an object only one or two voxels thick has no ring) falls back to the whole object.
+A case without any foreground gets one background click (label 0) at its central voxel, so it is still predicted
+(and a predicted foreground scores 0).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from nnunet_sam.evaluation.metrics import DEFAULT_NSD_TOLERANCE_MM
 
 COMMAND = "nnunet_sam_evaluate_prompted"
 
-POSITIONS = ("centre", "surrounding", "margin")
+POSITIONS = ("uniform", "centre", "surrounding", "margin")
+PAPER_POSITION = "uniform"  # 3DSAM-adapter's public test script
 NUM_POINTS = (1, 3, 10)
 
 
@@ -46,7 +50,9 @@ def click_region(mask: np.ndarray, spacing: Sequence[float], position: str) -> t
     depth = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing)[(slice(1, -1),) * mask.ndim]
     top = depth.max()
     deepest = np.asarray(np.unravel_index(np.argmax(depth), mask.shape))
-    if position == "centre":
+    if position == "uniform":
+        region = mask.copy()
+    elif position == "centre":
         region = depth >= 0.75 * top
     elif position == "surrounding":
         region = (depth > 0.25 * top) & (depth < 0.75 * top)
@@ -75,7 +81,8 @@ def simulate_clicks(
             picks.append(deepest)
         rest = num_points - len(picks)
         if rest:
-            rows = rng.choice(len(region), size=rest, replace=len(region) < rest)
+            replace = position == "uniform" or len(region) < rest
+            rows = rng.choice(len(region), size=rest, replace=replace)
             picks.extend(region[rows])
         clicks.extend({"position": [int(v) for v in p], "label": label} for p in picks)
     if not clicks:
@@ -118,7 +125,7 @@ def run_prompted_evaluation(
     reference_folder: str | Path,
     output_folder: str | Path,
     num_points: Sequence[int] = (1,),
-    positions: Sequence[str] = ("centre",),
+    positions: Sequence[str] = (PAPER_POSITION,),
     folds: Sequence[int | str] = (0,),
     seed: int = 0,
     tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,

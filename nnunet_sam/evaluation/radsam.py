@@ -6,21 +6,25 @@ For every case and every foreground class present in its reference (one structur
   contain it as boundaries; the mask is propagated slice by slice
   (:func:`nnunet_sam.inference.radsam.segment_from_prompt`).
   Each edit is one click drawn uniformly from the 3D error region (positive in a missed voxel, negative in a false
-  one) and re-propagated (:func:`nnunet_sam.inference.radsam.edit`);
+  one) and re-propagated (:func:`nnunet_sam.inference.radsam.edit`), by default through slices that hold earlier
+  clicks, re-using their clicks (``through_clicks``, the paper's reading; ``--stop-at-clicked-slices``: propagation
+  stops before a clicked slice);
 * **slice level**: one prompt on every slice that contains the structure, each slice segmented on its own; each
   edit round adds one click per slice, drawn from that slice's error region, with the slice's current mask as the
   mask prompt.
 
 Prompts: "point" = a pixel drawn uniformly among those more than 2 px inside the reference slice, "box" = the
-reference slice's tight bounding box. The 3D Dice (:func:`nnunet_sam.evaluation.metrics.dice`) is computed in the
-model's grid (nnU-Net's preprocessed volume, where the reference is resampled with nnU-Net's own label
-resampling). Everything is seeded (``--seed``): the same model and cases give the same table.
+reference slice's tight bounding box. Prompts, clicks and propagation work in the model's grid (nnU-Net's
+preprocessed volume); the 3D Dice (:func:`nnunet_sam.evaluation.metrics.dice`) is computed in the original image
+grid against the reference as read (the mask mapped back as prediction exports it), or with ``grid="preprocessed"``
+in the model's grid against nnU-Net's resampled reference. Everything is seeded (``--seed``): the same model and
+cases give the same table.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -62,8 +66,12 @@ def volume_level(
     edits: Sequence[int],
     rng: np.random.Generator,
     generator: torch.Generator,
+    score: Callable[[np.ndarray], float] | None = None,
+    through_clicks: bool = True,
 ) -> dict[int, float]:
-    """3D Dice after each number of edits in ``edits`` for one structure (Z, Y, X) bool."""
+    """3D Dice after each number of edits in ``edits`` for one structure (Z, Y, X) bool (model grid). ``score``:
+    the Dice of a mask in the model's grid (default: against ``reference``)."""
+    score = score or (lambda mask: dice(mask, reference))
     areas = reference.reshape(reference.shape[0], -1).sum(1)
     present = np.flatnonzero(areas)
     seed = int(np.argmax(areas))
@@ -72,13 +80,13 @@ def volume_level(
     result = {}
     for n in range(max(edits) + 1):
         if n in edits:
-            result[n] = dice(segmentation.mask, reference)
+            result[n] = score(segmentation.mask)
         click = _error_click(segmentation.mask, reference, rng)
         if n == max(edits) or click is None:
-            result.update({m: dice(segmentation.mask, reference) for m in edits if m > n})
+            result.update({m: score(segmentation.mask) for m in edits if m > n})
             break
         (z, y, x), positive = click
-        segmentation = edit(model, segmentation, [Correction(z, y, x, positive)])
+        segmentation = edit(model, segmentation, [Correction(z, y, x, positive)], through_clicks=through_clicks)
     return result
 
 
@@ -89,8 +97,11 @@ def slice_level(
     edits: Sequence[int],
     rng: np.random.Generator,
     generator: torch.Generator,
+    score: Callable[[np.ndarray], float] | None = None,
 ) -> dict[int, float]:
-    """3D Dice after each number of edits per slice in ``edits``: every slice with the structure prompted alone."""
+    """3D Dice after each number of edits per slice in ``edits``: every slice with the structure prompted alone.
+    ``score`` as for :func:`volume_level`."""
+    score = score or (lambda mask: dice(mask, reference))
     masks = {n: np.zeros_like(reference) for n in edits}
     for z in np.flatnonzero(reference.reshape(reference.shape[0], -1).any(1)):
         z = int(z)
@@ -110,7 +121,16 @@ def slice_level(
             (y, x), positive = click
             clicks.append((y, x, positive))
             current = model.predict(z, clicks, box=box, mask=current)
-    return {n: dice(masks[n], reference) for n in edits}
+    return {n: score(masks[n]) for n in edits}
+
+
+GRIDS = ("original", "preprocessed")
+
+
+def original_grid_score(model: RadSAMModel, properties: dict, reference: np.ndarray) -> Callable[[np.ndarray], float]:
+    """Dice of a mask in the model's grid against ``reference`` (Z, Y, X) bool in the original image grid: the mask
+    is mapped back as a prediction is exported (``RadSAMModel.to_original``)."""
+    return lambda mask: dice(model.to_original(mask, properties).astype(bool), reference)
 
 
 def run_benchmark(
@@ -122,12 +142,19 @@ def run_benchmark(
     slice_edits: Sequence[int] = (0, 2),
     seed: int = 0,
     max_cases: int | None = None,
+    grid: str = "original",
+    through_clicks: bool = True,
 ) -> dict:
     """Dice per setting and class over the cases of ``images`` (nnU-Net naming) with references in ``labels``.
+
+    ``grid``: where the 3D Dice is computed ("original": the image grid, the paper's protocol; "preprocessed":
+    the model's grid). ``through_clicks``: volume-level edits propagate through clicked slices (the paper's reading).
 
     Returns {"settings": [...], "classes": {name: {setting: mean Dice}}, "mean": {setting: mean over classes},
     "per_case": [...]}. A setting is "volume <kind> +<n> edits" or "slice <kind> +<n>/slice".
     """
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
     ending = model.dataset_json["file_ending"]
     cases, _ = cases_in_folder(images, ending)
     names = sorted(cases)[:max_cases]
@@ -140,20 +167,21 @@ def run_benchmark(
         if not os.path.isfile(label_file):
             raise ValueError(f"no reference {label_file} for case {case}")
         image, properties = model.read(cases[case])
-        seg = model.reader.read_seg(label_file)[0]
-        data, seg, _ = model.preprocess(image, properties, seg.astype(np.int16))
+        original = model.reader.read_seg(label_file)[0]
+        data, seg, properties = model.preprocess(image, properties, original.astype(np.int16))
         slices = SliceModel(model.network, data, model.device)
         for label, name in sorted(label_names.items()):
             reference = seg[0] == label
             if not reference.any():
                 continue
+            score = original_grid_score(model, properties, original[0] == label) if grid == "original" else None
             for kind in kinds:
                 rng = np.random.default_rng([seed, index, label])
                 generator = torch.Generator().manual_seed(seed * 100003 + index * 101 + label)
-                scores = volume_level(slices, reference, kind, volume_edits, rng, generator)
+                scores = volume_level(slices, reference, kind, volume_edits, rng, generator, score, through_clicks)
                 for n, value in scores.items():
                     per_case.append((case, name, f"volume {kind} +{n} edits", value))
-                scores = slice_level(slices, reference, kind, slice_edits, rng, generator)
+                scores = slice_level(slices, reference, kind, slice_edits, rng, generator, score)
                 for n, value in scores.items():
                     per_case.append((case, name, f"slice {kind} +{n}/slice", value))
         print(f"done {case}", flush=True)

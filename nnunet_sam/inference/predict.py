@@ -26,11 +26,13 @@ import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import save_pickle
 from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
 from nnunet_sam.file_checks import DamagedFileError, load_nifti
+from nnunet_sam.inference import dicom
 from nnunet_sam.inference.model_folder import check_model_folder
 from nnunet_sam.training.fault_tolerance import (
     DISK_FULL_ERRNOS,
@@ -50,6 +52,8 @@ NON_FINITE_ADVICE = (
 MAX_RESAMPLED_VOXELS = 2**32
 # image formats nnU-Net's readers take: a file in another one than the model's is reported, not silently skipped
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gipl", ".tif", ".tiff", ".png", ".bmp")
+# --output-type: the model's image format (as nnUNetv2_predict), or also a DICOM Segmentation (DICOM input only)
+OUTPUT_TYPES = ("nifti", "dicom_seg")
 
 
 class BadCaseError(ValueError):
@@ -179,6 +183,25 @@ def cases_in_folder(folder: str, file_ending: str) -> tuple[dict[str, list[str]]
     return cases, misnamed
 
 
+def is_dicom_case(files: Sequence[str]) -> bool:
+    """Whether a case's "files" are one DICOM series folder (see :func:`input_cases`)."""
+    return len(files) == 1 and os.path.isdir(files[0])
+
+
+def input_cases(
+    folder: str, file_ending: str, output_folder: str | None = None
+) -> tuple[dict[str, list[str]], list[str]]:
+    """:func:`cases_in_folder`, plus each DICOM series folder (``-i`` itself or its sub-folders, see
+    :func:`nnunet_sam.inference.dicom.dicom_cases`) as a case whose only "file" is the folder; an ``output_folder``
+    inside ``folder`` is no case (it holds the SEGs of an earlier run)."""
+    cases, misnamed = cases_in_folder(folder, file_ending)
+    skip = os.path.realpath(output_folder) if output_folder else None
+    for case, series_folder in dicom.dicom_cases(folder).items():
+        if os.path.realpath(series_folder) != skip:
+            cases.setdefault(case, [series_folder])
+    return cases, misnamed
+
+
 def other_format_files(folder: str, file_ending: str) -> list[str]:
     """Image files in ``folder`` in another format than the model's (e.g. ``a_0000.nii`` for a ``.nii.gz`` model):
     nnU-Net skips them without a word."""
@@ -227,21 +250,51 @@ def check_run(
     folds: Sequence[int | str],
     checkpoint: str,
     save_probabilities: bool,
+    output_type: str = "nifti",
 ) -> None:
     """Everything that makes a prediction run impossible or harmful, checked before the model is loaded (raises
     :class:`UnusableArgumentsError`, or :class:`ModelFolderError` for the model folder): :func:`check_folders`,
-    :func:`~nnunet_sam.inference.model_folder.check_model_folder` and :func:`output_collisions` (an ``-o`` that
-    would overwrite input files of the run)."""
+    :func:`~nnunet_sam.inference.model_folder.check_model_folder`, an input folder without any case,
+    :func:`output_collisions` (an ``-o`` that would overwrite input files of the run, or lie inside a DICOM series
+    folder) and what DICOM needs (pydicom for DICOM input; for ``output_type`` ``dicom_seg`` highdicom and only
+    DICOM cases, since a SEG of a NIfTI image would have no source instances to reference)."""
     check_folders(input_folder, output_folder)
     check_model_folder(model_folder, folds, checkpoint)
     with open(os.path.join(model_folder, "dataset.json"), encoding="utf-8") as f:
         ending = json.load(f)["file_ending"]
-    cases, _ = cases_in_folder(input_folder, ending)
+    cases, misnamed = input_cases(input_folder, ending, output_folder)
+    if not cases and not misnamed and not other_format_files(input_folder, ending):
+        raise UnusableArgumentsError(
+            f"the input folder -i {input_folder} holds no case: expected image files CASE_0000{ending} (one per "
+            "channel) or DICOM series (a folder of slices, or one sub-folder per case)"
+        )
     collisions = output_collisions(cases, output_folder, ending, save_probabilities)
     if collisions:
         raise UnusableArgumentsError(
             f"the output folder -o {output_folder} would overwrite input file(s) of this run: "
             f"{', '.join(collisions)}. Give an output folder outside the input folder"
+        )
+    series_folders = [files[0] for files in cases.values() if is_dicom_case(files)]
+    output = os.path.realpath(output_folder)
+    for folder in series_folders:
+        if output == os.path.realpath(folder) or output.startswith(os.path.realpath(folder) + os.sep):
+            raise UnusableArgumentsError(
+                f"the output folder -o {output_folder} lies in the DICOM series folder {folder}: its outputs would "
+                "become part of the series. Give an output folder outside it"
+            )
+    try:
+        if series_folders:
+            dicom.require(f"the DICOM series in -i {input_folder}", "pydicom")
+        if output_type == "dicom_seg":
+            dicom.require("--output-type dicom_seg")
+    except dicom.DicomError as error:
+        raise UnusableArgumentsError(str(error)) from None
+    not_dicom = sorted(case for case, files in cases.items() if not is_dicom_case(files))
+    if output_type == "dicom_seg" and not_dicom:
+        raise UnusableArgumentsError(
+            f"--output-type dicom_seg needs DICOM input, but case(s) {', '.join(not_dicom[:5])}"
+            f"{' ...' if len(not_dicom) > 5 else ''} are {ending} files: a DICOM SEG must reference the source "
+            "instances it segments. Predict them with --output-type nifti"
         )
 
 
@@ -258,13 +311,76 @@ def cases_of_part(cases: dict[str, list[str]], num_parts: int, part_id: int) -> 
 
 
 def read_and_check(
-    case: str, files: Sequence[str], reader, channel_names: Sequence[str], model_is_3d: bool
+    case: str,
+    files: Sequence[str],
+    reader,
+    channel_names: Sequence[str],
+    model_is_3d: bool,
+    series_uid: str | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """Read a case with nnU-Net's reader after :func:`check_nifti_file`, then :func:`check_case` it."""
+    """Read a case with nnU-Net's reader after :func:`check_nifti_file`, then :func:`check_case` it; a DICOM
+    series folder (``files`` = [folder]) is read by :func:`read_dicom_case` instead."""
+    if is_dicom_case(files):
+        return read_dicom_case(case, files[0], channel_names, model_is_3d, series_uid)[1:]
     check_nifti_file(case, files)
     image, properties = reader.read_images(files)
     check_case(case, image, properties, channel_names, model_is_3d)
     return image, properties
+
+
+def read_dicom_case(
+    case: str,
+    folder: str,
+    channel_names: Sequence[str],
+    model_is_3d: bool,
+    series_uid: str | None = None,
+    for_seg: bool = False,
+):
+    """A DICOM series folder -> (series, image (1, Z, Y, X), properties as nnU-Net's SimpleITK reader gives for
+    the series' NIfTI conversion), checked (:func:`nnunet_sam.inference.dicom.read_series`, :func:`check_case`;
+    with ``for_seg`` also that a SEG can reference every instance); :class:`BadCaseError` names the problem."""
+    if len(channel_names) != 1:
+        raise BadCaseError(
+            f"{case}: a DICOM series is one image channel, but the model expects {len(channel_names)} "
+            f"({', '.join(channel_names)}); convert the series to files CASE_0000, CASE_0001, ..."
+        )
+    try:
+        series = dicom.read_series(folder, series_uid)
+        if for_seg:
+            dicom.check_referencable(series)
+        image, properties = series.image()
+    except dicom.DicomError as error:
+        raise BadCaseError(f"{case}: {error}") from None
+    check_case(case, image, properties, channel_names, model_is_3d)
+    return series, image, properties
+
+
+def dicom_output_ending(file_ending: str) -> str:
+    """The ending of the NIfTI-like output of a DICOM case: the model's if SimpleITK writes it, else .nii.gz."""
+    return file_ending if file_ending in (".nii.gz", ".nii", ".nrrd", ".mha") else ".nii.gz"
+
+
+def write_seg_checked(
+    case: str, series, segmentation: np.ndarray, labels: dict[int, str], output_file: str, algorithm
+) -> None:
+    """:func:`nnunet_sam.inference.dicom.write_segmentation` with its failures as :class:`BadCaseError` (complete
+    or nothing)."""
+    try:
+        dicom.write_segmentation(series, segmentation, labels, output_file, algorithm)
+    except dicom.DicomError as error:
+        raise BadCaseError(f"{case}: {error}; no SEG was written") from None
+    except OSError as error:
+        raise BadCaseError(f"{case}: the SEG could not be written to {output_file} ({_describe(error)})") from None
+
+
+def output_labels(dataset_json: dict) -> dict[int, str]:
+    """Label value in the exported segmentation -> name, from a model's ``dataset.json`` (region-based models:
+    the ``regions_class_order`` values, named by their regions)."""
+    labels = {name: value for name, value in dataset_json["labels"].items() if name != "background"}
+    if all(isinstance(v, int) for v in labels.values()):
+        return {int(v): name for name, v in labels.items() if v != 0}
+    order = dataset_json.get("regions_class_order", [])
+    return {int(value): name for value, name in zip(order, labels)}
 
 
 def write_checked(
@@ -358,13 +474,21 @@ def predict_cases(
     save_probabilities: bool = False,
     overwrite: bool = True,
     prepare: Callable[[str, np.ndarray, dict, np.ndarray], None] | None = None,
+    output_type: str = "nifti",
+    seg_only: bool = False,
+    series_uid: str | None = None,
+    algorithm: dicom.Algorithm | None = None,
 ) -> dict[str, str]:
-    """Check and predict every case (name -> its channel files) into ``output_folder``; return name -> error.
+    """Check and predict every case (name -> its channel files, or [DICOM series folder]) into ``output_folder``;
+    return name -> error.
 
     A case that fails (a :class:`BadCaseError` or any other exception) is reported and skipped; the others are
     predicted. ``prepare(case, image, properties, data)``, if given, runs after nnU-Net's preprocessing and before
     the network, with the image as read (C, Z, Y, X), the properties preprocessing returned (crop box, shapes) and
     the preprocessed array; it may raise :class:`BadCaseError` (how the prompted command sets each case's points).
+    A DICOM case is written as ``CASE`` + the model's ending (:func:`dicom_output_ending`); with ``output_type``
+    ``dicom_seg`` also (``seg_only``: only) as the DICOM Segmentation ``CASE.dcm`` made by ``algorithm``
+    (``series_uid`` picks the series in folders holding several).
     """
     plans, configuration = predictor.plans_manager, predictor.configuration_manager
     dataset_json = predictor.dataset_json
@@ -377,14 +501,28 @@ def predict_cases(
         print(f"removed {path.name}, a partial file left by a killed run", file=sys.stderr)
     for name, content in (("dataset.json", dataset_json), ("plans.json", plans.plans)):
         write_text_file(os.path.join(output_folder, name), json.dumps(content, indent=4))
+    want_seg = output_type == "dicom_seg"
+    algorithm = algorithm or dicom.Algorithm(getattr(predictor, "trainer_name", None) or "")
     failures: dict[str, str] = {}
     for case, files in sorted(cases.items()):
         output = os.path.join(output_folder, case)
-        if not overwrite and os.path.isfile(output + dataset_json["file_ending"]):
+        from_dicom = is_dicom_case(files)
+        ending = dicom_output_ending(dataset_json["file_ending"]) if from_dicom else dataset_json["file_ending"]
+        expected = ([output + dicom.SEG_ENDING] if want_seg else []) + ([] if seg_only else [output + ending])
+        if not overwrite and all(os.path.isfile(f) for f in expected):
             continue
         try:
-            check_channel_numbers(case, files, dataset_json["file_ending"], channel_names)
-            image, properties = read_and_check(case, files, reader, channel_names, model_is_3d)
+            series, writer = None, reader
+            if from_dicom:
+                series, image, properties = read_dicom_case(
+                    case, files[0], channel_names, model_is_3d, series_uid, for_seg=want_seg
+                )
+                writer = SimpleITKIO()
+            elif want_seg:
+                raise BadCaseError(f"{case}: a DICOM SEG needs a DICOM series as input (source instances to reference)")
+            else:
+                check_channel_numbers(case, files, dataset_json["file_ending"], channel_names)
+                image, properties = read_and_check(case, files, reader, channel_names, model_is_3d)
             check_resampled_size(case, image, properties, configuration.spacing)
             data, properties = preprocess_case(predictor, case, image, properties, preprocessor)
             if prepare is not None:
@@ -393,7 +531,16 @@ def predict_cases(
             segmentation = result[0] if save_probabilities else result
             if save_probabilities:  # numpy and pickle raise on a full disk, unlike ITK's NIfTI writer
                 save_probabilities_checked(case, output, result[1], properties)
-            write_checked(case, segmentation, reader, output + dataset_json["file_ending"], properties)
+            if want_seg:
+                labels = output_labels(dataset_json)
+                write_seg_checked(case, series, segmentation, labels, output + dicom.SEG_ENDING, algorithm)
+            if not seg_only:
+                try:
+                    write_checked(case, segmentation, writer, output + ending, properties)
+                except BadCaseError:
+                    if want_seg:  # the case's outputs come together or not at all
+                        os.unlink(output + dicom.SEG_ENDING)
+                    raise
         except Exception as error:  # one bad case must not stop the others
             message = str(error) if isinstance(error, BadCaseError) else f"{case}: {type(error).__name__}: {error}"
             failures[case] = message

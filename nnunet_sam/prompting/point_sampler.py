@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling import TwoWayTransformer
 from torch import nn
 
 
@@ -70,6 +71,59 @@ class PointPromptEncoder(nn.Module):
         tokens = self.norm2(tokens + self.mlp(tokens))
         update = self.image_to_token(image, tokens, tokens, key_padding_mask=padding, need_weights=False)[0]
         image = self.norm3(image + update)
+        return image.transpose(1, 2).reshape(embedding.shape)
+
+
+class TwoWayPointPromptEncoder(nn.Module):
+    """Point prompts through SAM's two-way transformer (3DSAM-adapter's prompt encoder): image embedding (B, C, T,
+    g, g) + points -> prompt-conditioned embedding of the same shape.
+
+    Tokens as in :class:`PointPromptEncoder` (global queries + sampled feature + label embedding per point; a
+    padding point is a learned "not a point" token). Image positions: random Fourier features of the normalised
+    (z, y, x) token centres (a fixed Gaussian matrix, saved with the model). The transformer's updated image
+    tokens are the new embedding.
+    """
+
+    def __init__(
+        self, dim: int, num_classes: int, num_queries: int = 8, num_heads: int = 8, depth: int = 2, mlp_dim: int = 2048
+    ) -> None:
+        super().__init__()
+        self.label_embed = nn.Embedding(num_classes, dim)
+        self.not_a_point = nn.Parameter(torch.zeros(dim))
+        self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
+        self.register_buffer("fourier_matrix", torch.randn(3, dim // 2))
+        self.transformer = TwoWayTransformer(depth=depth, embedding_dim=dim, num_heads=num_heads, mlp_dim=mlp_dim)
+        # Its last token-to-image attention only updates the tokens, which nothing reads here: frozen, not trained.
+        self.transformer.final_attn_token_to_image.requires_grad_(False)
+        self.transformer.norm_final_attn.requires_grad_(False)
+
+    def positional_encoding(self, grid: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        """(1, C, T, g, g) random Fourier features of the token centres in [-1, 1]^3."""
+        axes = [(torch.arange(n, device=like.device, dtype=torch.float32) + 0.5) / n * 2 - 1 for n in grid]
+        coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (T, g, g, 3)
+        projected = 2 * torch.pi * coords @ self.fourier_matrix.float()
+        pe = torch.cat([projected.sin(), projected.cos()], dim=-1)
+        return pe.permute(3, 0, 1, 2)[None].to(like.dtype)
+
+    def forward(
+        self,
+        embedding: torch.Tensor,
+        points: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        volume_shape: Sequence[int],
+    ) -> torch.Tensor:
+        b, c = embedding.shape[:2]
+        tokens = self.queries[None].expand(b, -1, -1).to(embedding.dtype)
+        if points is not None and points.shape[1] > 0:
+            assert labels is not None and labels.shape == points.shape[:2], "labels (B, K) must come with points"
+            sampled = sample_points(embedding, points, volume_shape)
+            clicks = sampled + self.label_embed(labels.clamp(min=0)).to(sampled.dtype)
+            padding = (labels < 0)[..., None]
+            clicks = torch.where(padding, self.not_a_point.to(clicks.dtype).expand_as(clicks), clicks)
+            tokens = torch.cat([tokens, clicks], 1)
+        pe = self.positional_encoding(embedding.shape[2:], embedding).expand(b, -1, -1, -1, -1)
+        # SAM's transformer flattens (B, C, H, W); a (B, C, T, g * g) view gives the same token order.
+        _, image = self.transformer(embedding.flatten(3), pe.flatten(3), tokens)
         return image.transpose(1, 2).reshape(embedding.shape)
 
 

@@ -249,6 +249,8 @@ class SimulatedInteraction:
     :meth:`initial`: per row a prompt kind drawn uniformly from ``kinds`` (point inside the mask, perturbed box or
     noisy mask). :meth:`correct`: after a prediction, one correction click per row is added to the row's points
     and the binarised prediction becomes its mask prompt. ``rounds`` correction rounds follow the initial prompt.
+    ``mask_prompts=False`` (the paper's Table 9 ablation): no noisy-mask initial prompt and no mask prompt in the
+    correction rounds (clicks only).
     """
 
     def __init__(
@@ -257,13 +259,17 @@ class SimulatedInteraction:
         rounds: int,
         generator: torch.Generator | None = None,
         kinds: tuple[str, ...] = PROMPT_KINDS,
+        mask_prompts: bool = True,
     ) -> None:
         assert reference.dim() == 3 and reference.dtype == torch.bool, "reference must be (R, H, W) bool"
+        if not mask_prompts:
+            kinds = tuple(k for k in kinds if k != "mask")
         assert set(kinds) <= set(PROMPT_KINDS) and kinds, f"unknown prompt kinds {kinds}"
         self.reference = reference
         self.rounds = rounds
         self.generator = generator
         self.kinds = kinds
+        self.mask_prompts = mask_prompts
         self._prompts: Prompts | None = None
 
     def initial(self) -> Prompts:
@@ -288,5 +294,7 @@ class SimulatedInteraction:
         assert self._prompts is not None, "call initial() first"
         prediction = logits.detach() > 0
         points, labels = correction_points(prediction, self.reference, self.generator)
-        self._prompts = self._prompts.with_points(points, labels).with_masks(prediction)
+        self._prompts = self._prompts.with_points(points, labels)
+        if self.mask_prompts:
+            self._prompts = self._prompts.with_masks(prediction)
         return self._prompts

@@ -2,9 +2,11 @@
 ``nninteractive-client`` package), answered by a :class:`~nnunet_sam.serving.editors.ServedModel`.
 
 Answers: 400 for an input the model cannot use (the message says why; the session is unchanged), 401 for a missing
-or wrong API key, 410 for a missing, unknown or expired lease, 413 for an upload over the size limit, 503 when all
-sessions are taken. Interactions answer the changed region: the ``X-Meta`` header holds ``{"ran_prediction",
-"bbox"}`` and the body the packed target-buffer values inside ``bbox``.
+or wrong API key (``Authorization: Bearer KEY``; ``/healthz`` answers without one), 410 for a missing, unknown or
+expired lease, 413 for an upload over the size limit (counted while the body streams in, with or without a
+``Content-Length``), 503 with ``Retry-After`` when all sessions are taken. Interactions answer the changed region:
+the ``X-Meta`` header holds ``{"ran_prediction", "bbox"}`` and the body the packed target-buffer values inside
+``bbox``. An interaction sent with ``run_prediction: false`` is queued; ``/predict`` runs the queue as one step.
 
 Every network call runs under one lock (one model in memory, its work serialised); sessions are otherwise
 independent and guarded by their own lock.
@@ -31,6 +33,60 @@ from nnunet_sam.serving import inputs
 from nnunet_sam.serving.editors import INTERACTIONS, ServedModel
 from nnunet_sam.serving.sessions import AtCapacity, LeaseError, Registry, Session
 
+RETRY_AFTER_SECONDS = 10  # what a client at capacity is told to wait before claiming again
+
+
+class UploadTooLarge(HTTPException):
+    """A request body over the limit (HTTP 413), raised while it streams in."""
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a request body over ``max_bytes`` from its declared ``Content-Length``, or, without
+    one (chunked transfer), as soon as the bytes received pass the limit; nothing beyond the limit is buffered."""
+
+    def __init__(self, app, max_bytes: int, max_upload_mb: float) -> None:
+        self.app, self.max_bytes, self.max_upload_mb = app, max_bytes, max_upload_mb
+
+    def _error(self, size: str) -> UploadTooLarge:
+        return UploadTooLarge(
+            413,
+            detail=f"the upload of {size} bytes exceeds the server's limit of {self.max_upload_mb:g} MB "
+            "(nnunet_sam_serve --max-upload-mb)",
+        )
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await _json(413, {"detail": self._error(length.decode()).detail})(scope, receive, send)
+            return
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._error(f"more than {self.max_bytes}")
+            return message
+
+        started = False
+
+        async def tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, tracked)
+        except UploadTooLarge as error:  # raised where no exception handler saw it
+            if started:
+                raise
+            await _json(413, {"detail": error.detail})(scope, receive, send)
+
 
 def _declared_bytes(body: bytes) -> int:
     """Uncompressed size an NNIA-packed array declares in its header (checked before anything is unpacked)."""
@@ -38,7 +94,7 @@ def _declared_bytes(body: bytes) -> int:
         _, _, _, ndim, name_len = struct.unpack_from("<4sBBBB", body, 0)
         dtype = np.dtype(body[8 : 8 + name_len].decode("ascii"))
         shape = struct.unpack_from(f"<{ndim}q", body, 8 + name_len)
-    except (struct.error, TypeError, ValueError, UnicodeDecodeError) as error:
+    except (struct.error, TypeError, ValueError, UnicodeDecodeError, OverflowError) as error:
         raise inputs.InteractionError(
             f"the body is not a packed array (nninteractive-client format): {error}"
         ) from None
@@ -56,9 +112,10 @@ def make_app(
     max_upload_mb: float = 2048.0,
     sweep_interval: float = 5.0,
     undo_depth: int = 20,
+    undo_mb: float = 64.0,
 ) -> FastAPI:
     """The FastAPI app serving ``model``; see the module docstring for the answers."""
-    registry = Registry(max_sessions, idle_timeout, liveness_timeout, undo_depth)
+    registry = Registry(max_sessions, idle_timeout, liveness_timeout, undo_depth, int(undo_mb * 2**20))
     model_lock = threading.Lock()
     max_bytes = int(max_upload_mb * 2**20)
 
@@ -87,25 +144,18 @@ def make_app(
     async def lease_gone(_request: Request, error: LeaseError):
         return _json(410, {"detail": str(error)})
 
-    @app.middleware("http")
-    async def size_limit(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            return _json(
-                413,
-                {
-                    "detail": f"the upload of {int(length)} bytes exceeds the server's limit of {max_upload_mb:g} MB "
-                    "(nnunet_sam_serve --max-upload-mb)"
-                },
-            )
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=max_bytes, max_upload_mb=max_upload_mb)
 
     def require_key(authorization: str | None = Header(default=None)) -> None:
         if api_key is None:
             return
-        given = (authorization or "").removeprefix("Bearer ")
-        if not authorization or not secrets.compare_digest(given.encode(), api_key.encode()):
-            raise HTTPException(401, detail="missing or wrong API key (send 'Authorization: Bearer KEY')")
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
+            raise HTTPException(
+                401,
+                detail="missing or wrong API key (send 'Authorization: Bearer KEY')",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def session(active: bool):
         def lookup(token: str | None = Header(default=None, alias=wire.LEASE_HEADER)) -> Session:
@@ -130,14 +180,14 @@ def make_app(
             meta = json.loads(raw) if raw else {}
         except json.JSONDecodeError as error:
             raise inputs.InteractionError(f"bad {wire.META_HEADER} header: {error}") from None
+        except RecursionError:
+            raise inputs.InteractionError(f"the {wire.META_HEADER} header is nested too deeply") from None
         if not isinstance(meta, dict):
             raise inputs.InteractionError(f"the {wire.META_HEADER} header must hold a JSON object")
         return meta
 
     async def array_of(request: Request) -> np.ndarray:
-        body = await request.body()
-        if len(body) > max_bytes:
-            raise HTTPException(413, detail=f"the upload exceeds the server's limit of {max_upload_mb:g} MB")
+        body = await request.body()  # BodyLimit stops it at max_bytes
         if _declared_bytes(body) > max_bytes:
             raise HTTPException(
                 413,
@@ -146,7 +196,7 @@ def make_app(
             )
         try:
             return unpack_array(body)
-        except (ValueError, RuntimeError) as error:
+        except (ValueError, RuntimeError, TypeError, OverflowError, struct.error) as error:
             raise inputs.InteractionError(f"cannot unpack the uploaded array: {error}") from None
 
     def require(kind: str) -> None:
@@ -157,9 +207,13 @@ def make_app(
             )
 
     # ---- leases and information ------------------------------------------------------------------------------
-    @app.get(wire.PATH_HEALTHZ, dependencies=auth)
-    def healthz() -> dict:
-        return {"ok": True, "sessions": len(registry), "max_sessions": registry.max_sessions}
+    @app.get(wire.PATH_HEALTHZ)
+    def healthz(authorization: str | None = Header(default=None)) -> dict:
+        """Liveness only, answered without a key (load balancers); a key that is sent must be right (a client's
+        "test connection" then learns that its key is wrong)."""
+        if authorization is not None:
+            require_key(authorization)
+        return {"ok": True}
 
     @app.get(wire.PATH_CAPABILITIES, dependencies=auth)
     def capabilities() -> dict:
@@ -174,7 +228,7 @@ def make_app(
             "patch_size": model.patch_size,
             "do_autozoom": False,
             "inference_session_version": f"nnunet-sam {__version__} ({model.kind})",
-            "license": "!!MISSING!!",
+            "license": model.license,
             "supports_undo": True,
             "model": model.kind,
         }
@@ -184,7 +238,7 @@ def make_app(
         try:
             token = registry.claim()
         except AtCapacity as error:
-            raise HTTPException(503, detail=str(error)) from None
+            raise HTTPException(503, detail=str(error), headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         return {
             "lease_token": token,
             "idle_timeout_seconds": registry.idle_timeout,
@@ -214,6 +268,7 @@ def make_app(
         def work() -> dict:
             inputs.check_image(image, model.num_channels)
             spacing = inputs.check_spacing(meta.get("image_properties") or {}, model.default_spacing)
+            model.check_resampled_size(image.shape[1:], spacing, max_bytes)
             editor = model.open(image, spacing, model_lock)
             with entry.lock:
                 entry.set_editor(editor)
@@ -251,35 +306,46 @@ def make_app(
 
     @app.post(wire.PATH_PREDICT, dependencies=auth)
     def predict(payload: dict, entry: Session = used) -> Response:
-        return changed(False, (None, None))  # every interaction predicts at once: nothing is ever queued
+        """Manual mode: run the interactions queued with ``run_prediction: false``."""
+        with entry.lock:
+            entry.ready()
+            change = entry.predict()
+        return changed(False, (None, None)) if change is None else changed(True, change)
 
     # ---- interactions ----------------------------------------------------------------------------------------
+    def interact(entry: Session, step: tuple[str, tuple], run: bool) -> Response:
+        """Queue ``step`` (``run`` False), or predict with it and whatever was queued; the caller holds the lock."""
+        if not run:
+            entry.queue(step)
+            return changed(False, (None, None))
+        return changed(True, entry.predict(step))
+
     @app.post(wire.PATH_ADD_POINT, dependencies=auth)
     def add_point(payload: dict, entry: Session = used) -> Response:
         require("points")
-        positive = bool(payload.get("include_interaction", True))
+        positive, run = inputs.flag(payload, "include_interaction"), inputs.flag(payload, "run_prediction")
         with entry.lock:
             position = inputs.check_point(payload.get("coordinates"), entry.ready().shape)
-            return changed(True, entry.apply(lambda editor: editor.point(position, positive)))
+            return interact(entry, ("point", (position, positive)), run)
 
     @app.post(wire.PATH_ADD_BBOX, dependencies=auth)
     def add_bbox(payload: dict, entry: Session = used) -> Response:
-        positive = bool(payload.get("include_interaction", True))
+        positive, run = inputs.flag(payload, "include_interaction"), inputs.flag(payload, "run_prediction")
         with entry.lock:
             box = inputs.check_box(payload.get("bbox_coords"), entry.ready().shape)
             require("bbox2d" if any(hi - lo == 1 for lo, hi in box) else "bbox3d")
-            return changed(True, entry.apply(lambda editor: editor.box(box, positive)))
+            return interact(entry, ("box", (box, positive)), run)
 
     async def mask_interaction(request: Request, entry: Session, kind: str) -> Response:
         require(kind)
         meta = meta_of(request)
+        positive, run = inputs.flag(meta, "include_interaction"), inputs.flag(meta, "run_prediction")
         array = await array_of(request)
-        positive = bool(meta.get("include_interaction", True))
 
         def work() -> Response:
             with entry.lock:
                 mask = inputs.placed_mask(array, entry.ready().shape, meta.get("interaction_bbox"))
-                return changed(True, entry.apply(lambda editor: getattr(editor, kind)(mask, positive)))
+                return interact(entry, (kind, (mask, positive)), run)
 
         return await run_in_threadpool(work)
 

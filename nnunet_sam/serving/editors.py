@@ -6,31 +6,40 @@ interaction returns the whole binary result (uint8, the client's grid) or raises
 undo. Positions and boxes arrive in the client's grid and go through :mod:`nnunet_sam.inference.geometry` (nnU-Net's
 transpose, crop and resampling), results come back through nnU-Net's export, as in the command-line tools.
 
-RadSAM (:mod:`nnunet_sam.inference.radsam`; slices along axis 0 of the image, between the first and last slice):
+RadSAM (:mod:`nnunet_sam.inference.radsam`; slices along axis 0 of the image; the boundaries are its first and
+last slice, so a later click may extend a mask anywhere; the table in ``docs/serving.md`` lists every case):
 
-* the first positive point, a positive 2D box on an axis-0 slice, or a positive lasso start
-  :func:`~nnunet_sam.inference.radsam.segment_from_prompt` (point, box or mask prompt on that slice); a box or lasso
-  later
-  starts again from it (the previous result is one undo away);
-* later points are :func:`~nnunet_sam.inference.radsam.edit` corrections (positive or negative);
-* a scribble becomes points on the axis-0 slice that holds most of its voxels: the voxel nearest its centre, then
-  up to three more, each the scribble voxel farthest from those already taken; they are the prompt and
-  corrections (no segmentation yet) or corrections (positive or negative);
+* a positive point without a mask, an axial box, a 3D box (box prompt on its middle slice, propagated within its
+  slices), an axial lasso (mask prompt) start :func:`~nnunet_sam.inference.radsam.segment_from_prompt`; a box or
+  lasso drawn across axis 1 or 2 gives its slice range and a point prompt at its centre; a positive box or lasso
+  later starts again (the previous result is one undo away);
+* later points are :func:`~nnunet_sam.inference.radsam.edit` corrections (positive or negative); negative boxes and
+  lassos are up to four negative corrections on the mask inside them;
+* a scribble (any view) becomes up to four points along it (:func:`spread_points`), each on its own slice: the prompt
+  and corrections (no mask yet) or corrections;
 * an initial segmentation seeds :func:`~nnunet_sam.inference.radsam.from_mask` (its nonzero voxels).
 
 Prompted 3DSAM-adapter (:mod:`nnunet_sam.inference.prompted`): every point is a 3D click (positive = the served
 class, negative = background), a box is one click at its centre; every interaction predicts the volume again
 from all clicks so far, as ``nnunet_sam_predict_prompted`` does with the same clicks.
+
+Interactions queued in manual mode run through :meth:`Editor.run` (the prompted model: all their clicks, one
+prediction). Undo entries hold :meth:`Editor.difference` (RadSAM: the changed box of its mask), not whole states.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
+from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice, get_bbox_from_mask
+from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
 from nnunet_sam.inference import geometry
-from nnunet_sam.inference.predict import BadCaseError, predict_preprocessed, preprocess_case
+from nnunet_sam.inference.predict import BadCaseError, check_resampled_size, predict_preprocessed, preprocess_case
 from nnunet_sam.inference.prompted import PromptedPredictor, point_setter
 from nnunet_sam.inference.radsam import (
     Correction,
@@ -43,8 +52,13 @@ from nnunet_sam.inference.radsam import (
     segment_from_prompt,
 )
 from nnunet_sam.serving.inputs import InteractionError, UnsupportedInteraction
+from nnunet_sam.serving.licenses import model_license
 
 INTERACTIONS = ("points", "bbox2d", "bbox3d", "scribble", "lasso")
+
+# an uploaded image may grow at most this much by the resampling to the model's spacing (5x along each axis; a
+# 4 mm MR to 0.8 mm): a wrong header spacing otherwise ties the server up for minutes from a small upload
+MAX_UPSAMPLING = 125.0
 
 
 def _spacing_in_image_order(spacing: Sequence[float], transpose_backward: Sequence[int]) -> list[float]:
@@ -80,6 +94,27 @@ class Editor:
     def initial(self, mask: np.ndarray) -> None:
         raise UnsupportedInteraction("this model cannot start from an initial segmentation (see /capabilities)")
 
+    def run(self, steps: Sequence[tuple[str, tuple]]) -> np.ndarray:
+        """Interactions queued for one prediction, e.g. ``[("point", (position, True))]``, in order -> the result."""
+        result = None
+        for name, args in steps:
+            result = getattr(self, name)(*args)
+        return result
+
+    # undo: the log keeps ``difference(state before a step)`` and gives it back to ``undo`` after that step
+    def difference(self, before):
+        """What ``undo`` needs to go back from the current state to ``before`` (default: ``before`` itself)."""
+        return before
+
+    def difference_bytes(self, difference) -> int:
+        return 0
+
+    def undo(self, difference) -> None:
+        self.restore(difference)
+
+    def close(self) -> None:
+        """The editor is dropped (a new image, the session ended): stop any background work."""
+
 
 class ServedModel:
     """A loaded model, once per server: what it supports, and :meth:`open` for each uploaded image."""
@@ -90,34 +125,91 @@ class ServedModel:
     num_channels: int
     patch_size: list[int]
     default_spacing: list[float]
+    license: str
+    transpose_forward: list[int]
+    target_spacing: list[float]  # the model's spacing (transposed axis order; 2D models: the in-plane axes)
 
     def open(self, image: np.ndarray, spacing: Sequence[float], lock) -> Editor:
         raise NotImplementedError
 
+    def check_resampled_size(self, shape: Sequence[int], spacing: Sequence[float], max_bytes: int) -> None:
+        """Refuse an image that nnU-Net's resampling would make absurdly large (a wrong spacing): over the prediction
+        command's voxel limit, over ``max_bytes`` as float32, or more than :data:`MAX_UPSAMPLING` times the upload;
+        or so small that an axis vanishes."""
+        transposed = [float(spacing[a]) for a in self.transpose_forward]
+        target = [*transposed[: 3 - len(self.target_spacing)], *self.target_spacing]
+        sizes = [int(shape[a]) for a in self.transpose_forward]
+        try:
+            check_resampled_size("image", np.broadcast_to(np.zeros(1), (1, *sizes)), {"spacing": transposed}, target)
+        except BadCaseError as error:
+            raise InteractionError(str(error).removeprefix("image: ")) from None
+        new_shape = compute_new_shape(sizes, transposed, target)
+        voxels = float(np.prod(np.asarray(new_shape, dtype=np.float64)))
+        growth = voxels / float(np.prod(sizes, dtype=np.float64))
+        megabytes = voxels * 4 * self.num_channels / 2**20
+        problem = None
+        if min(new_shape) < 1:
+            problem = "an axis shorter than one voxel"
+        elif megabytes * 2**20 > max_bytes:
+            problem = f"{megabytes:.0f} MB, over the server's limit of {max_bytes / 2**20:g} MB"
+        elif growth > MAX_UPSAMPLING:
+            problem = f"{growth:.0f} times the uploaded voxels, at most {MAX_UPSAMPLING:g}"
+        if problem is not None:
+            raise InteractionError(
+                f"the spacing {[float(f'{s:g}') for s in spacing]} mm would resample the image of shape {list(shape)} "
+                f"to {[int(s) for s in new_shape]} voxels at the model's spacing ({problem}); send the image's real "
+                "spacing in image_properties['spacing']"
+            )
+
 
 # ---- RadSAM --------------------------------------------------------------------------------------------------
-def scribble_points(mask: np.ndarray, count: int = 4) -> tuple[int, list[np.ndarray]]:
-    """(axis-0 slice, up to ``count`` voxel positions (z, y, x)) standing for a scribble: the slice holding most of
-    its voxels; the voxel nearest the centre of the scribble there, then farthest-point picks (ties: lowest index)."""
-    z = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(1)))
-    voxels = np.argwhere(mask[z]).astype(np.float64)
+def spread_points(mask: np.ndarray, count: int = 4) -> list[np.ndarray]:
+    """Up to ``count`` voxel positions standing for a drawn mask (any view, any number of slices): the voxel nearest
+    its centre, then farthest-point picks (ties: lowest index)."""
+    voxels = np.argwhere(mask).astype(np.float64)
     chosen = [int(np.argmin(((voxels - voxels.mean(0)) ** 2).sum(1)))]
     distance = ((voxels - voxels[chosen[0]]) ** 2).sum(1)
     while len(chosen) < min(count, len(voxels)) and distance.max() > 0:
         chosen.append(int(np.argmax(distance)))
         distance = np.minimum(distance, ((voxels - voxels[chosen[-1]]) ** 2).sum(1))
-    return z, [np.array([z, *voxels[i]]) for i in chosen]
+    return [voxels[i] for i in chosen]
+
+
+def drawn_on(extent: Sequence[int]) -> int | None:
+    """The image axis a 2D drawing lies across (its size 1 there; axis 0 first), None for a 3D one."""
+    return next((axis for axis, size in enumerate(extent) if size == 1), None)
 
 
 class RadSAMEditor(Editor):
-    def __init__(self, model: RadSAMModel, image: np.ndarray, spacing: Sequence[float], lock) -> None:
+    def __init__(
+        self, model: RadSAMModel, image: np.ndarray, spacing: Sequence[float], lock, encode_ahead: bool = False
+    ) -> None:
         self.model, self.lock = model, lock
         self.image, self.spacing = image, list(spacing)
         self.shape = tuple(image.shape[1:])
         self.data, _, self.properties = model.preprocess(image, {"spacing": self.spacing})
         self.slices = SliceModel(model.network, self.data, model.device)
-        self.boundaries = (0, self.data.shape[1] - 1)
+        self.boundaries = (0, self.data.shape[1] - 1)  # every slice: a later click may extend the mask anywhere
         self.segmentation = None
+        self._stop = threading.Event()
+        self.encoded_ahead = 0  # slices the background thread has encoded (or found encoded)
+        if encode_ahead:
+            threading.Thread(target=self.encode_ahead, name="encode-ahead", daemon=True).start()
+
+    def encode_ahead(self) -> None:
+        """Encode every slice in the background, middle slice first, then outwards; one slice at a time under the
+        model's lock, so an interaction waits for one slice at most and finds the slices encoded so far."""
+        count = self.data.shape[1]
+        for z in sorted(range(count), key=lambda z: (abs(z - count // 2), z)):
+            with self.lock:
+                if self._stop.is_set():
+                    return
+                self.slices.embedding(z)
+                self.encoded_ahead += 1
+            time.sleep(0.01)  # a lock is not fair: give a waiting interaction the model first
+
+    def close(self) -> None:
+        self._stop.set()
 
     def state(self):
         return self.segmentation
@@ -127,6 +219,31 @@ class RadSAMEditor(Editor):
 
     def reset(self) -> None:
         self.segmentation = None
+
+    def difference(self, before):
+        """(``before`` without its mask, the box where its mask differs from the current one, ``before``'s voxels
+        there); None when there was no mask before."""
+        after = self.segmentation
+        if before is None:
+            return None
+        changed = before.mask != after.mask
+        if not changed.any():
+            return replace(before, mask=np.zeros(0, bool)), None, None
+        box = get_bbox_from_mask(changed)
+        return replace(before, mask=np.zeros(0, bool)), box, before.mask[bounding_box_to_slice(box)].copy()
+
+    def difference_bytes(self, difference) -> int:
+        return 0 if difference is None or difference[2] is None else difference[2].nbytes
+
+    def undo(self, difference) -> None:
+        if difference is None:
+            self.segmentation = None
+            return
+        before, box, values = difference
+        mask = self.segmentation.mask.copy()
+        if box is not None:
+            mask[bounding_box_to_slice(box)] = values
+        self.segmentation = replace(before, mask=mask)
 
     def _grid(self, positions: np.ndarray) -> np.ndarray:
         """Client positions (K, 3) -> (slice, y, x) in the preprocessed grid (the slice rounded)."""
@@ -153,15 +270,37 @@ class RadSAMEditor(Editor):
         self.segmentation = segmentation
         return self.model.to_original(segmentation.mask, self.properties)
 
-    def _mask_slice(self, mask: np.ndarray) -> tuple[int, np.ndarray]:
-        """A bool mask in the client's grid -> (slice, its mask there) in the preprocessed grid, through nnU-Net's
-        preprocessing of a label map (as ``nnunet_sam_segment_radsam --mask``); the axis-0 slice holding most voxels."""
+    def _start(self, prompt: Prompt, boundaries: tuple[int, int] | None = None) -> np.ndarray:
+        """A new mask from ``prompt``, propagated within ``boundaries`` (default: every slice); later clicks may
+        extend it over every slice."""
+
+        def step():
+            segmentation = segment_from_prompt(self.slices, prompt, boundaries or self.boundaries)
+            return replace(segmentation, boundaries=self.boundaries)
+
+        return self._run(step)
+
+    def _in_grid(self, mask: np.ndarray) -> np.ndarray:
+        """A bool mask in the client's grid -> the preprocessed grid, through nnU-Net's preprocessing of a label map
+        (as ``nnunet_sam_segment_radsam --mask``)."""
         _, seg, _ = self.model.preprocess(self.image, {"spacing": self.spacing}, mask[None].astype(np.int16))
         grid = seg[0] > 0
         if not grid.any():
             raise InteractionError("the mask lies in the border region nnU-Net crops away; draw it inside the body")
-        z = int(np.argmax(grid.reshape(grid.shape[0], -1).sum(1)))
-        return z, grid[z]
+        return grid
+
+    def _correct(self, corrections: list[Correction]) -> np.ndarray:
+        current = self.segmentation
+        return self._run(lambda: edit(self.slices, current, corrections))
+
+    def _remove(self, region: np.ndarray, what: str) -> np.ndarray:
+        """A negative box or lasso (``region``: its voxels in the grid): negative clicks on the mask inside it."""
+        if self.segmentation is None:
+            raise InteractionError(f"a negative {what} needs a mask to correct: start with a positive prompt")
+        inside = region & self.segmentation.mask
+        if not inside.any():
+            raise InteractionError(f"the negative {what} holds no voxel of the current mask: nothing to remove")
+        return self._correct([Correction(int(z), y, x, False) for z, y, x in spread_points(inside)])
 
     def point(self, position: np.ndarray, positive: bool) -> np.ndarray:
         z, y, x = self._grid(position)[0]
@@ -171,32 +310,42 @@ class RadSAMEditor(Editor):
                     "a negative click needs a mask to correct: start with a positive click, a box, a lasso or an "
                     "initial segmentation"
                 )
-            return self._run(lambda: segment_from_prompt(self.slices, Prompt("point", int(z), (y, x)), self.boundaries))
-        current = self.segmentation
-        return self._run(lambda: edit(self.slices, current, [Correction(int(z), y, x, positive)]))
+            return self._start(Prompt("point", int(z), (y, x)))
+        return self._correct([Correction(int(z), y, x, positive)])
 
     def box(self, box: list[list[int]], positive: bool) -> np.ndarray:
-        if box[0][1] - box[0][0] != 1:
-            raise InteractionError(
-                f"RadSAM takes 2D boxes drawn on one slice of image axis 0 (size 1 along axis 0), got {box}"
-            )
+        """Axis-0 box: RadSAM's box prompt on its slice. 3D box: the box prompt on its middle slice, propagated
+        within its slice range. Box across axis 1 or 2: a click at its centre, propagated within its slice range.
+        Negative: negative clicks on the mask inside the box."""
+        (z0, y0, x0), (z1, y1, x1) = self._grid(np.array([[lo for lo, _ in box], [hi - 1 for _, hi in box]]))
         if not positive:
-            raise InteractionError("RadSAM takes positive boxes only; correct a mask with negative clicks")
-        corners = np.array([[box[0][0], box[1][0], box[2][0]], [box[0][0], box[1][1] - 1, box[2][1] - 1]])
-        (z, y0, x0), (_, y1, x1) = self._grid(corners)
-        prompt = Prompt("box", int(z), box=(y0, x0, y1, x1))
-        return self._run(lambda: segment_from_prompt(self.slices, prompt, self.boundaries))
+            region = np.zeros(self.data.shape[1:], bool)
+            region[int(z0) : int(z1) + 1, round(y0) : round(y1) + 1, round(x0) : round(x1) + 1] = True
+            return self._remove(region, "box")
+        axis = drawn_on([hi - lo for lo, hi in box])
+        middle = int(round((z0 + z1) / 2))
+        if axis in (1, 2):
+            return self._start(Prompt("point", middle, ((y0 + y1) / 2, (x0 + x1) / 2)), (int(z0), int(z1)))
+        return self._start(Prompt("box", middle, box=(y0, x0, y1, x1)), (int(z0), int(z1)))
 
     def lasso(self, mask: np.ndarray, positive: bool) -> np.ndarray:
+        """Axis-0 (or 3D) lasso: RadSAM's mask prompt on the slice holding most of it. Lasso across axis 1 or 2: a
+        click at its voxel nearest its centre, propagated within its slice range. Negative: negative clicks on the
+        mask inside it."""
+        grid = self._in_grid(mask)
         if not positive:
-            raise InteractionError("RadSAM takes positive lassos only; correct a mask with negative clicks")
-        z, region = self._mask_slice(mask)
-        prompt = Prompt("mask", z, mask=region)
-        return self._run(lambda: segment_from_prompt(self.slices, prompt, self.boundaries))
+            return self._remove(grid, "lasso")
+        slices = np.flatnonzero(grid.any((1, 2)))
+        if drawn_on(extent(mask)) in (1, 2):
+            z, y, x = spread_points(grid, 1)[0]
+            return self._start(Prompt("point", int(z), (y, x)), (int(slices[0]), int(slices[-1])))
+        z = int(np.argmax(grid.reshape(grid.shape[0], -1).sum(1)))
+        return self._start(Prompt("mask", z, mask=grid[z]))
 
     def scribble(self, mask: np.ndarray, positive: bool) -> np.ndarray:
-        _, points = scribble_points(mask)
-        grid = self._grid(np.stack(points))
+        """Up to four points along the scribble (in any view, over any slices): the first is the prompt if there
+        is no mask yet, the others corrections (positive or negative)."""
+        grid = self._grid(np.stack(spread_points(mask)))
         corrections = [Correction(int(z), y, x, positive) for z, y, x in grid]
         if self.segmentation is None:
             if not positive:
@@ -204,37 +353,45 @@ class RadSAMEditor(Editor):
             first = Prompt("point", corrections[0].slice, (corrections[0].y, corrections[0].x))
 
             def step():
-                start = segment_from_prompt(self.slices, first, self.boundaries)
+                start = replace(segment_from_prompt(self.slices, first, self.boundaries), boundaries=self.boundaries)
                 return edit(self.slices, start, corrections[1:])
 
             return self._run(step)
-        current = self.segmentation
-        return self._run(lambda: edit(self.slices, current, corrections))
+        return self._correct(corrections)
 
     def initial(self, mask: np.ndarray) -> None:
         _, seg, _ = self.model.preprocess(self.image, {"spacing": self.spacing}, mask[None].astype(np.int16))
-        try:
-            self.segmentation = from_mask(seg[0] > 0)
+        try:  # boundaries: every slice, so that clicks may extend the mask beyond the slices it covers
+            self.segmentation = from_mask(seg[0] > 0, self.boundaries)
         except PromptError as error:
             raise InteractionError(str(error)) from None
 
 
+def extent(mask: np.ndarray) -> list[int]:
+    """Size of the bounding box of a mask's True voxels along each axis."""
+    present = [np.flatnonzero(mask.any(tuple(a for a in range(mask.ndim) if a != axis))) for axis in range(mask.ndim)]
+    return [int(p[-1] - p[0] + 1) for p in present]
+
+
 class ServedRadSAM(ServedModel):
     kind = "RadSAM"
-    supported = {"points": True, "bbox2d": True, "bbox3d": False, "scribble": True, "lasso": True}
+    supported = {"points": True, "bbox2d": True, "bbox3d": True, "scribble": True, "lasso": True}
     supports_initial_label = True
 
-    def __init__(self, model: RadSAMModel) -> None:
-        self.model = model
+    def __init__(self, model: RadSAMModel, model_folder: str | None = None, encode_ahead: bool = False) -> None:
+        self.model, self.encode_ahead = model, encode_ahead
         self.num_channels = len(model.dataset_json["channel_names"])
         self.patch_size = list(model.configuration_manager.patch_size)
         plans = model.plans_manager
         self.default_spacing = _spacing_in_image_order(
             [1.0, *model.configuration_manager.spacing][-3:], plans.transpose_backward
         )
+        self.transpose_forward = list(plans.transpose_forward)
+        self.target_spacing = list(model.configuration_manager.spacing)
+        self.license = model_license(model.configuration_manager.configuration, model.dataset_json, model_folder)
 
     def open(self, image: np.ndarray, spacing: Sequence[float], lock) -> Editor:
-        return RadSAMEditor(self.model, image, spacing, lock)
+        return RadSAMEditor(self.model, image, spacing, lock, self.encode_ahead)
 
 
 # ---- prompted 3DSAM-adapter ----------------------------------------------------------------------------------
@@ -272,12 +429,24 @@ class PromptedEditor(Editor):
         self.clicks = clicks
         return (segmentation == self.label).astype(np.uint8)
 
+    def _click(self, position: np.ndarray, positive: bool) -> tuple[tuple[float, ...], int]:
+        return tuple(float(c) for c in position), self.label if positive else 0
+
+    @staticmethod
+    def _centre(box: list[list[int]]) -> np.ndarray:
+        return np.array([(lo + hi - 1) / 2 for lo, hi in box])
+
     def point(self, position: np.ndarray, positive: bool) -> np.ndarray:
-        click = (tuple(float(c) for c in position), self.label if positive else 0)
-        return self._predict((*self.clicks, click))
+        return self._predict((*self.clicks, self._click(position, positive)))
 
     def box(self, box: list[list[int]], positive: bool) -> np.ndarray:
-        return self.point(np.array([(lo + hi - 1) / 2 for lo, hi in box]), positive)
+        """The method takes clicks only: a box (2D or 3D) is a click at its centre."""
+        return self.point(self._centre(box), positive)
+
+    def run(self, steps: Sequence[tuple[str, tuple]]) -> np.ndarray:
+        """Queued points and boxes: all their clicks, one prediction."""
+        clicks = [self._click(args[0] if name == "point" else self._centre(args[0]), args[1]) for name, args in steps]
+        return self._predict((*self.clicks, *clicks))
 
 
 class ServedPrompted(ServedModel):
@@ -285,7 +454,7 @@ class ServedPrompted(ServedModel):
     supported = {"points": True, "bbox2d": True, "bbox3d": True, "scribble": False, "lasso": False}
     supports_initial_label = False
 
-    def __init__(self, predictor: PromptedPredictor, label: int | None = None) -> None:
+    def __init__(self, predictor: PromptedPredictor, label: int | None = None, model_folder: str | None = None) -> None:
         self.predictor = predictor
         labels = {int(v) for v in predictor.dataset_json["labels"].values()}
         foreground = sorted(labels - {0})
@@ -297,6 +466,10 @@ class ServedPrompted(ServedModel):
         self.default_spacing = _spacing_in_image_order(
             predictor.configuration_manager.spacing, predictor.plans_manager.transpose_backward
         )
+        self.transpose_forward = list(predictor.plans_manager.transpose_forward)
+        self.target_spacing = list(predictor.configuration_manager.spacing)
+        configuration = predictor.configuration_manager.configuration
+        self.license = model_license(configuration, predictor.dataset_json, model_folder)
 
     def open(self, image: np.ndarray, spacing: Sequence[float], lock) -> Editor:
         return PromptedEditor(self.predictor, self.label, image, spacing, lock)
@@ -310,13 +483,15 @@ def load_model(
     label: int | None = None,
     step_size: float = 0.5,
     mirroring: bool = True,
+    encode_ahead: bool = False,
 ) -> ServedModel:
-    """A RadSAM or prompted 3DSAM-adapter model folder, loaded once; ValueError for any other model."""
+    """A RadSAM or prompted 3DSAM-adapter model folder, loaded once; ValueError for any other model.
+    ``encode_ahead``: RadSAM encodes every slice of an image in the background after ``set_image``."""
     from nnunet_sam.inference.model_folder import WrongMethodError
     from nnunet_sam.inference.prompted import UnusableInputError, initialize_predictor
 
     try:
-        return ServedRadSAM(RadSAMModel(model_folder, fold, checkpoint, device))
+        return ServedRadSAM(RadSAMModel(model_folder, fold, checkpoint, device), model_folder, encode_ahead)
     except WrongMethodError:
         pass
     try:
@@ -325,4 +500,4 @@ def load_model(
         raise ValueError(
             f"{error}. nnunet_sam_serve serves RadSAM and prompted 3DSAM-adapter (SAM3DAdapterTrainer_prompted*) models"
         ) from None
-    return ServedPrompted(predictor, label)
+    return ServedPrompted(predictor, label, model_folder)

@@ -146,3 +146,12 @@ def bounding_box(changed: np.ndarray) -> list[list[int]] | None:
         present = np.flatnonzero(changed.any(tuple(a for a in range(changed.ndim) if a != axis)))
         box.append([int(present[0]), int(present[-1]) + 1])
     return box
+
+
+def flag(payload: dict, name: str, default: bool = True) -> bool:
+    """A yes/no field of a request (JSON true or false; absent: ``default``). A string such as "false" is refused:
+    read as Python would, it would mean yes."""
+    value = payload.get(name, default)
+    if not isinstance(value, bool):
+        raise InteractionError(f"'{name}' must be true or false (JSON booleans), got {value!r}")
+    return value

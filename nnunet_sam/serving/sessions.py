@@ -3,8 +3,14 @@ buffer and the undo log; the lease registry with its capacity and expiry.
 
 The server's buffer always equals the client's: each interaction computes the whole new result, writes the
 voxels that differ into the buffer and answers the box around them (half-open ``[[lo, hi], ...]``) with that part
-of the buffer, which the client pastes into its own. An undo entry keeps the method's state before the interaction
-and the part of the buffer it overwrote, so undo restores both exactly.
+of the buffer, which the client pastes into its own. An undo entry keeps what the step changed, never a whole
+volume: the part of the buffer it overwrote (the changed box) and the editor's difference from the state before
+(:meth:`~nnunet_sam.serving.editors.Editor.difference`: for RadSAM the changed box of its mask), so undo restores
+both exactly. The log holds at most ``undo_depth`` steps and ``undo_bytes`` bytes; the oldest steps go first (a
+single step larger than ``undo_bytes`` empties the log: it cannot be undone).
+
+Interactions sent with ``run_prediction: false`` wait in :attr:`Session.pending` until one that predicts, or
+``/predict``, runs them all as one step (one undo).
 
 A lease expires when the client has done nothing real (an image, a buffer, an interaction, undo, reset) for
 ``idle_timeout`` seconds, or has not been heard from at all (heartbeats included) for ``liveness_timeout``.
@@ -25,17 +31,34 @@ from nnunet_sam.serving.editors import Editor
 from nnunet_sam.serving.inputs import InteractionError
 
 Change = tuple[list[list[int]] | None, np.ndarray | None]  # (box of changed voxels, the buffer there)
+Step = tuple[str, tuple]  # an editor method's name and its arguments, e.g. ("point", (position, True))
 
 
 class Session:
     """One client's state. Callers hold :attr:`lock` around every method."""
 
-    def __init__(self, undo_depth: int) -> None:
+    def __init__(self, undo_depth: int, undo_bytes: int = 64 * 2**20) -> None:
         self.lock = threading.Lock()
         self.editor: Editor | None = None
         self.buffer: np.ndarray | None = None
         self.undo_log: deque = deque(maxlen=undo_depth)
+        self.undo_bytes = undo_bytes
+        self.pending: list[Step] = []
         self.last_active = self.last_seen = time.monotonic()
+
+    def undo_log_bytes(self) -> int:
+        """Bytes the undo log holds (its arrays)."""
+        return sum(self._entry_bytes(entry) for entry in self.undo_log)
+
+    def _entry_bytes(self, entry) -> int:
+        difference, _, previous = entry
+        return self.editor.difference_bytes(difference) + (0 if previous is None else previous.nbytes)
+
+    def _log(self, entry) -> None:
+        self.undo_log.append(entry)
+        total = self.undo_log_bytes()
+        while self.undo_log and total > self.undo_bytes:
+            total -= self._entry_bytes(self.undo_log.popleft())
 
     def ready(self) -> Editor:
         if self.editor is None:
@@ -44,29 +67,62 @@ class Session:
             raise InteractionError("no target buffer in this session: call set_target_buffer after set_image")
         return self.editor
 
+    def close(self) -> None:
+        """The session ends: stop its editor's background work."""
+        if self.editor is not None:
+            self.editor.close()
+
     def set_editor(self, editor: Editor) -> None:
+        self.close()
         self.editor, self.buffer = editor, None
         self.undo_log.clear()
+        self.pending.clear()
 
     def set_buffer(self, buffer: np.ndarray) -> None:
         self.buffer = buffer
         self.undo_log.clear()
+        self.pending.clear()
         if self.editor is not None:
             self.editor.reset()
+
+    def queue(self, step: Step) -> None:
+        """Keep an interaction for the next prediction (``run_prediction: false``)."""
+        self.ready()
+        self.pending.append(step)
+
+    def predict(self, step: Step | None = None) -> Change | None:
+        """Run the queued interactions and ``step`` as one step; None if there is nothing to run. If one of them is
+        refused, none is applied and the queue is dropped (the message says so)."""
+        steps = [*self.pending, *([step] if step is not None else [])]
+        self.pending = []
+        if not steps:
+            return None
+        try:
+            return self.apply(lambda editor: editor.run(steps))
+        except InteractionError as error:
+            if len(steps) > 1:
+                raise InteractionError(f"{error} (none of the {len(steps)} queued interactions was applied)") from None
+            raise
 
     def apply(self, interaction: Callable[[Editor], np.ndarray]) -> Change:
         """Run an interaction that returns the new whole result; write the difference into the buffer."""
         editor = self.ready()
         before = editor.state()
-        result = interaction(editor).astype(self.buffer.dtype, copy=False)
+        try:
+            result = interaction(editor).astype(self.buffer.dtype, copy=False)
+        except BaseException:
+            editor.restore(before)
+            raise
+        difference = editor.difference(before)
         changed = result != self.buffer
         if not changed.any():
-            self.undo_log.append((before, None, None))
+            self._log((difference, None, None))
             return None, None
         box = get_bbox_from_mask(changed)
         region = bounding_box_to_slice(box)
-        self.undo_log.append((before, box, self.buffer[region].copy()))
+        previous = self.buffer[region].copy()
         self.buffer[region] = result[region]
+        self._log((difference, box, previous))
         return box, self.buffer[region]
 
     def replace_buffer(self, content: np.ndarray, seed: Callable[[Editor], None]) -> None:
@@ -74,17 +130,21 @@ class Session:
         editor = self.ready()
         before = editor.state()
         seed(editor)
-        box = [[0, n] for n in self.buffer.shape]
-        self.undo_log.append((before, box, self.buffer.copy()))
+        self.pending.clear()
+        changed = content.astype(self.buffer.dtype, copy=False) != self.buffer
+        box = get_bbox_from_mask(changed) if changed.any() else None
+        previous = None if box is None else self.buffer[bounding_box_to_slice(box)].copy()
         self.buffer[...] = content.astype(self.buffer.dtype, copy=False)
+        self._log((editor.difference(before), box, previous))
 
     def undo(self) -> tuple[bool, Change]:
-        """(whether anything was undone, the restored region)."""
+        """(whether anything was undone, the restored region). Queued interactions are dropped."""
         self.ready()
+        self.pending.clear()
         if not self.undo_log:
             return False, (None, None)
-        state, box, previous = self.undo_log.pop()
-        self.editor.restore(state)
+        difference, box, previous = self.undo_log.pop()
+        self.editor.undo(difference)
         if box is None:
             return True, (None, None)
         region = bounding_box_to_slice(box)
@@ -96,6 +156,7 @@ class Session:
         self.editor.reset()
         self.buffer[...] = 0
         self.undo_log.clear()
+        self.pending.clear()
 
 
 class LeaseError(Exception):
@@ -109,10 +170,17 @@ class AtCapacity(Exception):
 class Registry:
     """Lease token -> :class:`Session`, with a capacity and the two timeouts."""
 
-    def __init__(self, max_sessions: int, idle_timeout: float, liveness_timeout: float, undo_depth: int = 20) -> None:
+    def __init__(
+        self,
+        max_sessions: int,
+        idle_timeout: float,
+        liveness_timeout: float,
+        undo_depth: int = 20,
+        undo_bytes: int = 64 * 2**20,
+    ) -> None:
         self.max_sessions = max_sessions
         self.idle_timeout, self.liveness_timeout = idle_timeout, liveness_timeout
-        self.undo_depth = undo_depth
+        self.undo_depth, self.undo_bytes = undo_depth, undo_bytes
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
@@ -128,7 +196,7 @@ class Registry:
                     "its session, or start the server with a larger --max-sessions"
                 )
             token = secrets.token_hex(16)
-            self._sessions[token] = Session(self.undo_depth)
+            self._sessions[token] = Session(self.undo_depth, self.undo_bytes)
             return token
 
     def _expired(self, session: Session, now: float) -> str | None:
@@ -147,7 +215,7 @@ class Registry:
             session = self._sessions.get(token)
             reason = None if session is None else self._expired(session, now)
             if reason is not None:
-                del self._sessions[token]
+                self._sessions.pop(token).close()
         if session is None:
             raise LeaseError("the lease is unknown or has expired; connect again to get a new session")
         if reason is not None:
@@ -163,7 +231,10 @@ class Registry:
 
     def release(self, token: str | None) -> bool:
         with self._lock:
-            return self._sessions.pop(token or "", None) is not None
+            session = self._sessions.pop(token or "", None)
+        if session is not None:
+            session.close()
+        return session is not None
 
     def sweep(self) -> int:
         """Drop expired sessions; returns how many."""
@@ -171,9 +242,11 @@ class Registry:
         with self._lock:
             expired = [t for t, s in self._sessions.items() if self._expired(s, now) is not None]
             for token in expired:
-                del self._sessions[token]
+                self._sessions.pop(token).close()
         return len(expired)
 
     def close_all(self) -> None:
         with self._lock:
+            for session in self._sessions.values():
+                session.close()
             self._sessions.clear()

@@ -15,10 +15,13 @@ rank 0 only (its ``local_rank`` attribute holds the global rank). The SAM traine
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import threading
 import time
+import traceback
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,12 +32,15 @@ import torch.distributed as dist
 from torch import nn
 
 from nnunet_sam.cli import conventions
+from nnunet_sam.training.fault_tolerance import end_process_tree, workers_die_with_parent
 
 TIMEOUT_ENV = "nnUNet_SAM_dist_timeout"
 LOST_AFTER_ENV = "nnUNet_SAM_dist_lost_after"
+BATCH_PER_PROCESS_ENV = "nnUNet_SAM_batch_per_process"  # set by nnunet_sam_train --batch-per-process
 DEFAULT_TIMEOUT_S = 1800.0  # a collective may wait this long (rank 0 alone unpacks data, computes metrics, ...)
 DEFAULT_LOST_AFTER_S = 60.0  # a rank whose heartbeat stops this long is lost
 HEARTBEAT_S = 1.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # a scheduler's stop, a pre-emption notice (SLURM --signal)
 
 
 class DistributedSetupError(ValueError):
@@ -108,8 +114,22 @@ def check_batch_split(batch_size: int, world_size: int) -> None:
         raise DistributedSetupError(
             f"the global batch of {batch_size} (the plans' batch_size) cannot be split evenly over {world_size} "
             f"processes, so the gradients would differ from one process's. Start a number of processes in all "
-            f"(nodes x --nproc-per-node) that divides {batch_size}: {fitting}"
+            f"(nodes x --nproc-per-node) that divides {batch_size}: {fitting}; or give each process its own batch "
+            "with nnunet_sam_train --batch-per-process B (global batch B x processes)"
         )
+
+
+def batch_per_process(environ: Mapping[str, str] = os.environ) -> int | None:
+    """``$nnUNet_SAM_batch_per_process`` (``nnunet_sam_train --batch-per-process B``): each process's batch; the
+    global batch is then B x the number of processes instead of the plans' batch. None when unset."""
+    value = environ.get(BATCH_PER_PROCESS_ENV)
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise DistributedSetupError(
+            f"--batch-per-process / ${BATCH_PER_PROCESS_ENV}={value!r}: expected a whole number >= 1"
+        )
+    return int(value)
 
 
 @contextmanager
@@ -140,16 +160,19 @@ class RankMonitor:
     once; any backend gives up after the timeout) is explained by :meth:`explain`.
     """
 
-    def __init__(self, info: RankInfo, lost_after: float, store: dist.Store | None = None) -> None:
+    def __init__(self, info: RankInfo, lost_after: float, attempt: str, store: dist.Store | None = None) -> None:
         if store is None:
             store = dist.TCPStore(
                 info.store_host, info.store_port, is_master=False, timeout=timedelta(seconds=30), wait_for_workers=False
             )
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        # one key space per process group: after torchrun restarts a group the keys of the last one are stale (the
+        # nodes' TORCHELASTIC_RESTART_COUNTs differ when only one node's worker failed, so they cannot name it)
         self.store = dist.PrefixStore(f"nnunet_sam/attempt_{attempt}", store)
         self.info = info
         self.lost_after = lost_after
         self._stop = threading.Event()
+        self._signal_pipe: int | None = None
+        self._signal_handler: Callable[[int, object], None] = lambda signum, frame: None
         self._thread = threading.Thread(target=self._watch, name="nnunet_sam rank monitor", daemon=True)
         self.store.set(f"host/{info.rank}", f"{socket.gethostname()}, local rank {info.local_rank}")
 
@@ -166,7 +189,8 @@ class RankMonitor:
         return {r: self.store.add(f"beat/{r}", 0) for r in ranks}
 
     def _done(self, rank: int) -> bool:
-        return self.store.check([f"done/{rank}"])
+        """Finished normally or stopped on its own error: either way not lost."""
+        return self.store.check([f"done/{rank}"]) or self.store.check([f"failed/{rank}"])
 
     def _others(self) -> list[int]:
         return [r for r in range(self.info.world_size) if r != self.info.rank]
@@ -187,20 +211,27 @@ class RankMonitor:
             pass
 
     def report_failure(self, error: BaseException) -> None:
-        """Leave this rank's own error in the store, for the message of the ranks it leaves waiting."""
-        self._stop.set()
+        """Leave this rank's own error in the store, for the message of the ranks it leaves waiting.
+
+        The heartbeat goes on until :meth:`stop_watching`: a rank that is still explaining its stop is not lost.
+        """
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
         try:
             self.store.set(f"failed/{self.info.rank}", f"{type(error).__name__}: {first_line}")
         except Exception:
             pass
 
-    def explain(self) -> str | None:
-        """After a failed collective: which ranks reported an error or stopped beating; None if none did.
-
-        Samples the others' heartbeats twice, ``3 * HEARTBEAT_S`` apart.
-        """
+    def stop_watching(self) -> None:
+        """No more heartbeats or lost-rank checks (this rank is stopping)."""
         self._stop.set()
+
+    def explain(self) -> str | None:
+        """After this rank failed: which other ranks reported an error or stopped beating; None if none did.
+
+        Samples the others' heartbeats twice, ``3 * HEARTBEAT_S`` apart, while this rank's heartbeat goes on. A rank
+        counts as lost only if its heartbeat stopped and it left no error of its own (every rank that fails leaves
+        it, with :meth:`report_failure`, before it explains).
+        """
         others = self._others()
         try:
             before = self._beats(others)
@@ -234,6 +265,7 @@ class RankMonitor:
         watched = self._others() if me == 0 else [0]
         seen = {r: (-1, time.monotonic()) for r in watched}
         while not self._stop.wait(HEARTBEAT_S):
+            self._check_signals()
             try:
                 self.store.add(f"beat/{me}", 1)
                 if self.store.check(["abort"]):
@@ -255,9 +287,74 @@ class RankMonitor:
                     self._exit(self._store_lost(error))
                 return
 
+    def watch_signals(self, handler: Callable[[int, object], None]) -> None:
+        """Run ``handler`` for SIGTERM and SIGUSR1, within a heartbeat even while the main thread waits in a
+        collective (where Python's own handler runs only when the collective returns): the signal's number also
+        goes to a pipe (``signal.set_wakeup_fd``) that the heartbeat thread reads. Main thread only."""
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        self._signal_pipe, self._signal_handler = read, handler
+        os.register_at_fork(after_in_child=_default_signals)
+
+    def _check_signals(self) -> None:
+        if self._signal_pipe is None:
+            return
+        try:
+            received = os.read(self._signal_pipe, 64)
+        except BlockingIOError:
+            return
+        for signum in received:
+            if signum in STOP_SIGNALS:
+                self._signal_handler(signum, None)
+
     def _exit(self, reason: str) -> None:
+        claim_stop()
         stop_message(self.info.rank, reason)
-        os._exit(1)
+        stop_process(1)
+
+
+def _default_signals() -> None:
+    """In a forked child (an augmentation worker): SIGTERM and SIGUSR1 end it as usual; the rank's handler, which
+    would print the rank's stop message and exit code, stays with the rank."""
+    signal.set_wakeup_fd(-1)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+
+
+_STOPPING = threading.Lock()
+
+
+def claim_stop() -> None:
+    """Let one thread stop this rank (its message, its exit code); any other that tries later waits for the end."""
+    if not _STOPPING.acquire(blocking=False):
+        threading.Event().wait()
+
+
+def stop_process(code: int) -> None:
+    """End this rank's process tree (its data-augmentation workers first), then the process, with ``code``.
+
+    ``os._exit``: a broken process group can block in its destructors.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    end_process_tree()
+    os._exit(code)
+
+
+def _on_signal(info: RankInfo, monitor: RankMonitor) -> Callable[[int, object], None]:
+    def handler(signum: int, frame: object) -> None:
+        claim_stop()
+        name = signal.Signals(signum).name
+        monitor.report_failure(RuntimeError(f"stopped by {name}"))
+        what = "pre-emption notice" if signum == signal.SIGUSR1 else "the scheduler or a user stopped it"
+        stop_message(info.rank, f"{name} received ({what}); the last saved checkpoint is kept")
+        stop_process(128 + signum)
+
+    return handler
 
 
 def stop_message(rank: int, reason: str) -> None:
@@ -271,12 +368,51 @@ def stop_message(rank: int, reason: str) -> None:
     )
 
 
+def _group_attempt(info: RankInfo) -> str:
+    """A name that every rank of this process group shares and no other group has (rank 0's, broadcast)."""
+    token = [f"{uuid.uuid4().hex}" if info.rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    return str(token[0])
+
+
+def group_restarted(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether torchrun restarted this process group (any rank's ``TORCHELASTIC_RESTART_COUNT`` > 0); a collective.
+
+    Every rank must get the same answer, but the counts differ between nodes: an agent whose own worker failed counts
+    the restart, one that only follows the new rendezvous round does not.
+    """
+    counts: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, int(environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
+    return max(int(c) for c in counts) > 0
+
+
+SEPARATE_STORES_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def check_restartable(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse ``torchrun --max-restarts N`` (N > 0) with the store shared between rendezvous rounds.
+
+    By default torchrun's agents keep one store for all rounds, and the keys a process group is built from carry no
+    round: a worker of a restarted group can read the address of a process of the last group and fail, or wait
+    forever for it (seen with torch 2.14 and gloo). ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's
+    environment gives every round a store of its own.
+    """
+    restarts = int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise DistributedSetupError(
+            f"torchrun --max-restarts {restarts} needs {SEPARATE_STORES_ENV}=1 in torchrun's environment (on every "
+            "node): with the store shared between rounds a restarted group cannot form. Start torchrun as "
+            f"'{SEPARATE_STORES_ENV}=1 torchrun ...' (scripts/slurm/train_multinode.sbatch does)"
+        )
+
+
 def start(info: RankInfo, device_type: str) -> RankMonitor:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU; ``env://``) and start the rank monitor.
 
     Collectives time out after ``$nnUNet_SAM_dist_timeout`` seconds (default 1800), a rank counts as lost after
     ``$nnUNet_SAM_dist_lost_after`` seconds without a heartbeat (default 60).
     """
+    check_restartable()
     timeout = timedelta(seconds=seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
     lost_after = seconds_from_env(LOST_AFTER_ENV, DEFAULT_LOST_AFTER_S)
     if device_type == "cuda":
@@ -290,32 +426,48 @@ def start(info: RankInfo, device_type: str) -> RankMonitor:
     elif device_type != "cpu":
         raise DistributedSetupError(f"-device {device_type}: several processes need cuda (NCCL) or cpu (gloo)")
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
-    return RankMonitor(info, lost_after).start()
+    return RankMonitor(info, lost_after, _group_attempt(info)).start()
 
 
 def run_as_rank(work: Callable[[], object], info: RankInfo, device_type: str) -> int:
-    """Run ``work`` as one rank of a torchrun job; returns the exit code (0; 2 for settings the job cannot use).
+    """Run ``work`` as one rank of a torchrun job; returns 0 when it ends normally, 2 when the process group cannot
+    be joined with these settings. Any other end ends the process (``os._exit``; codes in :mod:`nnunet_sam.cli.train`).
 
-    Joins the process group (:func:`start`). When ``work`` raises and another rank failed or was lost, this rank
-    stops with a message naming that rank (exit code 1); otherwise it leaves its own error for the others and
-    raises it.
+    Joins the process group (:func:`start`). When ``work`` raises, this rank prints its own traceback, leaves its
+    error for the others, names the other ranks that failed or were lost too, ends its process tree and exits
+    with code 1. SIGTERM (a scheduler's stop) and SIGUSR1 (a pre-emption notice) end the process tree too, with
+    code 128 + the signal's number.
     """
     try:
         monitor = start(info, device_type)
     except DistributedSetupError as error:
         return conventions.error("nnunet_sam_train", error)
+    if threading.current_thread() is threading.main_thread():
+        monitor.watch_signals(_on_signal(info, monitor))
+    workers_die_with_parent()
     try:
         work()
     except DistributedSetupError as error:  # every rank finds the same, before the first training step
+        claim_stop()
         monitor.report_failure(error)
-        return conventions.error("nnunet_sam_train", error)
+        monitor.stop_watching()
+        conventions.error("nnunet_sam_train", error)
+        stop_process(conventions.UNUSABLE)
+    except SystemExit as error:  # nnU-Net's argument parser (its message is printed): the same on every rank
+        claim_stop()
+        monitor.report_failure(RuntimeError(f"exited with code {error.code}"))
+        monitor.stop_watching()
+        stop_process(error.code if isinstance(error.code, int) else conventions.FAILED)
     except BaseException as error:
-        reason = monitor.explain()
-        if reason is not None:  # another rank failed or was lost: that is the cause, not this rank's error
-            stop_message(info.rank, reason)
-            os._exit(1)  # a broken process group can block in its destructors
+        traceback.print_exc()  # this rank's own error first, whatever the others did
+        sys.stderr.flush()
         monitor.report_failure(error)
-        raise
+        others = monitor.explain()
+        claim_stop()
+        monitor.stop_watching()
+        own = f"{type(error).__name__} on this rank (traceback above)"
+        stop_message(info.rank, own if others is None else f"{others}; then {own}")
+        stop_process(conventions.FAILED)
     monitor.stop()
     dist.destroy_process_group()
     return 0

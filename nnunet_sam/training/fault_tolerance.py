@@ -16,12 +16,16 @@ never write the same checkpoints; :func:`intact_checkpoint` finds the newest und
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import re
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import zipfile
@@ -197,7 +201,7 @@ def remove_stale_partial_files(folder: str | os.PathLike) -> list[Path]:
 
 # ---- one training per fold folder ------------------------------------------------------------------------------
 LOCK_FILE = ".nnunet_sam_training.lock"
-_HELD_LOCKS: list[TextIO] = []
+_HELD_LOCKS: list = []  # open flock files and HolderFileLocks of this process
 
 
 def _drop_locks_in_child() -> None:
@@ -218,9 +222,83 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
-def lock_folder(folder: str | os.PathLike, what: str = "training") -> TextIO:
-    """Hold an exclusive lock on ``folder`` until the returned file is closed or the process ends (``flock``: the
-    kernel releases it even on SIGKILL). Raises :class:`FolderBusyError` naming the process holding it."""
+# errno values of a file system that does not support flock (some NFS and Lustre mounts)
+FLOCK_UNSUPPORTED_ERRNOS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+HOLDER_FILE = ".nnunet_sam_training.holder"  # the fallback lock: exists while held
+
+
+class HolderFileLock:
+    """An exclusive lock without ``flock``: the file ``HOLDER_FILE``, created with ``O_CREAT | O_EXCL`` (atomic also
+    on NFSv3+ and Lustre), holding ``host PID since ... (command)``.
+
+    ``close()`` removes it (in the process that created it only; a forked child's copy does nothing). A killed
+    holder leaves the file: a later :func:`lock_folder` on the same host removes it when that PID no longer runs; a
+    holder on another host cannot be checked from here, so the message names the file to delete.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.owner = os.getpid()
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed and os.getpid() == self.owner:
+            self.path.unlink(missing_ok=True)
+        self.closed = True
+
+
+def _busy(folder: Path, what: str, holder: str) -> FolderBusyError:
+    return FolderBusyError(
+        f"another {what} is running in {folder}: {holder}. Two runs would overwrite each other's "
+        f"checkpoints; wait for it to end (or stop it), or use another fold, trainer or plans."
+    )
+
+
+def _holder_line() -> str:
+    return f"PID {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv)})"
+
+
+def _holder_file_lock(folder: Path, what: str) -> HolderFileLock:
+    """The fallback of :func:`lock_folder` where the file system has no ``flock``."""
+    path = folder / HOLDER_FILE
+    host = socket.gethostname()
+    for _ in range(2):  # a second try after removing a stale holder file
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                holder = path.read_text(encoding="utf-8").strip()
+            except FileNotFoundError:  # released meanwhile
+                continue
+            holder_host, _, rest = holder.partition(" ")
+            pid = re.match(r"PID (\d+)", rest)
+            if holder_host == host and pid is not None and not _process_alive(int(pid.group(1))):
+                print(f"Removing the stale lock {path} of a stopped process ({holder})", file=sys.stderr)
+                path.unlink(missing_ok=True)
+                continue
+            where = "this host" if holder_host == host else f"host {holder_host}"
+            raise _busy(
+                folder,
+                what,
+                f"{rest or 'another process'} on {where} (lock file {path}; if that process no "
+                "longer runs, delete the file)",
+            ) from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"{host} {_holder_line()}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return HolderFileLock(path)
+    raise _busy(folder, what, f"the lock file {path} keeps reappearing")
+
+
+def lock_folder(folder: str | os.PathLike, what: str = "training") -> TextIO | HolderFileLock:
+    """Hold an exclusive lock on ``folder`` until the returned handle is closed or the process ends (``flock``: the
+    kernel releases it even on SIGKILL). Raises :class:`FolderBusyError` naming the process holding it.
+
+    Where the file system does not support ``flock`` (some NFS and Lustre mounts refuse it with ENOLCK or
+    EOPNOTSUPP), a warning says so and the lock is an exclusively created file naming the holder's host and PID
+    (:class:`HolderFileLock`).
+    """
     import fcntl
 
     folder = Path(folder)
@@ -232,16 +310,110 @@ def lock_folder(folder: str | os.PathLike, what: str = "training") -> TextIO:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise FolderBusyError(
-            f"another {what} is running in {folder}: {holder}. Two runs would overwrite each other's "
-            f"checkpoints; wait for it to end (or stop it), or use another fold, trainer or plans."
-        ) from None
+        raise _busy(folder, what, holder) from None
+    except OSError as error:
+        handle.close()
+        if error.errno not in FLOCK_UNSUPPORTED_ERRNOS:
+            raise
+        print(
+            f"WARNING: the file system of {folder} does not support flock ({error.strerror}); locking the folder "
+            f"with the file {HOLDER_FILE} instead (host and PID of this process, removed when the training ends)",
+            file=sys.stderr,
+        )
+        lock = _holder_file_lock(folder, what)
+        _HELD_LOCKS[:] = [h for h in _HELD_LOCKS if not h.closed] + [lock]
+        return lock
     handle.seek(0)
     handle.truncate()
-    handle.write(f"PID {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv)})\n")
+    handle.write(f"{_holder_line()}\n")
     handle.flush()
     _HELD_LOCKS[:] = [h for h in _HELD_LOCKS if not h.closed] + [handle]
     return handle
+
+
+# ---- no process left behind -------------------------------------------------------------------------------------
+_PR_SET_PDEATHSIG = 1
+_fork_from_main_thread = [False]
+_prctl: list = []  # libc's prctl, looked up in the parent (a forked child of a threaded process must not dlopen)
+
+
+def _before_fork() -> None:
+    _fork_from_main_thread[0] = threading.current_thread() is threading.main_thread()
+
+
+def _die_with_parent() -> None:
+    """In a process just forked: ask the kernel for SIGKILL when the parent ends (``PR_SET_PDEATHSIG``).
+
+    The kernel sends it when the forking *thread* ends, so only children forked by the main thread get it (the
+    main thread ends with the process).
+    """
+    if not _fork_from_main_thread[0]:
+        return
+    parent = os.getppid()
+    _prctl[0](_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent ended before the request: nobody to work for
+        os._exit(1)
+
+
+def workers_die_with_parent() -> None:
+    """From now on, every child this process forks (nnU-Net's data-augmentation workers: batchgenerators forks them
+    with ``multiprocessing``) is killed by the kernel when this process ends, even by SIGKILL. Linux only; a no-op
+    elsewhere. Children started with ``spawn``/``subprocess`` are not affected."""
+    if _prctl or not sys.platform.startswith("linux") or not hasattr(os, "register_at_fork"):
+        return
+    _prctl.append(ctypes.CDLL(None, use_errno=True).prctl)
+    os.register_at_fork(before=_before_fork, after_in_child=_die_with_parent)
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        parent = int(stat[stat.rindex(")") + 2 :].split()[1])  # after "PID (name) STATE"
+        children.setdefault(parent, []).append(int(entry.name))
+    return children
+
+
+def descendants(pid: int | None = None) -> list[int]:
+    """The PIDs of every process below ``pid`` (default: this process), children first; [] without /proc."""
+    if not Path("/proc/self/stat").exists():
+        return []
+    children = _children_map()
+    found, queue = [], [os.getpid() if pid is None else pid]
+    while queue:
+        for child in children.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def end_process_tree(grace_s: float = 2.0) -> list[int]:
+    """End every process below this one (data-augmentation workers and their children): SIGTERM, then SIGKILL
+    after ``grace_s`` seconds for those still running. Returns the PIDs signalled."""
+    pids = descendants()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while sig == signal.SIGTERM and time.monotonic() < deadline and any(_running(p) for p in pids):
+            time.sleep(0.05)
+    return pids
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a child that ended but was not yet waited for)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 # ---- damaged checkpoints ---------------------------------------------------------------------------------------

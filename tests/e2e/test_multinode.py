@@ -10,9 +10,11 @@ two-node training where one rank is killed and ``--c`` on one node continues fro
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,14 +28,22 @@ import SimpleITK as sitk
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
-from sam_testing import dataset_json, minimal_plans, nnunet_env, run_tool
+from sam_testing import REPO, dataset_json, minimal_plans, nnunet_env, run_tool
 
 from nnunet_sam.cli import train as train_cli
 from nnunet_sam.cli.predict import main as predict_main
 from nnunet_sam.demo.phantoms import make_phantom_dataset
 from nnunet_sam.inference.predict import cases_in_folder, cases_of_part
 from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
-from nnunet_sam.training.distributed import DistributedSetupError, check_batch_split, rank_device
+from nnunet_sam.training import distributed
+from nnunet_sam.training.distributed import (
+    SEPARATE_STORES_ENV,
+    DistributedSetupError,
+    check_batch_split,
+    check_restartable,
+    rank_device,
+)
+from nnunet_sam.training.fault_tolerance import descendants
 
 BIN = Path(sys.executable).parent
 DATASET = 991
@@ -226,6 +236,260 @@ def test_a_lost_rank_stops_the_others_with_its_name(tmp_path, how):
     assert "rank 1 (" in output and "was lost: no heartbeat" in output, output
     if how == "stopped":  # only the heartbeat shows it
         assert "no heartbeat for 5 s" in output, output
+
+
+# ---- every rank fails, stop paths end the workers (bare process groups) -------------------------------------------
+GROUP = """
+import multiprocessing, os, signal, sys, time
+import torch
+import torch.distributed as dist
+from nnunet_sam.training.distributed import RankInfo, run_as_rank
+
+def worker():  # as nnU-Net's augmentation workers (batchgenerators forks them as daemons)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only SIGKILL or the kernel's parent-death signal ends them
+    while True:
+        time.sleep(1)
+
+def work():
+    how = os.environ["HOW"]
+    workers = [multiprocessing.get_context("fork").Process(target=worker, daemon=True) for _ in range(2)]
+    for w in workers:
+        w.start()
+    with open(os.environ["PID_FILE"] + os.environ["RANK"], "w") as f:
+        f.write(" ".join(str(p) for p in [os.getpid()] + [w.pid for w in workers]))
+    for step in range(10**9):
+        dist.all_reduce(torch.ones(1))
+        if how == "raise" and step == 5:
+            raise ValueError(f"a bug in the trainer, rank {os.environ['RANK']}")
+        time.sleep(0.05)
+
+sys.exit(run_as_rank(work, RankInfo.from_environ(), "cpu"))
+"""
+WORKERS_GONE_S = 15  # a stopping rank's workers are gone within this time (measured: under 3 s)
+
+
+def _start_group(tmp_path: Path, how: str) -> tuple[list[subprocess.Popen], list[list[int]]]:
+    """Two ranks of GROUP; returns them and each rank's [rank PID, worker PIDs...] once all are running."""
+    port = _free_port()
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "HOW": how}
+    env.update(PID_FILE=str(tmp_path / "pid"), OMP_NUM_THREADS="1", nnUNet_SAM_dist_lost_after="5")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", GROUP],
+            env={**env, "RANK": str(r), "LOCAL_RANK": "0"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for r in range(2)
+    ]
+    deadline = time.time() + 300
+    while not all((tmp_path / f"pid{r}").is_file() for r in range(2)):
+        if time.time() > deadline or (how != "raise" and any(p.poll() is not None for p in procs)):
+            _end_group(procs)
+            raise AssertionError("the ranks did not start: " + "".join(p.communicate()[0] for p in procs))
+        time.sleep(0.2)
+    time.sleep(0.5)  # the PID files are complete
+    return procs, [[int(p) for p in (tmp_path / f"pid{r}").read_text().split()] for r in range(2)]
+
+
+def _end_group(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _gone_within(pids: list[int], seconds: float) -> list[int]:
+    """The PIDs still running after ``seconds`` (checked every 0.1 s)."""
+    deadline = time.time() + seconds
+    while any(_running(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if _running(p)]
+
+
+def test_every_rank_raising_prints_its_own_error_not_a_lost_node(tmp_path):
+    """Issue 26 item 1: all ranks raise the same error (a bug in a trainer subclass): each prints its own traceback
+    and names the other as failed, never as lost."""
+    procs, _ = _start_group(tmp_path, "raise")
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        _end_group(procs)
+    for rank, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 1, output
+        assert "Traceback" in output and f"ValueError: a bug in the trainer, rank {rank}" in output, output
+        assert "was lost" not in output and "were lost" not in output, output
+        assert output.index("Traceback") < output.index(f"training stopped on rank {rank}"), output
+        other = 1 - rank
+        assert f"rank {other} (" in output and "failed: ValueError" in output, output
+
+
+@pytest.mark.parametrize("how", ["lost peer", "exception", "SIGTERM", "SIGUSR1"])
+def test_a_stopping_rank_ends_its_workers(tmp_path, how):
+    """Issue 26 item 2 / issue 29 item 10: no augmentation worker outlives its rank, on any exit path. Rank 1 is
+    SIGKILLed (its workers die with it: the kernel's parent-death signal) or rank 0 gets SIGTERM or SIGUSR1 (a
+    scheduler's stop or pre-emption notice) or raises; every worker of both ranks is gone within WORKERS_GONE_S."""
+    procs, pids = _start_group(tmp_path, "raise" if how == "exception" else "loop")
+    try:
+        time.sleep(1)
+        if how == "lost peer":
+            os.kill(pids[1][0], signal.SIGKILL)
+        elif how.startswith("SIG"):
+            os.kill(pids[0][0], getattr(signal, how))
+        start = time.time()
+        output = procs[0].communicate(timeout=LOST_WITHIN_S)[0]
+        left = _gone_within(pids[0][1:] + pids[1][1:], WORKERS_GONE_S)
+        elapsed = time.time() - start
+    finally:
+        _end_group(procs)
+    print(f"{how}: rank 0 and every worker gone {elapsed:.1f} s after the event")
+    assert not left, f"workers {left} outlived their rank ({how}); rank 0 said: {output}"
+    expected = {"lost peer": 1, "exception": 1, "SIGTERM": 128 + signal.SIGTERM, "SIGUSR1": 128 + signal.SIGUSR1}
+    assert procs[0].returncode == expected[how], output
+    if how.startswith("SIG"):
+        assert f"{how} received" in output, output
+
+
+# ---- torchrun: elastic restarts and exit codes --------------------------------------------------------------------
+ELASTIC = """
+import os, signal, sys, time
+import torch
+import torch.distributed as dist
+from nnunet_sam.training.distributed import DistributedSetupError, RankInfo, run_as_rank
+
+def work():
+    restart, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
+    if os.environ["HOW"] == "setup":
+        raise DistributedSetupError("this job cannot use these settings")
+    for step in range(20):
+        dist.all_reduce(torch.ones(1))
+        time.sleep(0.1)
+        if step == 5 and restart == 0 and rank == 1 and os.environ["HOW"] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)  # a worker lost in the first attempt only
+    open(os.path.join(os.environ["OUT"], f"done_rank{rank}_restart{restart}"), "w").close()
+
+sys.exit(run_as_rank(work, RankInfo.from_environ(), "cpu"))
+"""
+
+
+def _torchrun_nodes(
+    tmp_path: Path, how: str, *options: str, extra_env: dict[str, str] | None = None
+) -> list[subprocess.CompletedProcess]:
+    """Two torchrun nodes on 127.0.0.1 (c10d rendezvous), one process each, running ELASTIC."""
+    (tmp_path / "elastic.py").write_text(ELASTIC)
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path), "HOW": how, **(extra_env or {})}
+    env["nnUNet_SAM_dist_lost_after"] = "10"
+    command = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
+    command += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "elastic", *options, str(tmp_path / "elastic.py")]
+    nodes = []
+    for node in range(2):
+        nodes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        if node == 0:
+            time.sleep(3)  # node 0's torchrun holds the rendezvous store
+    try:
+        outputs = [n.communicate(timeout=300)[0] for n in nodes]
+    finally:
+        for n in nodes:  # torchrun passes SIGTERM on to its processes (each leads a session of its own)
+            if n.poll() is None:
+                n.terminate()
+                try:
+                    n.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    n.kill()
+            n.wait()
+    return [subprocess.CompletedProcess(n.args, n.returncode, o) for n, o in zip(nodes, outputs, strict=True)]
+
+
+@pytest.mark.slow
+def test_max_restarts_survives_a_killed_worker(tmp_path):
+    """Issue 26 item 3: with --max-restarts 1 the group is restarted after a worker is SIGKILLed and finishes (both
+    nodes, although only node 1's restart count goes up when node 0 merely follows the new rendezvous)."""
+    nodes = _torchrun_nodes(tmp_path, "kill", "--max-restarts", "1", extra_env={SEPARATE_STORES_ENV: "1"})
+    logs = "\n".join(n.stdout for n in nodes)
+    assert [n.returncode for n in nodes] == [0, 0], logs[-6000:]
+    done = sorted(p.name for p in tmp_path.glob("done_*"))
+    assert len(done) == 2 and {d.split("_")[1] for d in done} == {"rank0", "rank1"}, (done, logs[-6000:])
+    assert "done_rank1_restart1" in done, done  # node 1's worker was the one restarted
+
+
+def test_max_restarts_with_a_shared_store_is_refused_clearly():
+    """torchrun's default store, shared between rounds, lets a restarted group hang (stale addresses): refused."""
+    check_restartable({"TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"})
+    check_restartable({"TORCHELASTIC_MAX_RESTARTS": "1", "TORCHELASTIC_USE_AGENT_STORE": "False"})
+    with pytest.raises(DistributedSetupError, match=f"--max-restarts 2 needs {SEPARATE_STORES_ENV}=1"):
+        check_restartable({"TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"})
+
+
+def test_exit_codes_under_torchrun(tmp_path):
+    """Issue 26 item 4: a setting the job cannot use: each process prints its message and exits 2; torchrun itself
+    exits 1 and shows each process's code in its failure summary."""
+    nodes = _torchrun_nodes(tmp_path, "setup")
+    for node in nodes:
+        assert node.returncode == 1, node.stdout[-4000:]
+        assert "nnunet_sam_train: error: this job cannot use these settings" in node.stdout, node.stdout[-4000:]
+        assert re.search(r"exitcode\s*:\s*2\b", node.stdout), node.stdout[-4000:]
+
+
+def test_a_restarted_group_continues_from_the_last_checkpoint(monkeypatch):
+    """Issue 26 item 3: when torchrun restarted the group, every rank adds --c (nnU-Net starts afresh when there is
+    no checkpoint yet), also a rank whose own restart count is 0 (its node only followed the new rendezvous)."""
+    seen = []
+    monkeypatch.setattr(train_cli, "run_as_rank", lambda work, info, device: work() or 0)
+    monkeypatch.setattr(train_cli, "run_training_entry", lambda: seen.append(list(sys.argv[1:])))
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    other_rank = {"count": 0}
+    monkeypatch.setattr(
+        torch.distributed,
+        "all_gather_object",
+        lambda out, obj: out.__setitem__(slice(None), [obj, other_rank["count"]]),
+    )
+    monkeypatch.setattr(sys, "argv", ["nnunet_sam_train"])
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    args = ["1", "3d_fullres", "0", "-device", "cpu"]
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert train_cli.main(args) == 0
+    other_rank["count"] = 1
+    assert train_cli.main(args) == 0
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert train_cli.main([*args, "--c"]) == 0
+    assert seen == [args, [*args, "--c"], [*args, "--c"]]
+
+
+def test_batch_per_process_sets_the_global_batch(tmp_path, monkeypatch, capsys):
+    """Issue 26 item 5: --batch-per-process B gives a global batch of B x processes (8 processes: 8, where the plans'
+    batch of 2 cannot be split)."""
+    monkeypatch.setattr(sys, "argv", ["nnunet_sam_train"])
+    monkeypatch.setattr(train_cli, "run_as_rank", lambda work, info, device: 0)
+    monkeypatch.delenv(distributed.BATCH_PER_PROCESS_ENV, raising=False)
+    assert train_cli.main(["1", "3d_fullres", "0", "--batch-per-process", "1"]) == 2  # not under torchrun
+    assert "under torchrun only" in capsys.readouterr().err
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="8", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    assert train_cli.main(["1", "3d_fullres", "0", "-device", "cpu", "--batch-per-process", "1"]) == 0
+    assert os.environ[distributed.BATCH_PER_PROCESS_ENV] == "1" and "--batch-per-process" not in sys.argv
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 8)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
+    plans = minimal_plans([2, 32, 32])
+    assert plans["configurations"]["3d_fullres"]["batch_size"] == 2
+    trainer = MaskSAMTrainer_tiny(plans, "3d_fullres", 0, dataset_json(2), torch.device("cpu"))
+    assert trainer.configuration_manager.batch_size == 8
+    check_batch_split(trainer.configuration_manager.batch_size, 8)
+    monkeypatch.setenv(distributed.BATCH_PER_PROCESS_ENV, "0")
+    with pytest.raises(DistributedSetupError, match="expected a whole number"):
+        MaskSAMTrainer_tiny(plans, "3d_fullres", 0, dataset_json(2), torch.device("cpu"))
 
 
 # ---- two torchrun nodes train (slow) ------------------------------------------------------------------------------
@@ -443,3 +707,177 @@ def test_two_nodes_masksam_lose_a_node_and_continue_on_one(workspace):
     resumed = sorted(fold.glob("training_log_*.txt"))[-1].read_text()
     assert re.search(rf"Epoch {saved_epoch}\s*$", resumed, re.M), "--c did not resume at the saved epoch"
     assert not re.search(r"Epoch 0\s*$", resumed, re.M), "--c started from scratch"
+
+
+# ---- the SLURM script under a fake Slurm (sbatch, srun, scontrol) on 127.0.0.1 ------------------------------------
+SLURM_SCRIPT = REPO / "scripts" / "slurm" / "train_multinode.sbatch"
+JOB_ID = 4242
+FAKE_SBATCH = """#!/bin/bash
+# sbatch SCRIPT ARGS: the job's variables as Slurm sets them (from the script's #SBATCH lines), then the script
+script=$1; shift
+option() { sed -n "s/^#SBATCH --$1=//p" "$script" | head -n 1; }
+export SLURM_JOB_ID=${FAKE_JOB_ID} SLURM_JOB_NAME=$(option job-name) SLURM_JOB_NODELIST="node[1-2]"
+export SLURM_NNODES=$(option nodes) SLURM_JOB_NUM_NODES=$(option nodes) SLURM_CPUS_PER_TASK=$(option cpus-per-task)
+export SLURM_NTASKS_PER_NODE=$(option ntasks-per-node) SLURM_SUBMIT_DIR=$PWD
+exec bash "$script" "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "scontrol $*" >> "$FAKE_SLURM_LOG"
+case "$1 $2" in
+    "show hostnames") for i in $(seq "$SLURM_NNODES"); do echo 127.0.0.1; done ;;  # every node is this machine
+    "requeue "*) kill "$(cat "$FAKE_SLURM_LOG.srun_pid")" ;;  # Slurm ends the running step
+esac
+"""
+FAKE_SRUN = """#!/bin/bash
+# one task per node: SLURM_NNODES copies of the command, node 0 first (its torchrun holds the rendezvous store)
+echo "srun $*" >> "$FAKE_SLURM_LOG"
+echo "env nnUNet_raw=$nnUNet_raw nnUNet_preprocessed=$nnUNet_preprocessed" >> "$FAKE_SLURM_LOG"
+echo "env nnUNet_results=$nnUNet_results" >> "$FAKE_SLURM_LOG"
+echo $$ > "$FAKE_SLURM_LOG.srun_pid"
+while [[ $1 == --* ]]; do
+    case $1 in --cpus-per-task=*) export SLURM_CPUS_PER_TASK=${1#*=} ;; esac
+    shift
+done
+if [ -n "${FAKE_SRUN_HOLD:-}" ]; then exec sleep 300; fi
+pids=()
+for node in $(seq 0 $((SLURM_NNODES - 1))); do
+    SLURM_PROCID=$node SLURM_NODEID=$node SLURM_LOCALID=0 "$@" > "$FAKE_SLURM_LOG.node$node" 2>&1 &
+    pids+=($!)
+    sleep 3
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+def _fake_slurm(tmp_path: Path, root: Path | None = None, **env: str) -> tuple[dict[str, str], Path]:
+    """PATH with fake sbatch, srun and scontrol first; returns the environment and the fake Slurm's log. nnU-Net's
+    folders under ``root`` (default ``tmp_path``)."""
+    bin_dir = tmp_path / "fake_slurm"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "slurm.log"
+    full = nnunet_env(root or tmp_path, OMP_NUM_THREADS="1", FAKE_JOB_ID=str(JOB_ID), FAKE_SLURM_LOG=str(log), **env)
+    full["PATH"] = os.pathsep.join([str(bin_dir), str(BIN), full["PATH"]])  # torchrun of this environment
+    return full, log
+
+
+def _sbatch(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["sbatch", str(SLURM_SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.slow
+def test_slurm_script_starts_two_nodes_as_one_group(tmp_path):
+    """Issue 26 item 6: the README's SLURM script under a fake Slurm: two nodes' torchruns on 127.0.0.1 form one
+    group (both ranks meet nnU-Net's error for a dataset that does not exist, each naming the other as failed), with
+    the job's port and id, the nnU-Net folders exported, and --cpus-per-task passed to srun."""
+    env, log = _fake_slurm(tmp_path, NPROC_PER_NODE="1", NNUNET_SAM_MAX_RESTARTS="0")  # no retries of the error
+    result = _sbatch(env, "999", "3d_fullres", "0", "-device", "cpu")
+    assert result.returncode == 1, result.stdout + result.stderr
+    text = log.read_text()
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    assert "--cpus-per-task=32 " in srun  # the script's #SBATCH --cpus-per-task, explicitly
+    assert f"--rdzv-endpoint 127.0.0.1:{20000 + JOB_ID % 40000} --rdzv-id {JOB_ID}" in srun, srun
+    assert "--nnodes 2 --nproc-per-node 1" in srun and srun.endswith("999 3d_fullres 0 -device cpu"), srun
+    assert f"nnUNet_results={tmp_path / 'results'}" in text
+    output = "".join(Path(f"{log}.node{n}").read_text() for n in range(2))
+    for rank in range(2):  # each rank stops on its own error; the later one also names the first as failed
+        assert f"training stopped on rank {rank}" in output, output[-4000:]
+    assert re.search(r"rank [01] \(.*\) failed: RuntimeError", output) and "was lost" not in output, output[-4000:]
+
+    env.pop("nnUNet_results")
+    result = _sbatch(env, "999", "3d_fullres", "0")
+    assert result.returncode == 2 and "set nnUNet_results" in result.stderr
+
+
+def test_slurm_script_requeues_on_preemption_and_continues_with_c(tmp_path):
+    """Issue 26 item 6: SLURM's USR1 notice (#SBATCH --signal=B:USR1@120) requeues the job; started again
+    (SLURM_RESTART_COUNT=1), the script continues with --c."""
+    env, log = _fake_slurm(tmp_path, FAKE_SRUN_HOLD="1")
+    job = subprocess.Popen(["sbatch", str(SLURM_SCRIPT), "1", "3d_fullres", "0"], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while not Path(f"{log}.srun_pid").is_file():
+            assert time.time() < deadline and job.poll() is None, "srun did not start"
+            time.sleep(0.1)
+        job.send_signal(signal.SIGUSR1)  # fake sbatch execs the script: this is the batch shell
+        stderr = job.communicate(timeout=60)[1].decode()
+    finally:
+        job.kill()
+        job.wait()
+    assert f"scontrol requeue {JOB_ID}" in log.read_text(), log.read_text()
+    assert "pre-emption notice, requeueing" in stderr
+    srun = [line for line in log.read_text().splitlines() if line.startswith("srun ")]
+    assert srun[-1].endswith("1 3d_fullres 0"), srun
+
+    Path(f"{log}.srun_pid").unlink()
+    env["SLURM_RESTART_COUNT"] = "1"  # Slurm sets it in a requeued job
+    job = subprocess.Popen(["sbatch", str(SLURM_SCRIPT), "1", "3d_fullres", "0"], env=env)
+    try:
+        deadline = time.time() + 60
+        while not Path(f"{log}.srun_pid").is_file():
+            assert time.time() < deadline, "srun did not start"
+            time.sleep(0.1)
+    finally:
+        job.kill()
+        job.wait()
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(Path(f"{log}.srun_pid").read_text()), signal.SIGKILL)
+    srun = [line for line in log.read_text().splitlines() if line.startswith("srun ")]
+    assert srun[-1].endswith("1 3d_fullres 0 --c"), srun
+
+
+@pytest.mark.slow
+def test_slurm_script_trains_on_two_nodes_and_survives_a_killed_worker(workspace, tmp_path):
+    """Issues 26 items 2, 3, 5, 6 with real nnU-Net training: the SLURM script (fake Slurm, two nodes on 127.0.0.1,
+    --batch-per-process 1) trains the tiny MaskSAM; the rank on node 1 is SIGKILLed after the first checkpoint: its
+    augmentation workers die with it, torchrun restarts the group (NNUNET_SAM_MAX_RESTARTS=1), which continues
+    from the checkpoint and finishes."""
+    trainer = "MaskSAMTrainer_tiny_mn"
+    record = tmp_path / "record"
+    record.mkdir()
+    env, log = _fake_slurm(
+        tmp_path, workspace, NPROC_PER_NODE="1", NNUNET_SAM_MAX_RESTARTS="1", MULTINODE_RECORD=str(record)
+    )
+    env.update(MULTINODE_EPOCHS="3", nnUNet_SAM_dist_lost_after="30", FAKE_JOB_ID="4343")
+    results = workspace / "results" / f"Dataset{DATASET}_Phantom" / f"{trainer}__nnUNetPlans__3d_fullres"
+    fold = results / "fold_0"
+    # a fresh fold: the restart's --c takes nnU-Net's first checkpoint, checkpoint_final.pth of an earlier test first
+    shutil.rmtree(fold, ignore_errors=True)
+    args = [str(DATASET), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", "--batch-per-process", "1"]
+    job = subprocess.Popen(
+        ["sbatch", str(SLURM_SCRIPT), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        latest = fold / "checkpoint_latest.pth"
+        deadline = time.time() + 1800
+        while not latest.is_file() and time.time() < deadline and job.poll() is None:
+            time.sleep(0.5)
+        assert job.poll() is None, "the job ended before the first checkpoint"
+        saved_epoch = torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"]
+        rank1 = int((record / "pid_1").read_text().split()[0])
+        workers = descendants(rank1)
+        assert workers, "no augmentation workers found"
+        os.kill(rank1, signal.SIGKILL)
+        left = _gone_within(workers, WORKERS_GONE_S)
+        output = job.communicate(timeout=1800)[0]
+    finally:
+        if job.poll() is None:
+            job.kill()
+        job.wait()
+    nodes = [Path(f"{log}.node{n}").read_text(errors="replace") for n in range(2)]
+    assert not left, f"workers {left} of the killed rank outlived it"
+    # torchrun's SIGTERM reaches the rank's whole session: only the rank prints its stop, not its workers
+    assert nodes[0].count("training stopped on rank 0: SIGTERM") <= 1, nodes[0][-3000:]
+    assert job.returncode == 0, output[-3000:] + nodes[0][-3000:] + nodes[1][-3000:]
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 3
+    resumed = sorted(fold.glob("training_log_*.txt"))[-1].read_text()
+    assert re.search(rf"Epoch {saved_epoch}\s*$", resumed, re.M), "the restarted group did not resume"
+    plans = load_json(results / "plans.json")
+    assert plans["configurations"]["3d_fullres"]["batch_size"] == 2  # 1 per process x 2 processes

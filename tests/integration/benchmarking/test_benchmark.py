@@ -361,3 +361,11 @@ def test_trainer_memory_controls_estimate_the_training_forward(tmp_path, monkeyp
     params = sum(p.numel() for p in net.parameters())
     expected = memory.memory_estimate({"total": params, "trainable": params}, 1, activations)
     assert f"estimated peak {expected / memory.GIB:.1f} GiB" in line
+
+
+@pytest.mark.parametrize("option", ["--backbones", "--cpu-backbones"])
+def test_an_unknown_backbone_is_refused_not_skipped(option, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        benchmark.parse_args([option, "tiny", "vit_zz"])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and "invalid choice: 'vit_zz'" in error and "lite_medsam" in error

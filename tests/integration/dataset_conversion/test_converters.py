@@ -113,7 +113,7 @@ def test_synapse_all_labels_keeps_btcv_values(nnunet_env):
 
 def test_acdc_paper_split_by_patient_and_phases(nnunet_env):
     src = make_acdc(nnunet_env / "database", per_group=10)
-    out = convert_acdc(src, dataset_id=27)
+    out = convert_acdc(src, dataset_id=27, protocol="random")
     verify_dataset_integrity(str(out), num_processes=1)
     record = json.loads((out / RECORD_FILE).read_text())
     split = record["splits"]
@@ -288,7 +288,7 @@ def test_acdc_missing_label(nnunet_env):
     src = make_acdc(nnunet_env / "database", per_group=1)
     (src / "training" / "patient003" / "patient003_frame08_gt.nii.gz").unlink()
     with pytest.raises(ConversionError, match="image without label: .*patient003_frame08.nii.gz has no"):
-        convert_acdc(src, dataset_id=27)
+        convert_acdc(src, dataset_id=27, protocol="random")
     assert _leftovers(nnunet_env) == []
 
 
@@ -314,6 +314,16 @@ def test_nih_label_geometry_mismatch(nnunet_env):
     flipped.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))
     write(flipped, labels / "label0002.nii.gz")
     with pytest.raises(ConversionError, match="geometry mismatch in case 0002: image direction"):
+        convert_nih_pancreas(images, labels, dataset_id=82)
+    assert _leftovers(nnunet_env) == []
+
+
+def test_nih_unreadable_series_is_named_not_counted_as_too_few_folds(nnunet_env):
+    """Issue 29: a patient whose .dcm files cannot be read was reported as "1 cases cannot make 4 folds"."""
+    images, labels = make_nih_pancreas(nnunet_env / "tcia", numbers=(1,))
+    for path in (images / "PANCREAS_0001").rglob("*.dcm"):
+        path.write_bytes(b"not a dicom file")
+    with pytest.raises(ConversionError, match=r"no readable DICOM series below .*PANCREAS_0001: 8 file\(s\) there"):
         convert_nih_pancreas(images, labels, dataset_id=82)
     assert _leftovers(nnunet_env) == []
 
@@ -376,12 +386,12 @@ def _convert_with_float_label(root: Path, converter: str, fractional: bool) -> t
     if converter == "acdc":
         src = make_acdc(root / "database", per_group=1)
         _as_float_labels(src / "training" / "patient003" / "patient003_frame01_gt.nii.gz", fractional)
-        return (lambda: convert_acdc(src, dataset_id=27)), "patient003_frame01"
+        return (lambda: convert_acdc(src, dataset_id=27, protocol="random")), "patient003_frame01"
     if converter in ("msd_pancreas", "tumour"):
         task = make_msd_pancreas(root / "msd", n=10)
         _as_float_labels(task / "labelsTr" / "pancreas_003.nii.gz", fractional)
         if converter == "tumour":
-            return (lambda: convert_tumour("msd_pancreas", task, dataset_id=8)), "pancreas_003"
+            return (lambda: convert_tumour("msd_pancreas", task, dataset_id=8, split_kind="random")), "pancreas_003"
         return (lambda: convert_msd_pancreas(task, dataset_id=7, num_processes=1)), "pancreas_003"
     if converter == "amos":
         src = make_amos(root / "amos22")
@@ -431,3 +441,57 @@ def test_abdomenct1k_converter_keeps_named_labels_as_test_cases(nnunet_env):
     source = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "Mask" / "Case_00002.nii.gz")))
     np.testing.assert_array_equal(label, source)  # values kept: 4 is the pancreas
     assert dataset_target("a1k", out / "imagesTs", out / "labelsTs", "pancreas") == 4
+
+
+def test_abdomenct1k_zero_shot_protocol_excludes_the_training_scans_by_content(nnunet_env, capsys):
+    """PanSAM's zero-shot protocol (issue 25, item 12): AbdomenCT-1K cases that are scans of the training set (NIH
+    Pancreas-CT) are left out by content, whatever their case id, file type or orientation, and counted."""
+    from nnunet_sam.dataset_conversion.abdomenct1k import main
+
+    tmp_path = nnunet_env
+    for k in (1, 2, 3, 4):
+        write(volume(k), tmp_path / "A1K" / f"Case_{k:05d}_0000.nii.gz")
+        write(volume(100 + k, values=4), tmp_path / "Mask" / f"Case_{k:05d}.nii.gz")
+    nih = tmp_path / "NIH" / "imagesTr"
+    nih.mkdir(parents=True)
+    sitk.WriteImage(volume(2), str(nih / "pancreas_0007_0000.nrrd"))  # the same scan as Case_00002, another format
+    flipped = sitk.DICOMOrient(volume(4), "RAS")  # Case_00004's scan stored in another orientation
+    sitk.WriteImage(flipped, str(nih / "pancreas_0011_0000.nii.gz"))
+    sitk.WriteImage(volume(50), str(nih / "pancreas_0012_0000.nii.gz"))  # a scan AbdomenCT-1K does not hold
+    argv = ["-i", str(tmp_path / "A1K"), "-l", str(tmp_path / "Mask"), "-d", "512", "--exclude-like", str(nih)]
+    assert main(argv) == 0
+    assert "excluded 2 case(s)" in capsys.readouterr().out
+    out = next((tmp_path / "raw").glob("Dataset512_*"))
+    assert sorted(p.name for p in (out / "labelsTs").iterdir()) == ["Case_00001.nii.gz", "Case_00003.nii.gz"]
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert sorted(record["excluded"]) == ["Case_00002", "Case_00004"]
+    assert record["excluded"]["Case_00002"].endswith("pancreas_0007_0000.nrrd")
+
+
+# ---- ACDC paper protocol: the fixed patient lists of the papers' tables (issue 25, item 11) ------------------------
+def test_acdc_paper_lists_are_masksam_public_split_and_the_baselines_test_patients():
+    from nnunet_sam.dataset_conversion.acdc import PAPER_PATIENTS
+
+    assert [len(PAPER_PATIENTS[k]) for k in ("train", "val", "test")] == [70, 10, 20]
+    listed = sum(PAPER_PATIENTS.values(), [])
+    assert sorted(listed) == [f"patient{n:03d}" for n in range(1, 101)]  # a partition of the 100 patients
+    assert PAPER_PATIENTS["test"][:4] == ["patient002", "patient003", "patient008", "patient009"]
+    assert PAPER_PATIENTS["val"] == [f"patient{n:03d}" for n in (89, 90, 91, 93, 94, 96, 97, 98, 99, 100)]
+
+
+def test_acdc_paper_protocol_uses_the_lists_and_refuses_an_incomplete_download(nnunet_env, monkeypatch):
+    from nnunet_sam.dataset_conversion import acdc
+
+    src = make_acdc(nnunet_env / "database", per_group=2)  # patients 001-010
+    with pytest.raises(ConversionError, match=r"90 patient\(s\) of the paper protocol.*--protocol random"):
+        convert_acdc(src, dataset_id=27)
+    lists = {
+        "train": [f"patient{n:03d}" for n in range(1, 8)],
+        "val": ["patient008"],
+        "test": ["patient009", "patient010"],
+    }
+    monkeypatch.setattr(acdc, "PAPER_PATIENTS", lists)
+    out = convert_acdc(src, dataset_id=29)
+    split = json.loads((out / RECORD_FILE).read_text())["splits"]
+    assert {k: sorted({c.split("_")[0] for c in v}) for k, v in split.items()} == lists
+    assert _cases(out / "labelsTs") == split["test"]

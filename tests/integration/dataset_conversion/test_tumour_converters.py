@@ -12,6 +12,7 @@ import SimpleITK as sitk
 from conversion_testing import assert_unusable, make_msd_pancreas, volume, write
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
+from nnunet_sam.dataset_conversion import tumour
 from nnunet_sam.dataset_conversion.common import RECORD_FILE, ConversionError, split_fractions
 from nnunet_sam.dataset_conversion.tumour import PROTOCOLS, convert_tumour, main
 
@@ -70,7 +71,7 @@ LAYOUTS = {"kits21": make_kits21, "lits17": make_lits17, "msd_colon": make_msd_c
 @pytest.mark.parametrize("protocol", sorted(LAYOUTS))
 def test_tumour_only_70_10_20(nnunet_env, protocol):
     source, labels = LAYOUTS[protocol](nnunet_env / "download")
-    out = convert_tumour(protocol, source, seed=7)
+    out = convert_tumour(protocol, source, seed=7, split_kind="random")
     spec = PROTOCOLS[protocol]
     assert out.name == f"Dataset{spec.dataset_id}_{spec.name}"
     verify_dataset_integrity(str(out), num_processes=1)
@@ -94,11 +95,21 @@ def test_tumour_only_70_10_20(nnunet_env, protocol):
     assert np.allclose(image.GetDirection(), volume(0).GetDirection())  # LiTS .nii re-encoded keeps geometry
 
 
+def splits(out: Path) -> dict:
+    return json.loads((out / RECORD_FILE).read_text())["splits"]
+
+
 def test_same_seed_same_split_other_seed_other_split(nnunet_env):
     source, _ = make_lits17(nnunet_env / "download")
-    a = json.loads((convert_tumour("lits17", source, dataset_id=11, seed=1) / RECORD_FILE).read_text())["splits"]
-    b = json.loads((convert_tumour("lits17", source, dataset_id=12, seed=1) / RECORD_FILE).read_text())["splits"]
-    c = json.loads((convert_tumour("lits17", source, dataset_id=13, seed=2) / RECORD_FILE).read_text())["splits"]
+    a = json.loads(
+        (convert_tumour("lits17", source, dataset_id=11, seed=1, split_kind="random") / RECORD_FILE).read_text()
+    )["splits"]
+    b = json.loads(
+        (convert_tumour("lits17", source, dataset_id=12, seed=1, split_kind="random") / RECORD_FILE).read_text()
+    )["splits"]
+    c = json.loads(
+        (convert_tumour("lits17", source, dataset_id=13, seed=2, split_kind="random") / RECORD_FILE).read_text()
+    )["splits"]
     assert a == b and a != c
 
 
@@ -121,12 +132,58 @@ def test_bad_downloads_are_refused_and_leave_nothing(nnunet_env, protocol, damag
     if protocol == "msd_pancreas":
         source = source.parent / "Task10_Colon"
     with pytest.raises(ConversionError, match=message):
-        convert_tumour(protocol, source)
+        convert_tumour(protocol, source, split_kind="random")
     assert not (nnunet_env / "raw").exists() or not list((nnunet_env / "raw").iterdir())
 
 
 def test_command_line(nnunet_env, capsys):
     source, _ = make_msd_colon(nnunet_env / "download")
-    main(["msd_colon", "-i", str(source), "-d", "42"])
+    main(["msd_colon", "-i", str(source), "-d", "42", "--split", "random"])
     assert "Dataset042_MSDColonTumour: 7 train, 1 val, 2 test" in capsys.readouterr().out
-    assert_unusable(capsys, main(["msd_colon", "-i", str(source), "-d", "42"]), "dataset id 42 is already taken")
+    assert_unusable(
+        capsys,
+        main(["msd_colon", "-i", str(source), "-d", "42", "--split", "random"]),
+        "dataset id 42 is already taken",
+    )
+
+
+# ---- the paper protocol: 3DSAM-adapter's published case lists (issue 25, item 9) -----------------------------------
+def test_published_lists_are_the_public_codes_fold_0():
+    counts = {p: tuple(len(s[k]) for k in ("train", "val", "test")) for p, s in tumour.PUBLISHED_SPLITS.items()}
+    assert counts == {
+        "kits21": (209, 30, 61),
+        "lits17": (83, 11, 24),
+        "msd_colon": (89, 11, 26),
+        "msd_pancreas": (196, 28, 57),
+    }
+    for protocol, split in tumour.PUBLISHED_SPLITS.items():
+        listed = [c for k in ("train", "val", "test") for c in split[k]]
+        assert len(set(listed)) == len(listed), protocol  # disjoint, no repeats
+    assert "case_00125" in tumour.PUBLISHED_SPLITS["kits21"]["test"]  # spot checks against split.pkl, fold 0
+    assert "pancreas_299" in tumour.PUBLISHED_SPLITS["msd_pancreas"]["test"]
+    assert "lits_097" in tumour.PUBLISHED_SPLITS["lits17"]["test"]  # volume-97
+
+
+def test_published_split_names_missing_cases_and_leaves_out_unlisted_ones():
+    split = tumour.PUBLISHED_SPLITS["msd_colon"]
+    cases = {c: (Path(c), Path(c)) for k in split for c in split[k]}
+    got, unlisted = tumour.published_split("msd_colon", {**cases, "colon_999": (Path("x"), Path("x"))})
+    assert got == split and unlisted == ["colon_999"]
+    del cases[split["test"][0]]
+    with pytest.raises(ConversionError, match=f"1 case.* not in the download \\({split['test'][0]}\\).*--split random"):
+        tumour.published_split("msd_colon", cases)
+
+
+def test_published_split_is_the_default_conversion(nnunet_env, monkeypatch):
+    """The converter uses the lists as given: test cases to imagesTs, train/val to splits_final, others left out."""
+    source, labels = make_msd_colon(nnunet_env / "download")
+    ids = sorted(labels)
+    lists = {"train": ids[:6], "val": ids[6:7], "test": ids[7:9]}  # ids[9] is named by no list
+    monkeypatch.setitem(tumour.PUBLISHED_SPLITS, "msd_colon", lists)
+    out = convert_tumour("msd_colon", source)
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert record["splits"] == lists and record["unlisted"] == [ids[9]]
+    assert sorted(p.name for p in (out / "labelsTs").iterdir()) == [f"{c}.nii.gz" for c in lists["test"]]
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == [f"{c}.nii.gz" for c in ids[:7]]
+    splits_final = json.loads((nnunet_env / "preprocessed" / out.name / "splits_final.json").read_text())
+    assert splits_final == [{"train": lists["train"], "val": lists["val"]}]

@@ -84,3 +84,23 @@ def test_simulate_predict_evaluate(tmp_path, monkeypatch):
 def test_command_reports_a_missing_model(tmp_path, capsys):
     assert main(["-m", str(tmp_path / "no_model"), "-i", "x", "-ref", "y", "-o", str(tmp_path / "o")]) == 2
     assert "no_model is not an nnU-Net model folder (no dataset.json)" in capsys.readouterr().err
+
+
+def test_uniform_clicks_are_the_public_test_scripts_draw_and_the_default():
+    """3DSAM-adapter's test script: clicks drawn uniformly with replacement from the object's voxels (issue 25, item
+    10). Seeded here; every voxel of the object can be clicked, not only the deepest."""
+    from nnunet_sam.cli.evaluate_prompted import build_parser
+
+    reference = np.zeros((12, 14, 16), np.uint8)
+    reference[1:10, 2:11, 3:12] = 1
+    mask = reference == 1
+    clicked = set()
+    for seed in range(200):
+        clicks = simulate_clicks(reference, (1.0, 1.0, 1.0), 1, "uniform", np.random.default_rng(seed))
+        assert len(clicks) == 1 and mask[tuple(clicks[0]["position"])]
+        clicked.add(tuple(clicks[0]["position"]))
+    assert len(clicked) > 150  # spread over the cube (729 voxels), not the deepest voxel each time
+    again = simulate_clicks(reference, (1.0, 1.0, 1.0), 10, "uniform", np.random.default_rng(7))
+    assert again == simulate_clicks(reference, (1.0, 1.0, 1.0), 10, "uniform", np.random.default_rng(7))
+    args = build_parser().parse_args(["-m", "m", "-i", "i", "-ref", "r", "-o", "o"])
+    assert args.position == ["uniform"]

@@ -186,3 +186,20 @@ def test_every_ablation_row_is_found_by_nnunets_trainer_lookup():
     for name, options in rows:
         found = recursive_find_trainer_class_by_name(name)
         assert found is not None and found.__name__ == name and found.options == options, name
+
+
+def test_auxiliary_masks_at_input_scale_4_average_every_logit():
+    """At input scale 4 the prompt generator's auxiliary logits are 4x the patch; the auxiliary-mask loss sees their
+    area mean, so every logit (all of which feed the box and mask prompts) gets a gradient, not 1 in 16 (issue 25,
+    item 5; a bilinear x4 subsample reads only the centre 2x2 of each 4x4 cell)."""
+    torch.manual_seed(0)
+    net = MaskSAMNetwork("tiny", 1, 3, 4, (2, 16, 16), 64, MaskSAMOptions())
+    captured = {}
+    net.prompt_generator.register_forward_hook(lambda module, args, out: captured.update(masks=out.masks))
+    out = net(torch.randn(1, 1, 2, 16, 16), return_all=True)
+    masks = captured["masks"]  # (B * D, N, 64, 64)
+    assert masks.shape[-1] == 64 and out["aux_masks"].shape[-1] == 16
+    expected = torch.nn.functional.avg_pool2d(masks, 4).reshape(out["aux_masks"].shape)
+    torch.testing.assert_close(out["aux_masks"], expected)
+    (grad,) = torch.autograd.grad(out["aux_masks"].sum(), masks)
+    assert bool((grad != 0).all())

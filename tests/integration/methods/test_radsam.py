@@ -34,7 +34,7 @@ from nnunet_sam.prompting.radsam_prompts import (
     noisy_masks,
     perturbed_boxes,
 )
-from nnunet_sam.trainers.radsam import RadSAMTrainer_tiny
+from nnunet_sam.trainers.radsam import RadSAMTrainer_AMOS_noEdit, RadSAMTrainer_AMOS_noMask, RadSAMTrainer_tiny
 
 CPU = torch.device("cpu")
 
@@ -607,3 +607,62 @@ def test_trainer_varies_the_ct_window_of_each_training_slice(tmp_path, monkeypat
     assert not torch.equal(first, second) and not torch.equal(first[0], first[1]), "per slice and per batch"
     trainer.hu_window_jitter = 0.0
     torch.testing.assert_close(trainer.random_hu_windows(data), data)
+
+
+# ---- the paper's protocol and slice sampling (issue 25, item 13) ---------------------------------------------------
+def test_training_slices_are_drawn_at_labelled_voxels(tmp_path, monkeypatch):
+    """nnU-Net's default draws two thirds of the slices anywhere; slices without a structure give RadSAM no loss."""
+    for var in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    monkeypatch.delenv("nnUNet_SAM_checkpoints", raising=False)
+    trainer = RadSAMTrainer_tiny(minimal_plans([64, 64], "2d"), "2d", 0, dataset_json(2), torch.device("cpu"))
+    assert trainer.oversample_foreground_percent == 1.0
+
+
+def test_volume_level_edits_pass_clicked_slices_by_default(monkeypatch):
+    """The paper's reading of editing: re-propagation passes slices that hold earlier clicks (through_clicks)."""
+    from nnunet_sam.evaluation import radsam as bench
+
+    seen = []
+    real_edit = bench.edit
+    monkeypatch.setattr(bench, "edit", lambda *a, **k: seen.append(k.get("through_clicks")) or real_edit(*a, **k))
+    truth = _cylinder(8)
+    reference = truth.copy()
+    reference[:, 4:12, 11] = False  # the fake model over-segments one column: an error to click on
+    args = (FakeSlices(truth), reference, "point", (0, 2), np.random.default_rng(0), torch.Generator().manual_seed(0))
+    bench.volume_level(*args)
+    assert seen and all(seen)
+    seen.clear()
+    bench.volume_level(*args, through_clicks=False)
+    assert seen and not any(seen)
+
+
+def test_dice_in_the_original_grid_maps_the_mask_back_first():
+    """3D Dice in the image grid: the model-grid mask goes through the model's export mapping, then meets the
+    reference as read (here the model grid is the image grid subsampled 2x in-plane)."""
+    from nnunet_sam.evaluation.radsam import original_grid_score
+
+    class Model:
+        def to_original(self, mask, properties):
+            return mask.repeat(2, axis=1).repeat(2, axis=2).astype(np.uint8)
+
+    original = np.zeros((4, 16, 16), dtype=bool)
+    original[:, 4:12, 4:12] = True
+    model_grid = original[:, ::2, ::2]
+    score = original_grid_score(Model(), {}, original)
+    assert score(model_grid) == 1.0
+    shifted = np.roll(model_grid, 1, axis=2)
+    assert score(shifted) == pytest.approx(2 * (4 * 8 * 6) / (2 * 4 * 8 * 8))
+
+
+def test_training_without_mask_prompts_uses_clicks_and_boxes_only():
+    """RadSAM's Table 9 row "without mask": no noisy-mask initial prompt and no mask prompt in the edit rounds."""
+    reference = torch.zeros(64, 32, 32, dtype=torch.bool)
+    reference[:, 8:24, 8:24] = True
+    for mask_prompts in (True, False):
+        interaction = SimulatedInteraction(reference, 1, torch.Generator().manual_seed(0), mask_prompts=mask_prompts)
+        first = interaction.initial()
+        corrected = interaction.correct(torch.randn(64, 32, 32))
+        assert bool(first.has_mask.any()) == mask_prompts  # 64 rows: about a third draw a mask prompt
+        assert bool(corrected.has_mask.any()) == mask_prompts
+    assert (RadSAMTrainer_AMOS_noMask.training_mask_prompts, RadSAMTrainer_AMOS_noEdit.correction_rounds) == (False, 0)

@@ -234,7 +234,15 @@ def test_tiny_trainer_records_the_volume_patch(results):
         "attention": "sdpa",
         "slice_group": 2,
         "window": 4,
-        "options": {"prompted": False, "adapter": "dconv"},
+        "options": {
+            "prompted": False,
+            "adapter": "dconv",
+            "adapter_ratio": 0.25,
+            "neck": "sam",
+            "decoder": "aggregating",
+            "prompt_encoder": "cross",
+            "prompt_levels": [4],
+        },
     }
     net = SAM3DAdapterTrainer_tiny.build_network(saved["nnunet_sam"], 1, 3)
     assert net.encoder.grid == (8, 8, 8)
@@ -391,3 +399,60 @@ def test_prompted_trainer_trains_with_ten_clicks_per_object_and_twenty_random_on
     stub.network.training = False
     SAM3DAdapterTrainer_prompted.forward_batch(stub, None, target)  # validation: objects only
     assert queued[-1][0].shape == (2, 20, 3)
+
+
+# ---- the paper's capacity (issue 25, item 4) ------------------------------------------------------------------------
+def _trainable(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def test_paper_preset_network_trains_the_papers_parameter_count():
+    """3DSAM-adapter reports 25.46 M trainable parameters, 15.21 M in the image encoder (ViT-B): the paper preset's
+    network, rebuilt from its record as nnUNetv2_predict does, within 2 % of both (counted on the meta device)."""
+    from nnunet_sam.benchmarking.configs import on_meta
+    from nnunet_sam.trainers.sam3d_adapter import (
+        SAM3DAdapterTrainer_prompted_paper,
+        SAM3DAdapterTrainer_prompted_paper_light,
+    )
+
+    def build(cls):
+        block = cls.sam_block({"patch_size": [64, 160, 160]}, 2)
+        return on_meta(lambda: cls.build_network(block, 1, 2))
+
+    net = build(SAM3DAdapterTrainer_prompted_paper)
+    total, image_encoder = _trainable(net), _trainable(net.sam.image_encoder) + _trainable(net.encoder)
+    assert abs(total / 25.46e6 - 1) < 0.02, total
+    assert abs(image_encoder / 15.21e6 - 1) < 0.02, image_encoder
+    assert _trainable(build(SAM3DAdapterTrainer_prompted_paper_light)) == 6_479_298  # the earlier network, kept
+
+
+def test_paper_capacity_network_trains_every_parameter_it_counts():
+    """Tiny backbone with the public code's capacity: shapes, and a gradient for every trainable parameter."""
+    from nnunet_sam.network_architectures.sam3d_adapter import PAPER_CAPACITY, SAM3DAdapterOptions
+
+    torch.manual_seed(0)
+    options = SAM3DAdapterOptions(prompted=True, **PAPER_CAPACITY)
+    net = SAM3DAdapterNetwork("tiny", 2, 3, (8, 32, 32), 2, 4, options, 64)
+    points = torch.tensor([[[3, 10, 12], [0, 0, 0]], [[5, 20, 2], [1, 1, 1]]])
+    labels = torch.tensor([[1, -1], [2, 0]])
+    out = net(torch.randn(2, 2, 8, 32, 32), points, labels, return_all=True)
+    assert out["logits"].shape == (2, 3, 8, 32, 32)
+    out["logits"].square().mean().backward()
+    assert [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None] == []
+    without = net(torch.randn(1, 2, 8, 32, 32), return_all=False)  # nnUNetv2_predict: global queries only
+    assert without.shape == (1, 3, 8, 32, 32)
+
+
+def test_prompt_encoders_at_every_feature_level():
+    """The paper's feature-level ablation (all four levels): one prompt encoder per level, each trained."""
+    from nnunet_sam.network_architectures.sam3d_adapter import PAPER_CAPACITY, SAM3DAdapterOptions
+    from nnunet_sam.trainers.sam3d_adapter import SAM3DAdapterTrainer_prompted_paper_allLevels
+
+    assert SAM3DAdapterTrainer_prompted_paper_allLevels.options.prompt_levels == (1, 2, 3, 4)
+    torch.manual_seed(0)
+    options = SAM3DAdapterOptions(prompted=True, **PAPER_CAPACITY, prompt_levels=(1, 2, 3, 4))
+    net = SAM3DAdapterNetwork("tiny", 1, 2, (8, 32, 32), 2, 4, options, 64)
+    assert sorted(net.level_prompt_encoders) == ["1", "2", "3"] and net.prompt_encoder is not None
+    points, labels = torch.tensor([[[3, 10, 12]]]), torch.tensor([[1]])
+    net(torch.randn(1, 1, 8, 32, 32), points, labels, return_all=True)["logits"].square().mean().backward()
+    assert all(p.grad is not None for p in net.level_prompt_encoders.parameters() if p.requires_grad)

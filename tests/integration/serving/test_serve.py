@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-from serving_testing import ThreadedServer, free_port, make_model_folders
+from serving_testing import ThreadedServer, free_port
 
 pytest.importorskip("fastapi")
 from nnInteractive.inference.remote import (  # noqa: E402
@@ -40,29 +40,6 @@ from nnunet_sam.cli import (  # noqa: E402
 from nnunet_sam.inference import radsam
 from nnunet_sam.serving.app import make_app  # noqa: E402
 from nnunet_sam.serving.editors import load_model  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return make_model_folders(tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
-def case(folders):
-    """(image file, image (1, Z, Y, X), spacing, a point (z, y, x) inside organ 1 on its middle slice)."""
-    raw = folders[0]
-    image_file = sorted((raw / "imagesTs").glob("*.nii.gz"))[0]
-    image, properties = SimpleITKIO().read_images([str(image_file)])
-    label = SimpleITKIO().read_seg(str(raw / "labelsTs" / image_file.name.replace("_0000", "")))[0][0]
-    zs = np.flatnonzero((label == 1).any((1, 2)))
-    z = int(zs[len(zs) // 2])
-    ys, xs = np.nonzero(label[z] == 1)
-    return image_file, image, list(properties["spacing"]), (z, int(np.median(ys)), int(np.median(xs)))
-
-
-@pytest.fixture(scope="module")
-def radsam_model(folders):
-    return load_model(str(folders[1]))
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +98,7 @@ def test_radsam_results_equal_the_command_and_the_api(tmp_path, folders, case, r
     grid = radsam.Geometry(properties, data.shape[1:])
     slices = radsam.SliceModel(model.network, data)
     with _connect(radsam_server) as client:
-        assert client.supported_interactions["points"] and not client.supported_interactions["bbox3d"]
+        assert client.supported_interactions["points"] and client.supported_interactions["bbox3d"]
         assert client.supports_undo and client.supports_initial_label
         buffer = _start(client, image, spacing)
 
@@ -162,7 +139,7 @@ def test_radsam_results_equal_the_command_and_the_api(tmp_path, folders, case, r
         before = buffer.copy()
         box = client.add_point_interaction((z, y + 2, x + 2), include_interaction=False)
         _covers(box, before, buffer)
-        spec = {"corrections": [{"slice": z, "point": [y + 2, x + 2], "positive": False}]}
+        spec = {"boundaries": [0, last], "corrections": [{"slice": z, "point": [y + 2, x + 2], "positive": False}]}
         expected = _radsam_command(tmp_path, folders[1], image_file, spec, start=initial)
         _nontrivial(expected)
         np.testing.assert_array_equal(buffer, expected)
@@ -264,9 +241,9 @@ def test_bad_inputs_get_clear_errors_and_leave_the_session_usable(case, radsam_s
         refused(lambda: client.add_point_interaction((z, y), True), 400, "must be 3 numbers")
         refused(lambda: client.add_bbox_interaction([[z, z], [y - 3, y + 3], [x - 3, x + 3]], True), 400, "zero size")
         refused(
-            lambda: client.add_bbox_interaction([[z - 1, z + 2], [y - 3, y + 3], [x - 3, x + 3]], True),
+            lambda: client.add_bbox_interaction([[z - 1, z + 2], [y - 3, y + 3], [x - 3, x + 3]], False),
             400,
-            "Interaction 'bbox3d' is not supported",
+            "a negative box needs a mask to correct",
         )
         refused(lambda: client.add_point_interaction((z, y, x), False), 400, "a negative click needs a mask")
         refused(lambda: client.set_target_buffer(np.zeros((3, 3, 3), np.uint8)), 400, "target buffer has shape")

@@ -6,12 +6,14 @@ built as ``initialize`` would); the slow test SIGKILLs real ``nnUNetv2_train`` r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -656,3 +658,95 @@ def _assert_resumed_state(state: dict, saved: dict | None, trainer: str) -> None
     for index, moments in saved["optimizer_state"]["state"].items():
         for name, tensor in moments.items():
             assert torch.equal(state["optimizer"][index][name], tensor), (index, name)
+
+
+# ---- file systems without flock (issue 26 item 7) --------------------------------------------------------------
+def _no_flock(monkeypatch) -> None:
+    """flock as some NFS and Lustre mounts answer it."""
+    import fcntl
+
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+
+
+def test_without_flock_the_fold_lock_falls_back_to_a_holder_file(tmp_path, monkeypatch, capsys):
+    _no_flock(monkeypatch)
+    folder = tmp_path / "fold_0"
+    lock = fault_tolerance.lock_folder(folder)
+    assert "does not support flock (No locks available)" in capsys.readouterr().err
+    holder = folder / fault_tolerance.HOLDER_FILE
+    assert holder.read_text().split()[:3] == [socket.gethostname(), "PID", str(os.getpid())]
+    with pytest.raises(fault_tolerance.FolderBusyError, match=rf"PID {os.getpid()} since .* on this host"):
+        fault_tolerance.lock_folder(folder)
+    lock.close()  # released at the end of the training
+    assert not holder.exists()
+    fault_tolerance.lock_folder(folder).close()
+
+
+def test_without_flock_a_dead_holders_lock_is_taken_over_and_another_hosts_is_named(tmp_path, monkeypatch, capsys):
+    _no_flock(monkeypatch)
+    folder = tmp_path / "fold_0"
+    folder.mkdir()
+    holder = folder / fault_tolerance.HOLDER_FILE
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    holder.write_text(f"{socket.gethostname()} PID {dead.pid} since 2026-01-01 00:00:00 (nnUNetv2_train 1 2d 0)\n")
+    lock = fault_tolerance.lock_folder(folder)  # the killed training's file is stale
+    assert f"Removing the stale lock {holder}" in capsys.readouterr().err
+    assert holder.read_text().split()[2] == str(os.getpid())
+    lock.close()
+    holder.write_text("node-b PID 4242 since 2026-01-01 00:00:00 (nnUNetv2_train 1 2d 0)\n")
+    with pytest.raises(fault_tolerance.FolderBusyError, match=r"PID 4242 .* on host node-b .*delete the file"):
+        fault_tolerance.lock_folder(folder)  # cannot be checked from here
+    assert holder.exists()
+
+
+def test_without_flock_a_forked_worker_does_not_release_the_lock(tmp_path, monkeypatch):
+    _no_flock(monkeypatch)
+    folder = tmp_path / "fold_0"
+    lock = fault_tolerance.lock_folder(folder)
+    child = os.fork()
+    if child == 0:  # as an augmentation worker: closes its copies of the locks at fork, then ends
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert (folder / fault_tolerance.HOLDER_FILE).exists()
+    lock.close()
+
+
+_FORK_WORKERS_AND_WAIT = """
+import multiprocessing, os, signal, time
+from nnunet_sam.training.fault_tolerance import workers_die_with_parent
+
+def worker():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while True:
+        time.sleep(1)
+
+workers_die_with_parent()  # what the SAM trainers do before nnU-Net starts its augmentation workers
+workers = [multiprocessing.get_context("fork").Process(target=worker, daemon=True) for _ in range(2)]
+for w in workers:
+    w.start()
+print(" ".join(str(w.pid) for w in workers), flush=True)
+time.sleep(600)
+"""
+
+
+def test_workers_die_with_a_sigkilled_training(tmp_path):
+    """Issue 29 item 10: SIGKILL of the training's main process (only it, not its group) ends its forked workers."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FORK_WORKERS_AND_WAIT], stdout=subprocess.PIPE, text=True, env=_quiet_env()
+    )
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    try:
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 10
+        while any(fault_tolerance._running(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if fault_tolerance._running(w)], "workers outlived their killed parent"
+    finally:
+        for w in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
