@@ -38,6 +38,7 @@ from nnunet_sam.backbones.sam_vit import get_backbone
 from nnunet_sam.blocks.checkpointing import block_checkpointing
 from nnunet_sam.losses.segmentation import DeepSupervisedSegLoss
 from nnunet_sam.model_record import PLANS_KEY, RECORD_FORMAT, ModelRecord, build_from_record, options_to_json
+from nnunet_sam.safe_checkpoints import safe_checkpoint_loading
 from nnunet_sam.training.dataset_checks import check_training_data
 from nnunet_sam.training.distributed import check_batch_split, nnunet_ddp_wrapper, rank_device
 from nnunet_sam.training.fault_tolerance import (
@@ -436,7 +437,8 @@ class SAMTrainer(nnUNetTrainer):
                 filename_or_checkpoint = str(path)
             elif (problem := checkpoint_problem(filename_or_checkpoint)) is not None:
                 raise DamagedCheckpointError(f"{filename_or_checkpoint} is {problem}")
-        super().load_checkpoint(filename_or_checkpoint)
+        with safe_checkpoint_loading():  # weights_only: a crafted checkpoint cannot run code (UnsafeCheckpointError)
+            super().load_checkpoint(filename_or_checkpoint)
         # nnU-Net saves checkpoint_latest before it updates _best_ema for that epoch, so after --c a later, worse
         # EMA could overwrite checkpoint_best. The best EMA so far is the maximum of the logged EMAs.
         emas = [e for e in self.logger.get_value("ema_fg_dice", step=None) if np.isfinite(e)]

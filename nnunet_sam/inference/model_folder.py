@@ -17,6 +17,7 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch import nn
 
+from nnunet_sam.safe_checkpoints import UnsafeCheckpointError, safe_checkpoint_loading
 from nnunet_sam.training.fault_tolerance import checkpoint_problem
 
 MODEL_FILES = ("dataset.json", "plans.json")
@@ -73,12 +74,18 @@ def load_predictor(
 ) -> nnUNetPredictor:
     """nnU-Net's predictor (or ``predictor_class``, a subclass) for ``folds`` of a checked model folder, as
     ``nnUNetv2_predict`` builds it: the network of the saved plans with the first fold's weights loaded (the
-    predictor swaps in the others per fold). :class:`ModelFolderError` before loading if the folder is unusable."""
+    predictor swaps in the others per fold). :class:`ModelFolderError` before loading if the folder is unusable,
+    and for a checkpoint that needs more than the types of an nnU-Net checkpoint (it could run code): nothing of it
+    runs (:mod:`nnunet_sam.safe_checkpoints`)."""
     check_model_folder(model_folder, folds, checkpoint)
     predictor = predictor_class(
         tile_step_size=step_size, use_mirroring=mirroring, device=torch.device(device), allow_tqdm=False
     )
-    predictor.initialize_from_trained_model_folder(model_folder, list(folds), checkpoint)
+    try:
+        with safe_checkpoint_loading():
+            predictor.initialize_from_trained_model_folder(model_folder, list(folds), checkpoint)
+    except UnsafeCheckpointError as error:
+        raise ModelFolderError(str(error)) from error
     return predictor
 
 

@@ -656,3 +656,47 @@ def _assert_resumed_state(state: dict, saved: dict | None, trainer: str) -> None
     for index, moments in saved["optimizer_state"]["state"].items():
         for name, tensor in moments.items():
             assert torch.equal(state["optimizer"][index][name], tensor), (index, name)
+
+
+# ---- a crafted checkpoint cannot run code (nnunet_sam.safe_checkpoints) -------------------------------------------
+class _Payload:
+    """Unpickled as ``open(path, "w")``: creates ``path`` if loading runs code from the file."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_continue_loads_a_real_checkpoint_and_refuses_one_that_would_run_code(tmp_path, monkeypatch):
+    from nnunet_sam.safe_checkpoints import UnsafeCheckpointError
+
+    first = _make_trainer(tmp_path, monkeypatch)
+    first.save_every = 1
+    first.train_step(_batch())
+    epoch = first.current_epoch
+    first.on_epoch_start()
+    first.on_train_epoch_start()
+    # the types nnU-Net's run_training logs: numpy scalars of np.mean / np.nanmean
+    first.logger.log("train_losses", np.float32(1.0), epoch)
+    first.logger.log("val_losses", np.float64(1.0), epoch)
+    first.logger.log("dice_per_class_or_region", [np.float64(0.5), np.float64(0.25)], epoch)
+    first.logger.log("mean_fg_dice", np.float64(0.375), epoch)
+    first.on_epoch_end()
+    latest = Path(first.output_folder) / "checkpoint_latest.pth"
+    resumed = _make_trainer(tmp_path, monkeypatch, seed=1)
+    resumed._continue_training = True
+    resumed.load_checkpoint(str(latest))  # weights_only with the types of an nnU-Net checkpoint
+    assert resumed.current_epoch == 1 and _same(_weights(first).values(), _weights(resumed).values())
+
+    marker = tmp_path / "code_ran"
+    checkpoint = torch.load(latest, map_location="cpu", weights_only=False)
+    torch.save({**checkpoint, "extra": _Payload(marker)}, latest)
+    crafted = _make_trainer(tmp_path, monkeypatch, seed=1)
+    crafted._continue_training = True
+    with pytest.raises(
+        UnsafeCheckpointError, match=r"checkpoint_latest.pth is refused: loading it needs io.open"
+    ):
+        crafted.load_checkpoint(str(latest))
+    assert not marker.exists(), "loading the checkpoint ran its code"
