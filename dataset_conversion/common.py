@@ -34,6 +34,8 @@ from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_j
 from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
 from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
 
+from nnunet_sam.file_checks import honour_umask
+
 RECORD_FILE = "nnunet_sam_conversion.json"
 RECORD_FORMAT = 1
 NIFTI = ".nii.gz"
@@ -207,6 +209,7 @@ def staged_dataset(dataset_id: int, name: str) -> Iterator[Path]:
     splits = _splits_path(folder_name)
     try:
         yield staging
+        honour_umask(staging)
         os.rename(staging, raw / folder_name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

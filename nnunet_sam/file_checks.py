@@ -120,3 +120,10 @@ def read_label_values(path: str | os.PathLike, allowed: Sequence[int] | None = N
         if unknown:
             raise DamagedFileError(f"{path} holds label values {unknown} (allowed: {sorted(set(allowed))})")
     return values
+
+
+def honour_umask(folder: str | os.PathLike) -> None:
+    """Give ``folder`` (made 0700 by ``tempfile.mkdtemp``) the mode a new folder gets under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)

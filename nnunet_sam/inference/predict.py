@@ -307,9 +307,11 @@ def save_probabilities_checked(case: str, output: str, probabilities: np.ndarray
         with staged_file(output + ".pkl") as temporary:
             save_pickle(properties, temporary)
     except OSError as error:
+        if os.path.isfile(output + ".npz") and not os.path.isfile(output + ".pkl"):
+            os.unlink(output + ".npz")  # one without the other is of no use to nnU-Net's ensembling
         raise BadCaseError(
-            f"{case}: the probabilities could not be written to {output}.npz/.pkl ({_describe(error)}); nothing "
-            "was written for this case"
+            f"{case}: the probabilities could not be written to {output}.npz/.pkl ({_describe(error)}); the "
+            "segmentation was written, its probabilities were not (run again with --continue_prediction)"
         ) from None
 
 
@@ -380,7 +382,10 @@ def predict_cases(
     failures: dict[str, str] = {}
     for case, files in sorted(cases.items()):
         output = os.path.join(output_folder, case)
-        if not overwrite and os.path.isfile(output + dataset_json["file_ending"]):
+        wanted = [output + dataset_json["file_ending"]] + (
+            [output + ".npz", output + ".pkl"] if save_probabilities else []
+        )
+        if not overwrite and all(os.path.isfile(f) for f in wanted):  # as nnU-Net: probabilities asked, .npz there
             continue
         try:
             check_channel_numbers(case, files, dataset_json["file_ending"], channel_names)
@@ -391,9 +396,9 @@ def predict_cases(
                 prepare(case, image, properties, data)
             result = predict_preprocessed(predictor, case, data, properties, save_probabilities)
             segmentation = result[0] if save_probabilities else result
-            if save_probabilities:  # numpy and pickle raise on a full disk, unlike ITK's NIfTI writer
-                save_probabilities_checked(case, output, result[1], properties)
             write_checked(case, segmentation, reader, output + dataset_json["file_ending"], properties)
+            if save_probabilities:  # after the segmentation: a case that failed leaves no .npz/.pkl
+                save_probabilities_checked(case, output, result[1], properties)
         except Exception as error:  # one bad case must not stop the others
             message = str(error) if isinstance(error, BadCaseError) else f"{case}: {type(error).__name__}: {error}"
             failures[case] = message

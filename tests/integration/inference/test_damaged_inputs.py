@@ -153,9 +153,14 @@ def test_stale_partial_files_of_dead_runs_are_removed_and_live_ones_kept(tmp_pat
     live.mkdir()
     user = folder / ".notes.partial"
     user.write_text("mine")
+    # a user's files named like partial files, but not as this package names them (issue 29)
+    user_files = [folder / f".notes.partial-{dead.pid}.txt", folder / f".a.nii.gz.partial-{dead.pid}-mine"]
+    user_files[0].write_text("mine")
+    user_files[1].mkdir()
+    (user_files[1] / "other.txt").write_text("mine")
     removed = fault_tolerance.remove_stale_partial_files(folder)
     assert sorted(p.name for p in removed) == sorted([stale_dir.name, stale_file.name, stale_link.name])
-    assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, user.name])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, user.name, *(p.name for p in user_files)])
     assert victim.read_text() == "user data"
 
 
@@ -268,6 +273,45 @@ def test_channel_numbers_spacing_and_probabilities_per_case(tmp_path, monkeypatc
     assert "good: the probabilities could not be written" in failures["good"] and "disk full" in failures["good"]
     assert (out / "good.npz").read_bytes() == previous, "the previous probabilities were damaged"
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary file left"
+
+
+def test_continue_with_probabilities_predicts_cases_that_have_none(tmp_path):
+    """--continue_prediction --save_probabilities after a run without probabilities (issue 29, item 6): each case
+    is predicted again for its .npz/.pkl, as nnU-Net does; with them all present it is skipped."""
+    from nnunet_sam.inference.predict import cases_in_folder, predict_cases
+
+    predictor = _predictor()
+    folder, out = tmp_path / "in", tmp_path / "out"
+    _image(folder / "a_0000.nii.gz")
+    _image(folder / "b_0000.nii.gz", seed=1)
+    cases, _ = cases_in_folder(str(folder), ".nii.gz")
+    assert predict_cases(predictor, cases, str(out)) == {}
+    assert predict_cases(predictor, cases, str(out), save_probabilities=True, overwrite=False) == {}
+    assert {p.name for p in out.iterdir()} >= {"a.npz", "a.pkl", "b.npz", "b.pkl"}
+    written = (out / "a.npz").stat().st_mtime_ns
+    assert predict_cases(predictor, cases, str(out), save_probabilities=True, overwrite=False) == {}
+    assert (out / "a.npz").stat().st_mtime_ns == written, "a complete case was predicted again"
+
+
+def test_case_whose_segmentation_fails_leaves_no_probabilities(tmp_path, monkeypatch):
+    """The segmentation is written first: when it fails, no .npz/.pkl is left either (issue 29, item 7)."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from nnunet_sam.inference.predict import cases_in_folder, predict_cases
+
+    predictor = _predictor()
+    folder, out = tmp_path / "in", tmp_path / "out"
+    _image(folder / "a_0000.nii.gz")
+    cases, _ = cases_in_folder(str(folder), ".nii.gz")
+
+    def full_disk(self, seg, output_fname, properties):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(SimpleITKIO, "write_seg", full_disk)
+    failures = predict_cases(predictor, cases, str(out), save_probabilities=True)
+    assert "a: the segmentation could not be written completely" in failures["a"]
+    assert "Nothing was written for this case" in failures["a"]
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "plans.json"]
 
 
 # ---- 6. files of another format -----------------------------------------------------------------------------
