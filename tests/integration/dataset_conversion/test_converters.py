@@ -431,3 +431,70 @@ def test_abdomenct1k_converter_keeps_named_labels_as_test_cases(nnunet_env):
     source = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "Mask" / "Case_00002.nii.gz")))
     np.testing.assert_array_equal(label, source)  # values kept: 4 is the pancreas
     assert dataset_target("a1k", out / "imagesTs", out / "labelsTs", "pancreas") == 4
+
+
+# ---- damaged files (issue 29 item 4) ------------------------------------------------------------------------------
+def _damage(path: Path, kind: str) -> None:
+    """Cut ``path`` short (its gzip stream ends early; ITK reads the missing voxels as 0), or give a label map NaN
+    voxels (stored as float32)."""
+    if kind == "truncated":
+        import gzip
+
+        raw = gzip.decompress(path.read_bytes())
+        path.write_bytes(gzip.compress(raw[: len(raw) // 3]))  # a complete stream of a third of the voxels
+        return
+    img = sitk.ReadImage(str(path))
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    arr[0, 0, :3] = np.nan
+    new = sitk.GetImageFromArray(arr)
+    new.CopyInformation(img)
+    write(new, path)
+
+
+def _converter_with(root: Path, converter: str, which: str, kind: str):
+    """``converter`` on a download whose image or label file (``which``) of one case is damaged (``kind``)."""
+    from nnunet_sam.dataset_conversion.tumour import convert_tumour
+
+    if converter == "synapse":
+        src = make_btcv(root / "btcv")
+        _damage(src / ("img/img0005.nii.gz" if which == "image" else "label/label0005.nii.gz"), kind)
+        return lambda: convert_synapse(src, dataset_id=120)
+    if converter == "acdc":
+        src = make_acdc(root / "database", per_group=1)
+        name = "patient003_frame01" + ("" if which == "image" else "_gt")
+        _damage(src / "training" / "patient003" / f"{name}.nii.gz", kind)
+        return lambda: convert_acdc(src, dataset_id=27)
+    if converter in ("msd_pancreas", "tumour"):
+        task = make_msd_pancreas(root / "msd", n=10)
+        _damage(task / ("imagesTr" if which == "image" else "labelsTr") / "pancreas_003.nii.gz", kind)
+        if converter == "tumour":
+            return lambda: convert_tumour("msd_pancreas", task, dataset_id=8)
+        return lambda: convert_msd_pancreas(task, dataset_id=7, num_processes=1)
+    if converter == "amos":
+        src = make_amos(root / "amos22")
+        _damage(src / ("imagesTr" if which == "image" else "labelsTr") / "amos_0004.nii.gz", kind)
+        return lambda: convert_amos(src, task=1, dataset_id=218)
+    images, labels = make_nih_pancreas(root / "tcia", numbers=(1, 2, 3, 4))
+    assert which == "label"  # NIH images are DICOM series
+    _damage(labels / "label0002.nii.gz", kind)
+    return lambda: convert_nih_pancreas(images, labels, dataset_id=82)
+
+
+DAMAGED = [
+    (converter, which, kind)
+    for converter in CONVERTERS
+    for which in ("image", "label")
+    for kind in ("truncated", "nan")
+    if not (kind == "nan" and which == "image") and not (converter == "nih_pancreas" and which == "image")
+]
+
+
+@pytest.mark.parametrize("converter,which,kind", DAMAGED)
+def test_damaged_files_are_refused_by_every_converter(nnunet_env, converter, which, kind):
+    """Before: a truncated image was copied as is, a truncated label relabelled (its missing voxels 0), NaN label
+    voxels became background."""
+    convert = _converter_with(nnunet_env, converter, which, kind)
+    message = r"is truncated: it holds \d+ bytes" if kind == "truncated" else r"holds 3 non-finite label voxel"
+    with pytest.raises(ConversionError, match=rf"case \S+: .*{message}"):
+        convert()
+    assert _leftovers(nnunet_env) == []
