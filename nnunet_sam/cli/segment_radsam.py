@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from nnunet_sam.cli import conventions
+from nnunet_sam.evaluation.folders import EvaluationError, _check_geometry  # the evaluation's geometry check
+from nnunet_sam.file_checks import DamagedFileError, is_nifti, read_label_values
 from nnunet_sam.inference.model_folder import ModelFolderError, check_model_folder
 from nnunet_sam.inference.predict import BadCaseError, write_checked
 from nnunet_sam.inference.radsam import (
@@ -72,9 +74,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         image, properties = model.read(args.i)
 
         def label_map(path: str, value: int | None) -> np.ndarray:
-            seg = model.reader.read_seg(path)[0]  # (1, Z, Y, X)
-            if seg.shape[1:] != image.shape[1:]:
-                raise PromptError(f"{path} has shape {seg.shape[1:]} but the image has {image.shape[1:]}")
+            """--mask / --start: complete, integer-valued, on the image's grid (as evaluation checks them)."""
+            try:
+                if is_nifti(path):
+                    read_label_values(path)  # cut short (ITK: zeros), NaN (ITK: 0) or fractional voxels
+                seg, seg_properties = model.reader.read_seg(path)  # (1, Z, Y, X)
+                _check_geometry(image.shape[1:], properties, seg.shape[1:], seg_properties, path)
+            except (DamagedFileError, EvaluationError) as error:
+                raise PromptError(
+                    str(error).replace(f"case {path}: ", f"{path}: ").replace("prediction", "map")
+                ) from None
+            except Exception as error:  # the reader's own errors for a file it cannot read
+                raise PromptError(f"{path} cannot be read as a label map ({type(error).__name__}: {error})") from None
             return (seg > 0 if value is None else seg == value).astype(np.int16)
 
         extra = None

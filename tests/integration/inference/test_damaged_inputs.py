@@ -530,3 +530,51 @@ def test_radsam_arguments_are_checked_before_the_model_is_loaded(tmp_path, capsy
     assert exit_.value.code == 2
     assert re.search(message, capsys.readouterr().err)
     assert image.exists() and nibabel.load(image).shape == SHAPE[::-1]
+
+
+# ---- RadSAM --start / --mask maps (issue 29 item 5) ----------------------------------------------------------------
+def _radsam_map(path: Path, reference: Path, kind: str) -> Path:
+    """A label map for ``reference`` (the liver box of the fixture's image), then damaged as ``kind`` says."""
+    ref = sitk.ReadImage(str(reference))
+    array = np.zeros(sitk.GetArrayFromImage(ref).shape, np.float32 if kind == "nan" else np.uint8)
+    array[6:11, 24:40, 22:38] = 1
+    if kind == "nan":
+        array[8, 0, :4] = np.nan
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(ref)
+    if kind == "origin":
+        image.SetOrigin(tuple(o + 25.0 for o in ref.GetOrigin()))
+    sitk.WriteImage(image, str(path))
+    if kind == "truncated":
+        raw = gzip.decompress(path.read_bytes())
+        path.write_bytes(gzip.compress(raw[: len(raw) // 4]))
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("truncated", r"start.nii.gz is truncated: it holds \d+ bytes but its header describes"),
+        ("nan", r"start.nii.gz holds 4 non-finite voxel\(s\)"),
+        ("origin", r"start.nii.gz: geometry of map and reference differ: .*origin"),
+    ],
+)
+@pytest.mark.parametrize("option", ["--start", "--mask"])
+def test_radsam_start_and_mask_maps_are_checked_like_evaluation_files(
+    tmp_path, capsys, monkeypatch, kind, message, option
+):
+    """Before: a truncated map was read as zeros, NaN voxels accepted, a map with another origin accepted."""
+    from nnunet_sam.cli.segment_radsam import main
+
+    monkeypatch.delenv("nnUNet_SAM_checkpoints", raising=False)
+    model = next((Path(__file__).parents[2] / "fixtures" / "saved_models").glob("*/RadSAMTrainer_tiny__*"))
+    image = model / "image_0000.nii.gz"
+    start = _radsam_map(tmp_path / "start.nii.gz", image, kind)
+    prompt = tmp_path / "prompt.json"
+    spec = {"boundaries": [4, 12]} if option == "--start" else {"kind": "mask", "slice": 8, "boundaries": [4, 12]}
+    prompt.write_text(json.dumps(spec))
+    output = tmp_path / "out.nii.gz"
+    code = main(["-i", str(image), "-o", str(output), "-m", str(model), "--prompt", str(prompt), option, str(start)])
+    assert code == 2
+    assert re.search(rf"nnunet_sam_segment_radsam: error: .*{message}", capsys.readouterr().err)
+    assert not output.exists()
