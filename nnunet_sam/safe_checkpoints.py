@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pickle import UnpicklingError  # the exception only: nothing here unpickles
 from typing import Any
 
@@ -65,11 +65,15 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
 
 
 @contextlib.contextmanager
-def safe_checkpoint_loading() -> Iterator[None]:
-    """Within this context every ``torch.load`` call (nnU-Net's included) reads with :func:`read_checkpoint`."""
+def safe_checkpoint_loading(check: Callable[[dict], None] | None = None) -> Iterator[None]:
+    """Within this context every ``torch.load`` call (nnU-Net's included) reads with :func:`read_checkpoint`;
+    ``check``, if given, sees each checkpoint before the caller gets it (and may raise)."""
 
     def load(f, map_location=None, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003  (torch.load's signature)
-        return read_checkpoint(f, map_location)
+        checkpoint = read_checkpoint(f, map_location)
+        if check is not None:
+            check(checkpoint)
+        return checkpoint
 
     torch.load = load
     try:

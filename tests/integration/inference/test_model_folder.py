@@ -116,3 +116,49 @@ def test_predict_command_refuses_a_checkpoint_that_would_run_code(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "nnunet_sam_predict: error: " in result.stderr and "is refused: loading it needs io.open" in result.stderr
     assert "Traceback" not in result.stderr and not marker.exists()
+
+
+def test_plans_edited_after_training_are_refused(tmp_path):
+    """A hand-edited plans.json (patch size changed) changed the segmentation without a word (issue 29, item 9):
+    it must match the plans stored in the checkpoint; the batch size (training only) may differ."""
+    import json
+
+    model = tmp_path / "model"
+    shutil.copytree(_fixture("MaskSAMTrainer_tiny"), model)
+    plans = json.loads((model / "plans.json").read_text())
+    configuration = plans["configurations"]["3d_fullres"]
+    configuration["batch_size"] = 7
+    (model / "plans.json").write_text(json.dumps(plans))
+    load_predictor(str(model), [0])
+    configuration["patch_size"] = [8, 64, 64]
+    configuration["nnunet_sam"]["patch_size"] = [8, 64, 64]
+    (model / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(
+        ModelFolderError,
+        match=r"plans.json does not match the plans checkpoint_final.pth was trained with \(configuration 3d_fullres\)"
+        r": .*patch_size: \[8, 64, 64\] in plans.json, \[4, 64, 64\] in the checkpoint.*Restore the plans.json",
+    ):
+        load_predictor(str(model), [0])
+
+
+@pytest.mark.parametrize("problem", ["not_json", "not_an_object", "label_removed"])
+def test_damaged_or_edited_dataset_json_is_named(tmp_path, problem):
+    """Before: a traceback without the file's name, or a tensor size mismatch."""
+    import json
+
+    model = tmp_path / "model"
+    shutil.copytree(_fixture("MaskSAMTrainer_tiny"), model)
+    path = model / "dataset.json"
+    if problem == "not_json":
+        path.write_text('{"labels": ')
+        message = r"dataset.json is not valid JSON .*restore the file written by training"
+    elif problem == "not_an_object":
+        path.write_text("[1, 2]")
+        message = r"dataset.json holds a list, not a JSON object"
+    else:
+        content = json.loads(path.read_text())
+        content["labels"].pop(next(k for k in content["labels"] if k != "background"))
+        path.write_text(json.dumps(content))
+        message = r"dataset.json does not match the dataset.json checkpoint_final.pth was trained with: labels "
+    with pytest.raises(ModelFolderError, match=message):
+        load_predictor(str(model), [0])
