@@ -286,6 +286,11 @@ def write_splits(dataset_id: int, name: str, folds: list[dict[str, list[str]]]) 
     for i, fold in enumerate(folds):
         if set(fold) != {"train", "val"} or set(fold["train"]) & set(fold["val"]):
             raise ConversionError(f"fold {i} must have disjoint 'train' and 'val' lists, got keys {sorted(fold)}")
+        if not fold["train"] or not fold["val"]:
+            raise ConversionError(
+                f"fold {i} would have {len(fold['train'])} training and {len(fold['val'])} validation case(s): too "
+                "few cases for this protocol's split (nnU-Net cannot train or validate such a fold); add cases"
+            )
     path = _splits_path(dataset_folder_name(dataset_id, name))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.partial")

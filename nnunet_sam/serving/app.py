@@ -257,14 +257,14 @@ def make_app(
     @app.post(wire.PATH_ADD_POINT, dependencies=auth)
     def add_point(payload: dict, entry: Session = used) -> Response:
         require("points")
-        positive = bool(payload.get("include_interaction", True))
+        positive = inputs.check_positive(payload)
         with entry.lock:
             position = inputs.check_point(payload.get("coordinates"), entry.ready().shape)
             return changed(True, entry.apply(lambda editor: editor.point(position, positive)))
 
     @app.post(wire.PATH_ADD_BBOX, dependencies=auth)
     def add_bbox(payload: dict, entry: Session = used) -> Response:
-        positive = bool(payload.get("include_interaction", True))
+        positive = inputs.check_positive(payload)
         with entry.lock:
             box = inputs.check_box(payload.get("bbox_coords"), entry.ready().shape)
             require("bbox2d" if any(hi - lo == 1 for lo, hi in box) else "bbox3d")
@@ -274,7 +274,7 @@ def make_app(
         require(kind)
         meta = meta_of(request)
         array = await array_of(request)
-        positive = bool(meta.get("include_interaction", True))
+        positive = inputs.check_positive(meta)
 
         def work() -> Response:
             with entry.lock:

@@ -498,3 +498,11 @@ def test_damaged_files_are_refused_by_every_converter(nnunet_env, converter, whi
     with pytest.raises(ConversionError, match=rf"case \S+: .*{message}"):
         convert()
     assert _leftovers(nnunet_env) == []
+
+
+def test_too_few_cases_for_a_split_are_refused(nnunet_env):
+    """Two cases gave the split [{"train": ["a"], "val": []}] with exit 0 (issue 29 item 11)."""
+    task = make_msd_pancreas(nnunet_env / "msd", n=2)
+    with pytest.raises(ConversionError, match=r"fold 0 would have 1 training and 0 validation case\(s\): too few"):
+        convert_msd_pancreas(task, dataset_id=7, num_processes=1)
+    assert _leftovers(nnunet_env) == []
