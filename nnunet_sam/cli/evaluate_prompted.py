@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", required=True, help="output folder")
     parser.add_argument("--points", type=int, nargs="+", choices=NUM_POINTS, default=[1], help="clicks per object")
     parser.add_argument("--position", nargs="+", choices=POSITIONS, default=["centre"], help="click positions")
-    parser.add_argument("-f", nargs="+", default=["0"], help="folds (or 'all'); default 0")
+    parser.add_argument("-f", nargs="+", type=conventions.fold, default=[0], help="folds (or 'all'); default 0")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated clicks (default 0)")
     parser.add_argument("--nsd-tolerance", type=float, default=DEFAULT_NSD_TOLERANCE_MM, help="NSD tolerance in mm")
     parser.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nnunet_sam.inference.prompted import UnusableInputError
 
     args = build_parser().parse_args(argv)
-    folds = [f if f == "all" else int(f) for f in args.f]
+    folds = list(args.f)
     try:
         run_prompted_evaluation(
             args.m,

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--start-label", type=int, default=1, help="label of the structure in --start (default 1)")
     parser.add_argument("--label", type=int, default=1, help="value written for the structure (default 1)")
-    parser.add_argument("-f", default="0", help="fold (default 0; or 'all')")
+    parser.add_argument("-f", type=conventions.fold, default=0, help="fold (default 0; or 'all')")
     parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
     parser.add_argument("-device", default="cpu", choices=["cuda", "cpu", "mps"], help="device (default cpu)")
     return parser
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    fold = args.f if args.f == "all" else int(args.f)
+    fold = args.f
     inputs = [*args.i, args.prompt, *(f for f in (args.mask, args.start) if f)]
     if any(os.path.realpath(args.o) == os.path.realpath(f) for f in inputs):
         parser.error(f"the output -o {args.o} is an input of this run; it would be overwritten. Give a new file")

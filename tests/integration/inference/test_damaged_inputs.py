@@ -578,3 +578,22 @@ def test_radsam_start_and_mask_maps_are_checked_like_evaluation_files(
     assert code == 2
     assert re.search(rf"nnunet_sam_segment_radsam: error: .*{message}", capsys.readouterr().err)
     assert not output.exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "segment_radsam", "predict_prompted", "evaluate_pansam"])
+def test_a_fold_that_is_no_number_is_a_usage_error(tmp_path, capsys, command):
+    """``-f abc`` ended in a ValueError traceback (issue 29 item 13)."""
+    import importlib
+
+    main = importlib.import_module(f"nnunet_sam.cli.{command}").main
+    args = {
+        "predict": ["-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(tmp_path)],
+        "segment_radsam": ["-i", "x", "-o", "y", "-m", str(tmp_path), "--prompt", "p"],
+        "predict_prompted": ["-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(tmp_path), "--points", "p"],
+        "evaluate_pansam": ["-m", str(tmp_path), "--data", "x", str(tmp_path), str(tmp_path), "-o", "o"],
+    }[command]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "-f", "abc"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert re.search(r"argument -f.*'abc' is not a fold: give a number \(0, 1, \.\.\.\) or 'all'", err), err
