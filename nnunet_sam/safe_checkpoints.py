@@ -35,7 +35,11 @@ CHECKPOINT_TYPES = (
 _torch_load = torch.load  # torch's own, also while safe_checkpoint_loading replaces torch.load
 
 
-class UnsafeCheckpointError(ValueError):
+class CheckpointReadError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+class UnsafeCheckpointError(CheckpointReadError):
     """A checkpoint that needs types no nnU-Net checkpoint holds (it could run code when loaded): refused unread."""
 
 
@@ -61,6 +65,11 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
                 f"{path} is refused: loading it needs {_names(path)}, which no nnU-Net checkpoint holds, and could "
                 "run code. It was not loaded. Use a checkpoint written by nnUNetv2_train; if you made this file "
                 "and trust it, load it yourself and save only its weights (torch.save of plain tensors and numbers)"
+            ) from error
+        except (RuntimeError, EOFError, OSError) as error:  # a zip that is no torch file, a truncated pickle...
+            raise CheckpointReadError(
+                f"{path} is not a loadable PyTorch checkpoint ({type(error).__name__}: {str(error)[:300]}); use a "
+                "checkpoint written by nnUNetv2_train"
             ) from error
 
 

@@ -19,7 +19,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
-from nnunet_sam.safe_checkpoints import UnsafeCheckpointError, safe_checkpoint_loading
+from nnunet_sam.safe_checkpoints import CheckpointReadError, safe_checkpoint_loading
 from nnunet_sam.training.fault_tolerance import checkpoint_problem
 
 MODEL_FILES = ("dataset.json", "plans.json")
@@ -92,7 +92,7 @@ def load_predictor(
     try:
         with safe_checkpoint_loading(matches_plans):
             predictor.initialize_from_trained_model_folder(model_folder, list(folds), checkpoint)
-    except UnsafeCheckpointError as error:
+    except CheckpointReadError as error:
         raise ModelFolderError(str(error)) from error
     return predictor
 
@@ -124,7 +124,17 @@ def check_plans_match_checkpoint(
     (``init_args``) in its configuration (patch size, spacing, normalisation, architecture, the ``nnunet_sam``
     record...) or in what preprocessing reads, or its ``dataset.json`` in labels or channels: a hand-edited file
     would change the segmentation silently (or fail with a tensor size mismatch)."""
-    init_args = checkpoint.get("init_args") if isinstance(checkpoint, dict) else None
+    missing = [
+        k
+        for k in ("network_weights", "trainer_name", "init_args")
+        if not isinstance(checkpoint, dict) or k not in checkpoint
+    ]
+    if missing:
+        raise ModelFolderError(
+            f"{os.path.join(model_folder, 'fold_*', name)} is no nnU-Net checkpoint: it lacks "
+            f"{', '.join(missing)}; use the checkpoint_final.pth (or another checkpoint) written by nnUNetv2_train"
+        )
+    init_args = checkpoint["init_args"]
     if not isinstance(init_args, dict) or not isinstance(init_args.get("plans"), dict):
         return  # not written by nnU-Net's trainer: nothing to compare with
     trained = init_args.get("dataset_json")

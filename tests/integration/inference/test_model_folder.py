@@ -162,3 +162,24 @@ def test_damaged_or_edited_dataset_json_is_named(tmp_path, problem):
         message = r"dataset.json does not match the dataset.json checkpoint_final.pth was trained with: labels "
     with pytest.raises(ModelFolderError, match=message):
         load_predictor(str(model), [0])
+
+
+@pytest.mark.parametrize("content", ["zip", "no_checkpoint_dict"])
+def test_a_file_that_is_no_checkpoint_is_named(tmp_path, content):
+    """A valid zip (its CRCs pass) that torch cannot load, or a torch file without nnU-Net's keys: a message naming
+    the file instead of a torch error or KeyError (issue 29 item 13)."""
+    import zipfile
+
+    model = tmp_path / "model"
+    shutil.copytree(_fixture("MaskSAMTrainer_tiny"), model)
+    path = model / "fold_0" / "checkpoint_final.pth"
+    if content == "zip":
+        path.unlink()
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("notes.txt", "not a checkpoint")
+        message = r"checkpoint_final.pth is not a loadable PyTorch checkpoint \(RuntimeError: "
+    else:
+        torch.save({"weights": torch.zeros(2)}, path)
+        message = r"checkpoint_final.pth is no nnU-Net checkpoint: it lacks network_weights, trainer_name, init_args"
+    with pytest.raises(ModelFolderError, match=message):
+        load_predictor(str(model), [0])
