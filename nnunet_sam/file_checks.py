@@ -11,6 +11,7 @@ of a label file as stored (refusing NaN and fractional values).
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from collections.abc import Sequence
@@ -127,3 +128,15 @@ def honour_umask(folder: str | os.PathLike) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(folder, 0o777 & ~umask)
+
+
+def is_finite_number(value: object) -> bool:
+    """Whether ``value`` read from a JSON file is a finite number as a float64: not a bool, a string, NaN or inf,
+    nor an integer too large for a float (``10**400``); ``10**30`` is 1e30 (numpy's ufuncs raise TypeError on
+    such integers, so never call them on raw JSON values)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False

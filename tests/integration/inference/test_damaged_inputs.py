@@ -487,6 +487,10 @@ POINT = {"kind": "point", "slice": 4, "point": [5, 5], "boundaries": [1, 8]}
         ({"corrections": [{"slice": 2, "point": [1, 1], "positive": "no"}]}, r"'positive' must be true or false"),
         ({"space": "world", "point": ["a", 0, 0]}, r"a world-space point \[x, y, z\] must be 3 finite numbers"),
         ({"corrections": [{"slice": 2, "point": [1, 1]}] * 100_000}, r"100000 corrections; at most 1000"),
+        # issue 29: a TypeError of numpy's isfinite before
+        ({"slice": 10**30}, r"slice 1000000000000000000000000000000 lies outside the volume \(slices 0..9\)"),
+        ({"slice": 10**400}, r"the 'slice' of the point must be an integer slice index, got 1000"),
+        ({"point": [10**400, 5]}, r"a voxel-space point \[y, x\] must be 2 finite numbers"),
     ],
 )
 def test_bad_prompt_values_are_refused(tmp_path, geometry, change, message):
@@ -597,3 +601,27 @@ def test_a_fold_that_is_no_number_is_a_usage_error(tmp_path, capsys, command):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err
     assert re.search(r"argument -f.*'abc' is not a fold: give a number \(0, 1, \.\.\.\) or 'all'", err), err
+
+
+def test_deeply_nested_prompt_and_points_files_are_refused(tmp_path, geometry):
+    """JSON nested deeper than Python's stack ended in a RecursionError traceback (issue 29 item 13)."""
+    from nnunet_sam.inference.prompted import UnusableInputError, read_points_file
+    from nnunet_sam.inference.radsam import PromptError, read_prompt_file
+
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PromptError, match=r"cannot read the prompt file .*deep.json: RecursionError"):
+        read_prompt_file(str(path), geometry)
+    with pytest.raises(UnusableInputError, match=r"the points file .*deep.json is not valid JSON"):
+        read_points_file(str(path))
+
+
+def test_huge_point_coordinates_are_named():
+    """10**30 was a ufunc TypeError; it is a number (refused later as outside the image), 10**400 is not."""
+    from nnunet_sam.inference.prompted import parse_case_points
+
+    labels = {"background": 0, "organ": 1}
+    positions, _ = parse_case_points("c", [{"position": [10**30, 1, 2], "label": 1}], labels)
+    assert positions.tolist() == [[1e30, 1.0, 2.0]]
+    with pytest.raises(BadCaseError, match=r"c: point 0: expected \{\"position\": \[three finite numbers\]"):
+        parse_case_points("c", [{"position": [10**400, 1, 2], "label": 1}], labels)
