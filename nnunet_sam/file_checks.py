@@ -34,6 +34,13 @@ def _stored_size(path: str) -> int:
     """Bytes of the file's content: decompressed for ``.gz`` (reading to the end checks the stream's CRC)."""
     if not path.endswith(".gz"):
         return os.path.getsize(path)
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic != b"\x1f\x8b":
+        raise DamagedFileError(
+            f"{path} is named .gz but is not gzip-compressed (an uncompressed file?); rename it without .gz "
+            "(e.g. .nii) or compress it with gzip"
+        )
     size = 0
     try:
         with gzip.open(path, "rb") as f:
@@ -60,6 +67,11 @@ def load_nifti(path: str | os.PathLike) -> nibabel.Nifti1Image:
         image = nibabel.load(path)
     except Exception as error:  # nibabel raises several types for a broken header
         raise DamagedFileError(f"{path} cannot be read as NIfTI ({type(error).__name__}: {error})") from error
+    if isinstance(image, nibabel.Nifti2Image):
+        raise DamagedFileError(
+            f"{path} is a NIfTI-2 file, which ITK (nnU-Net's SimpleITK reader) cannot read; save it as NIfTI-1 "
+            "(e.g. nibabel.save(nibabel.Nifti1Image(data, affine), path))"
+        )
     header = image.header
     expected = int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
     if size < expected:
@@ -94,8 +106,12 @@ def _stored_pixdim(path: str) -> np.ndarray:
     """The header's pixdim as stored in the file (nibabel's loaded header has already "fixed" zeros)."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
-        block = f.read(348)
-    return np.asarray(nibabel.Nifti1Header(binaryblock=block, check=False)["pixdim"], dtype=np.float64)
+        block = f.read(540)
+    header_class = nibabel.Nifti1Header
+    if len(block) >= 4 and 540 in (int.from_bytes(block[:4], "little"), int.from_bytes(block[:4], "big")):
+        header_class = nibabel.Nifti2Header  # sizeof_hdr 540: NIfTI-2 (its pixdim lies elsewhere, as float64)
+    size = header_class.template_dtype.itemsize
+    return np.asarray(header_class(binaryblock=block[:size], check=False)["pixdim"], dtype=np.float64)
 
 
 def read_label_values(path: str | os.PathLike, allowed: Sequence[int] | None = None) -> np.ndarray:

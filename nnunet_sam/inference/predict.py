@@ -125,9 +125,17 @@ def check_nifti_file(case: str, files: Sequence[str]) -> None:
                 "overlay the image. Resample the image to an orthogonal grid first"
             )
         if np.issubdtype(nifti.get_data_dtype(), np.floating):
-            bad = int((~np.isfinite(np.asanyarray(nifti.dataobj))).sum())
+            data = np.asanyarray(nifti.dataobj)
+            bad = int((~np.isfinite(data)).sum())
             if bad:
                 raise BadCaseError(f"{case}: {NON_FINITE}: {os.path.basename(file)}: {bad}; {NON_FINITE_ADVICE}")
+            huge = np.abs(data) > np.finfo(np.float32).max
+            if huge.any():
+                raise BadCaseError(
+                    f"{case}: {os.path.basename(file)} has {int(huge.sum())} finite voxel(s) beyond float32's range "
+                    f"(up to {float(np.abs(data).max()):.3g}; float32 ends at 3.4e38): nnU-Net reads images as "
+                    "float32, where they would become inf. Replace or rescale them"
+                )
 
 
 def check_channel_numbers(case: str, files: Sequence[str], file_ending: str, channel_names: Sequence[str]) -> None:

@@ -185,6 +185,30 @@ def _nibabel_variant(path: Path, kind: str) -> Path:
     return path
 
 
+@pytest.mark.parametrize("kind", ["uncompressed_named_gz", "nifti2", "huge_finite"])
+def test_readable_or_finite_files_get_the_right_message(tmp_path, kind):
+    """Issue 29 item 14: an uncompressed NIfTI named .nii.gz was called cut short, a NIfTI-2 file "zero spacing",
+    a finite 1e300 voxel NaN/inf."""
+    path = tmp_path / "c_0000.nii.gz"
+    image = nibabel.load(_image(tmp_path / "ref_0000.nii.gz"))
+    data = np.asanyarray(image.dataobj)
+    if kind == "uncompressed_named_gz":
+        nibabel.save(nibabel.Nifti1Image(data, image.affine), tmp_path / "plain.nii")
+        path.write_bytes((tmp_path / "plain.nii").read_bytes())
+        with pytest.raises(BadCaseError, match=r"c_0000.nii.gz is named .gz but is not gzip-compressed"):
+            _check(path)
+    elif kind == "nifti2":
+        nibabel.save(nibabel.Nifti2Image(data, image.affine), path)
+        with pytest.raises(BadCaseError, match=r"c_0000.nii.gz is a NIfTI-2 file, which ITK .* cannot read"):
+            _check(path)
+    else:
+        huge = data.astype(np.float64)
+        huge[2, 3, 4] = 1e300
+        nibabel.save(nibabel.Nifti1Image(huge, image.affine), path)
+        with pytest.raises(BadCaseError, match=r"has 1 finite voxel\(s\) beyond float32's range \(up to 1e\+300"):
+            _check(path)
+
+
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
