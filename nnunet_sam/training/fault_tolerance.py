@@ -137,7 +137,8 @@ def all_finite(*values: torch.Tensor, across_ranks: bool = False) -> bool:
 
 # ---- staged outputs (segmentations, probabilities, JSON) -------------------------------------------------------
 PARTIAL_MARK = ".partial-"
-# .NAME.partial-PID-RANDOM (a private folder of staged_file, holding at most NAME) or .NAME.partial-PID.ENDING with
+STAGED_NAME = 200  # characters of the file's name in its staging folder's name (".NAME.partial-PID-RANDOM")
+# .NAME.partial-PID-RANDOM (a private folder of staged_file, holding at most NAME...) or .NAME.partial-PID.ENDING with
 # NAME ending in .ENDING (older releases' files): only what this package makes, never e.g. a user's .x.partial-1.txt
 _PARTIAL = re.compile(r"\.(?P<name>.+)\.partial-(?P<pid>\d+)(?:-(?P<random>[A-Za-z0-9_]+)|(?P<ending>\.[^-]+))")
 
@@ -148,7 +149,8 @@ def _made_by_staging(entry: Path) -> re.Match | None:
     if match is None:
         return None
     if match["random"] is not None:
-        staged = entry.is_dir() and not entry.is_symlink() and {p.name for p in entry.iterdir()} <= {match["name"]}
+        staged = entry.is_dir() and not entry.is_symlink() and len(inside := list(entry.iterdir())) <= 1
+        staged = staged and all(p.name.startswith(match["name"]) for p in inside)
         return match if staged else None
     return match if match["name"].endswith(match["ending"]) and not entry.is_dir() else None
 
@@ -163,7 +165,8 @@ def staged_file(path: str | os.PathLike) -> Iterator[str]:
     folder, which :func:`remove_stale_partial_files` deletes.
     """
     path = Path(path)
-    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}{PARTIAL_MARK}{os.getpid()}-", dir=path.parent))
+    # the name shortened so that the folder's name stays within 255 bytes for any file name that itself fits
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name[:STAGED_NAME]}{PARTIAL_MARK}{os.getpid()}-", dir=path.parent))
     try:
         yield str(folder / path.name)
         os.replace(folder / path.name, path)

@@ -649,3 +649,27 @@ def test_huge_point_coordinates_are_named():
     assert positions.tolist() == [[1e30, 1.0, 2.0]]
     with pytest.raises(BadCaseError, match=r"c: point 0: expected \{\"position\": \[three finite numbers\]"):
         parse_case_points("c", [{"position": [10**400, 1, 2], "label": 1}], labels)
+
+
+def test_longest_case_name_is_predicted(tmp_path):
+    """A 243-character case name (its channel file has 255, the file system's limit) was refused as "File name too
+    long" because of the package's own staging folder name (issue 29 item 14)."""
+    from nnunet_sam.inference.predict import cases_in_folder, predict_cases
+
+    case = "c" * 243
+    folder, out = tmp_path / "in", tmp_path / "out"
+    _image(folder / f"{case}_0000.nii.gz")
+    cases, _ = cases_in_folder(str(folder), ".nii.gz")
+    assert predict_cases(_predictor(), cases, str(out), save_probabilities=True) == {}
+    assert {p.name for p in out.iterdir()} == {
+        "dataset.json",
+        "plans.json",
+        *(case + e for e in (".nii.gz", ".npz", ".pkl")),
+    }
+    # what a killed run leaves for such a name is still recognised as the package's own
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out / f".{case[:200]}.partial-{dead.pid}-abcdefgh"
+    stale.mkdir()
+    (stale / f"{case}.nii.gz").write_bytes(b"half")
+    assert fault_tolerance.remove_stale_partial_files(out) == [stale]
