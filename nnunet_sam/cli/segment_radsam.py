@@ -14,7 +14,7 @@ from nnunet_sam.cli import conventions
 from nnunet_sam.evaluation.folders import EvaluationError, _check_geometry  # the evaluation's geometry check
 from nnunet_sam.file_checks import DamagedFileError, is_nifti, read_label_values
 from nnunet_sam.inference.model_folder import ModelFolderError, check_model_folder
-from nnunet_sam.inference.predict import BadCaseError, write_checked
+from nnunet_sam.inference.predict import IMAGE_ENDINGS, BadCaseError, write_checked
 from nnunet_sam.inference.radsam import (
     Geometry,
     PromptError,
@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"the output -o {args.o} is an input of this run; it would be overwritten. Give a new file")
     if args.label == 0:
         parser.error("--label 0 is the background: the mask would be empty. Give the structure's label value")
+    ending = next((e for e in IMAGE_ENDINGS if args.i[0].lower().endswith(e)), None)
+    if ending is not None and not args.o.lower().endswith(ending):
+        parser.error(f"the output -o {args.o} must end with {ending}: the mask is written in the image's format")
     try:
         check_model_folder(args.m, [fold], args.chk)
         with open(os.path.join(args.m, "dataset.json"), encoding="utf-8") as f:

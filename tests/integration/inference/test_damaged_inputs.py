@@ -542,6 +542,7 @@ def test_integral_float_slices_are_taken(tmp_path, geometry):
         (["--label", "300"], r"--label 300 is not a class of the model; its classes are \[1, 2\]"),
         (["--label", "-1"], r"--label -1 is not a class of the model"),
         (["-o", "IMAGE"], r"the output -o .* is an input of this run"),
+        (["-o", "m.txt"], r"the output -o m.txt must end with .nii.gz: the mask is written in the image's format"),
     ],
 )
 def test_radsam_arguments_are_checked_before_the_model_is_loaded(tmp_path, capsys, args, message):
