@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import tempfile
 import zlib
 from collections.abc import Sequence
 
@@ -156,3 +157,19 @@ def is_finite_number(value: object) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
+
+
+def unwritable_folder(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written into ``folder`` (made if missing), or None: a file in its place, no permission,
+    a read-only or full file system. Checked before long work, so that it never runs for nothing."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"\0" * 65536)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        return f"cannot write into {folder}: {error.strerror or error}"
+    return None

@@ -674,3 +674,24 @@ def test_longest_case_name_is_predicted(tmp_path):
     stale.mkdir()
     (stale / f"{case}.nii.gz").write_bytes(b"half")
     assert fault_tolerance.remove_stale_partial_files(out) == [stale]
+
+
+def test_unwritable_outputs_are_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    """``nnunet_sam_evaluate -o FILE`` failed after the whole evaluation; ``make_phantom --raw FILE`` with a
+    traceback (issue 29 item 13)."""
+    from nnunet_sam.cli import evaluate, make_phantom
+
+    reference, prediction, dataset = _evaluation_folders(tmp_path, np.zeros(SHAPE, np.uint8))
+    taken = tmp_path / "taken.txt"
+    taken.write_text("a file")
+    ran = []
+    monkeypatch.setattr(evaluate, "run_evaluation", lambda *a: ran.append(a))
+    code = evaluate.main(["-ref", str(reference), "-pred", str(prediction), "-djfile", str(dataset), "-o", str(taken)])
+    assert code == 2 and not ran
+    assert (
+        f"nnunet_sam_evaluate: error: the output folder -o: {taken} is a file, not a folder" in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit) as exit_:
+        make_phantom.main(["--raw", str(taken), "--id", "990"])
+    assert exit_.value.code == 2 and f"--raw / $nnUNet_raw: {taken} is a file, not a folder" in capsys.readouterr().err
+    assert taken.read_text() == "a file"
