@@ -227,9 +227,17 @@ def staged_dataset(dataset_id: int, name: str) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder_name}.partial-", dir=raw))
     splits = _splits_path(folder_name)
     try:
-        yield staging
-        honour_umask(staging)
-        os.rename(staging, raw / folder_name)
+        try:
+            yield staging
+            honour_umask(staging)
+            os.rename(staging, raw / folder_name)
+        except (OSError, RuntimeError) as error:  # RuntimeError: ITK's writer on a full disk
+            if isinstance(error, ConversionError):
+                raise
+            raise ConversionError(
+                f"writing the dataset into {raw} failed ({type(error).__name__}: {str(error).strip()[:300]}); is the "
+                "disk full or read-only? Nothing was converted"
+            ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if splits.is_file():

@@ -140,14 +140,27 @@ def write_submission(
                 raise ConversionError(f"{name} could not be written completely to {staging}; is the disk full?")
         honour_umask(staging)
         os.rename(staging, output)
+    except (OSError, RuntimeError) as error:  # RuntimeError: ITK's writer on a full disk
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, ConversionError):
+            raise
+        raise ConversionError(
+            f"writing the submission into {output.parent} failed ({type(error).__name__}: {str(error).strip()[:300]}"
+            "); is the disk full or read-only? Nothing was written"
+        ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if make_zip:
-        with staged_file(archive) as temporary:  # complete or absent; never replaces a file made meanwhile
-            shutil.make_archive(temporary[: -len(".zip")], "zip", root_dir=output.parent, base_dir=output.name)
-            if archive.exists():
-                raise ConversionError(f"{archive} appeared while it was written; it was left alone")
+        try:
+            with staged_file(archive) as temporary:  # complete or absent; never replaces a file made meanwhile
+                shutil.make_archive(temporary[: -len(".zip")], "zip", root_dir=output.parent, base_dir=output.name)
+                if archive.exists():
+                    raise ConversionError(f"{archive} appeared while it was written; it was left alone")
+        except OSError as error:
+            raise ConversionError(
+                f"the folder {output} was written, but not {archive} ({error.strerror or error}); is the disk full?"
+            ) from None
     return output
 
 

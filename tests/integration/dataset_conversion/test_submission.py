@@ -270,3 +270,25 @@ def test_outputs_honour_the_umask(nnunet_env, synapse_predictions):
         os.umask(old)
     for folder in (out, converted, Path(phantom)):
         assert oct(folder.stat().st_mode & 0o777) == oct(0o755), folder
+
+
+def test_full_disk_while_writing_is_a_message_and_leaves_nothing(nnunet_env, synapse_predictions, capsys, monkeypatch):
+    """A full disk while writing the submission or converting ended in a traceback (issue 29 item 13)."""
+    import errno
+    import os
+
+    dataset, pred = synapse_predictions
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_write = sitk.WriteImage
+    monkeypatch.setattr(sitk, "WriteImage", lambda *a: (_ for _ in ()).throw(RuntimeError("nifti library failed")))
+    code = main(["from-nnunet", "-p", str(pred), "-r", str(dataset), "-o", str(nnunet_env / "sub"), "--subset", "test"])
+    assert_unusable(capsys, code, r"writing the submission into .* failed \(RuntimeError: nifti library failed\); is")
+    assert not (nnunet_env / "sub").exists() and not list(nnunet_env.glob(".sub*"))
+    monkeypatch.setattr(sitk, "WriteImage", real_write)
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    with pytest.raises(ConversionError, match=r"writing the dataset into .* failed \(OSError: .*No space left"):
+        convert_synapse(make_btcv(nnunet_env / "btcv2"), dataset_id=121)
+    assert not list((nnunet_env / "raw").glob("*121*"))
