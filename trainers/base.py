@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import sys
 from collections.abc import Mapping
 from contextlib import ExitStack, nullcontext
 from typing import Any
@@ -43,6 +44,7 @@ from nnunet_sam.training.dataset_checks import check_training_data
 from nnunet_sam.training.distributed import check_batch_split, nnunet_ddp_wrapper, rank_device
 from nnunet_sam.training.fault_tolerance import (
     DamagedCheckpointError,
+    FolderBusyError,
     NonFiniteTrainingError,
     all_finite,
     atomic_write,
@@ -463,7 +465,11 @@ class SAMTrainer(nnUNetTrainer):
     # ---- fault tolerance (nnunet_sam.training.fault_tolerance) -------------------------------------------------------
     def on_train_start(self) -> None:
         if self.local_rank == 0:  # before anything is written: a second training of this fold stops here
-            self._fold_lock = lock_folder(self.output_folder)
+            try:
+                self._fold_lock = lock_folder(self.output_folder)
+            except FolderBusyError as error:  # a refusal, not a crash: the convention's message and exit code 2
+                print(f"nnUNetv2_train: error: {error}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
         super().on_train_start()
         if self.local_rank == 0:
             for path in remove_stale_temp_files(self.output_folder):

@@ -350,15 +350,20 @@ time.sleep(600)
 """
 
 
-def test_second_training_of_the_same_fold_is_refused_naming_the_first(tmp_path, monkeypatch):
-    """Issue 17 item 3: two trainings of one fold folder would overwrite each other's checkpoint_best.pth."""
+def test_second_training_of_the_same_fold_is_refused_naming_the_first(tmp_path, monkeypatch, capsys):
+    """Issue 17 item 3: two trainings of one fold folder would overwrite each other's checkpoint_best.pth. Issue 29:
+    the refusal is ``nnUNetv2_train: error: MESSAGE`` with exit code 2, not a traceback."""
     _no_nnunet_train_start_end(monkeypatch)
     first = _make_trainer(tmp_path, monkeypatch)
     first.on_train_start()
     second = _make_trainer(tmp_path, monkeypatch)
     assert second.output_folder == first.output_folder
-    with pytest.raises(fault_tolerance.FolderBusyError, match=rf"another training is running in .*: PID {os.getpid()}"):
+    with pytest.raises(SystemExit) as exit_:
         second.on_train_start()
+    assert exit_.value.code == 2
+    assert re.search(
+        rf"nnUNetv2_train: error: another training is running in .*: PID {os.getpid()}", capsys.readouterr().err
+    )
     first.on_train_end()  # released at the end of the training ...
     second.on_train_start()
     second.on_train_end()
@@ -695,8 +700,6 @@ def test_continue_loads_a_real_checkpoint_and_refuses_one_that_would_run_code(tm
     torch.save({**checkpoint, "extra": _Payload(marker)}, latest)
     crafted = _make_trainer(tmp_path, monkeypatch, seed=1)
     crafted._continue_training = True
-    with pytest.raises(
-        UnsafeCheckpointError, match=r"checkpoint_latest.pth is refused: loading it needs io.open"
-    ):
+    with pytest.raises(UnsafeCheckpointError, match=r"checkpoint_latest.pth is refused: loading it needs io.open"):
         crafted.load_checkpoint(str(latest))
     assert not marker.exists(), "loading the checkpoint ran its code"
