@@ -10,6 +10,7 @@ of a label file as stored (refusing NaN and fractional values).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
@@ -160,10 +161,15 @@ def is_finite_number(value: object) -> bool:
 
 
 def unwritable_folder(folder: str | os.PathLike) -> str | None:
-    """Why files cannot be written into ``folder`` (made if missing), or None: a file in its place, no permission,
+    """Why files cannot be written into ``folder``, or None: a file in its place, no permission,
     a read-only or full file system. Checked before long work, so that it never runs for nothing."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         return f"{folder} is a file, not a folder"
+    created = []  # the folders made for the probe, removed again (innermost first): the check leaves nothing
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        created.append(path)
+        path = os.path.dirname(path)
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder) as probe:
@@ -172,4 +178,8 @@ def unwritable_folder(folder: str | os.PathLike) -> str | None:
             os.fsync(probe.fileno())
     except OSError as error:
         return f"cannot write into {folder}: {error.strerror or error}"
+    finally:
+        for made in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(made)
     return None
