@@ -272,8 +272,8 @@ def test_error_while_writing_removes_staging_and_split(nnunet_env, monkeypatch):
         raise OSError("disk full")  # ... and then the conversion fails
 
     monkeypatch.setattr(synapse, "write_splits", fail)
-    with pytest.raises(OSError, match="disk full"):
-        convert_synapse(make_btcv(nnunet_env / "btcv"), dataset_id=120)
+    with pytest.raises(ConversionError, match=r"writing the dataset into .* failed \(OSError: disk full\)"):
+        convert_synapse(make_btcv(nnunet_env / "btcv"), dataset_id=120)  # a message since issue 29
     assert _leftovers(nnunet_env) == []
 
 
