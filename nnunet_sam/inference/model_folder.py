@@ -137,7 +137,7 @@ def check_plans_match_checkpoint(
     init_args = checkpoint["init_args"]
     if not isinstance(init_args, dict) or not isinstance(init_args.get("plans"), dict):
         return  # not written by nnU-Net's trainer: nothing to compare with
-    trained = init_args.get("dataset_json")
+    stored_plans, trained = _as_json(init_args["plans"]), _as_json(init_args.get("dataset_json"))
     for key in ("labels", "channel_names", "regions_class_order") if isinstance(trained, dict) else ():
         if dataset_json.get(key) != trained.get(key):
             raise ModelFolderError(
@@ -145,7 +145,7 @@ def check_plans_match_checkpoint(
                 f"with: {key} {dataset_json.get(key)!r} here, {trained.get(key)!r} in the checkpoint. Restore the "
                 "dataset.json written by the training"
             )
-    stored, configuration = init_args["plans"], init_args.get("configuration")
+    stored, configuration = stored_plans, init_args.get("configuration")
     try:
         ours = PlansManager(plans).get_configuration(configuration).configuration
         theirs = PlansManager(stored).get_configuration(configuration).configuration
@@ -177,3 +177,11 @@ def require_network(
             f"{type(network).__name__}); {advice}"
         )
     return network
+
+
+def _as_json(value):
+    """``value`` as it reads back from a JSON file (tuples become lists), to compare with plans.json/dataset.json."""
+    try:
+        return json.loads(json.dumps(value, default=str))
+    except (TypeError, ValueError):
+        return value
