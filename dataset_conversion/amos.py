@@ -27,6 +27,7 @@ from nnunet_sam.dataset_conversion.common import (
     NIFTI,
     ConversionError,
     check_case,
+    check_files,
     dataset_folder_name,
     require_folder,
     staged_dataset,
@@ -71,7 +72,8 @@ def convert_amos(
             if not label.is_file():
                 raise ConversionError(f"image without label: {image} has no {labels}/{label.name}")
             check_case(image, label, case, allowed, tolerance)
-    require_folder(source / "imagesTs", "AMOS imagesTs/")
+    for image in sorted(require_folder(source / "imagesTs", "AMOS imagesTs/").glob(f"*{NIFTI}")):
+        check_files(image.name[: -len(NIFTI)], image)
 
     module_name, function = NNUNET_CONVERTERS[task]
     module = importlib.import_module(module_name)

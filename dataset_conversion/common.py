@@ -34,6 +34,8 @@ from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_j
 from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
 from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
 
+from nnunet_sam.file_checks import DamagedFileError, honour_umask, is_nifti, load_nifti
+
 RECORD_FILE = "nnunet_sam_conversion.json"
 RECORD_FORMAT = 1
 NIFTI = ".nii.gz"
@@ -159,10 +161,29 @@ def label_values(label: str | os.PathLike | sitk.Image) -> np.ndarray:
     return np.unique(sitk.GetArrayViewFromImage(img))
 
 
+def check_files(case: str, image: Path | None = None, label: Path | None = None) -> None:
+    """NIfTI files complete and readable as stored (:mod:`nnunet_sam.file_checks`: a file cut short, which ITK fills
+    with zeros; zero or NaN spacing; NaN or fractional label voxels, which the relabelling would turn into
+    background); :class:`ConversionError` naming the case and the file. Other formats (DICOM, MHA) are ITK's."""
+    try:
+        if image is not None and is_nifti(image):
+            load_nifti(image)
+        if label is not None and is_nifti(label):
+            stored = np.asanyarray(load_nifti(label).dataobj)
+            if np.issubdtype(stored.dtype, np.floating) and not np.isfinite(stored).all():
+                raise DamagedFileError(
+                    f"{label} holds {int((~np.isfinite(stored)).sum())} non-finite label voxel(s) (NaN or inf); a "
+                    "label map holds integers"
+                )
+    except DamagedFileError as error:
+        raise ConversionError(f"case {case}: {error}") from None
+
+
 def check_case(
     image: Path, label: Path, case: str, allowed: Iterable[int], tolerance: float = DEFAULT_TOLERANCE
 ) -> None:
-    """Geometry (headers only) and label values of one image/label pair."""
+    """Files (:func:`check_files`), geometry (headers) and label values of one image/label pair."""
+    check_files(case, image, label)
     check_geometry(image, label, case, tolerance)
     check_label_values(label_values(label), allowed, case)
 
@@ -206,8 +227,17 @@ def staged_dataset(dataset_id: int, name: str) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder_name}.partial-", dir=raw))
     splits = _splits_path(folder_name)
     try:
-        yield staging
-        os.rename(staging, raw / folder_name)
+        try:
+            yield staging
+            honour_umask(staging)
+            os.rename(staging, raw / folder_name)
+        except (OSError, RuntimeError) as error:  # RuntimeError: ITK's writer on a full disk
+            if isinstance(error, ConversionError):
+                raise
+            raise ConversionError(
+                f"writing the dataset into {raw} failed ({type(error).__name__}: {str(error).strip()[:300]}); is the "
+                "disk full or read-only? Nothing was converted"
+            ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if splits.is_file():
@@ -264,6 +294,11 @@ def write_splits(dataset_id: int, name: str, folds: list[dict[str, list[str]]]) 
     for i, fold in enumerate(folds):
         if set(fold) != {"train", "val"} or set(fold["train"]) & set(fold["val"]):
             raise ConversionError(f"fold {i} must have disjoint 'train' and 'val' lists, got keys {sorted(fold)}")
+        if not fold["train"] or not fold["val"]:
+            raise ConversionError(
+                f"fold {i} would have {len(fold['train'])} training and {len(fold['val'])} validation case(s): too "
+                "few cases for this protocol's split (nnU-Net cannot train or validate such a fold); add cases"
+            )
     path = _splits_path(dataset_folder_name(dataset_id, name))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.partial")

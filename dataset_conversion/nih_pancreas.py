@@ -37,6 +37,7 @@ from nnunet_sam.dataset_conversion.common import (
     NIFTI,
     ConversionError,
     align_to_image,
+    check_files,
     check_geometry,
     check_label_values,
     dataset_folder_name,
@@ -103,6 +104,7 @@ def convert_nih_pancreas(
         reader = sitk.ImageFileReader()
         reader.SetFileName(series[case][0])
         reader.ReadImageInformation()
+        check_files(case, label=label_files[case])
         label = sitk.ReadImage(str(label_files[case]))
         check_label_values(label_values(label), LABELS.values(), case)
         shape = (*reader.GetSize()[:2], len(series[case]))

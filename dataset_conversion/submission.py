@@ -42,7 +42,8 @@ from nnunet_sam.dataset_conversion.common import (
     read_record,
     relabel,
 )
-from nnunet_sam.file_checks import DamagedFileError, read_label_values
+from nnunet_sam.file_checks import DamagedFileError, honour_umask, read_label_values
+from nnunet_sam.training.fault_tolerance import staged_file
 
 COMMAND = "nnunet_sam_convert_submission"
 
@@ -96,10 +97,19 @@ def write_submission(
     if not found:
         raise ConversionError(f"no predictions (*{NIFTI}) in {predictions}")
     names = [record["cases"][c]["submission_name"] for c in found]
+    for case, name in zip(found, names):
+        if not plain_file_name(name):
+            raise ConversionError(
+                f"the conversion record names case {case}'s submission file {name!r}, which is not a plain file "
+                f"name (it would be written outside {output}); fix submission_name in {dataset_folder}"
+            )
     if len(set(names)) != len(names):
         raise ConversionError("two predictions map to the same submission file name")
     if output.exists():
         raise ConversionError(f"output {output} exists already; choose a new folder")
+    archive = output.with_name(output.name + ".zip")
+    if make_zip and (archive.exists() or archive.is_symlink()):
+        raise ConversionError(f"{archive} exists already; choose a new output name (--zip would overwrite it)")
     label_map = {int(k): v for k, v in record["labels_nnunet_to_original"].items()}
 
     try:
@@ -128,13 +138,42 @@ def write_submission(
                 sitk.GetArrayFromImage(sitk.ReadImage(str(staging / name))), sitk.GetArrayFromImage(out)
             ):
                 raise ConversionError(f"{name} could not be written completely to {staging}; is the disk full?")
+        honour_umask(staging)
         os.rename(staging, output)
+    except (OSError, RuntimeError) as error:  # RuntimeError: ITK's writer on a full disk
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, ConversionError):
+            raise
+        raise ConversionError(
+            f"writing the submission into {output.parent} failed ({type(error).__name__}: {str(error).strip()[:300]}"
+            "); is the disk full or read-only? Nothing was written"
+        ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if make_zip:
-        shutil.make_archive(str(output), "zip", root_dir=output.parent, base_dir=output.name)
+        try:
+            with staged_file(archive) as temporary:  # complete or absent; never replaces a file made meanwhile
+                shutil.make_archive(temporary[: -len(".zip")], "zip", root_dir=output.parent, base_dir=output.name)
+                if archive.exists():
+                    raise ConversionError(f"{archive} appeared while it was written; it was left alone")
+        except OSError as error:
+            raise ConversionError(
+                f"the folder {output} was written, but not {archive} ({error.strerror or error}); is the disk full?"
+            ) from None
     return output
+
+
+def plain_file_name(name: object) -> bool:
+    """Whether ``name`` (read from a file) names a file directly inside a folder: no separator, not ``.``/``..``."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and os.path.basename(name) == name
+    )
 
 
 def _check_protocol(dataset_folder: Path, prefix: str, command: str) -> None:

@@ -10,8 +10,11 @@ of a label file as stored (refusing NaN and fractional values).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import math
 import os
+import tempfile
 import zlib
 from collections.abc import Sequence
 
@@ -33,6 +36,13 @@ def _stored_size(path: str) -> int:
     """Bytes of the file's content: decompressed for ``.gz`` (reading to the end checks the stream's CRC)."""
     if not path.endswith(".gz"):
         return os.path.getsize(path)
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic != b"\x1f\x8b":
+        raise DamagedFileError(
+            f"{path} is named .gz but is not gzip-compressed (an uncompressed file?); rename it without .gz "
+            "(e.g. .nii) or compress it with gzip"
+        )
     size = 0
     try:
         with gzip.open(path, "rb") as f:
@@ -59,6 +69,11 @@ def load_nifti(path: str | os.PathLike) -> nibabel.Nifti1Image:
         image = nibabel.load(path)
     except Exception as error:  # nibabel raises several types for a broken header
         raise DamagedFileError(f"{path} cannot be read as NIfTI ({type(error).__name__}: {error})") from error
+    if isinstance(image, nibabel.Nifti2Image):
+        raise DamagedFileError(
+            f"{path} is a NIfTI-2 file, which ITK (nnU-Net's SimpleITK reader) cannot read; save it as NIfTI-1 "
+            "(e.g. nibabel.save(nibabel.Nifti1Image(data, affine), path))"
+        )
     header = image.header
     expected = int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
     if size < expected:
@@ -93,8 +108,12 @@ def _stored_pixdim(path: str) -> np.ndarray:
     """The header's pixdim as stored in the file (nibabel's loaded header has already "fixed" zeros)."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
-        block = f.read(348)
-    return np.asarray(nibabel.Nifti1Header(binaryblock=block, check=False)["pixdim"], dtype=np.float64)
+        block = f.read(540)
+    header_class = nibabel.Nifti1Header
+    if len(block) >= 4 and 540 in (int.from_bytes(block[:4], "little"), int.from_bytes(block[:4], "big")):
+        header_class = nibabel.Nifti2Header  # sizeof_hdr 540: NIfTI-2 (its pixdim lies elsewhere, as float64)
+    size = header_class.template_dtype.itemsize
+    return np.asarray(header_class(binaryblock=block[:size], check=False)["pixdim"], dtype=np.float64)
 
 
 def read_label_values(path: str | os.PathLike, allowed: Sequence[int] | None = None) -> np.ndarray:
@@ -120,3 +139,47 @@ def read_label_values(path: str | os.PathLike, allowed: Sequence[int] | None = N
         if unknown:
             raise DamagedFileError(f"{path} holds label values {unknown} (allowed: {sorted(set(allowed))})")
     return values
+
+
+def honour_umask(folder: str | os.PathLike) -> None:
+    """Give ``folder`` (made 0700 by ``tempfile.mkdtemp``) the mode a new folder gets under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
+def is_finite_number(value: object) -> bool:
+    """Whether ``value`` read from a JSON file is a finite number as a float64: not a bool, a string, NaN or inf,
+    nor an integer too large for a float (``10**400``); ``10**30`` is 1e30 (numpy's ufuncs raise TypeError on
+    such integers, so never call them on raw JSON values)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def unwritable_folder(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written into ``folder``, or None: a file in its place, no permission,
+    a read-only or full file system. Checked before long work, so that it never runs for nothing."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder"
+    created = []  # the folders made for the probe, removed again (innermost first): the check leaves nothing
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        created.append(path)
+        path = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"\0" * 65536)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        return f"cannot write into {folder}: {error.strerror or error}"
+    finally:
+        for made in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(made)
+    return None

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import os
 import random
+import sys
 from collections.abc import Mapping
 from contextlib import ExitStack, nullcontext
 from typing import Any
@@ -40,10 +41,12 @@ from nnunet_sam.backbones.sam_vit import get_backbone
 from nnunet_sam.blocks.checkpointing import block_checkpointing
 from nnunet_sam.losses.segmentation import DeepSupervisedSegLoss
 from nnunet_sam.model_record import PLANS_KEY, RECORD_FORMAT, ModelRecord, build_from_record, options_to_json
+from nnunet_sam.safe_checkpoints import safe_checkpoint_loading
 from nnunet_sam.training.dataset_checks import check_training_data
 from nnunet_sam.training.distributed import batch_per_process, check_batch_split, nnunet_ddp_wrapper, rank_device
 from nnunet_sam.training.fault_tolerance import (
     DamagedCheckpointError,
+    FolderBusyError,
     NonFiniteTrainingError,
     all_finite,
     atomic_write,
@@ -475,7 +478,8 @@ class SAMTrainer(nnUNetTrainer):
                 filename_or_checkpoint = str(path)
             elif (problem := checkpoint_problem(filename_or_checkpoint)) is not None:
                 raise DamagedCheckpointError(f"{filename_or_checkpoint} is {problem}")
-        super().load_checkpoint(filename_or_checkpoint)
+        with safe_checkpoint_loading():  # weights_only: a crafted checkpoint cannot run code (UnsafeCheckpointError)
+            super().load_checkpoint(filename_or_checkpoint)
         # nnU-Net saves checkpoint_latest before it updates _best_ema for that epoch, so after --c a later, worse
         # EMA could overwrite checkpoint_best. The best EMA so far is the maximum of the logged EMAs.
         emas = [e for e in self.logger.get_value("ema_fg_dice", step=None) if np.isfinite(e)]
@@ -504,7 +508,11 @@ class SAMTrainer(nnUNetTrainer):
     # ---- fault tolerance (nnunet_sam.training.fault_tolerance) -------------------------------------------------------
     def on_train_start(self) -> None:
         if self.local_rank == 0:  # before anything is written: a second training of this fold stops here
-            self._fold_lock = lock_folder(self.output_folder)
+            try:
+                self._fold_lock = lock_folder(self.output_folder)
+            except FolderBusyError as error:  # a refusal, not a crash: the convention's message and exit code 2
+                print(f"nnUNetv2_train: error: {error}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
         workers_die_with_parent()  # the augmentation workers nnU-Net starts next end with this process, even on SIGKILL
         super().on_train_start()
         if self.local_rank == 0:

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from nnunet_sam.cli import conventions
 from nnunet_sam.evaluation.radsam import GRIDS, format_table, run_benchmark
 from nnunet_sam.inference.radsam import RadSAMModel
 
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--slice-edits", nargs="+", type=int, default=[0, 2], help="edit clicks per slice (slice level)"
     )
-    parser.add_argument("-f", default="0", help="fold (default 0; or 'all')")
+    parser.add_argument("-f", type=conventions.fold, default=0, help="fold (default 0; or 'all')")
     parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated prompts and clicks")
     parser.add_argument("--max-cases", type=int, help="use only the first N cases")
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.edits + args.slice_edits) < 0:
         parser.error("edit counts must be >= 0")
-    model = RadSAMModel(args.m, args.f if args.f == "all" else int(args.f), args.chk, args.device)
+    model = RadSAMModel(args.m, args.f, args.chk, args.device)
     result = run_benchmark(
         model,
         args.i,

@@ -44,7 +44,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, trainer: str, configura
     parser.add_argument("-c", default=configuration, help=f"configuration (default {configuration})")
     parser.add_argument("-tr", default=trainer, help=f"trainer (default {trainer})")
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier")
-    parser.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (or 'all')")
+    parser.add_argument("-f", nargs="+", type=fold, default=[0, 1, 2, 3, 4], help="folds (or 'all')")
     parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
     parser.add_argument("-step_size", type=float, default=0.5, help="sliding window step (fraction of the patch)")
     parser.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
@@ -56,5 +56,17 @@ def model_folder_and_folds(parser: argparse.ArgumentParser, args: argparse.Names
     """The model folder (``-m``, or nnU-Net's results folder of ``-d -c -tr -p``) and the folds of ``-f``."""
     if args.m is None and (args.d is None or args.c is None):
         parser.error("give -d and -c (with -tr, -p), or the model folder with -m")
-    folds = [f if f == "all" else int(f) for f in args.f]
-    return args.m or get_output_folder(args.d, args.tr, args.p, args.c), folds
+    return args.m or get_output_folder(args.d, args.tr, args.p, args.c), list(args.f)
+
+
+def fold(value: str) -> int | str:
+    """argparse type of ``-f``: a fold number (0, 1, ...) or ``all``; anything else is a usage error (exit 2)."""
+    if value == "all":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a fold: give a number (0, 1, ...) or 'all'") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a fold: give a number (0, 1, ...) or 'all'")
+    return number

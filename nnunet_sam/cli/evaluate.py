@@ -11,6 +11,7 @@ from nnunet_sam.cli import conventions
 from nnunet_sam.evaluation.folders import EvaluationError, run_evaluation
 from nnunet_sam.evaluation.metrics import DEFAULT_NSD_TOLERANCE_MM
 from nnunet_sam.evaluation.protocols import PROTOCOLS
+from nnunet_sam.file_checks import unwritable_folder
 
 COMMAND = "nnunet_sam_evaluate"
 
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point ``nnunet_sam_evaluate``."""
     args = build_parser().parse_args(argv)
+    problem = unwritable_folder(args.output)  # before the evaluation, not after it
+    if problem is not None:
+        return conventions.error(COMMAND, f"the output folder -o: {problem}; give a writable folder")
     try:
         run_evaluation(
             args.reference,

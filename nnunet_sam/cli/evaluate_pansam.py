@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         "3d_fullres -f 0 --data nih imagesTs labelsTs --data abdomen1k A1K/images A1K/labels -o eval_pansam",
     )
     p.add_argument("-m", "--model", required=True, help="model folder (TRAINER__PLANS__CONFIGURATION)")
-    p.add_argument("-f", "--fold", default="0", help="fold (default: %(default)s; 'all' for -f all models)")
+    p.add_argument(
+        "-f", "--fold", type=conventions.fold, default=0, help="fold (default: %(default)s; 'all' for -f all models)"
+    )
     p.add_argument(
         "--data",
         nargs=3,

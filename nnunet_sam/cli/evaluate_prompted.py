@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--position", nargs="+", choices=POSITIONS, default=[PAPER_POSITION], help="click positions (default uniform)"
     )
-    parser.add_argument("-f", nargs="+", default=["0"], help="folds (or 'all'); default 0")
+    parser.add_argument("-f", nargs="+", type=conventions.fold, default=[0], help="folds (or 'all'); default 0")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated clicks (default 0)")
     parser.add_argument("--nsd-tolerance", type=float, default=DEFAULT_NSD_TOLERANCE_MM, help="NSD tolerance in mm")
     parser.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nnunet_sam.inference.prompted import UnusableInputError
 
     args = build_parser().parse_args(argv)
-    folds = [f if f == "all" else int(f) for f in args.f]
+    folds = list(args.f)
     try:
         run_prompted_evaluation(
             args.m,

@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 
 from nnunet_sam.demo.phantoms import MAX_ORGANS, MIN_SHAPE, ORGAN_NAMES, make_phantom_dataset
+from nnunet_sam.file_checks import unwritable_folder
 
 
 def _positive_float(text: str) -> float:
@@ -81,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw = args.raw or os.environ.get("nnUNet_raw")
     if not raw:
         parser.error("no output folder: pass --raw or set the nnUNet_raw environment variable")
+    problem = unwritable_folder(raw)
+    if problem is not None:
+        parser.error(f"--raw / $nnUNet_raw: {problem}; give a writable folder")
     try:
         folder = make_phantom_dataset(
             raw,

@@ -69,7 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
         parser.error(f"-part_id must be 0 to num_parts - 1 (got -part_id {args.part_id} -num_parts {args.num_parts})")
-    predictor = load_predictor(model_folder, folds, args.chk, args.device, args.step_size, not args.disable_tta)
+    try:
+        predictor = load_predictor(model_folder, folds, args.chk, args.device, args.step_size, not args.disable_tta)
+    except ModelFolderError as error:  # e.g. a checkpoint that would run code (nnunet_sam.safe_checkpoints)
+        parser.error(str(error))
     ending = predictor.dataset_json["file_ending"]
     cases, misnamed = input_cases(args.i, ending, args.o)
     part = f" of part {args.part_id} (-num_parts {args.num_parts}, {len(cases)} in the folder)"

@@ -12,9 +12,12 @@ import numpy as np
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
 from nnunet_sam.cli import conventions
+from nnunet_sam.evaluation.folders import EvaluationError, _check_geometry  # the evaluation's geometry check
+from nnunet_sam.file_checks import DamagedFileError, is_nifti, read_label_values
 from nnunet_sam.inference import dicom
 from nnunet_sam.inference.model_folder import ModelFolderError, check_model_folder
 from nnunet_sam.inference.predict import (
+    IMAGE_ENDINGS,
     OUTPUT_TYPES,
     BadCaseError,
     read_dicom_case,
@@ -67,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--start-label", type=int, default=1, help="label of the structure in --start (default 1)")
     parser.add_argument("--label", type=int, default=1, help="value written for the structure (default 1)")
-    parser.add_argument("-f", default="0", help="fold (default 0; or 'all')")
+    parser.add_argument("-f", type=conventions.fold, default=0, help="fold (default 0; or 'all')")
     parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
     parser.add_argument("-device", default="cpu", choices=["cuda", "cpu", "mps"], help="device (default cpu)")
     return parser
@@ -76,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    fold = args.f if args.f == "all" else int(args.f)
+    fold = args.f
     inputs = [*args.i, args.prompt, *(f for f in (args.mask, args.start) if f)]
     if any(os.path.realpath(args.o) == os.path.realpath(f) for f in inputs):
         parser.error(f"the output -o {args.o} is an input of this run; it would be overwritten. Give a new file")
@@ -98,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(error))
         if os.path.realpath(seg_file).startswith(os.path.realpath(args.i[0]) + os.sep):
             parser.error(f"the SEG {seg_file} would be written into the series folder {args.i[0]}; write it elsewhere")
+    ending = next((e for e in IMAGE_ENDINGS if args.i[0].lower().endswith(e)), None)
+    if ending is not None and not args.o.lower().endswith(ending):
+        parser.error(f"the output -o {args.o} must end with {ending}: the mask is written in the image's format")
     try:
         check_model_folder(args.m, [fold], args.chk)
         with open(os.path.join(args.m, "dataset.json"), encoding="utf-8") as f:
@@ -121,9 +127,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             image, properties = model.read(args.i)
 
         def label_map(path: str, value: int | None) -> np.ndarray:
-            seg = model.reader.read_seg(path)[0]  # (1, Z, Y, X)
-            if seg.shape[1:] != image.shape[1:]:
-                raise PromptError(f"{path} has shape {seg.shape[1:]} but the image has {image.shape[1:]}")
+            """--mask / --start: complete, integer-valued, on the image's grid (as evaluation checks them)."""
+            try:
+                if is_nifti(path):
+                    read_label_values(path)  # cut short (ITK: zeros), NaN (ITK: 0) or fractional voxels
+                seg, seg_properties = model.reader.read_seg(path)  # (1, Z, Y, X)
+                _check_geometry(image.shape[1:], properties, seg.shape[1:], seg_properties, path)
+            except (DamagedFileError, EvaluationError) as error:
+                raise PromptError(
+                    str(error).replace(f"case {path}: ", f"{path}: ").replace("prediction", "map")
+                ) from None
+            except Exception as error:  # the reader's own errors for a file it cannot read
+                raise PromptError(f"{path} cannot be read as a label map ({type(error).__name__}: {error})") from None
             return (seg > 0 if value is None else seg == value).astype(np.int16)
 
         extra = None

@@ -38,6 +38,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
+from nnunet_sam.file_checks import honour_umask
+
 __all__ = [
     "ORGAN_NAMES",
     "MIN_SHAPE",
@@ -330,6 +332,7 @@ def make_phantom_dataset(
             numTest=num_test,
         )
 
+        honour_umask(tmp)
         if target.exists():  # overwrite: move the old dataset aside, swap in the new one, then delete the old
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=raw_root))
             os.replace(target, old / target.name)

@@ -129,9 +129,17 @@ def check_nifti_file(case: str, files: Sequence[str]) -> None:
                 "overlay the image. Resample the image to an orthogonal grid first"
             )
         if np.issubdtype(nifti.get_data_dtype(), np.floating):
-            bad = int((~np.isfinite(np.asanyarray(nifti.dataobj))).sum())
+            data = np.asanyarray(nifti.dataobj)
+            bad = int((~np.isfinite(data)).sum())
             if bad:
                 raise BadCaseError(f"{case}: {NON_FINITE}: {os.path.basename(file)}: {bad}; {NON_FINITE_ADVICE}")
+            huge = np.abs(data) > np.finfo(np.float32).max
+            if huge.any():
+                raise BadCaseError(
+                    f"{case}: {os.path.basename(file)} has {int(huge.sum())} finite voxel(s) beyond float32's range "
+                    f"(up to {float(np.abs(data).max()):.3g}; float32 ends at 3.4e38): nnU-Net reads images as "
+                    "float32, where they would become inf. Replace or rescale them"
+                )
 
 
 def check_channel_numbers(case: str, files: Sequence[str], file_ending: str, channel_names: Sequence[str]) -> None:
@@ -423,9 +431,11 @@ def save_probabilities_checked(case: str, output: str, probabilities: np.ndarray
         with staged_file(output + ".pkl") as temporary:
             save_pickle(properties, temporary)
     except OSError as error:
+        if os.path.isfile(output + ".npz") and not os.path.isfile(output + ".pkl"):
+            os.unlink(output + ".npz")  # one without the other is of no use to nnU-Net's ensembling
         raise BadCaseError(
-            f"{case}: the probabilities could not be written to {output}.npz/.pkl ({_describe(error)}); nothing "
-            "was written for this case"
+            f"{case}: the probabilities could not be written to {output}.npz/.pkl ({_describe(error)}); the "
+            "segmentation was written, its probabilities were not (run again with --continue_prediction)"
         ) from None
 
 
@@ -508,8 +518,12 @@ def predict_cases(
         output = os.path.join(output_folder, case)
         from_dicom = is_dicom_case(files)
         ending = dicom_output_ending(dataset_json["file_ending"]) if from_dicom else dataset_json["file_ending"]
-        expected = ([output + dicom.SEG_ENDING] if want_seg else []) + ([] if seg_only else [output + ending])
-        if not overwrite and all(os.path.isfile(f) for f in expected):
+        expected = (
+            ([output + dicom.SEG_ENDING] if want_seg else [])
+            + ([] if seg_only else [output + ending])
+            + ([output + ".npz", output + ".pkl"] if save_probabilities else [])
+        )
+        if not overwrite and all(os.path.isfile(f) for f in expected):  # as nnU-Net: probabilities asked, .npz there
             continue
         try:
             series, writer = None, reader
@@ -529,8 +543,6 @@ def predict_cases(
                 prepare(case, image, properties, data)
             result = predict_preprocessed(predictor, case, data, properties, save_probabilities)
             segmentation = result[0] if save_probabilities else result
-            if save_probabilities:  # numpy and pickle raise on a full disk, unlike ITK's NIfTI writer
-                save_probabilities_checked(case, output, result[1], properties)
             if want_seg:
                 labels = output_labels(dataset_json)
                 write_seg_checked(case, series, segmentation, labels, output + dicom.SEG_ENDING, algorithm)
@@ -541,6 +553,8 @@ def predict_cases(
                     if want_seg:  # the case's outputs come together or not at all
                         os.unlink(output + dicom.SEG_ENDING)
                     raise
+            if save_probabilities:  # after the segmentation: a case that failed leaves no .npz/.pkl
+                save_probabilities_checked(case, output, result[1], properties)
         except Exception as error:  # one bad case must not stop the others
             message = str(error) if isinstance(error, BadCaseError) else f"{case}: {type(error).__name__}: {error}"
             failures[case] = message

@@ -48,6 +48,7 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
+from nnunet_sam.file_checks import is_finite_number
 from nnunet_sam.inference import geometry
 from nnunet_sam.inference.geometry import to_preprocessed
 from nnunet_sam.inference.model_folder import load_predictor, require_network
@@ -75,7 +76,7 @@ def read_points_file(path: str) -> tuple[str, dict[str, list]]:
             content = json.load(f)
     except (OSError, UnicodeDecodeError) as error:
         raise UnusableInputError(f"cannot read the points file {path}: {error}") from None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, RecursionError) as error:  # RecursionError: nesting deeper than Python's stack
         raise UnusableInputError(f"the points file {path} is not valid JSON: {error}") from None
     if not isinstance(content, dict) or not isinstance(content.get("points"), dict):
         raise UnusableInputError(
@@ -101,11 +102,7 @@ def parse_case_points(case: str, entries, labels: Mapping[str, int]) -> tuple[np
     for n, entry in enumerate(entries):
         where = f"{case}: point {n}"
         position = entry.get("position") if isinstance(entry, dict) else None
-        if (
-            not isinstance(position, list)
-            or len(position) != 3
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in position)
-        ):
+        if not isinstance(position, list) or len(position) != 3 or not all(is_finite_number(v) for v in position):
             raise BadCaseError(f'{where}: expected {{"position": [three finite numbers], "label": ...}}, got {entry!r}')
         label = entry.get("label")
         if isinstance(label, str) and label in labels:

@@ -39,6 +39,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from scipy.ndimage import distance_transform_edt
 from scipy.ndimage import label as ndimage_label
 
+from nnunet_sam.file_checks import is_finite_number
 from nnunet_sam.inference import geometry
 from nnunet_sam.inference.model_folder import load_predictor, require_network
 from nnunet_sam.inference.predict import read_and_check
@@ -563,18 +564,14 @@ MAX_CORRECTIONS = 1000
 
 def _slice_index(value, what: str) -> int:
     """A slice index from a prompt file: an integer (12 or 12.0), never a fraction, a boolean, NaN or a string."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value != int(value):
+    if not is_finite_number(value) or value != int(value):
         raise PromptError(f"{what} must be an integer slice index, got {json.dumps(value)}")
     return int(value)
 
 
 def _numbers(value, count: int, what: str) -> list[float]:
     """``count`` finite numbers (coordinates) from a prompt file."""
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) != count
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)
-    ):
+    if not isinstance(value, (list, tuple)) or len(value) != count or not all(is_finite_number(v) for v in value):
         raise PromptError(f"{what} must be {count} finite numbers, got {json.dumps(value)}")
     return [float(v) for v in value]
 
@@ -603,8 +600,8 @@ def read_prompt_file(path: str, geometry: Geometry, mask_prompt: np.ndarray | No
     try:
         with open(path, encoding="utf-8") as f:
             spec = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise PromptError(f"cannot read the prompt file {path}: {error}") from error
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # Recursion: deep nesting
+        raise PromptError(f"cannot read the prompt file {path}: {type(error).__name__}: {error}") from None
     if not isinstance(spec, dict):
         raise PromptError(f"the prompt file {path} must hold a JSON object")
     space = spec.get("space", "voxel")

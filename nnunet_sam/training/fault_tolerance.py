@@ -141,8 +141,22 @@ def all_finite(*values: torch.Tensor, across_ranks: bool = False) -> bool:
 
 # ---- staged outputs (segmentations, probabilities, JSON) -------------------------------------------------------
 PARTIAL_MARK = ".partial-"
-# .NAME.partial-PID-RANDOM (a private folder of staged_file) or .NAME.partial-PID.ENDING (older releases' files)
-_PARTIAL = re.compile(r"\..+\.partial-(\d+)(-[A-Za-z0-9_]+|\..+)")
+STAGED_NAME = 200  # characters of the file's name in its staging folder's name (".NAME.partial-PID-RANDOM")
+# .NAME.partial-PID-RANDOM (a private folder of staged_file, holding at most NAME...) or .NAME.partial-PID.ENDING with
+# NAME ending in .ENDING (older releases' files): only what this package makes, never e.g. a user's .x.partial-1.txt
+_PARTIAL = re.compile(r"\.(?P<name>.+)\.partial-(?P<pid>\d+)(?:-(?P<random>[A-Za-z0-9_]+)|(?P<ending>\.[^-]+))")
+
+
+def _made_by_staging(entry: Path) -> re.Match | None:
+    """The name's match if ``entry`` is what :func:`staged_file` (or an older release) leaves, else None."""
+    match = _PARTIAL.fullmatch(entry.name)
+    if match is None:
+        return None
+    if match["random"] is not None:
+        staged = entry.is_dir() and not entry.is_symlink() and len(inside := list(entry.iterdir())) <= 1
+        staged = staged and all(p.name.startswith(match["name"]) for p in inside)
+        return match if staged else None
+    return match if match["name"].endswith(match["ending"]) and not entry.is_dir() else None
 
 
 @contextlib.contextmanager
@@ -155,7 +169,8 @@ def staged_file(path: str | os.PathLike) -> Iterator[str]:
     folder, which :func:`remove_stale_partial_files` deletes.
     """
     path = Path(path)
-    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}{PARTIAL_MARK}{os.getpid()}-", dir=path.parent))
+    # the name shortened so that the folder's name stays within 255 bytes for any file name that itself fits
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name[:STAGED_NAME]}{PARTIAL_MARK}{os.getpid()}-", dir=path.parent))
     try:
         yield str(folder / path.name)
         os.replace(folder / path.name, path)
@@ -188,8 +203,8 @@ def remove_stale_partial_files(folder: str | os.PathLike) -> list[Path]:
     removed, never followed."""
     removed = []
     for entry in Path(folder).iterdir():
-        match = _PARTIAL.fullmatch(entry.name)
-        if match is None or _process_alive(int(match.group(1))):
+        match = _made_by_staging(entry)
+        if match is None or _process_alive(int(match["pid"])):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

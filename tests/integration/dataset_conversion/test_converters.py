@@ -272,8 +272,8 @@ def test_error_while_writing_removes_staging_and_split(nnunet_env, monkeypatch):
         raise OSError("disk full")  # ... and then the conversion fails
 
     monkeypatch.setattr(synapse, "write_splits", fail)
-    with pytest.raises(OSError, match="disk full"):
-        convert_synapse(make_btcv(nnunet_env / "btcv"), dataset_id=120)
+    with pytest.raises(ConversionError, match=r"writing the dataset into .* failed \(OSError: disk full\)"):
+        convert_synapse(make_btcv(nnunet_env / "btcv"), dataset_id=120)  # a message since issue 29
     assert _leftovers(nnunet_env) == []
 
 
@@ -495,3 +495,78 @@ def test_acdc_paper_protocol_uses_the_lists_and_refuses_an_incomplete_download(n
     split = json.loads((out / RECORD_FILE).read_text())["splits"]
     assert {k: sorted({c.split("_")[0] for c in v}) for k, v in split.items()} == lists
     assert _cases(out / "labelsTs") == split["test"]
+
+
+# ---- damaged files (issue 29 item 4) ------------------------------------------------------------------------------
+def _damage(path: Path, kind: str) -> None:
+    """Cut ``path`` short (its gzip stream ends early; ITK reads the missing voxels as 0), or give a label map NaN
+    voxels (stored as float32)."""
+    if kind == "truncated":
+        import gzip
+
+        raw = gzip.decompress(path.read_bytes())
+        path.write_bytes(gzip.compress(raw[: len(raw) // 3]))  # a complete stream of a third of the voxels
+        return
+    img = sitk.ReadImage(str(path))
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    arr[0, 0, :3] = np.nan
+    new = sitk.GetImageFromArray(arr)
+    new.CopyInformation(img)
+    write(new, path)
+
+
+def _converter_with(root: Path, converter: str, which: str, kind: str):
+    """``converter`` on a download whose image or label file (``which``) of one case is damaged (``kind``)."""
+    from nnunet_sam.dataset_conversion.tumour import convert_tumour
+
+    if converter == "synapse":
+        src = make_btcv(root / "btcv")
+        _damage(src / ("img/img0005.nii.gz" if which == "image" else "label/label0005.nii.gz"), kind)
+        return lambda: convert_synapse(src, dataset_id=120)
+    if converter == "acdc":
+        src = make_acdc(root / "database", per_group=1)
+        name = "patient003_frame01" + ("" if which == "image" else "_gt")
+        _damage(src / "training" / "patient003" / f"{name}.nii.gz", kind)
+        return lambda: convert_acdc(src, dataset_id=27)
+    if converter in ("msd_pancreas", "tumour"):
+        task = make_msd_pancreas(root / "msd", n=10)
+        _damage(task / ("imagesTr" if which == "image" else "labelsTr") / "pancreas_003.nii.gz", kind)
+        if converter == "tumour":
+            return lambda: convert_tumour("msd_pancreas", task, dataset_id=8)
+        return lambda: convert_msd_pancreas(task, dataset_id=7, num_processes=1)
+    if converter == "amos":
+        src = make_amos(root / "amos22")
+        _damage(src / ("imagesTr" if which == "image" else "labelsTr") / "amos_0004.nii.gz", kind)
+        return lambda: convert_amos(src, task=1, dataset_id=218)
+    images, labels = make_nih_pancreas(root / "tcia", numbers=(1, 2, 3, 4))
+    assert which == "label"  # NIH images are DICOM series
+    _damage(labels / "label0002.nii.gz", kind)
+    return lambda: convert_nih_pancreas(images, labels, dataset_id=82)
+
+
+DAMAGED = [
+    (converter, which, kind)
+    for converter in CONVERTERS
+    for which in ("image", "label")
+    for kind in ("truncated", "nan")
+    if not (kind == "nan" and which == "image") and not (converter == "nih_pancreas" and which == "image")
+]
+
+
+@pytest.mark.parametrize("converter,which,kind", DAMAGED)
+def test_damaged_files_are_refused_by_every_converter(nnunet_env, converter, which, kind):
+    """Before: a truncated image was copied as is, a truncated label relabelled (its missing voxels 0), NaN label
+    voxels became background."""
+    convert = _converter_with(nnunet_env, converter, which, kind)
+    message = r"is truncated: it holds \d+ bytes" if kind == "truncated" else r"holds 3 non-finite label voxel"
+    with pytest.raises(ConversionError, match=rf"case \S+: .*{message}"):
+        convert()
+    assert _leftovers(nnunet_env) == []
+
+
+def test_too_few_cases_for_a_split_are_refused(nnunet_env):
+    """Two cases gave the split [{"train": ["a"], "val": []}] with exit 0 (issue 29 item 11)."""
+    task = make_msd_pancreas(nnunet_env / "msd", n=2)
+    with pytest.raises(ConversionError, match=r"fold 0 would have 1 training and 0 validation case\(s\): too few"):
+        convert_msd_pancreas(task, dataset_id=7, num_processes=1)
+    assert _leftovers(nnunet_env) == []

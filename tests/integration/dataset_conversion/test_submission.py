@@ -228,3 +228,67 @@ def test_unwritable_submission_folder_is_named(nnunet_env, synapse_predictions, 
     monkeypatch.setattr(tempfile, "mkdtemp", read_only)
     with pytest.raises(ConversionError, match=rf"cannot write the submission into {nnunet_env}: Permission denied"):
         write_submission(pred, dataset, nnunet_env / "submission")
+
+
+@pytest.mark.parametrize("name", ["../../x.nii.gz", "/tmp/x.nii.gz", "sub/x.nii.gz", "..", "", 7])
+def test_submission_name_outside_the_output_folder_is_refused(nnunet_env, synapse_predictions, name):
+    """A conversion record naming a file outside -o (edited, or from elsewhere) writes nothing anywhere."""
+    dataset, pred = synapse_predictions
+    record_path = dataset / "nnunet_sam_conversion.json"
+    record = json.loads(record_path.read_text())
+    record["cases"]["synapse_0001"]["submission_name"] = name
+    record_path.write_text(json.dumps(record))
+    out = nnunet_env / "a" / "b" / "submission"
+    with pytest.raises(ConversionError, match=r"case synapse_0001's submission file .* is not a plain file name"):
+        write_submission(pred, dataset, out, subset="test")
+    assert not (nnunet_env / "a").exists() and not (nnunet_env / "x.nii.gz").exists()
+
+
+def test_zip_never_overwrites_an_existing_file(nnunet_env, synapse_predictions, capsys):
+    dataset, pred = synapse_predictions
+    out = nnunet_env / "submission"
+    Path(f"{out}.zip").write_text("the user's own file")
+    code = main(["from-nnunet", "-p", str(pred), "-r", str(dataset), "-o", str(out), "--zip"])
+    assert_unusable(capsys, code, r".*submission.zip exists already; choose a new output name")
+    assert Path(f"{out}.zip").read_text() == "the user's own file" and not out.exists()
+
+
+def test_outputs_honour_the_umask(nnunet_env, synapse_predictions):
+    """Converters, the phantom maker and the submission writer stage in a 0700 folder: the result gets the mode
+    that the umask gives a new folder, as mkdir would."""
+    import os
+
+    from nnunet_sam.demo.phantoms import make_phantom_dataset
+
+    dataset, pred = synapse_predictions
+    old = os.umask(0o022)
+    try:
+        out = write_submission(pred, dataset, nnunet_env / "submission", subset="test")
+        converted = convert_synapse(make_btcv(nnunet_env / "btcv2"), dataset_id=121)
+        phantom = make_phantom_dataset(nnunet_env / "raw", 998, "Mode", num_train=1, num_test=0, shape=(16, 32, 32))
+    finally:
+        os.umask(old)
+    for folder in (out, converted, Path(phantom)):
+        assert oct(folder.stat().st_mode & 0o777) == oct(0o755), folder
+
+
+def test_full_disk_while_writing_is_a_message_and_leaves_nothing(nnunet_env, synapse_predictions, capsys, monkeypatch):
+    """A full disk while writing the submission or converting ended in a traceback (issue 29 item 13)."""
+    import errno
+    import os
+
+    dataset, pred = synapse_predictions
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_write = sitk.WriteImage
+    monkeypatch.setattr(sitk, "WriteImage", lambda *a: (_ for _ in ()).throw(RuntimeError("nifti library failed")))
+    code = main(["from-nnunet", "-p", str(pred), "-r", str(dataset), "-o", str(nnunet_env / "sub"), "--subset", "test"])
+    assert_unusable(capsys, code, r"writing the submission into .* failed \(RuntimeError: nifti library failed\); is")
+    assert not (nnunet_env / "sub").exists() and not list(nnunet_env.glob(".sub*"))
+    monkeypatch.setattr(sitk, "WriteImage", real_write)
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    with pytest.raises(ConversionError, match=r"writing the dataset into .* failed \(OSError: .*No space left"):
+        convert_synapse(make_btcv(nnunet_env / "btcv2"), dataset_id=121)
+    assert not list((nnunet_env / "raw").glob("*121*"))

@@ -153,9 +153,14 @@ def test_stale_partial_files_of_dead_runs_are_removed_and_live_ones_kept(tmp_pat
     live.mkdir()
     user = folder / ".notes.partial"
     user.write_text("mine")
+    # a user's files named like partial files, but not as this package names them (issue 29)
+    user_files = [folder / f".notes.partial-{dead.pid}.txt", folder / f".a.nii.gz.partial-{dead.pid}-mine"]
+    user_files[0].write_text("mine")
+    user_files[1].mkdir()
+    (user_files[1] / "other.txt").write_text("mine")
     removed = fault_tolerance.remove_stale_partial_files(folder)
     assert sorted(p.name for p in removed) == sorted([stale_dir.name, stale_file.name, stale_link.name])
-    assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, user.name])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, user.name, *(p.name for p in user_files)])
     assert victim.read_text() == "user data"
 
 
@@ -178,6 +183,30 @@ def _nibabel_variant(path: Path, kind: str) -> Path:
         raise ValueError(kind)
     nibabel.save(out, path)
     return path
+
+
+@pytest.mark.parametrize("kind", ["uncompressed_named_gz", "nifti2", "huge_finite"])
+def test_readable_or_finite_files_get_the_right_message(tmp_path, kind):
+    """Issue 29 item 14: an uncompressed NIfTI named .nii.gz was called cut short, a NIfTI-2 file "zero spacing",
+    a finite 1e300 voxel NaN/inf."""
+    path = tmp_path / "c_0000.nii.gz"
+    image = nibabel.load(_image(tmp_path / "ref_0000.nii.gz"))
+    data = np.asanyarray(image.dataobj)
+    if kind == "uncompressed_named_gz":
+        nibabel.save(nibabel.Nifti1Image(data, image.affine), tmp_path / "plain.nii")
+        path.write_bytes((tmp_path / "plain.nii").read_bytes())
+        with pytest.raises(BadCaseError, match=r"c_0000.nii.gz is named .gz but is not gzip-compressed"):
+            _check(path)
+    elif kind == "nifti2":
+        nibabel.save(nibabel.Nifti2Image(data, image.affine), path)
+        with pytest.raises(BadCaseError, match=r"c_0000.nii.gz is a NIfTI-2 file, which ITK .* cannot read"):
+            _check(path)
+    else:
+        huge = data.astype(np.float64)
+        huge[2, 3, 4] = 1e300
+        nibabel.save(nibabel.Nifti1Image(huge, image.affine), path)
+        with pytest.raises(BadCaseError, match=r"has 1 finite voxel\(s\) beyond float32's range \(up to 1e\+300"):
+            _check(path)
 
 
 @pytest.mark.parametrize(
@@ -268,6 +297,45 @@ def test_channel_numbers_spacing_and_probabilities_per_case(tmp_path, monkeypatc
     assert "good: the probabilities could not be written" in failures["good"] and "disk full" in failures["good"]
     assert (out / "good.npz").read_bytes() == previous, "the previous probabilities were damaged"
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary file left"
+
+
+def test_continue_with_probabilities_predicts_cases_that_have_none(tmp_path):
+    """--continue_prediction --save_probabilities after a run without probabilities (issue 29, item 6): each case
+    is predicted again for its .npz/.pkl, as nnU-Net does; with them all present it is skipped."""
+    from nnunet_sam.inference.predict import cases_in_folder, predict_cases
+
+    predictor = _predictor()
+    folder, out = tmp_path / "in", tmp_path / "out"
+    _image(folder / "a_0000.nii.gz")
+    _image(folder / "b_0000.nii.gz", seed=1)
+    cases, _ = cases_in_folder(str(folder), ".nii.gz")
+    assert predict_cases(predictor, cases, str(out)) == {}
+    assert predict_cases(predictor, cases, str(out), save_probabilities=True, overwrite=False) == {}
+    assert {p.name for p in out.iterdir()} >= {"a.npz", "a.pkl", "b.npz", "b.pkl"}
+    written = (out / "a.npz").stat().st_mtime_ns
+    assert predict_cases(predictor, cases, str(out), save_probabilities=True, overwrite=False) == {}
+    assert (out / "a.npz").stat().st_mtime_ns == written, "a complete case was predicted again"
+
+
+def test_case_whose_segmentation_fails_leaves_no_probabilities(tmp_path, monkeypatch):
+    """The segmentation is written first: when it fails, no .npz/.pkl is left either (issue 29, item 7)."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from nnunet_sam.inference.predict import cases_in_folder, predict_cases
+
+    predictor = _predictor()
+    folder, out = tmp_path / "in", tmp_path / "out"
+    _image(folder / "a_0000.nii.gz")
+    cases, _ = cases_in_folder(str(folder), ".nii.gz")
+
+    def full_disk(self, seg, output_fname, properties):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(SimpleITKIO, "write_seg", full_disk)
+    failures = predict_cases(predictor, cases, str(out), save_probabilities=True)
+    assert "a: the segmentation could not be written completely" in failures["a"]
+    assert "Nothing was written for this case" in failures["a"]
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "plans.json"]
 
 
 # ---- 6. files of another format -----------------------------------------------------------------------------
@@ -443,6 +511,10 @@ POINT = {"kind": "point", "slice": 4, "point": [5, 5], "boundaries": [1, 8]}
         ({"corrections": [{"slice": 2, "point": [1, 1], "positive": "no"}]}, r"'positive' must be true or false"),
         ({"space": "world", "point": ["a", 0, 0]}, r"a world-space point \[x, y, z\] must be 3 finite numbers"),
         ({"corrections": [{"slice": 2, "point": [1, 1]}] * 100_000}, r"100000 corrections; at most 1000"),
+        # issue 29: a TypeError of numpy's isfinite before
+        ({"slice": 10**30}, r"slice 1000000000000000000000000000000 lies outside the volume \(slices 0..9\)"),
+        ({"slice": 10**400}, r"the 'slice' of the point must be an integer slice index, got 1000"),
+        ({"point": [10**400, 5]}, r"a voxel-space point \[y, x\] must be 2 finite numbers"),
     ],
 )
 def test_bad_prompt_values_are_refused(tmp_path, geometry, change, message):
@@ -470,6 +542,7 @@ def test_integral_float_slices_are_taken(tmp_path, geometry):
         (["--label", "300"], r"--label 300 is not a class of the model; its classes are \[1, 2\]"),
         (["--label", "-1"], r"--label -1 is not a class of the model"),
         (["-o", "IMAGE"], r"the output -o .* is an input of this run"),
+        (["-o", "m.txt"], r"the output -o m.txt must end with .nii.gz: the mask is written in the image's format"),
     ],
 )
 def test_radsam_arguments_are_checked_before_the_model_is_loaded(tmp_path, capsys, args, message):
@@ -486,3 +559,139 @@ def test_radsam_arguments_are_checked_before_the_model_is_loaded(tmp_path, capsy
     assert exit_.value.code == 2
     assert re.search(message, capsys.readouterr().err)
     assert image.exists() and nibabel.load(image).shape == SHAPE[::-1]
+
+
+# ---- RadSAM --start / --mask maps (issue 29 item 5) ----------------------------------------------------------------
+def _radsam_map(path: Path, reference: Path, kind: str) -> Path:
+    """A label map for ``reference`` (the liver box of the fixture's image), then damaged as ``kind`` says."""
+    ref = sitk.ReadImage(str(reference))
+    array = np.zeros(sitk.GetArrayFromImage(ref).shape, np.float32 if kind == "nan" else np.uint8)
+    array[6:11, 24:40, 22:38] = 1
+    if kind == "nan":
+        array[8, 0, :4] = np.nan
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(ref)
+    if kind == "origin":
+        image.SetOrigin(tuple(o + 25.0 for o in ref.GetOrigin()))
+    sitk.WriteImage(image, str(path))
+    if kind == "truncated":
+        raw = gzip.decompress(path.read_bytes())
+        path.write_bytes(gzip.compress(raw[: len(raw) // 4]))
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("truncated", r"start.nii.gz is truncated: it holds \d+ bytes but its header describes"),
+        ("nan", r"start.nii.gz holds 4 non-finite voxel\(s\)"),
+        ("origin", r"start.nii.gz: geometry of map and reference differ: .*origin"),
+    ],
+)
+@pytest.mark.parametrize("option", ["--start", "--mask"])
+def test_radsam_start_and_mask_maps_are_checked_like_evaluation_files(
+    tmp_path, capsys, monkeypatch, kind, message, option
+):
+    """Before: a truncated map was read as zeros, NaN voxels accepted, a map with another origin accepted."""
+    from nnunet_sam.cli.segment_radsam import main
+
+    monkeypatch.delenv("nnUNet_SAM_checkpoints", raising=False)
+    model = next((Path(__file__).parents[2] / "fixtures" / "saved_models").glob("*/RadSAMTrainer_tiny__*"))
+    image = model / "image_0000.nii.gz"
+    start = _radsam_map(tmp_path / "start.nii.gz", image, kind)
+    prompt = tmp_path / "prompt.json"
+    spec = {"boundaries": [4, 12]} if option == "--start" else {"kind": "mask", "slice": 8, "boundaries": [4, 12]}
+    prompt.write_text(json.dumps(spec))
+    output = tmp_path / "out.nii.gz"
+    code = main(["-i", str(image), "-o", str(output), "-m", str(model), "--prompt", str(prompt), option, str(start)])
+    assert code == 2
+    assert re.search(rf"nnunet_sam_segment_radsam: error: .*{message}", capsys.readouterr().err)
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "segment_radsam", "predict_prompted", "evaluate_pansam"])
+def test_a_fold_that_is_no_number_is_a_usage_error(tmp_path, capsys, command):
+    """``-f abc`` ended in a ValueError traceback (issue 29 item 13)."""
+    import importlib
+
+    main = importlib.import_module(f"nnunet_sam.cli.{command}").main
+    args = {
+        "predict": ["-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(tmp_path)],
+        "segment_radsam": ["-i", "x", "-o", "y", "-m", str(tmp_path), "--prompt", "p"],
+        "predict_prompted": ["-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(tmp_path), "--points", "p"],
+        "evaluate_pansam": ["-m", str(tmp_path), "--data", "x", str(tmp_path), str(tmp_path), "-o", "o"],
+    }[command]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "-f", "abc"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert re.search(r"argument -f.*'abc' is not a fold: give a number \(0, 1, \.\.\.\) or 'all'", err), err
+
+
+def test_deeply_nested_prompt_and_points_files_are_refused(tmp_path, geometry):
+    """JSON nested deeper than Python's stack ended in a RecursionError traceback (issue 29 item 13)."""
+    from nnunet_sam.inference.prompted import UnusableInputError, read_points_file
+    from nnunet_sam.inference.radsam import PromptError, read_prompt_file
+
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PromptError, match=r"cannot read the prompt file .*deep.json: RecursionError"):
+        read_prompt_file(str(path), geometry)
+    with pytest.raises(UnusableInputError, match=r"the points file .*deep.json is not valid JSON"):
+        read_points_file(str(path))
+
+
+def test_huge_point_coordinates_are_named():
+    """10**30 was a ufunc TypeError; it is a number (refused later as outside the image), 10**400 is not."""
+    from nnunet_sam.inference.prompted import parse_case_points
+
+    labels = {"background": 0, "organ": 1}
+    positions, _ = parse_case_points("c", [{"position": [10**30, 1, 2], "label": 1}], labels)
+    assert positions.tolist() == [[1e30, 1.0, 2.0]]
+    with pytest.raises(BadCaseError, match=r"c: point 0: expected \{\"position\": \[three finite numbers\]"):
+        parse_case_points("c", [{"position": [10**400, 1, 2], "label": 1}], labels)
+
+
+def test_longest_case_name_is_predicted(tmp_path):
+    """A 243-character case name (its channel file has 255, the file system's limit) was refused as "File name too
+    long" because of the package's own staging folder name (issue 29 item 14)."""
+    from nnunet_sam.inference.predict import cases_in_folder, predict_cases
+
+    case = "c" * 243
+    folder, out = tmp_path / "in", tmp_path / "out"
+    _image(folder / f"{case}_0000.nii.gz")
+    cases, _ = cases_in_folder(str(folder), ".nii.gz")
+    assert predict_cases(_predictor(), cases, str(out), save_probabilities=True) == {}
+    assert {p.name for p in out.iterdir()} == {
+        "dataset.json",
+        "plans.json",
+        *(case + e for e in (".nii.gz", ".npz", ".pkl")),
+    }
+    # what a killed run leaves for such a name is still recognised as the package's own
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out / f".{case[:200]}.partial-{dead.pid}-abcdefgh"
+    stale.mkdir()
+    (stale / f"{case}.nii.gz").write_bytes(b"half")
+    assert fault_tolerance.remove_stale_partial_files(out) == [stale]
+
+
+def test_unwritable_outputs_are_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    """``nnunet_sam_evaluate -o FILE`` failed after the whole evaluation; ``make_phantom --raw FILE`` with a
+    traceback (issue 29 item 13)."""
+    from nnunet_sam.cli import evaluate, make_phantom
+
+    reference, prediction, dataset = _evaluation_folders(tmp_path, np.zeros(SHAPE, np.uint8))
+    taken = tmp_path / "taken.txt"
+    taken.write_text("a file")
+    ran = []
+    monkeypatch.setattr(evaluate, "run_evaluation", lambda *a: ran.append(a))
+    code = evaluate.main(["-ref", str(reference), "-pred", str(prediction), "-djfile", str(dataset), "-o", str(taken)])
+    assert code == 2 and not ran
+    assert (
+        f"nnunet_sam_evaluate: error: the output folder -o: {taken} is a file, not a folder" in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit) as exit_:
+        make_phantom.main(["--raw", str(taken), "--id", "990"])
+    assert exit_.value.code == 2 and f"--raw / $nnUNet_raw: {taken} is a file, not a folder" in capsys.readouterr().err
+    assert taken.read_text() == "a file"

@@ -352,15 +352,20 @@ time.sleep(600)
 """
 
 
-def test_second_training_of_the_same_fold_is_refused_naming_the_first(tmp_path, monkeypatch):
-    """Issue 17 item 3: two trainings of one fold folder would overwrite each other's checkpoint_best.pth."""
+def test_second_training_of_the_same_fold_is_refused_naming_the_first(tmp_path, monkeypatch, capsys):
+    """Issue 17 item 3: two trainings of one fold folder would overwrite each other's checkpoint_best.pth. Issue 29:
+    the refusal is ``nnUNetv2_train: error: MESSAGE`` with exit code 2, not a traceback."""
     _no_nnunet_train_start_end(monkeypatch)
     first = _make_trainer(tmp_path, monkeypatch)
     first.on_train_start()
     second = _make_trainer(tmp_path, monkeypatch)
     assert second.output_folder == first.output_folder
-    with pytest.raises(fault_tolerance.FolderBusyError, match=rf"another training is running in .*: PID {os.getpid()}"):
+    with pytest.raises(SystemExit) as exit_:
         second.on_train_start()
+    assert exit_.value.code == 2
+    assert re.search(
+        rf"nnUNetv2_train: error: another training is running in .*: PID {os.getpid()}", capsys.readouterr().err
+    )
     first.on_train_end()  # released at the end of the training ...
     second.on_train_start()
     second.on_train_end()
@@ -750,3 +755,45 @@ def test_workers_die_with_a_sigkilled_training(tmp_path):
         for w in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(w, signal.SIGKILL)
+
+
+# ---- a crafted checkpoint cannot run code (nnunet_sam.safe_checkpoints) -------------------------------------------
+class _Payload:
+    """Unpickled as ``open(path, "w")``: creates ``path`` if loading runs code from the file."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_continue_loads_a_real_checkpoint_and_refuses_one_that_would_run_code(tmp_path, monkeypatch):
+    from nnunet_sam.safe_checkpoints import UnsafeCheckpointError
+
+    first = _make_trainer(tmp_path, monkeypatch)
+    first.save_every = 1
+    first.train_step(_batch())
+    epoch = first.current_epoch
+    first.on_epoch_start()
+    first.on_train_epoch_start()
+    # the types nnU-Net's run_training logs: numpy scalars of np.mean / np.nanmean
+    first.logger.log("train_losses", np.float32(1.0), epoch)
+    first.logger.log("val_losses", np.float64(1.0), epoch)
+    first.logger.log("dice_per_class_or_region", [np.float64(0.5), np.float64(0.25)], epoch)
+    first.logger.log("mean_fg_dice", np.float64(0.375), epoch)
+    first.on_epoch_end()
+    latest = Path(first.output_folder) / "checkpoint_latest.pth"
+    resumed = _make_trainer(tmp_path, monkeypatch, seed=1)
+    resumed._continue_training = True
+    resumed.load_checkpoint(str(latest))  # weights_only with the types of an nnU-Net checkpoint
+    assert resumed.current_epoch == 1 and _same(_weights(first).values(), _weights(resumed).values())
+
+    marker = tmp_path / "code_ran"
+    checkpoint = torch.load(latest, map_location="cpu", weights_only=False)
+    torch.save({**checkpoint, "extra": _Payload(marker)}, latest)
+    crafted = _make_trainer(tmp_path, monkeypatch, seed=1)
+    crafted._continue_training = True
+    with pytest.raises(UnsafeCheckpointError, match=r"checkpoint_latest.pth is refused: loading it needs io.open"):
+        crafted.load_checkpoint(str(latest))
+    assert not marker.exists(), "loading the checkpoint ran its code"
