@@ -49,20 +49,26 @@ def test_zero_shot_matches_the_recipe_propagates_and_edits_never_spoil(zero_shot
 
 
 def test_zero_shot_model_serves_the_radsam_command_without_boundaries(zero_shot, tmp_path):
+    """The command on 8 slices of the CT around the liver's largest slice (a crop with its own origin)."""
     files = reference_files()
+    full = sitk.ReadImage(str(files / "example_ct_sm.nii.gz"))
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(files / "example_seg.nii.gz")))
-    liver = labels == 5
-    z = int(liver.reshape(len(liver), -1).sum(1).argmax())
-    ys, xs = np.nonzero(liver[z])
-    prompt = {"kind": "box", "slice": z, "box": [int(ys.min()), int(xs.min()), int(ys.max()), int(xs.max())]}
+    z = int((labels == 5).reshape(len(labels), -1).sum(1).argmax())
+    lo = max(0, z - 4)
+    sitk.WriteImage(full[:, :, lo : lo + 8], str(tmp_path / "ct.nii.gz"))
+    liver = labels[lo : lo + 8] == 5
+    ys, xs = np.nonzero(liver[z - lo])
+    prompt = {"kind": "box", "slice": z - lo, "box": [int(ys.min()), int(xs.min()), int(ys.max()), int(xs.max())]}
     (tmp_path / "box.json").write_text(json.dumps(prompt))
     out = tmp_path / "liver.nii.gz"
     run_tool(
-        [str(BIN / "nnunet_sam_segment_radsam"), "-m", str(zero_shot), "-f", "all", "-i",
-         str(files / "example_ct_sm.nii.gz"), "--prompt", str(tmp_path / "box.json"), "-o", str(out)],
+        [str(BIN / "nnunet_sam_segment_radsam"), "-m", str(zero_shot), "-f", "all", "-i", str(tmp_path / "ct.nii.gz"),
+         "--prompt", str(tmp_path / "box.json"), "-o", str(out)],
         env=None,
     )  # fmt: skip
-    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out))) > 0
+    written = sitk.ReadImage(str(out))
+    assert written.GetOrigin() == sitk.ReadImage(str(tmp_path / "ct.nii.gz")).GetOrigin()
+    mask = sitk.GetArrayFromImage(written) > 0
     assert 2 * (mask & liver).sum() / (mask.sum() + liver.sum()) >= 0.85
 
 
