@@ -184,16 +184,16 @@ class ContractStem(nn.Module):
 
 
 def _percentile_window(c: torch.Tensor) -> torch.Tensor:
-    """Slices (S, h, w) -> [0, 1] from each slice's 0.5 and 99.5 percentiles of the pixels above its minimum."""
-    out = []
-    for s in c:
-        body = s[s > s.min()]
-        if body.numel() < 2:
-            out.append(torch.zeros_like(s))
-            continue
-        low, high = torch.quantile(body.float(), torch.tensor([0.005, 0.995], device=s.device)).to(s.dtype)
-        out.append(((s - low) / (high - low).clamp(min=1e-6)).clamp(0, 1))
-    return torch.stack(out)
+    """Slices (S, h, w) -> [0, 1] from each slice's 0.5 and 99.5 percentiles of the pixels above its minimum (a slice
+    with fewer than two such pixels -> 0). No data-dependent shapes, so it traces on fake tensors too."""
+    flat = c.flatten(1).float()
+    body = torch.where(flat > flat.amin(1, keepdim=True), flat, torch.nan)
+    levels = torch.tensor([0.005, 0.995], device=c.device)
+    low, high = torch.nanquantile(body, levels, dim=1)  # (S,) each; NaN where a slice has no body pixel
+    enough = (~torch.isnan(body)).sum(1) >= 2
+    low, high = torch.nan_to_num(low)[:, None, None], torch.nan_to_num(high, nan=1.0)[:, None, None]
+    out = ((c.float() - low) / (high - low).clamp(min=1e-6)).clamp(0, 1)
+    return torch.where(enough[:, None, None], out, torch.zeros_like(out)).to(c.dtype)
 
 
 class PixelNormalisation(nn.Module):

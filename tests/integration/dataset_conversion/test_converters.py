@@ -532,7 +532,7 @@ def _converter_with(root: Path, converter: str, which: str, kind: str):
         task = make_msd_pancreas(root / "msd", n=10)
         _damage(task / ("imagesTr" if which == "image" else "labelsTr") / "pancreas_003.nii.gz", kind)
         if converter == "tumour":
-            return lambda: convert_tumour("msd_pancreas", task, dataset_id=8)
+            return lambda: convert_tumour("msd_pancreas", task, dataset_id=8, split_kind="random")
         return lambda: convert_msd_pancreas(task, dataset_id=7, num_processes=1)
     if converter == "amos":
         src = make_amos(root / "amos22")
