@@ -588,11 +588,20 @@ def test_random_hu_windows_differ_between_batches_and_hit_their_window():
     assert torch.equal(identity, torch.tensor([[[1.0, 0.0]] * 2] * 2))
 
 
-def test_adamw_variant_for_the_full_fine_tune():
-    from nnunet_sam.trainers.radsam import RadSAMTrainer, RadSAMTrainer_AdamW
+def test_full_fine_tune_uses_adamw_by_default_and_sgd_by_name():
+    """AdamW 1e-5 is the default (chosen from nnunet_sam.benchmarking.finetune_drift); the earlier SGD by name."""
+    from nnunet_sam.trainers.radsam import (
+        RadSAMTrainer,
+        RadSAMTrainer_AdamW,
+        RadSAMTrainer_LiteMedSAM,
+        RadSAMTrainer_SGD,
+        RadSAMTrainer_tiny,
+    )
 
-    assert RadSAMTrainer.optimizer_name == "sgd", "nnU-Net's SGD stays the default"
-    assert RadSAMTrainer_AdamW.optimizer_name == "adamw" and RadSAMTrainer_AdamW.learning_rate == 1e-5
+    for cls in (RadSAMTrainer, RadSAMTrainer_AdamW, RadSAMTrainer_LiteMedSAM):
+        assert (cls.optimizer_name, cls.learning_rate) == ("adamw", 1e-5)
+    assert (RadSAMTrainer_SGD.optimizer_name, RadSAMTrainer_SGD.learning_rate) == ("sgd", None)  # nnU-Net's 1e-2
+    assert (RadSAMTrainer_tiny.optimizer_name, RadSAMTrainer_tiny.learning_rate) == ("adamw", 1e-3)  # from scratch
 
 
 def test_trainer_varies_the_ct_window_of_each_training_slice(tmp_path, monkeypatch):
