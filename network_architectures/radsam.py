@@ -165,7 +165,7 @@ class ContractStem(nn.Module):
         super().__init__()
         self.windows = list(windows)
         self.contract = contract
-        self.size = size
+        self.input_size = size
 
     def unit(self, x: torch.Tensor) -> torch.Tensor:
         """(S, M, h, w) -> the grey [0, 1] image (S, 1, h, w)."""
@@ -180,7 +180,7 @@ class ContractStem(nn.Module):
         return torch.stack(channels, 1).mean(1, keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.contract.to_input(self.unit(x).expand(-1, 3, -1, -1), self.size)
+        return self.contract.to_input(self.unit(x).expand(-1, 3, -1, -1), self.input_size)
 
 
 def _percentile_window(c: torch.Tensor) -> torch.Tensor:

@@ -560,7 +560,13 @@ def test_training_forward_returns_sams_four_masks_and_old_models_one():
         four, one = net.decode_prompts(embedding, prompts, True), net.decode_prompts(embedding, prompts)
     torch.testing.assert_close(four[:, :, 0], one)
     legacy = {f.name: f.metadata["legacy"] for f in dataclasses.fields(RadSAMOptions) if "legacy" in f.metadata}
-    assert legacy == {"multimask_training": False}  # models saved before the oracle loss: primary mask only
+    assert legacy == {  # models saved before: primary mask only, the stem and prompts they were trained with
+        "multimask_training": False,
+        "input_contract": False,
+        "prompt_tokens": "padded",
+        "propagation": "mask",
+        "native_spacing": False,
+    }
 
 
 def test_random_hu_windows_differ_between_batches_and_hit_their_window():
