@@ -9,11 +9,12 @@ the paper's oracle loss). One decoder row per prompt; K prompts per slice are de
 
 Intensities (:func:`intensity_windows`): a CT channel is clipped to ``options.ct_window_hu`` and scaled to [0, 1]
 (the paper's [-500, 1000] HU for SAM's ViTs; the soft-tissue window MedSAM and LiteMedSAM were trained with for
-those backbones). Plans made with ``nnunet_sam_plan_hu`` keep CT channels in HU (nnU-Net's ``NoNormalization``), so
-the window sees the scanner's values. Plans with nnU-Net's ``CTNormalization`` store z-scores of values already
-clipped to the training labels' 0.5-99.5 percentiles: HU = x * std + mean is recovered, but what nnU-Net clipped is
-lost. Other channels (MR) are z-scores; with the input contract each slice is mapped from its own 0.5-99.5 percentiles
-to [0, 1] (LiteMedSAM's rendering of MR), without it [-3, 3] is mapped linearly to [0, 1].
+those backbones). Plans made with ``nnunet_sam_make_hu_plans`` keep CT channels in HU (nnU-Net's
+``NoNormalization``), so the window sees the scanner's values. Plans with nnU-Net's ``CTNormalization`` store
+z-scores of values already clipped to the training labels' 0.5-99.5 percentiles: HU = x * std + mean is recovered,
+but what nnU-Net clipped is lost. Other channels (MR) are z-scores; with the input contract each slice is mapped from
+its own 0.5-99.5 percentiles to [0, 1] (LiteMedSAM's rendering of MR), without it [-3, 3] is mapped linearly to
+[0, 1].
 
 Input contract (``options.input_contract``, :mod:`nnunet_sam.backbones.contract`): the [0, 1] slice, repeated to
 three channels, is fed as the backbone was pretrained: resized to its input size (the record's ``sam_input_size``,
@@ -62,7 +63,7 @@ class RadSAMOptions:
     neighbour's mask as mask prompt, what RadSAM trains) or "box" (the neighbour's mask box, for a model never
     trained with mask prompts).
     ``native_spacing``: prediction keeps each image's own in-plane spacing instead of the plans' (a model that was
-    not trained on one dataset: the zero-shot models of ``nnunet_sam_zero_shot``).
+    not trained on one dataset: the zero-shot models of ``nnunet_sam_make_zero_shot``).
     """
 
     ct_window_hu: tuple[float, float] = CT_WINDOW_HU
@@ -124,7 +125,7 @@ def intensity_windows(
 
     ``normalization_schemes`` and ``intensity_properties`` (``foreground_intensity_properties_per_channel``) come
     from nnU-Net's plans; CT channels (``CTNormalization``: z-scores; ``NoNormalization``: HU, as
-    ``nnunet_sam_plan_hu`` plans them) use ``ct_window_hu``; see the module docstring for the rule.
+    ``nnunet_sam_make_hu_plans`` plans them) use ``ct_window_hu``; see the module docstring for the rule.
     """
     windows = []
     for channel, scheme in enumerate(normalization_schemes):
@@ -165,7 +166,7 @@ class ContractStem(nn.Module):
         super().__init__()
         self.windows = list(windows)
         self.contract = contract
-        self.size = size
+        self.input_size = size
 
     def unit(self, x: torch.Tensor) -> torch.Tensor:
         """(S, M, h, w) -> the grey [0, 1] image (S, 1, h, w)."""
@@ -180,7 +181,7 @@ class ContractStem(nn.Module):
         return torch.stack(channels, 1).mean(1, keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.contract.to_input(self.unit(x).expand(-1, 3, -1, -1), self.size)
+        return self.contract.to_input(self.unit(x).expand(-1, 3, -1, -1), self.input_size)
 
 
 def _percentile_window(c: torch.Tensor) -> torch.Tensor:

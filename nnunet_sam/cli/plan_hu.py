@@ -1,4 +1,4 @@
-"""``nnunet_sam_plan_hu``: a plans variant whose CT channels stay in HU (see nnunet_sam.training.hu_plans)."""
+"""``nnunet_sam_make_hu_plans``: a plans variant whose CT channels stay in HU (see nnunet_sam.training.hu_plans)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_datas
 from nnunet_sam.cli.conventions import DONE, error
 from nnunet_sam.training.hu_plans import HU_SUFFIX, HUPlansError, hu_plans
 
-COMMAND = "nnunet_sam_plan_hu"
+COMMAND = "nnunet_sam_make_hu_plans"
 
 
 def build_parser() -> argparse.ArgumentParser:

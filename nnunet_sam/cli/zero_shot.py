@@ -1,4 +1,4 @@
-"""``nnunet_sam_zero_shot``: a pretrained backbone as an interactive model folder, with no training."""
+"""``nnunet_sam_make_zero_shot``: a pretrained backbone as an interactive model folder, with no training."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from nnunet_sam.backbones.checkpoints import CheckpointError
 from nnunet_sam.cli.conventions import DONE, error
 from nnunet_sam.inference.zero_shot import MODALITIES, TRAINERS, ZeroShotError, describe, make_zero_shot_model
 
-COMMAND = "nnunet_sam_zero_shot"
+COMMAND = "nnunet_sam_make_zero_shot"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a RadSAM model folder of a pretrained backbone that needs no training: slice prompts "
         "(boxes), box propagation from slice to slice, corrections. Use it with nnunet_sam_segment_radsam -m FOLDER "
         "-f all, or serve it with nnunet_sam_serve -m FOLDER -f all.",
-        epilog="Example: nnunet_sam_zero_shot -o ~/models/lite_medsam_ct && nnunet_sam_segment_radsam -m "
+        epilog="Example: nnunet_sam_make_zero_shot -o ~/models/lite_medsam_ct && nnunet_sam_segment_radsam -m "
         "~/models/lite_medsam_ct -f all -i ct.nii.gz --prompt box.json -o mask.nii.gz",
     )
     p.add_argument("-o", required=True, help="the model folder to write (must not exist)")

@@ -208,78 +208,11 @@ class SliceModel:
             logits = F.interpolate(logits[None, None], size=self.shape[1:], mode="bilinear")[0, 0]
         return (logits > 0).numpy()
 
-    # ---- propagation and corrections (box models never saw mask prompts: they follow with boxes) --------------
     @property
     def propagation(self) -> str:
+        """How the network's masks grow from slice to slice: its record's ``propagation`` ("mask" or "box")."""
         options = getattr(self.network, "options", None)
         return getattr(options, "propagation", "mask")
-
-    def margin(self) -> float:
-        """Box margin (slice pixels) of box propagation: 2.5 % of the slice's longest side (3 px on a 122 px slice);
-        tighter boxes lost structures whose area grows from slice to slice (measured on a real CT)."""
-        return BOX_MARGIN * max(self.shape[1:])
-
-    def box_around(self, mask: np.ndarray, extra: Sequence[tuple[float, float]] = ()) -> tuple[float, ...]:
-        """(y0, x0, y1, x1): the bounding box of ``mask`` and the points ``extra``, widened by :meth:`margin`."""
-        ys, xs = np.nonzero(mask)
-        ys = np.concatenate([ys, [p[0] for p in extra]]).astype(float)
-        xs = np.concatenate([xs, [p[1] for p in extra]]).astype(float)
-        m, (h, w) = self.margin(), self.shape[1:]
-        return (max(0.0, ys.min() - m), max(0.0, xs.min() - m), min(h - 1.0, ys.max() + m), min(w - 1.0, xs.max() + m))
-
-    def follow(self, z: int, previous: np.ndarray, clicks: Sequence[tuple[float, float, bool]]) -> np.ndarray:
-        """Mask of slice z from its neighbour's mask ``previous`` (and the clicks stored on z).
-
-        "mask" propagation: the neighbour's mask is the mask prompt (RadSAM's training). "box" propagation: the box of
-        the neighbour's mask (and the positive clicks on z); the result counts only if at least half of it overlaps
-        the neighbour's mask (otherwise the box found another structure: this one has ended, the slice is empty);
-        negative clicks on z then remove what they point at."""
-        if self.propagation != "box":
-            return self.predict(z, clicks, mask=previous)
-        positive = [(y, x) for y, x, p in clicks if p]
-        if not previous.any() and not positive:
-            return np.zeros(self.shape[1:], dtype=bool)
-        base = previous if previous.any() else np.zeros(self.shape[1:], dtype=bool)
-        new = self.predict(z, box=self.box_around(base, positive)) if base.any() else self._around_clicks(z, positive)
-        if previous.any() and not positive and (new & previous).sum() < CONTINUITY * max(1, new.sum()):
-            return np.zeros(self.shape[1:], dtype=bool)
-        return _apply_negative_clicks(new, clicks)
-
-    def correct(
-        self, z: int, mask: np.ndarray, clicks: Sequence[tuple[float, float, bool]], boundaries: tuple[int, int]
-    ) -> np.ndarray:
-        """Slice z re-segmented after a new click (``clicks``: all clicks stored on z, the newest last).
-
-        "mask" models: the current mask as mask prompt plus the clicks (RadSAM's editing). "box" models (never trained
-        with clicks): a positive click adds the mask of the box of the slice's mask (or, on an empty slice, of the
-        nearest segmented slice) widened to include it; a negative click removes what it points at: its separate part
-        of the mask, else the disc around it that reaches the mask's nearest border."""
-        current = mask[z]
-        if self.propagation != "box":
-            return self.predict(z, clicks, mask=current)
-        y, x, positive = clicks[-1]
-        point = (round(y), round(x))
-        if positive:
-            base = current if current.any() else _nearest_mask(mask, z, boundaries)
-            if base.any():
-                new = self.predict(z, box=self.box_around(base, [(y, x)]))
-            else:
-                new = self._around_clicks(z, [(y, x)])
-            return _apply_negative_clicks(new | current, clicks)
-        if not current[point]:
-            return current
-        return current & ~_cut_at(current, point)
-
-    def _around_clicks(self, z: int, points: Sequence[tuple[float, float]]) -> np.ndarray:
-        """A box model on a slice with nothing to follow: a box of 5 % of the slice around the positive clicks."""
-        seed = np.zeros(self.shape[1:], dtype=bool)
-        for y, x in points:
-            seed[round(y), round(x)] = True
-        m = 0.05 * max(self.shape[1:])
-        ys, xs = np.nonzero(seed)
-        h, w = self.shape[1:]
-        box = (max(0.0, ys.min() - m), max(0.0, xs.min() - m), min(h - 1.0, ys.max() + m), min(w - 1.0, xs.max() + m))
-        return self.predict(z, box=box)
 
     def _predict_slice(
         self,
@@ -359,6 +292,81 @@ def _clicks_on(corrections: Sequence[Correction], z: int) -> list[tuple[float, f
     return [(c.y, c.x, c.positive) for c in corrections if c.slice == z]
 
 
+# ---- propagation and corrections (box models never saw mask prompts: they follow with boxes) ------------------------
+# ``model`` is a SliceModel or anything with ``predict(z, clicks, box, mask)``, ``shape`` (Z, Y, X) and optionally
+# ``propagation`` ("mask" if absent).
+def _propagation(model) -> str:
+    return getattr(model, "propagation", "mask")
+
+
+def _box_around(model, mask: np.ndarray, extra: Sequence[tuple[float, float]] = ()) -> tuple[float, ...]:
+    """(y0, x0, y1, x1): the bounding box of ``mask`` and the points ``extra``, widened by 2.5 % of the slice's longest
+    side (3 px on a 122 px slice; tighter boxes lost structures whose area grows from slice to slice on a real CT)."""
+    ys, xs = np.nonzero(mask)
+    ys = np.concatenate([ys, [p[0] for p in extra]]).astype(float)
+    xs = np.concatenate([xs, [p[1] for p in extra]]).astype(float)
+    h, w = model.shape[1:]
+    m = BOX_MARGIN * max(h, w)
+    return (max(0.0, ys.min() - m), max(0.0, xs.min() - m), min(h - 1.0, ys.max() + m), min(w - 1.0, xs.max() + m))
+
+
+def _around_clicks(model, z: int, points: Sequence[tuple[float, float]]) -> np.ndarray:
+    """A box model on a slice with nothing to follow: a box of 5 % of the slice around the positive clicks."""
+    h, w = model.shape[1:]
+    m = 0.05 * max(h, w)
+    ys, xs = [p[0] for p in points], [p[1] for p in points]
+    box = (max(0.0, min(ys) - m), max(0.0, min(xs) - m), min(h - 1.0, max(ys) + m), min(w - 1.0, max(xs) + m))
+    return model.predict(z, box=box)
+
+
+def follow(model, z: int, previous: np.ndarray, clicks: Sequence[tuple[float, float, bool]]) -> np.ndarray:
+    """Mask of slice z from its neighbour's mask ``previous`` (and the clicks stored on z).
+
+    "mask" propagation: the neighbour's mask is the mask prompt (RadSAM's training). "box" propagation: the box of
+    the neighbour's mask (and the positive clicks on z); the result counts only if at least half of it overlaps the
+    neighbour's mask (otherwise the box found another structure: this one has ended, the slice is empty); negative
+    clicks on z then remove what they point at."""
+    if _propagation(model) != "box":
+        return model.predict(z, clicks, mask=previous)
+    positive = [(y, x) for y, x, p in clicks if p]
+    if not previous.any() and not positive:
+        return np.zeros(model.shape[1:], dtype=bool)
+    if previous.any():
+        new = model.predict(z, box=_box_around(model, previous, positive))
+    else:
+        new = _around_clicks(model, z, positive)
+    if previous.any() and not positive and (new & previous).sum() < CONTINUITY * max(1, new.sum()):
+        return np.zeros(model.shape[1:], dtype=bool)
+    return _apply_negative_clicks(new, clicks)
+
+
+def correct(
+    model, z: int, mask: np.ndarray, clicks: Sequence[tuple[float, float, bool]], boundaries: tuple[int, int]
+) -> np.ndarray:
+    """Slice z re-segmented after a new click (``clicks``: all clicks stored on z, the newest last).
+
+    "mask" models: the current mask as mask prompt plus the clicks (RadSAM's editing). "box" models (never trained
+    with clicks): a positive click adds the mask of the box of the slice's mask (or, on an empty slice, of the nearest
+    segmented slice) widened to include it; a negative click removes what it points at: its separate part of the
+    mask, else the disc around it that reaches the mask's nearest border."""
+    current = mask[z]
+    if _propagation(model) != "box":
+        return model.predict(z, clicks, mask=current)
+    y, x, positive = clicks[-1]
+    point = (round(y), round(x))
+    if positive:
+        base = current if current.any() else _nearest_mask(mask, z, boundaries)
+        new = (
+            model.predict(z, box=_box_around(model, base, [(y, x)]))
+            if base.any()
+            else _around_clicks(model, z, [(y, x)])
+        )
+        return _apply_negative_clicks(new | current, clicks)
+    if not current[point]:
+        return current
+    return current & ~_cut_at(current, point)
+
+
 def _propagate(
     model: SliceModel,
     mask: np.ndarray,
@@ -368,7 +376,7 @@ def _propagate(
     fixed: set[int] = frozenset(),
 ) -> None:
     """Segment slices start + step .. stop (inclusive, step +-1) in place, each from its neighbour's mask
-    (:meth:`SliceModel.follow`).
+    (:func:`follow`).
 
     Stops before the first slice in ``fixed``. Once a slice comes out empty without a click, the structure has
     ended: the slices up to ``stop`` are emptied, unless a fixed slice lies that way (the structure continues
@@ -386,7 +394,7 @@ def _propagate(
                 return
             mask[z] = False
             continue
-        mask[z] = model.follow(z, previous, clicks)
+        mask[z] = follow(model, z, previous, clicks)
 
 
 def segment_from_prompt(model: SliceModel, prompt: Prompt, boundaries: tuple[int, int]) -> Segmentation3D:
@@ -447,12 +455,12 @@ def edit(
         _check_inside("correction", (c.y, c.x), h, w)
         stored.append(c)
         j = c.slice
-        mask[j] = model.correct(j, mask, _clicks_on(stored, j), (lo, hi))
+        mask[j] = correct(model, j, mask, _clicks_on(stored, j), (lo, hi))
         current = replace(segmentation, corrections=tuple(stored))
         fixed = ({current.seed} if current.seed_fixed else set()) if through_clicks else current.fixed_slices()
         fixed = fixed - {j}
         # a box model's slices follow the seed outwards: a correction changes only the slices beyond it
-        outwards_only = model.propagation == "box" and current.seed_fixed
+        outwards_only = _propagation(model) == "box" and current.seed_fixed
         if not outwards_only or j >= current.seed:
             _propagate(model, mask, j, hi, stored, fixed)
         if not outwards_only or j <= current.seed:

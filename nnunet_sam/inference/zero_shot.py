@@ -92,7 +92,7 @@ def make_zero_shot_model(
     record = zero_shot_record(backbone, ct_window_hu)
     dataset_json = {
         "name": f"ZeroShot_{backbone}",
-        "description": f"zero-shot interactive {backbone} (nnunet_sam_zero_shot): no training",
+        "description": f"zero-shot interactive {backbone} (nnunet_sam_make_zero_shot): no training",
         "channel_names": {"0": modality},
         "labels": {"background": 0, "structure": 1},
         "numTraining": 0,

@@ -10,7 +10,7 @@ it with HTTP 400 and leaves the session as it was.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -67,14 +67,6 @@ def check_spacing(properties, default: Sequence[float]) -> list[float]:
     if min(spacing) <= 0:
         raise InteractionError(f"image_properties['spacing'] must be positive, got {spacing}")
     return spacing
-
-
-def check_positive(request: Mapping) -> bool:
-    """``include_interaction`` of an interaction (default true): a JSON boolean, never a string such as "false"."""
-    value = request.get("include_interaction", True)
-    if not isinstance(value, bool):
-        raise InteractionError(f"include_interaction must be true or false (a JSON boolean), got {value!r}")
-    return value
 
 
 def check_point(coordinates, shape: Sequence[int]) -> np.ndarray:

@@ -7,7 +7,7 @@ identifier mechanism, ``-p``) whose CT channels use nnU-Net's own ``NoNormalizat
 preprocessed data goes to folders of its own; the network then windows the HU itself
 (:func:`nnunet_sam.network_architectures.radsam.intensity_windows`). Nothing else of the plans changes.
 
-    nnunet_sam_plan_hu -d DATASET                                   # writes nnUNetPlans_HU.json
+    nnunet_sam_make_hu_plans -d DATASET                                   # writes nnUNetPlans_HU.json
     nnUNetv2_preprocess -d DATASET -plans_name nnUNetPlans_HU -c 2d
     nnUNetv2_train DATASET 2d 0 -tr RadSAMTrainer -p nnUNetPlans_HU
 """

@@ -28,7 +28,7 @@ VOLUME_STRUCTURES = ("liver", "spleen", "kidney_right", "kidney_left", "stomach"
 @pytest.fixture(scope="module")
 def zero_shot(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models") / "lite_medsam_ct"
-    run_tool([str(BIN / "nnunet_sam_zero_shot"), "-o", str(folder)], env=None)
+    run_tool([str(BIN / "nnunet_sam_make_zero_shot"), "-o", str(folder)], env=None)
     return folder
 
 
@@ -75,5 +75,7 @@ def test_zero_shot_model_serves_the_radsam_command_without_boundaries(zero_shot,
 def test_zero_shot_command_refuses_an_existing_folder(zero_shot):
     import subprocess
 
-    result = subprocess.run([str(BIN / "nnunet_sam_zero_shot"), "-o", str(zero_shot)], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(BIN / "nnunet_sam_make_zero_shot"), "-o", str(zero_shot)], capture_output=True, text=True
+    )
     assert result.returncode == 2 and "exists already" in result.stderr

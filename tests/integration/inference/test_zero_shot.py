@@ -1,4 +1,4 @@
-"""nnunet_sam_zero_shot's refusals (the model itself is checked on the real CT in tests/e2e/test_real_images.py)."""
+"""nnunet_sam_make_zero_shot's refusals (the model itself: tests/e2e/test_real_images.py, on the real CT)."""
 
 from __future__ import annotations
 

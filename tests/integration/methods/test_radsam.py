@@ -560,7 +560,13 @@ def test_training_forward_returns_sams_four_masks_and_old_models_one():
         four, one = net.decode_prompts(embedding, prompts, True), net.decode_prompts(embedding, prompts)
     torch.testing.assert_close(four[:, :, 0], one)
     legacy = {f.name: f.metadata["legacy"] for f in dataclasses.fields(RadSAMOptions) if "legacy" in f.metadata}
-    assert legacy == {"multimask_training": False}  # models saved before the oracle loss: primary mask only
+    assert legacy == {  # models saved before: primary mask only, the stem and prompts they were trained with
+        "multimask_training": False,
+        "input_contract": False,
+        "prompt_tokens": "padded",
+        "propagation": "mask",
+        "native_spacing": False,
+    }
 
 
 def test_random_hu_windows_differ_between_batches_and_hit_their_window():
@@ -588,11 +594,20 @@ def test_random_hu_windows_differ_between_batches_and_hit_their_window():
     assert torch.equal(identity, torch.tensor([[[1.0, 0.0]] * 2] * 2))
 
 
-def test_adamw_variant_for_the_full_fine_tune():
-    from nnunet_sam.trainers.radsam import RadSAMTrainer, RadSAMTrainer_AdamW
+def test_full_fine_tune_uses_adamw_by_default_and_sgd_by_name():
+    """AdamW 1e-5 is the default (chosen from nnunet_sam.benchmarking.finetune_drift); the earlier SGD by name."""
+    from nnunet_sam.trainers.radsam import (
+        RadSAMTrainer,
+        RadSAMTrainer_AdamW,
+        RadSAMTrainer_LiteMedSAM,
+        RadSAMTrainer_SGD,
+        RadSAMTrainer_tiny,
+    )
 
-    assert RadSAMTrainer.optimizer_name == "sgd", "nnU-Net's SGD stays the default"
-    assert RadSAMTrainer_AdamW.optimizer_name == "adamw" and RadSAMTrainer_AdamW.learning_rate == 1e-5
+    for cls in (RadSAMTrainer, RadSAMTrainer_AdamW, RadSAMTrainer_LiteMedSAM):
+        assert (cls.optimizer_name, cls.learning_rate) == ("adamw", 1e-5)
+    assert (RadSAMTrainer_SGD.optimizer_name, RadSAMTrainer_SGD.learning_rate) == ("sgd", None)  # nnU-Net's 1e-2
+    assert (RadSAMTrainer_tiny.optimizer_name, RadSAMTrainer_tiny.learning_rate) == ("adamw", 1e-3)  # from scratch
 
 
 def test_trainer_varies_the_ct_window_of_each_training_slice(tmp_path, monkeypatch):

@@ -83,7 +83,7 @@ def test_tiny_methods_train_at_2x_and_4x(trainer_class, scale):
     if isinstance(net, sam3d_adapter.SAM3DAdapterNetwork):
         assert net.encoder.grid == (patch[0] // cls.slice_group, grid, grid)
     else:
-        stem = net.stem[1] if is_2d else net.stem  # RadSAM wraps the plain stem in its intensity window
+        stem = net.stem  # RadSAM's input-contract stem resizes to the SAM input size itself
         assert stem.input_size == 32 * scale
     if isinstance(net, masksam.MaskSAMNetwork):  # the learned x2^k stem of the paper
         assert net.stem.learned_upsampling and len(net.stem.upsample) == 2 * round(scale).bit_length() - 2

@@ -263,7 +263,7 @@ def test_bad_inputs_get_clear_errors_and_leave_the_session_usable(case, radsam_s
         raw("/set_image", image[0], 400, "must be 4D")  # the client itself refuses this, so it goes raw
         as_string = http.post("/add_point_interaction", json={"coordinates": [z, y, x], "include_interaction": "false"})
         assert as_string.status_code == 400, as_string.text  # was taken as a positive click (issue 29 item 11)
-        assert "include_interaction must be true or false (a JSON boolean), got 'false'" in as_string.json()["detail"]
+        assert "'include_interaction' must be true or false (JSON booleans), got 'false'" in as_string.json()["detail"]
         raw("/set_image", np.zeros((1, 200, 200, 200), np.float32), 413, "over the server's limit of 4 MB")
         big = http.post("/set_image", content=os.urandom(5 * 2**20))
         assert big.status_code == 413 and "exceeds the server's limit of 4 MB" in big.json()["detail"]

@@ -204,7 +204,9 @@ def test_the_undo_log_keeps_only_changed_boxes_within_its_budget(case, radsam_mo
         volume = session.editor.segmentation.mask.shape
         arrays = list(_arrays(list(session.undo_log)))
         assert len(session.undo_log) == len(clicks)
-        assert not any(a.shape in (volume, buffer.shape) for a in arrays), "a whole volume kept per undo step"
+        # the first click may segment every slice (its change spans the volume); later edits change boxes of it
+        later = list(_arrays(list(session.undo_log)[1:]))
+        assert not any(a.shape in (volume, buffer.shape) for a in later), "a whole volume kept per undo step"
         assert session.undo_log_bytes() == sum(a.nbytes for a in arrays)
         sizes = [session._entry_bytes(entry) for entry in session.undo_log]
 

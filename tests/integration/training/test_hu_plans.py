@@ -1,4 +1,4 @@
-"""HU plans (nnunet_sam_plan_hu): CT channels kept in HU through nnU-Net's own preprocessing, windowed by RadSAM."""
+"""HU plans (nnunet_sam_make_hu_plans): CT channels kept in HU by nnU-Net's own preprocessing, windowed by RadSAM."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_nnunet_preprocesses_hu_plans_to_the_scanners_values(tmp_path):
     run_tool([str(BIN / "nnunet_sam_make_phantom"), "--raw", str(tmp_path / "raw"), "--id", "977", "--num-train", "2",
               "--num-test", "0", "--shape", "16", "64", "64"], env)  # fmt: skip
     run_tool([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", "977", "-c", "2d", "-np", "1"], env)
-    run_tool([str(BIN / "nnunet_sam_plan_hu"), "-d", "977"], env)
+    run_tool([str(BIN / "nnunet_sam_make_hu_plans"), "-d", "977"], env)
     run_tool([str(BIN / "nnUNetv2_preprocess"), "-d", "977", "-plans_name", "nnUNetPlans_HU", "-c", "2d", "-np", "1"],
              env)  # fmt: skip
     folder = next((tmp_path / "preprocessed").glob("Dataset977_*"))
