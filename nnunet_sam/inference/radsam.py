@@ -566,8 +566,11 @@ class Geometry:
         return float(z), float(y), float(x)
 
 
-# Each correction re-segments its slice and the slices beyond it up to the boundary (cost ~ corrections x slices)
+# Each correction re-segments its slice and the slices beyond it up to the boundary, so a prompt file's corrections
+# cost up to corrections x slices slice predictions: at most CORRECTIONS_PER_SLICE per slice of the volume (and
+# MAX_CORRECTIONS in all) bounds that by 4 x slices^2 (1,024 predictions for 16 slices, 40,000 for 100).
 MAX_CORRECTIONS = 1000
+CORRECTIONS_PER_SLICE = 4
 
 
 def _slice_index(value, what: str) -> int:
@@ -641,9 +644,12 @@ def read_prompt_file(path: str, geometry: Geometry, mask_prompt: np.ndarray | No
         raise PromptError(
             f"'corrections' must be a list of objects with 'point' (and 'positive'), got {json.dumps(listed)[:200]}"
         )
-    if len(listed) > MAX_CORRECTIONS:
+    slices = int(geometry.preprocessed_shape[0])
+    limit = min(MAX_CORRECTIONS, CORRECTIONS_PER_SLICE * slices)
+    if len(listed) > limit:
         raise PromptError(
-            f"{len(listed)} corrections; at most {MAX_CORRECTIONS} are taken (each one re-segments its slice and the "
+            f"{len(listed)} corrections; at most {limit} are taken for a volume of {slices} slices "
+            f"({CORRECTIONS_PER_SLICE} per slice, {MAX_CORRECTIONS} in all: each one re-segments its slice and the "
             "slices beyond it, so the time grows with corrections x slices). Split the editing into several runs"
         )
     corrections = []

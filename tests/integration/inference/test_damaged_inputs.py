@@ -510,7 +510,15 @@ POINT = {"kind": "point", "slice": 4, "point": [5, 5], "boundaries": [1, 8]}
         ({"corrections": {"point": [1, 1]}}, r"'corrections' must be a list of objects"),
         ({"corrections": [{"slice": 2, "point": [1, 1], "positive": "no"}]}, r"'positive' must be true or false"),
         ({"space": "world", "point": ["a", 0, 0]}, r"a world-space point \[x, y, z\] must be 3 finite numbers"),
-        ({"corrections": [{"slice": 2, "point": [1, 1]}] * 100_000}, r"100000 corrections; at most 1000"),
+        (
+            {"corrections": [{"slice": 2, "point": [1, 1]}] * 100_000},
+            r"100000 corrections; at most 40 are taken for a volume",
+        ),
+        # issue 29 item 15: the cost bound follows the volume (4 per slice: 40 for 10 slices, up to 4 x 10^2 decodes)
+        (
+            {"corrections": [{"slice": 2, "point": [1, 1]}] * 41},
+            r"41 corrections; at most 40 are taken for a volume of 10 slices",
+        ),
         # issue 29: a TypeError of numpy's isfinite before
         ({"slice": 10**30}, r"slice 1000000000000000000000000000000 lies outside the volume \(slices 0..9\)"),
         ({"slice": 10**400}, r"the 'slice' of the point must be an integer slice index, got 1000"),
@@ -524,6 +532,14 @@ def test_bad_prompt_values_are_refused(tmp_path, geometry, change, message):
     path.write_text(json.dumps({**POINT, **change}))
     with pytest.raises(PromptError, match=message):
         read_prompt_file(str(path), geometry)
+
+
+def test_corrections_up_to_four_per_slice_are_taken(tmp_path, geometry):
+    from nnunet_sam.inference.radsam import read_prompt_file
+
+    path = tmp_path / "prompt.json"
+    path.write_text(json.dumps({**POINT, "corrections": [{"slice": 2, "point": [1, 1]}] * 40}))
+    assert len(read_prompt_file(str(path), geometry).corrections) == 40
 
 
 def test_integral_float_slices_are_taken(tmp_path, geometry):

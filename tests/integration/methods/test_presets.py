@@ -47,8 +47,8 @@ PRESETS = {
         backbone="vit_h", patch=[4, 512, 512], input=1024, queries=None, epochs=1000, batch=2, optimizer="adamw",
         lr=5e-4, weight_decay=5e-5, mask_weights=None)),
     "RadSAMTrainer_AMOS": (radsam, "2d", [448, 448], 15, dict(
-        backbone="vit_b", patch=[512, 512], input=1024, queries=None, epochs=1000, batch=2, optimizer="sgd",
-        lr=1e-2, weight_decay=3e-5, mask_weights=None)),
+        backbone="vit_b", patch=[512, 512], input=1024, queries=None, epochs=1000, batch=2, optimizer="adamw",
+        lr=1e-5, weight_decay=3e-5, mask_weights=None)),
 }  # fmt: skip
 
 
