@@ -43,9 +43,12 @@ def test_zero_shot_matches_the_recipe_propagates_and_edits_never_spoil(zero_shot
     volume = [by_name[n].volume for n in VOLUME_STRUCTURES]
     assert np.mean([v[0] for v in volume]) >= 0.80  # one box on the largest slice, propagated, stopping by itself
     means = np.mean(volume, axis=0)
-    assert all(b >= a - 1e-6 for a, b in zip(means, means[1:])), means  # every edit keeps or raises the mean
-    for name, v in zip(VOLUME_STRUCTURES, volume):  # no single edit costs a structure more than 0.025
-        assert min(np.diff(v)) >= -0.025, (name, v)
+    # every edit keeps or raises the mean (measured: 0.893, 0.897, 0.900, 0.901, 0.901, 0.901); 0.002 leaves room for
+    # another CPU's last bits moving a click by a pixel
+    assert all(b >= a - 0.002 for a, b in zip(means, means[1:])), means
+    assert means[-1] > means[0]
+    for name, v in zip(VOLUME_STRUCTURES, volume):  # no single edit costs a structure more than 0.03 (liver: 0.020)
+        assert min(np.diff(v)) >= -0.03, (name, v)
 
 
 def test_zero_shot_model_serves_the_radsam_command_without_boundaries(zero_shot, tmp_path):
