@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -134,6 +134,25 @@ def _check_inside(what: str, yx: Sequence[float], h: int, w: int) -> None:
         raise PromptError(f"{what} (y={y:g}, x={x:g}) lies outside the image ({h} rows x {w} columns)")
 
 
+def _row_prompts(
+    height: int,
+    width: int,
+    clicks: Sequence[tuple[float, float, bool]],
+    box: Sequence[float] | None,
+    coordinate: Callable[[float], float],
+) -> Prompts:
+    """One prompt row on a height x width frame: clicks (y, x, positive) and a box (y0, x0, y1, x1), each coordinate
+    mapped by ``coordinate`` into that frame."""
+    prompts = Prompts.empty(1, height, width)
+    for y, x, positive in clicks:
+        prompts = prompts.with_points(torch.tensor([[coordinate(x), coordinate(y)]]), torch.tensor([int(positive)]))
+    if box is not None:
+        y0, x0, y1, x1 = box
+        boxes = torch.tensor([[coordinate(x0), coordinate(y0), coordinate(x1), coordinate(y1)]])
+        prompts = replace(prompts, boxes=boxes, has_box=torch.ones(1, dtype=torch.bool))
+    return prompts
+
+
 class SliceModel:
     """A RadSAM network (:class:`~nnunet_sam.network_architectures.radsam.RadSAMNetwork`, eval mode) on the slices
     of one preprocessed volume (M, Z, Y, X).
@@ -190,13 +209,7 @@ class SliceModel:
         def scaled(c: float) -> float:
             return (c + 0.5) * f - 0.5
 
-        prompts = Prompts.empty(1, p, p)
-        for y, x, positive in clicks:
-            prompts = prompts.with_points(torch.tensor([[scaled(x), scaled(y)]]), torch.tensor([int(positive)]))
-        if box is not None:
-            y0, x0, y1, x1 = box
-            boxes = torch.tensor([[scaled(x0), scaled(y0), scaled(x1), scaled(y1)]])
-            prompts = replace(prompts, boxes=boxes, has_box=torch.ones(1, dtype=torch.bool))
+        prompts = _row_prompts(p, p, clicks, box, scaled)
         if mask is not None and mask.any():
             fitted = self._fit(torch.from_numpy(np.asarray(mask, dtype=np.float32))[None], "nearest")
             prompts = prompts.with_masks(fitted > 0.5)
@@ -223,13 +236,7 @@ class SliceModel:
     ) -> np.ndarray:
         """The input-contract path of :meth:`predict`: the whole slice, prompts in its pixels."""
         h, w = self.shape[1:]
-        prompts = Prompts.empty(1, h, w)
-        for y, x, positive in clicks:
-            prompts = prompts.with_points(torch.tensor([[float(x), float(y)]]), torch.tensor([int(positive)]))
-        if box is not None:
-            y0, x0, y1, x1 = box
-            boxes = torch.tensor([[float(x0), float(y0), float(x1), float(y1)]])
-            prompts = replace(prompts, boxes=boxes, has_box=torch.ones(1, dtype=torch.bool))
+        prompts = _row_prompts(h, w, clicks, box, float)
         if mask is not None and mask.any():
             prompts = prompts.with_masks(torch.from_numpy(np.asarray(mask, dtype=bool))[None])
         prompts = Prompts(*(t.to(self.device) for t in vars(prompts).values()))
