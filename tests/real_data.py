@@ -17,6 +17,21 @@ from nnunet_sam.benchmarking.real_images import fetch_reference_files
 
 CACHE_ENV = "NNUNET_SAM_TEST_DATA"
 
+# TotalSegmentator v2 "total" task: label id of each structure the real-image tests use
+TOTALSEG_LABELS = {
+    "spleen": 1,
+    "kidney_right": 2,
+    "kidney_left": 3,
+    "gallbladder": 4,
+    "liver": 5,
+    "stomach": 6,
+    "pancreas": 7,
+    "adrenal_gland_right": 8,
+    "adrenal_gland_left": 9,
+    "aorta": 52,
+    "inferior_vena_cava": 63,
+}
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "nnunet_sam" / "test_data")
