@@ -104,7 +104,7 @@ setup(
     python_requires=">=3.10",
     packages=_packages,
     package_dir=_package_dir,
-    package_data={"nnunet_sam": ["trainer_shim/*.py"]},
+    package_data={"nnunet_sam": ["trainer_shim/*.py", "training/slurm/*.sbatch"]},
     include_package_data=False,
     zip_safe=False,
     install_requires=[

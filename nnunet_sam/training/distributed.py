@@ -402,7 +402,7 @@ def check_restartable(environ: Mapping[str, str] = os.environ) -> None:
         raise DistributedSetupError(
             f"torchrun --max-restarts {restarts} needs {SEPARATE_STORES_ENV}=1 in torchrun's environment (on every "
             "node): with the store shared between rounds a restarted group cannot form. Start torchrun as "
-            f"'{SEPARATE_STORES_ENV}=1 torchrun ...' (scripts/slurm/train_multinode.sbatch does)"
+            f"'{SEPARATE_STORES_ENV}=1 torchrun ...' (the SLURM script, python -m nnunet_sam.training.slurm, does)"
         )
 
 

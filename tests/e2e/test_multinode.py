@@ -28,7 +28,7 @@ import SimpleITK as sitk
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
-from sam_testing import REPO, dataset_json, minimal_plans, nnunet_env, run_tool
+from sam_testing import dataset_json, minimal_plans, nnunet_env, run_tool
 
 from nnunet_sam.cli import train as train_cli
 from nnunet_sam.cli.predict import main as predict_main
@@ -710,7 +710,11 @@ def test_two_nodes_masksam_lose_a_node_and_continue_on_one(workspace):
 
 
 # ---- the SLURM script under a fake Slurm (sbatch, srun, scontrol) on 127.0.0.1 ------------------------------------
-SLURM_SCRIPT = REPO / "scripts" / "slurm" / "train_multinode.sbatch"
+SLURM_SCRIPT = Path(
+    subprocess.run(
+        [sys.executable, "-m", "nnunet_sam.training.slurm"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+)  # the installed copy: a wheel without the script fails here
 JOB_ID = 4242
 FAKE_SBATCH = """#!/bin/bash
 # sbatch SCRIPT ARGS: the job's variables as Slurm sets them (from the script's #SBATCH lines), then the script

@@ -232,3 +232,19 @@ def test_shim_exports_every_trainer_of_the_package():
     }
     defined -= {"SAMTrainer"}  # the abstract base is not a trainer to run
     assert defined <= set(shim.__all__), f"not exported by the shim: {sorted(defined - set(shim.__all__))}"
+
+
+def test_installed_package_ships_the_slurm_script(tmp_path):
+    """The SLURM recipe travels in the wheel (package data), and its path is one command away."""
+    out = subprocess.run(
+        [sys.executable, "-m", "nnunet_sam.training.slurm"],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    script = Path(out)
+    assert script.is_file(), f"{script} is not in the installed package (setup.py package_data)"
+    text = script.read_text()
+    assert text.startswith("#!/bin/bash") and "#SBATCH --nodes" in text and "torchrun" in text
