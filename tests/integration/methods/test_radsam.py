@@ -761,3 +761,49 @@ def test_point_prompts_take_several_points_at_slice_level():
     with pytest.raises(SystemExit) as exit_info:  # the volume level takes one prompt: refused before any loading
         main(["-m", "none", "-i", "none", "-l", "none", "--points", "5"])
     assert exit_info.value.code == 2
+
+
+class _BenchModel:
+    """Stands in for RadSAMModel in run_benchmark: a tiny RadSAM network on a given volume and label, model grid =
+    image grid (nothing to read, preprocess or map back)."""
+
+    def __init__(self, volume: np.ndarray, label: np.ndarray) -> None:
+        torch.manual_seed(0)
+        self.network = RadSAMNetwork("tiny", 1, [32, 32], 32).eval()
+        self.device = "cpu"
+        self.dataset_json = {"file_ending": ".nii.gz", "labels": {"background": 0, "organ": 1}}
+        self.volume, self.label = volume, label
+        self.reader = type("Reader", (), {"read_seg": lambda _, path: (self.label[None], {})})()
+
+    def read(self, files):
+        return self.volume, {}
+
+    def preprocess(self, image, properties, seg):
+        return image, seg, properties
+
+    def to_original(self, mask, properties):
+        return mask.astype(np.uint8)
+
+
+def test_benchmark_runs_the_tables_evaluation_settings(tmp_path):
+    """``run_benchmark`` wiring of the Tables 5/6 and the 5-point settings: the settings named in the table, the
+    propagation recorded, refusals for settings that do not go together."""
+    from nnunet_sam.evaluation.radsam import run_benchmark
+
+    (tmp_path / "case_0000.nii.gz").touch()
+    (tmp_path / "case.nii.gz").touch()
+    label = _cylinder(4).astype(np.int16)
+    model = _BenchModel(np.random.default_rng(0).normal(size=(1, 4, 16, 16)).astype(np.float32), label)
+    run = dict(images=str(tmp_path), labels=str(tmp_path), volume_edits=(0,), slice_edits=(0,))
+    table5 = run_benchmark(model, kinds=("box", "point"), levels=("volume",), propagation="box", **run)
+    assert table5["settings"] == ["volume box +0 edits", "volume point +0 edits"] and table5["propagation"] == "box"
+    assert run_benchmark(model, kinds=("box",), levels=("volume",), **run)["propagation"] == "mask"  # the model's
+    table6 = run_benchmark(model, kinds=("box",), levels=("slice",), oracle=True, **run)
+    assert table6["settings"] == ["slice box +0/slice", "slice box oracle"]
+    assert all(0.0 <= value <= 1.0 for value in table6["mean"].values())
+    sam_row = run_benchmark(model, kinds=("point",), levels=("slice",), points=5, **run)
+    assert sam_row["settings"] == ["slice point +0/slice"] and sam_row["points"] == 5
+    with pytest.raises(ValueError, match="5 points per prompt"):
+        run_benchmark(model, kinds=("point",), points=5, **run)  # the volume level takes one prompt
+    with pytest.raises(ValueError, match="levels must be among"):
+        run_benchmark(model, levels=("3d",), **run)
