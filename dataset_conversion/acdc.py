@@ -57,7 +57,9 @@ def _patients(numbers: str) -> list[str]:
     return [f"patient{int(n):03d}" for n in numbers.split()]
 
 
-# MaskSAM's public ACDC trainer (MaskSAM_ACDC.do_split): train and val patients; test = the rest of 001-100.
+# MaskSAM's public ACDC trainer (MaskSAM_ACDC.do_split): train and val patients; test = the rest of 001-100. The test
+# patients are those of nnFormer's public ACDC dataset.json ("test", both frames each; checked patient by patient),
+# the list the TransUNet-style ACDC tables of MaskSAM and Self-Prompt-SAM copy their baselines from.
 _VAL = "089 090 091 093 094 096 097 098 099 100"
 _TEST = "002 003 008 009 012 014 017 024 042 048 049 053 055 064 067 079 081 088 092 095"
 PAPER_PATIENTS: dict[str, list[str]] = {

@@ -269,10 +269,12 @@ class RadSAMNetwork(FoldedSAM):
             return self.encode(x)[0]
         return self.encoder_additions(self.sam.image_encoder, self.stem(x))[0]
 
-    def segment_slice(self, embedding: torch.Tensor, prompts: Prompts, shape: Sequence[int]) -> torch.Tensor:
+    def segment_slice(
+        self, embedding: torch.Tensor, prompts: Prompts, shape: Sequence[int], all_masks: bool = False
+    ) -> torch.Tensor:
         """Input-contract models: embedding (1, C, g, g) of a whole slice of ``shape`` (h, w) and prompts of R rows in
         that slice's pixels (masks (R, h, w)) -> mask logits (R, h, w) (SAM's primary mask, cropped and resized
-        back as SAM's ``postprocess_masks``)."""
+        back as SAM's ``postprocess_masks``), or (R, 4, h, w) with ``all_masks`` (SAM's four masks, primary first)."""
         assert self.contract is not None, "segment_slice needs a model with the input contract"
         h, w = (int(v) for v in shape)
         sy, sx = self.contract.coordinate_scale(h, w, self.input_size)
@@ -281,8 +283,10 @@ class RadSAMNetwork(FoldedSAM):
         rows = prompts.rows
         masks, _ = self.decode(
             embedding.expand(rows, -1, -1, -1), 1, sparse.to(embedding.dtype), dense.to(embedding.dtype),
-            size=self.input_size,
+            all_masks=all_masks, size=self.input_size,
         )  # fmt: skip
+        if all_masks:
+            return self.contract.to_slice(masks.float(), h, w, self.input_size)
         return self.contract.to_slice(masks[:, None].float(), h, w, self.input_size)[:, 0]
 
     def _to_input_frame(self, prompts: Prompts, sy: float, sx: float, shape: tuple[int, int]) -> Prompts:

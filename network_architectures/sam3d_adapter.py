@@ -35,7 +35,9 @@ class SAM3DAdapterOptions:
     """Network options (class attribute ``options`` of a 3DSAM-adapter trainer, saved in the model's record).
 
     ``prompted``: with the point prompt encoder (clicks), or fully automatic. ``adapter``: the adapter kind of
-    every encoder block (:data:`~nnunet_sam.blocks.adapters.ADAPTER_KINDS`; the method's DConv adapter).
+    every encoder block (:data:`~nnunet_sam.blocks.adapters.ADAPTER_KINDS`; the method's DConv adapter), None for
+    none. ``tune_encoder``: train every weight of SAM's image encoder (full fine-tuning; its 2D neck stays frozen
+    where ``neck="3d"`` replaces it).
 
     Capacity (defaults: this package's lighter network, 6.5 M trainable parameters at ViT-B; :data:`PAPER_CAPACITY`
     sets the public code's, 25.46 M as the paper reports): ``adapter_ratio`` (adapter hidden width / embedding
@@ -45,19 +47,44 @@ class SAM3DAdapterOptions:
     "two_way" (:class:`TwoWayPointPromptEncoder`, SAM's two-way transformer, depth 2). ``prompt_levels``: the
     feature levels (1-4, 4 = the final embedding) that a prompt encoder of its own conditions on the points (the
     paper's feature-level ablation; levels below 4 need ``neck="3d"``).
+
+    Ablations of the paper: ``aggregation`` False (the multi-level head reads the final embedding alone, no
+    intermediate necks: "effects of multi-layer aggregation"); ``point_embedding`` "positional" (the two-way prompt
+    encoder's point tokens encode the point's position instead of sampling the image feature there: "visual sampler
+    v.s. positional encoding").
     """
 
     prompted: bool = False
-    adapter: AdapterKind = "dconv"
+    adapter: AdapterKind | None = "dconv"
     adapter_ratio: float = 0.25
     neck: str = "sam"
     decoder: str = "aggregating"
     prompt_encoder: str = "cross"
     prompt_levels: tuple[int, ...] = (4,)
+    tune_encoder: bool = False
+    aggregation: bool = True
+    point_embedding: str = "sampler"
 
 
 # The public code's network (the paper's 25.46 M trainable parameters, 15.21 M of them in the image encoder).
 PAPER_CAPACITY = {"adapter_ratio": 0.5, "neck": "3d", "decoder": "multilevel", "prompt_encoder": "two_way"}
+
+# The paper's (poster's) ablation rows, each the options of one trainer on top of a paper preset (trainers module).
+# Comparison with other adaptations, fully automatic (the prompt encoder discarded): the paper's network with its
+# adapters replaced. "Pro-tuning", "ST-Adapter" and "Med-tuning" are other methods the poster does not specify.
+ADAPTATION_ROWS: dict[str, SAM3DAdapterOptions] = {
+    "houlsby": SAM3DAdapterOptions(**PAPER_CAPACITY, adapter="vanilla"),  # "Adapter (ICML 2019)"
+    "fullFT": SAM3DAdapterOptions(**PAPER_CAPACITY, adapter=None, tune_encoder=True),  # "Full fine-tuning"
+}
+# Point-prompt ablations: the feature levels of the prompt encoders ("all four", and the final level with one other,
+# the poster's two-level rows as read here), the visual sampler replaced by a positional encoding, and the head
+# without multi-layer aggregation.
+PROMPT_ROWS: dict[str, SAM3DAdapterOptions] = {
+    "allLevels": SAM3DAdapterOptions(prompted=True, **PAPER_CAPACITY, prompt_levels=(1, 2, 3, 4)),
+    **{f"levels{k}4": SAM3DAdapterOptions(prompted=True, **PAPER_CAPACITY, prompt_levels=(k, 4)) for k in (1, 2, 3)},
+    "positional": SAM3DAdapterOptions(prompted=True, **PAPER_CAPACITY, point_embedding="positional"),
+    "noAggregation": SAM3DAdapterOptions(prompted=True, **PAPER_CAPACITY, aggregation=False),
+}
 
 
 class SAM3DAdapterNetwork(nn.Module):
@@ -97,6 +124,9 @@ class SAM3DAdapterNetwork(nn.Module):
         grid = size // spec.patch_size
         self.sam = build_sam(spec, size)
         self.sam.requires_grad_(False)
+        if options.tune_encoder:  # full fine-tuning (SAM's 2D neck is not run with 3D necks: it stays frozen)
+            self.sam.image_encoder.requires_grad_(True)
+            self.sam.image_encoder.neck.requires_grad_(options.neck != "3d")
         for name, module in self.sam.image_encoder.named_modules():  # the method tunes the encoder's norms
             if name.startswith("neck") and options.neck == "3d":
                 continue  # SAM's 2D neck is not run: its norms stay frozen
@@ -106,6 +136,12 @@ class SAM3DAdapterNetwork(nn.Module):
         assert options.neck in ("sam", "3d") and options.decoder in ("aggregating", "multilevel"), options
         assert options.prompt_encoder in ("cross", "two_way"), options
         assert options.decoder == "aggregating" or options.neck == "3d", "the multilevel decoder needs neck='3d'"
+        assert options.aggregation or options.decoder == "multilevel", "aggregation=False is an option of 'multilevel'"
+        assert options.point_embedding == "sampler" or options.prompt_encoder == "two_way", (
+            "point_embedding='positional' is an option of the two-way prompt encoder"
+        )
+        # without multi-layer aggregation only the final level is read: no intermediate necks are built
+        feature_indices = spec.feature_indices if options.aggregation else spec.feature_indices[-1:]
         self.encoder = VolumetricEncoder(
             spec.embed_dim,
             spec.num_heads,
@@ -114,7 +150,7 @@ class SAM3DAdapterNetwork(nn.Module):
             grid,
             slice_group,
             window,
-            spec.feature_indices,
+            feature_indices,
             adapter_ratio=options.adapter_ratio,
             attention=attention,
             adapter_kind=options.adapter,
@@ -123,11 +159,16 @@ class SAM3DAdapterNetwork(nn.Module):
         levels = tuple(options.prompt_levels)
         assert levels and set(levels) <= {1, 2, 3, 4}, f"prompt_levels must be among 1-4, got {levels}"
         assert levels == (4,) or options.neck == "3d", "prompt encoders below level 4 need neck='3d'"
+        assert levels == (4,) or options.aggregation, "prompt encoders below level 4 need the aggregated levels"
 
         def prompt_encoder() -> nn.Module:
             if options.prompt_encoder == "two_way":
                 return TwoWayPointPromptEncoder(
-                    spec.prompt_dim, num_classes, num_heads=spec.decoder_heads, mlp_dim=spec.decoder_mlp_dim
+                    spec.prompt_dim,
+                    num_classes,
+                    num_heads=spec.decoder_heads,
+                    mlp_dim=spec.decoder_mlp_dim,
+                    point_embedding=options.point_embedding,
                 )
             return PointPromptEncoder(spec.prompt_dim, num_classes, num_heads=spec.decoder_heads)
 
@@ -137,7 +178,7 @@ class SAM3DAdapterNetwork(nn.Module):
         )
         self.decoder: nn.Module
         if options.decoder == "multilevel":
-            self.decoder = MultiLevelMaskDecoder3D(spec.prompt_dim, len(spec.feature_indices), in_channels, num_classes)
+            self.decoder = MultiLevelMaskDecoder3D(spec.prompt_dim, len(feature_indices), in_channels, num_classes)
         else:
             self.decoder = AggregatingMaskDecoder3D(
                 spec.prompt_dim,

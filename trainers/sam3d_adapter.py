@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from nnunet_sam.network_architectures.sam3d_adapter import PAPER_CAPACITY, SAM3DAdapterNetwork, SAM3DAdapterOptions
+from nnunet_sam.network_architectures.sam3d_adapter import (
+    ADAPTATION_ROWS,
+    PAPER_CAPACITY,
+    PROMPT_ROWS,
+    SAM3DAdapterNetwork,
+    SAM3DAdapterOptions,
+)
 from nnunet_sam.prompting.point_sampler import random_clicks, simulate_points
-from nnunet_sam.trainers.base import CPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL, with_sources
+from nnunet_sam.trainers.base import CPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL, ablation_trainers, with_sources
 from nnunet_sam.training.planning import VolumePatchRule
 
 
@@ -93,17 +99,12 @@ class SAM3DAdapterTrainer_prompted_tiny_demo(CPUDemo, SAM3DAdapterTrainer_prompt
 _TRAIN = "med-air 3DSAM-adapter train.py"
 
 
-class SAM3DAdapterTrainer_prompted_paper(SAM3DAdapterTrainer_prompted):
-    """3DSAM-adapter as its public code trains it for the tumour benchmarks (KiTS, LiTS, MSD colon and pancreas;
+class SAM3DAdapterPaperRegime:
+    """The regime of 3DSAM-adapter's public code for the tumour benchmarks (KiTS, LiTS, MSD colon and pancreas;
     3d_fullres): SAM ViT-B, 128^3 crops upsampled x4 in-plane (SAM input 512 px), 4 slices per depth token, AdamW
-    4e-4 without weight decay, linear LR decay to 1 %, gradient clip 1.0, 500 epochs, batch 1; training clicks 10 per
-    tumour plus 20 anywhere in the crop (``points_per_class``, ``random_points``). The network is the public code's
-    (``PAPER_CAPACITY``: adapters at half width, trainable 3D necks, two-way prompt encoder, multi-level head): 25.4 M
-    trainable parameters, 15.2 M of them in the image encoder, as the paper reports (25.46 M, 15.21 M).
-    ``SAM3DAdapterTrainer_prompted_paper_light``: the same regime with this package's lighter network (6.5 M).
-    """
+    4e-4 without weight decay, linear LR decay to 1 %, gradient clip 1.0, 500 epochs, batch 1 (a mixin of the paper
+    presets, not a trainer)."""
 
-    options = SAM3DAdapterOptions(prompted=True, **PAPER_CAPACITY)
     backbone = "vit_b"
     fixed_patch = (128, 128, 128)
     input_scale = 4
@@ -116,8 +117,7 @@ class SAM3DAdapterTrainer_prompted_paper(SAM3DAdapterTrainer_prompted):
     optimizer_weight_decay = 0.0
     lr_schedule = "linear"
     grad_clip = 1.0
-    preset_sources = {
-        "options": "code: image_encoder.py, mask_decoder.py, prompt_encoder.py (capacity; paper: 25.46 M / 15.21 M)",
+    regime_sources = {
         "backbone": f"code: {_TRAIN} (sam_vit_b_01ec64.pth)",
         "fixed_patch": f"code: {_TRAIN} (rand_crop_size 128^3)",
         "input_scale": f"code: {_TRAIN} (crop interpolated by 512 / 128 before the patch embedding)",
@@ -130,6 +130,25 @@ class SAM3DAdapterTrainer_prompted_paper(SAM3DAdapterTrainer_prompted):
         "optimizer_weight_decay": f"code: {_TRAIN} (weight_decay 0)",
         "lr_schedule": f"code: {_TRAIN} (LinearLR, factor 1 -> 0.01 over 500 epochs)",
         "grad_clip": f"code: {_TRAIN} (1.0; there per module: encoder, decoder, prompt encoder)",
+    }
+
+
+_CAPACITY = "code: image_encoder.py, mask_decoder.py, prompt_encoder.py (capacity; paper: 25.46 M / 15.21 M)"
+
+
+class SAM3DAdapterTrainer_prompted_paper(SAM3DAdapterPaperRegime, SAM3DAdapterTrainer_prompted):
+    """3DSAM-adapter as its public code trains it for the tumour benchmarks (:class:`SAM3DAdapterPaperRegime`);
+    training clicks 10 per tumour plus 20 anywhere in the crop (``points_per_class``, ``random_points``). The network
+    is the public code's (``PAPER_CAPACITY``: adapters at half width, trainable 3D necks, two-way prompt encoder,
+    multi-level head): 25.4 M trainable parameters, 15.2 M of them in the image encoder, as the paper reports
+    (25.46 M, 15.21 M). ``SAM3DAdapterTrainer_prompted_paper_light``: the same regime with this package's lighter
+    network (6.5 M).
+    """
+
+    options = SAM3DAdapterOptions(prompted=True, **PAPER_CAPACITY)
+    preset_sources = {
+        "options": _CAPACITY,
+        **SAM3DAdapterPaperRegime.regime_sources,
         "points_per_class": f"code: {_TRAIN} (10 tumour voxels per crop)",
         "random_points": f"code: {_TRAIN} (20 voxels anywhere in the crop)",
     }
@@ -145,12 +164,20 @@ class SAM3DAdapterTrainer_prompted_paper_light(SAM3DAdapterTrainer_prompted_pape
     )
 
 
-class SAM3DAdapterTrainer_prompted_paper_allLevels(SAM3DAdapterTrainer_prompted_paper):
-    """The paper's feature-level ablation, row "all four levels": a prompt encoder on each of the four feature levels
-    (the preset: on the final level only). The poster's other rows (two levels each) cannot be read unambiguously."""
+class SAM3DAdapterTrainer_paper(SAM3DAdapterPaperRegime, SAM3DAdapterTrainer):
+    """The paper's network without its prompt encoder, fully automatic, in the public code's regime: the row "Ours"
+    of the poster's comparison with other adaptations (which discards the prompt encoder); its other rows are the
+    ``SAM3DAdapterTrainer_paper_*`` trainers (``ADAPTATION_ROWS``)."""
 
-    options = SAM3DAdapterOptions(prompted=True, **PAPER_CAPACITY, prompt_levels=(1, 2, 3, 4))
-    preset_sources = with_sources(
-        SAM3DAdapterTrainer_prompted_paper.preset_sources,
-        options="paper: ablation 'feature level' (prompt encoders at levels 1-4)",
-    )
+    options = SAM3DAdapterOptions(**PAPER_CAPACITY)
+    preset_sources = {
+        "options": "paper: poster, comparison with other adaptations, row 'Ours' (prompt encoder discarded); the "
+        "public code's image encoder and decoder (15.21 M in the image encoder)",
+        **SAM3DAdapterPaperRegime.regime_sources,
+    }
+
+
+_COMPARISON = "3DSAM-adapter poster, comparison with parameter-efficient and full fine-tuning (automatic)"
+_PROMPT_ABLATIONS = "3DSAM-adapter poster, ablation studies (feature level, visual sampler, multi-layer aggregation)"
+globals().update(ablation_trainers(SAM3DAdapterTrainer_paper, ADAPTATION_ROWS, _COMPARISON))
+globals().update(ablation_trainers(SAM3DAdapterTrainer_prompted_paper, PROMPT_ROWS, _PROMPT_ABLATIONS))

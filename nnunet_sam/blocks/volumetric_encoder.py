@@ -219,7 +219,7 @@ class VolumetricEncoder(nn.Module):
         feature_indices: tuple[int, ...] = (),
         adapter_ratio: float = 0.25,
         attention: AttentionImpl = DEFAULT_ATTENTION,
-        adapter_kind: AdapterKind = "dconv",
+        adapter_kind: AdapterKind | None = "dconv",
         neck_dim: int | None = None,
     ) -> None:
         super().__init__()
@@ -238,9 +238,12 @@ class VolumetricEncoder(nn.Module):
         nn.init.zeros_(self.slice_embed.bias)
         self.depth_embed = nn.Parameter(torch.zeros(self.grid[0], embed_dim))
         self.rel_pos_d = nn.Parameter(torch.zeros(num_blocks, 2 * window - 1, embed_dim // num_heads))
-        self.adapters = nn.ModuleList(
-            Adapter(embed_dim, adapter_kind, self.grid[0], ratio=adapter_ratio, skip=True) for _ in range(num_blocks)
-        )
+        self.adapters: nn.ModuleList | None = None  # None: no adapters (the blocks alone, e.g. fully fine-tuned)
+        if adapter_kind is not None:
+            self.adapters = nn.ModuleList(
+                Adapter(embed_dim, adapter_kind, self.grid[0], ratio=adapter_ratio, skip=True)
+                for _ in range(num_blocks)
+            )
         self.necks: nn.ModuleList | None = None
         if neck_dim is not None:
             assert self.feature_indices and self.feature_indices[-1] == num_blocks - 1, (
@@ -265,7 +268,8 @@ class VolumetricEncoder(nn.Module):
 
     def _block(self, i: int, block: Block, x: torch.Tensor) -> torch.Tensor:
         b, t, h, w, c = x.shape
-        x = self.adapters[i](x.reshape(b * t, h, w, c), t).view(b, t, h, w, c)
+        if self.adapters is not None:
+            x = self.adapters[i](x.reshape(b * t, h, w, c), t).view(b, t, h, w, c)
         shortcut = x
         x = block.norm1(x)
         shift = self.shifts[i]

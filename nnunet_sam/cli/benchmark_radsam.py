@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from nnunet_sam.cli import conventions
-from nnunet_sam.evaluation.radsam import GRIDS, format_table, run_benchmark
-from nnunet_sam.inference.radsam import RadSAMModel
+from nnunet_sam.evaluation.radsam import GRIDS, LEVELS, format_table, run_benchmark
+from nnunet_sam.inference.radsam import PROPAGATIONS, RadSAMModel
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="volume-level edits stop propagating before a slice with earlier clicks (default: they pass it and "
         "re-use its clicks, the paper's reading)",
     )
+    parser.add_argument(
+        "--propagation",
+        choices=PROPAGATIONS,
+        help="what each slice passes to the next at volume level: its mask (RadSAM's training) or a box around it "
+        "(RadSAM's Table 5 compares both; default: the model's own)",
+    )
+    parser.add_argument(
+        "--oracle",
+        action="store_true",
+        help="also score each slice's best of SAM's three multimask outputs at slice level (RadSAM's Table 6)",
+    )
+    parser.add_argument(
+        "--points",
+        type=int,
+        default=1,
+        help="points per point prompt at slice level (default 1; e.g. 5 for PanSAM's 'SAM' row, with --levels slice)",
+    )
+    parser.add_argument(
+        "--levels", nargs="+", choices=LEVELS, default=list(LEVELS), help="prompting levels (default: both)"
+    )
     parser.add_argument("--json", help="also write the result (with per-case values) to this JSON file")
     parser.add_argument("-device", default="cpu", choices=["cuda", "cpu", "mps"], help="device (default cpu)")
     return parser
@@ -52,6 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.edits + args.slice_edits) < 0:
         parser.error("edit counts must be >= 0")
+    if args.points < 1:
+        parser.error(f"--points must be >= 1, got {args.points}")
+    if args.points > 1 and "volume" in args.levels:
+        parser.error(
+            f"--points {args.points} is a slice-level setting (the volume level takes one prompt): add --levels slice"
+        )
     model = RadSAMModel(args.m, args.f, args.chk, args.device)
     result = run_benchmark(
         model,
@@ -64,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.max_cases,
         args.grid,
         not args.stop_at_clicked_slices,
+        args.propagation,
+        args.oracle,
+        args.points,
+        args.levels,
     )
     print(format_table(result))
     if args.json:

@@ -13,8 +13,15 @@ For every case and every foreground class present in its reference (one structur
   edit round adds one click per slice, drawn from that slice's error region, with the slice's current mask as the
   mask prompt.
 
-Prompts: "point" = a pixel drawn uniformly among those more than 2 px inside the reference slice, "box" = the
-reference slice's tight bounding box. Prompts, clicks and propagation work in the model's grid (nnU-Net's
+Prompts: "point" = a pixel drawn uniformly among those more than 2 px inside the reference slice (``points`` such
+pixels per slice at slice level, e.g. the 5 points of PanSAM's "SAM" row), "box" = the reference slice's tight
+bounding box.
+
+Evaluation settings of the papers' tables: ``propagation`` ("mask" or "box"; default the model's) is the prompt each
+slice passes to the next at volume level (RadSAM's Table 5: the neighbour's mask, or a box around it); ``oracle``
+adds the setting "slice <kind> oracle": each slice's best of SAM's three multimask outputs against the reference
+(RadSAM's Table 6, the mask a user would pick with one more click); ``levels`` limits the run to "volume" or
+"slice" level. Prompts, clicks and propagation work in the model's grid (nnU-Net's
 preprocessed volume); the 3D Dice (:func:`nnunet_sam.evaluation.metrics.dice`) is computed in the original image
 grid against the reference as read (the mask mapped back as prediction exports it), or with ``grid="preprocessed"``
 in the model's grid against nnU-Net's resampled reference. Everything is seeded (``--seed``): the same model and
@@ -31,21 +38,33 @@ import torch
 
 from nnunet_sam.evaluation.metrics import dice
 from nnunet_sam.inference.predict import cases_in_folder
-from nnunet_sam.inference.radsam import Correction, Prompt, RadSAMModel, SliceModel, edit, segment_from_prompt
+from nnunet_sam.inference.radsam import (
+    Correction,
+    Prompt,
+    RadSAMModel,
+    SliceModel,
+    edit,
+    network_propagation,
+    segment_from_prompt,
+)
 from nnunet_sam.prompting.mask_ops import pixel_boxes
 from nnunet_sam.prompting.radsam_prompts import interior_points
 
+LEVELS = ("volume", "slice")
 
-def slice_prompt(kind: str, reference: np.ndarray, generator: torch.Generator) -> dict:
-    """The simulated user's prompt on one reference slice (Y, X) bool: {"point": (y, x)} or {"box": (y0, x0, y1, x1)}.
 
-    The point is drawn uniformly among the pixels more than 2 px inside; the box is the tight bounding box.
+def slice_prompt(kind: str, reference: np.ndarray, generator: torch.Generator, points: int = 1) -> dict:
+    """The simulated user's prompt on one reference slice (Y, X) bool: {"point": (y, x), "points": [(y, x), ...]}
+    or {"box": (y0, x0, y1, x1)}.
+
+    Each of the ``points`` points is drawn uniformly (independently) among the pixels more than 2 px inside ("point"
+    is the first); the box is the tight bounding box.
     """
     ref = torch.from_numpy(reference)[None]
     if kind == "point":
-        points, _ = interior_points(ref, generator=generator)
-        x, y = points[0].tolist()
-        return {"point": (y, x)}
+        drawn, _ = interior_points(ref.expand(points, -1, -1).contiguous(), generator=generator)
+        yx = [(y, x) for x, y in drawn.tolist()]
+        return {"point": yx[0], "points": yx}
     x0, y0, x1, y1 = pixel_boxes(ref)[0][0].tolist()
     return {"box": (y0, x0, y1, x1)}
 
@@ -75,7 +94,8 @@ def volume_level(
     areas = reference.reshape(reference.shape[0], -1).sum(1)
     present = np.flatnonzero(areas)
     seed = int(np.argmax(areas))
-    prompt = Prompt(kind, seed, **slice_prompt(kind, reference[seed], generator))
+    drawn = slice_prompt(kind, reference[seed], generator)
+    prompt = Prompt(kind, seed, point=drawn.get("point"), box=drawn.get("box"))
     segmentation = segment_from_prompt(model, prompt, (int(present[0]), int(present[-1])))
     result = {}
     for n in range(max(edits) + 1):
@@ -98,17 +118,26 @@ def slice_level(
     rng: np.random.Generator,
     generator: torch.Generator,
     score: Callable[[np.ndarray], float] | None = None,
-) -> dict[int, float]:
-    """3D Dice after each number of edits per slice in ``edits``: every slice with the structure prompted alone.
-    ``score`` as for :func:`volume_level`."""
+    points: int = 1,
+    oracle: bool = False,
+) -> dict[int | str, float]:
+    """3D Dice after each number of edits per slice in ``edits``: every slice with the structure prompted alone
+    (``points`` points per point prompt). ``oracle``: also "oracle", every slice's best of SAM's three multimask
+    outputs for its first prompt. ``score`` as for :func:`volume_level`."""
     score = score or (lambda mask: dice(mask, reference))
     masks = {n: np.zeros_like(reference) for n in edits}
+    best = np.zeros_like(reference)
     for z in np.flatnonzero(reference.reshape(reference.shape[0], -1).any(1)):
         z = int(z)
-        prompt = slice_prompt(kind, reference[z], generator)
-        clicks = [(*prompt["point"], True)] if kind == "point" else []
+        prompt = slice_prompt(kind, reference[z], generator, points)
+        clicks = [(*p, True) for p in prompt["points"]] if kind == "point" else []
         box = prompt.get("box")
-        current = model.predict(z, clicks, box=box)
+        if oracle:
+            outputs = model.predict(z, clicks, box=box, all_masks=True)
+            current = outputs[0]
+            best[z] = max(outputs[1:], key=lambda m: dice(m, reference[z]))
+        else:
+            current = model.predict(z, clicks, box=box)
         for n in range(max(edits) + 1):
             if n in edits:
                 masks[n][z] = current
@@ -121,7 +150,10 @@ def slice_level(
             (y, x), positive = click
             clicks.append((y, x, positive))
             current = model.predict(z, clicks, box=box, mask=current)
-    return {n: score(masks[n]) for n in edits}
+    result: dict[int | str, float] = {n: score(masks[n]) for n in edits}
+    if oracle:
+        result["oracle"] = score(best)
+    return result
 
 
 GRIDS = ("original", "preprocessed")
@@ -144,17 +176,27 @@ def run_benchmark(
     max_cases: int | None = None,
     grid: str = "original",
     through_clicks: bool = True,
+    propagation: str | None = None,
+    oracle: bool = False,
+    points: int = 1,
+    levels: Sequence[str] = LEVELS,
 ) -> dict:
     """Dice per setting and class over the cases of ``images`` (nnU-Net naming) with references in ``labels``.
 
     ``grid``: where the 3D Dice is computed ("original": the image grid, the paper's protocol; "preprocessed":
     the model's grid). ``through_clicks``: volume-level edits propagate through clicked slices (the paper's reading).
+    ``propagation``, ``oracle``, ``points`` and ``levels``: the module docstring's evaluation settings (``points``
+    above 1 is a slice-level setting: the volume level takes one prompt).
 
     Returns {"settings": [...], "classes": {name: {setting: mean Dice}}, "mean": {setting: mean over classes},
     "per_case": [...]}. A setting is "volume <kind> +<n> edits" or "slice <kind> +<n>/slice".
     """
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+    if not levels or set(levels) - set(LEVELS):
+        raise ValueError(f"levels must be among {LEVELS}, got {list(levels)}")
+    if points < 1 or (points > 1 and "volume" in levels):
+        raise ValueError(f"{points} points per prompt: use 1, or more with the slice level alone (levels=['slice'])")
     ending = model.dataset_json["file_ending"]
     cases, _ = cases_in_folder(images, ending)
     names = sorted(cases)[:max_cases]
@@ -169,7 +211,7 @@ def run_benchmark(
         image, properties = model.read(cases[case])
         original = model.reader.read_seg(label_file)[0]
         data, seg, properties = model.preprocess(image, properties, original.astype(np.int16))
-        slices = SliceModel(model.network, data, model.device)
+        slices = SliceModel(model.network, data, model.device, propagation)
         for label, name in sorted(label_names.items()):
             reference = seg[0] == label
             if not reference.any():
@@ -178,19 +220,30 @@ def run_benchmark(
             for kind in kinds:
                 rng = np.random.default_rng([seed, index, label])
                 generator = torch.Generator().manual_seed(seed * 100003 + index * 101 + label)
-                scores = volume_level(slices, reference, kind, volume_edits, rng, generator, score, through_clicks)
-                for n, value in scores.items():
-                    per_case.append((case, name, f"volume {kind} +{n} edits", value))
-                scores = slice_level(slices, reference, kind, slice_edits, rng, generator, score)
-                for n, value in scores.items():
-                    per_case.append((case, name, f"slice {kind} +{n}/slice", value))
+                if "volume" in levels:
+                    scores = volume_level(slices, reference, kind, volume_edits, rng, generator, score, through_clicks)
+                    for n, value in scores.items():
+                        per_case.append((case, name, f"volume {kind} +{n} edits", value))
+                if "slice" in levels:
+                    scores = slice_level(slices, reference, kind, slice_edits, rng, generator, score, points, oracle)
+                    for n, value in scores.items():
+                        setting = f"slice {kind} oracle" if n == "oracle" else f"slice {kind} +{n}/slice"
+                        per_case.append((case, name, setting, value))
         print(f"done {case}", flush=True)
     settings = list(dict.fromkeys(s for _, _, s, _ in per_case))
     classes = {}
     for name in dict.fromkeys(n for _, n, _, _ in per_case):
         classes[name] = {s: float(np.nanmean([v for _, n, t, v in per_case if n == name and t == s])) for s in settings}
     mean = {s: float(np.nanmean([classes[c][s] for c in classes])) for s in settings}
-    return {"settings": settings, "classes": classes, "mean": mean, "per_case": per_case}
+    propagation = propagation or network_propagation(model.network)
+    return {
+        "settings": settings,
+        "classes": classes,
+        "mean": mean,
+        "per_case": per_case,
+        "propagation": propagation,
+        "points": points,
+    }
 
 
 def format_table(result: dict) -> str:

@@ -48,6 +48,7 @@ from nnunet_sam.prompting.radsam_prompts import Prompts
 COMMAND = "nnunet_sam_segment_radsam"
 
 PromptKind = Literal["point", "box", "mask"]
+PROPAGATIONS = ("mask", "box")  # how a 3D mask grows from slice to slice (see follow)
 
 
 class PromptError(ValueError):
@@ -153,6 +154,11 @@ def _row_prompts(
     return prompts
 
 
+def network_propagation(network: torch.nn.Module) -> str:
+    """How a RadSAM network's masks grow from slice to slice: its record's ``propagation`` ("mask" if absent)."""
+    return getattr(getattr(network, "options", None), "propagation", "mask")
+
+
 class SliceModel:
     """A RadSAM network (:class:`~nnunet_sam.network_architectures.radsam.RadSAMNetwork`, eval mode) on the slices
     of one preprocessed volume (M, Z, Y, X).
@@ -163,8 +169,17 @@ class SliceModel:
     every slice is padded with 0 at the bottom and right to P x P, as nnU-Net pads its training patches.
     """
 
-    def __init__(self, network: torch.nn.Module, volume: np.ndarray | torch.Tensor, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        volume: np.ndarray | torch.Tensor,
+        device: str = "cpu",
+        propagation: str | None = None,
+    ) -> None:
         volume = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
+        if propagation not in (None, *PROPAGATIONS):
+            raise ValueError(f"propagation must be one of {PROPAGATIONS} (or None: the model's), got {propagation!r}")
+        self._propagation = propagation
         assert volume.dim() == 4, f"volume must be (M, Z, Y, X), got {tuple(volume.shape)}"
         self.network = network.eval()
         self.device = torch.device(device)
@@ -200,10 +215,12 @@ class SliceModel:
         clicks: Sequence[tuple[float, float, bool]] = (),
         box: Sequence[float] | None = None,
         mask: np.ndarray | None = None,
+        all_masks: bool = False,
     ) -> np.ndarray:
-        """Mask (Y, X) bool of slice z from clicks (y, x, positive), a box (y0, x0, y1, x1) and/or a mask (Y, X)."""
+        """Mask (Y, X) bool of slice z from clicks (y, x, positive), a box (y0, x0, y1, x1) and/or a mask (Y, X);
+        with ``all_masks`` SAM's four masks (4, Y, X), the primary first (the others: its three multimask outputs)."""
         if self.contract is not None:
-            return self._predict_slice(z, clicks, box, mask)
+            return self._predict_slice(z, clicks, box, mask, all_masks)
         f, p = self.factor, self.patch
 
         def scaled(c: float) -> float:
@@ -215,17 +232,18 @@ class SliceModel:
             prompts = prompts.with_masks(fitted > 0.5)
         prompts = Prompts(*(t.to(self.device) for t in vars(prompts).values()))
         with torch.no_grad():
-            logits = self.network.decode_prompts(self.embedding(z), prompts)[0, 0]
-        logits = logits[: self.fitted[0], : self.fitted[1]].float().cpu()
+            logits = self.network.decode_prompts(self.embedding(z), prompts, all_masks)[0, 0]
+        logits = logits[..., : self.fitted[0], : self.fitted[1]].float().cpu()
         if self.factor < 1:
-            logits = F.interpolate(logits[None, None], size=self.shape[1:], mode="bilinear")[0, 0]
+            logits = F.interpolate(logits.reshape(1, -1, *logits.shape[-2:]), size=self.shape[1:], mode="bilinear")
+            logits = logits[0] if all_masks else logits[0, 0]
         return (logits > 0).numpy()
 
     @property
     def propagation(self) -> str:
-        """How the network's masks grow from slice to slice: its record's ``propagation`` ("mask" or "box")."""
-        options = getattr(self.network, "options", None)
-        return getattr(options, "propagation", "mask")
+        """How masks grow from slice to slice ("mask" or "box"): the one given to the constructor (an evaluation
+        setting, e.g. RadSAM's Table 5), else the network record's ``propagation``."""
+        return self._propagation or network_propagation(self.network)
 
     def _predict_slice(
         self,
@@ -233,6 +251,7 @@ class SliceModel:
         clicks: Sequence[tuple[float, float, bool]],
         box: Sequence[float] | None,
         mask: np.ndarray | None,
+        all_masks: bool = False,
     ) -> np.ndarray:
         """The input-contract path of :meth:`predict`: the whole slice, prompts in its pixels."""
         h, w = self.shape[1:]
@@ -241,7 +260,7 @@ class SliceModel:
             prompts = prompts.with_masks(torch.from_numpy(np.asarray(mask, dtype=bool))[None])
         prompts = Prompts(*(t.to(self.device) for t in vars(prompts).values()))
         with torch.no_grad():
-            logits = self.network.segment_slice(self.embedding(z), prompts, (h, w))[0]
+            logits = self.network.segment_slice(self.embedding(z), prompts, (h, w), all_masks)[0]
         return (logits > 0).cpu().numpy()
 
 

@@ -31,6 +31,9 @@ def sample_points(features: torch.Tensor, points: torch.Tensor, volume_shape: Se
     return out[:, :, :, 0, 0].transpose(1, 2)
 
 
+POINT_EMBEDDINGS = ("sampler", "positional")  # a point's token: the image feature there, or its position's encoding
+
+
 class PointPromptEncoder(nn.Module):
     """Image embedding (B, C, T, g, g) + points -> prompt-conditioned image embedding of the same shape.
 
@@ -81,13 +84,24 @@ class TwoWayPointPromptEncoder(nn.Module):
     Tokens as in :class:`PointPromptEncoder` (global queries + sampled feature + label embedding per point; a
     padding point is a learned "not a point" token). Image positions: random Fourier features of the normalised
     (z, y, x) token centres (a fixed Gaussian matrix, saved with the model). The transformer's updated image
-    tokens are the new embedding.
+    tokens are the new embedding. ``point_embedding`` "positional" (3DSAM-adapter's ablation "visual sampler v.s.
+    positional encoding"): a point's token is the Fourier feature of its position instead of the image feature
+    sampled there (SAM's own point encoding, in 3D).
     """
 
     def __init__(
-        self, dim: int, num_classes: int, num_queries: int = 8, num_heads: int = 8, depth: int = 2, mlp_dim: int = 2048
+        self,
+        dim: int,
+        num_classes: int,
+        num_queries: int = 8,
+        num_heads: int = 8,
+        depth: int = 2,
+        mlp_dim: int = 2048,
+        point_embedding: str = "sampler",
     ) -> None:
         super().__init__()
+        assert point_embedding in POINT_EMBEDDINGS, f"point_embedding must be one of {POINT_EMBEDDINGS}"
+        self.point_embedding = point_embedding
         self.label_embed = nn.Embedding(num_classes, dim)
         self.not_a_point = nn.Parameter(torch.zeros(dim))
         self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
@@ -97,13 +111,24 @@ class TwoWayPointPromptEncoder(nn.Module):
         self.transformer.final_attn_token_to_image.requires_grad_(False)
         self.transformer.norm_final_attn.requires_grad_(False)
 
+    def fourier_features(self, coords: torch.Tensor) -> torch.Tensor:
+        """(..., 3) coordinates in [-1, 1]^3 -> (..., C) random Fourier features."""
+        projected = 2 * torch.pi * coords.float() @ self.fourier_matrix.float()
+        return torch.cat([projected.sin(), projected.cos()], dim=-1)
+
     def positional_encoding(self, grid: Sequence[int], like: torch.Tensor) -> torch.Tensor:
         """(1, C, T, g, g) random Fourier features of the token centres in [-1, 1]^3."""
         axes = [(torch.arange(n, device=like.device, dtype=torch.float32) + 0.5) / n * 2 - 1 for n in grid]
         coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (T, g, g, 3)
-        projected = 2 * torch.pi * coords @ self.fourier_matrix.float()
-        pe = torch.cat([projected.sin(), projected.cos()], dim=-1)
-        return pe.permute(3, 0, 1, 2)[None].to(like.dtype)
+        return self.fourier_features(coords).permute(3, 0, 1, 2)[None].to(like.dtype)
+
+    def point_tokens(self, embedding: torch.Tensor, points: torch.Tensor, volume_shape: Sequence[int]) -> torch.Tensor:
+        """(B, K, C): the image feature sampled at each point, or (``positional``) the Fourier feature of the point's
+        voxel centre, normalised as the token centres are."""
+        if self.point_embedding == "sampler":
+            return sample_points(embedding, points, volume_shape)
+        size = torch.tensor([float(n) for n in volume_shape], device=points.device)
+        return self.fourier_features((points.float() + 0.5) / size * 2 - 1).to(embedding.dtype)
 
     def forward(
         self,
@@ -116,7 +141,7 @@ class TwoWayPointPromptEncoder(nn.Module):
         tokens = self.queries[None].expand(b, -1, -1).to(embedding.dtype)
         if points is not None and points.shape[1] > 0:
             assert labels is not None and labels.shape == points.shape[:2], "labels (B, K) must come with points"
-            sampled = sample_points(embedding, points, volume_shape)
+            sampled = self.point_tokens(embedding, points, volume_shape)
             clicks = sampled + self.label_embed(labels.clamp(min=0)).to(sampled.dtype)
             padding = (labels < 0)[..., None]
             clicks = torch.where(padding, self.not_a_point.to(clicks.dtype).expand_as(clicks), clicks)

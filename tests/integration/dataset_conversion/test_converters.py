@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -443,29 +444,73 @@ def test_abdomenct1k_converter_keeps_named_labels_as_test_cases(nnunet_env):
     assert dataset_target("a1k", out / "imagesTs", out / "labelsTs", "pancreas") == 4
 
 
-def test_abdomenct1k_zero_shot_protocol_excludes_the_training_scans_by_content(nnunet_env, capsys):
-    """PanSAM's zero-shot protocol (issue 25, item 12): AbdomenCT-1K cases that are scans of the training set (NIH
-    Pancreas-CT) are left out by content, whatever their case id, file type or orientation, and counted."""
-    from nnunet_sam.dataset_conversion.abdomenct1k import main
+def _abdomenct1k_download(root: Path, cases: Sequence[int]) -> tuple[Path, Path]:
+    """A download laid out and named like the real one: ``AbdomenCT-1K-ImagePart1/Case_XXXXX_0000.nii.gz`` and
+    ``Mask/Case_XXXXX.nii.gz`` (1 liver, 2 kidney, 3 spleen, 4 pancreas)."""
+    for k in cases:
+        write(volume(k), root / "AbdomenCT-1K-ImagePart1" / f"Case_{k:05d}_0000.nii.gz")
+        write(volume(100 + k, values=4), root / "Mask" / f"Case_{k:05d}.nii.gz")
+    return root / "AbdomenCT-1K-ImagePart1", root / "Mask"
+
+
+def test_abdomenct1k_zero_shot_protocol_finds_the_nih_case_ids_by_content(nnunet_env, capsys):
+    """PanSAM's zero-shot protocol (issue 25, item 12): AbdomenCT-1K publishes no case-id list of its NIH
+    Pancreas-CT scans, so the ids are found by content, whatever the file type, orientation or header spacing, left
+    out by id, counted and written as a reusable list."""
+    from nnunet_sam.dataset_conversion.abdomenct1k import EXCLUSIONS_FILE, main
 
     tmp_path = nnunet_env
-    for k in (1, 2, 3, 4):
-        write(volume(k), tmp_path / "A1K" / f"Case_{k:05d}_0000.nii.gz")
-        write(volume(100 + k, values=4), tmp_path / "Mask" / f"Case_{k:05d}.nii.gz")
+    images, masks = _abdomenct1k_download(tmp_path, (1, 2, 3, 4, 5))
     nih = tmp_path / "NIH" / "imagesTr"
     nih.mkdir(parents=True)
     sitk.WriteImage(volume(2), str(nih / "pancreas_0007_0000.nrrd"))  # the same scan as Case_00002, another format
-    flipped = sitk.DICOMOrient(volume(4), "RAS")  # Case_00004's scan stored in another orientation
+    flipped = sitk.DICOMOrient(volume(4), "RAS")  # Case_00004's scan stored in another orientation ...
+    flipped.SetSpacing((1.0, 1.0, 1.0))  # ... with another spacing in its header
     sitk.WriteImage(flipped, str(nih / "pancreas_0011_0000.nii.gz"))
+    permuted = sitk.PermuteAxes(volume(5), (2, 1, 0))  # Case_00005's scan with its axes in another order
+    sitk.WriteImage(permuted, str(nih / "pancreas_0013_0000.nii.gz"))
     sitk.WriteImage(volume(50), str(nih / "pancreas_0012_0000.nii.gz"))  # a scan AbdomenCT-1K does not hold
-    argv = ["-i", str(tmp_path / "A1K"), "-l", str(tmp_path / "Mask"), "-d", "512", "--exclude-like", str(nih)]
+    argv = ["-i", str(images), "-l", str(masks), "-d", "512", "--exclude-like", str(nih)]
     assert main(argv) == 0
-    assert "excluded 2 case(s)" in capsys.readouterr().out
+    assert "excluded 3 case(s)" in capsys.readouterr().out
     out = next((tmp_path / "raw").glob("Dataset512_*"))
     assert sorted(p.name for p in (out / "labelsTs").iterdir()) == ["Case_00001.nii.gz", "Case_00003.nii.gz"]
     record = json.loads((out / RECORD_FILE).read_text())
-    assert sorted(record["excluded"]) == ["Case_00002", "Case_00004"]
+    assert sorted(record["excluded"]) == ["Case_00002", "Case_00004", "Case_00005"]
     assert record["excluded"]["Case_00002"].endswith("pancreas_0007_0000.nrrd")
+    listed = [line.split()[0] for line in (out / EXCLUSIONS_FILE).read_text().splitlines()]
+    assert listed == ["Case_00002", "Case_00004", "Case_00005"]
+
+
+def test_abdomenct1k_zero_shot_protocol_excludes_listed_case_ids(nnunet_env, capsys):
+    """The NIH case ids given as a list (a previous run's ``excluded_cases.txt``, or ids) are left out by id and
+    counted; an id that is not in the download, or a line that is not an id, is refused with the reason."""
+    from nnunet_sam.dataset_conversion.abdomenct1k import main
+
+    tmp_path = nnunet_env
+    images, masks = _abdomenct1k_download(tmp_path, (1, 2, 3, 4))
+    listing = tmp_path / "nih_cases.txt"
+    listing.write_text("# NIH Pancreas-CT scans in AbdomenCT-1K\nCase_00002\n\nCase_00003  # same scan as x\n")
+    base = ["-i", str(images), "-l", str(masks)]
+    assert main([*base, "-d", "513", "--exclude-cases", str(listing), "Case_00004"]) == 0
+    assert "excluded 3 case(s)" in capsys.readouterr().out
+    out = next((tmp_path / "raw").glob("Dataset513_*"))
+    assert sorted(p.name for p in (out / "imagesTs").iterdir()) == ["Case_00001_0000.nii.gz"]
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert record["excluded"] == {
+        "Case_00002": f"listed in {listing}",
+        "Case_00003": f"listed in {listing}",
+        "Case_00004": "listed",
+    }
+    assert record["splits"]["test"] == ["Case_00001"]
+    assert main([*base, "-d", "514", "--exclude-cases", "Case_00009"]) == 2
+    assert "1 case(s) to exclude are not in the download (Case_00009)" in capsys.readouterr().err
+    listing.write_text("Case_00002\ncase 3\n")
+    assert main([*base, "-d", "514", "--exclude-cases", str(listing)]) == 2
+    assert "line 2: 'case 3' is not an AbdomenCT-1K case id" in capsys.readouterr().err
+    assert main([*base, "-d", "514", "--exclude-cases", "nih.txt"]) == 2
+    assert "'nih.txt' is neither a list file nor a case id" in capsys.readouterr().err
+    assert not list((tmp_path / "raw").glob("Dataset514_*"))
 
 
 # ---- ACDC paper protocol: the fixed patient lists of the papers' tables (issue 25, item 11) ------------------------
@@ -475,7 +520,10 @@ def test_acdc_paper_lists_are_masksam_public_split_and_the_baselines_test_patien
     assert [len(PAPER_PATIENTS[k]) for k in ("train", "val", "test")] == [70, 10, 20]
     listed = sum(PAPER_PATIENTS.values(), [])
     assert sorted(listed) == [f"patient{n:03d}" for n in range(1, 101)]  # a partition of the 100 patients
-    assert PAPER_PATIENTS["test"][:4] == ["patient002", "patient003", "patient008", "patient009"]
+    # The 20 test patients, checked against the public nnFormer repository (282857341/nnFormer,
+    # dataset_json/ACDC_dataset.json, "test": both frames of each), the list TransUNet-style ACDC tables use.
+    nnformer_test = [2, 3, 8, 9, 12, 14, 17, 24, 42, 48, 49, 53, 55, 64, 67, 79, 81, 88, 92, 95]
+    assert PAPER_PATIENTS["test"] == [f"patient{n:03d}" for n in nnformer_test]
     assert PAPER_PATIENTS["val"] == [f"patient{n:03d}" for n in (89, 90, 91, 93, 94, 96, 97, 98, 99, 100)]
 
 

@@ -19,12 +19,13 @@ from nnunet_sam.inference.radsam import (
     PromptError,
     SliceModel,
     edit,
+    follow,
     from_mask,
     read_prompt_file,
     segment_from_prompt,
 )
 from nnunet_sam.losses.segmentation import RadSAMLoss
-from nnunet_sam.network_architectures.radsam import RadSAMNetwork, intensity_windows
+from nnunet_sam.network_architectures.radsam import RadSAMNetwork, RadSAMOptions, intensity_windows
 from nnunet_sam.prompting.mask_ops import pixel_boxes
 from nnunet_sam.prompting.radsam_prompts import (
     Prompts,
@@ -681,3 +682,128 @@ def test_training_without_mask_prompts_uses_clicks_and_boxes_only():
         assert bool(first.has_mask.any()) == mask_prompts  # 64 rows: about a third draw a mask prompt
         assert bool(corrected.has_mask.any()) == mask_prompts
     assert (RadSAMTrainer_AMOS_noMask.training_mask_prompts, RadSAMTrainer_AMOS_noEdit.correction_rounds) == (False, 0)
+
+
+# ---- evaluation rows of the paper's Tables 5 and 6 and PanSAM's "SAM" row (issue 25, item 8) ----------------------
+def test_slice_model_gives_sams_four_masks_with_the_primary_first():
+    """RadSAM's oracle (Table 6) picks among SAM's multimask outputs: both input paths return them, primary first."""
+    torch.manual_seed(0)
+    volume = np.random.default_rng(0).normal(size=(1, 3, 48, 40)).astype(np.float32)
+    for options in (RadSAMOptions(), RadSAMOptions(input_contract=False)):
+        model = SliceModel(RadSAMNetwork("tiny", 1, [32, 32], 32, options=options), volume)
+        every = model.predict(1, [(20.0, 18.0, True)], box=(10, 8, 30, 30), all_masks=True)
+        assert every.shape == (4, 48, 40) and every.dtype == bool
+        np.testing.assert_array_equal(every[0], model.predict(1, [(20.0, 18.0, True)], box=(10, 8, 30, 30)))
+
+
+class MultimaskSlices(FakeSlices):
+    """FakeSlices whose primary mask misses a column of the truth; its second multimask output is the truth."""
+
+    def predict(self, z, clicks=(), box=None, mask=None, all_masks=False):
+        self.calls.append((z, tuple(clicks)))
+        primary = self.truth[z].copy()
+        primary[:, 5] = False
+        if not all_masks:
+            return primary
+        return np.stack([primary, np.zeros_like(primary), self.truth[z], primary])
+
+
+def test_oracle_setting_scores_each_slices_best_multimask_output():
+    from nnunet_sam.evaluation.radsam import slice_level
+
+    truth = _cylinder(6)
+    args = (MultimaskSlices(truth), truth, "box", (0,), np.random.default_rng(0), torch.Generator().manual_seed(0))
+    plain = slice_level(*args)
+    scores = slice_level(*args, oracle=True)
+    assert set(plain) == {0} and set(scores) == {0, "oracle"}
+    assert scores[0] == plain[0] < 1.0 and scores["oracle"] == 1.0
+
+
+def test_box_propagation_is_an_evaluation_setting_of_any_model():
+    """RadSAM's Table 5: a mask-propagation model evaluated with the box of the neighbour's mask instead."""
+    torch.manual_seed(0)
+    net = RadSAMNetwork("tiny", 1, [32, 32], 32).eval()
+    volume = np.random.default_rng(0).normal(size=(1, 5, 32, 32)).astype(np.float32)
+    assert SliceModel(net, volume).propagation == "mask"
+    model = SliceModel(net, volume, propagation="box")
+    assert model.propagation == "box"
+    previous = np.zeros((32, 32), dtype=bool)
+    previous[8:20, 8:20] = True
+    for propagation, wants_mask in ((None, True), ("box", False)):
+        model = SliceModel(net, volume, propagation=propagation)
+        prompts = []
+
+        def recording(z, clicks=(), box=None, mask=None, real=model.predict, seen=prompts, **k):
+            seen.append((box, mask))
+            return real(z, clicks, box, mask, **k)
+
+        model.predict = recording
+        follow(model, 3, previous, [])  # slice 3 from its neighbour's mask
+        (box, mask), *_ = prompts
+        assert (mask is not None, box is not None) == (wants_mask, not wants_mask)
+    with pytest.raises(ValueError, match="propagation must be one of"):
+        SliceModel(net, volume, propagation="points")
+
+
+def test_point_prompts_take_several_points_at_slice_level():
+    """PanSAM's "SAM" row: un-tuned SAM prompted with 5 points per slice drawn inside the reference."""
+    from nnunet_sam.cli.benchmark_radsam import main
+    from nnunet_sam.evaluation.radsam import slice_level, slice_prompt
+
+    truth = _cylinder(3)
+    drawn = slice_prompt("point", truth[0], torch.Generator().manual_seed(0), points=5)
+    assert len(drawn["points"]) == 5 and drawn["point"] == drawn["points"][0]
+    assert all(truth[0][round(y), round(x)] for y, x in drawn["points"])
+    model = FakeSlices(truth)
+    slice_level(model, truth, "point", (0,), np.random.default_rng(0), torch.Generator().manual_seed(0), points=5)
+    assert [len(clicks) for _, clicks in model.calls] == [5, 5, 5]
+    assert all(positive for _, clicks in model.calls for *_, positive in clicks)
+    with pytest.raises(SystemExit) as exit_info:  # the volume level takes one prompt: refused before any loading
+        main(["-m", "none", "-i", "none", "-l", "none", "--points", "5"])
+    assert exit_info.value.code == 2
+
+
+class _BenchModel:
+    """Stands in for RadSAMModel in run_benchmark: a tiny RadSAM network on a given volume and label, model grid =
+    image grid (nothing to read, preprocess or map back)."""
+
+    def __init__(self, volume: np.ndarray, label: np.ndarray) -> None:
+        torch.manual_seed(0)
+        self.network = RadSAMNetwork("tiny", 1, [32, 32], 32).eval()
+        self.device = "cpu"
+        self.dataset_json = {"file_ending": ".nii.gz", "labels": {"background": 0, "organ": 1}}
+        self.volume, self.label = volume, label
+        self.reader = type("Reader", (), {"read_seg": lambda _, path: (self.label[None], {})})()
+
+    def read(self, files):
+        return self.volume, {}
+
+    def preprocess(self, image, properties, seg):
+        return image, seg, properties
+
+    def to_original(self, mask, properties):
+        return mask.astype(np.uint8)
+
+
+def test_benchmark_runs_the_tables_evaluation_settings(tmp_path):
+    """``run_benchmark`` wiring of the Tables 5/6 and the 5-point settings: the settings named in the table, the
+    propagation recorded, refusals for settings that do not go together."""
+    from nnunet_sam.evaluation.radsam import run_benchmark
+
+    (tmp_path / "case_0000.nii.gz").touch()
+    (tmp_path / "case.nii.gz").touch()
+    label = _cylinder(4).astype(np.int16)
+    model = _BenchModel(np.random.default_rng(0).normal(size=(1, 4, 16, 16)).astype(np.float32), label)
+    run = dict(images=str(tmp_path), labels=str(tmp_path), volume_edits=(0,), slice_edits=(0,))
+    table5 = run_benchmark(model, kinds=("box", "point"), levels=("volume",), propagation="box", **run)
+    assert table5["settings"] == ["volume box +0 edits", "volume point +0 edits"] and table5["propagation"] == "box"
+    assert run_benchmark(model, kinds=("box",), levels=("volume",), **run)["propagation"] == "mask"  # the model's
+    table6 = run_benchmark(model, kinds=("box",), levels=("slice",), oracle=True, **run)
+    assert table6["settings"] == ["slice box +0/slice", "slice box oracle"]
+    assert all(0.0 <= value <= 1.0 for value in table6["mean"].values())
+    sam_row = run_benchmark(model, kinds=("point",), levels=("slice",), points=5, **run)
+    assert sam_row["settings"] == ["slice point +0/slice"] and sam_row["points"] == 5
+    with pytest.raises(ValueError, match="5 points per prompt"):
+        run_benchmark(model, kinds=("point",), points=5, **run)  # the volume level takes one prompt
+    with pytest.raises(ValueError, match="levels must be among"):
+        run_benchmark(model, levels=("3d",), **run)

@@ -22,7 +22,7 @@ from nnunet_sam.blocks.volumetric_encoder import (
     window_unpartition_3d,
 )
 from nnunet_sam.demo.phantoms import make_phantom_dataset
-from nnunet_sam.network_architectures.sam3d_adapter import SAM3DAdapterNetwork, SAM3DAdapterOptions
+from nnunet_sam.network_architectures.sam3d_adapter import PAPER_CAPACITY, SAM3DAdapterNetwork, SAM3DAdapterOptions
 from nnunet_sam.prompting.point_sampler import sample_points, simulate_points
 from nnunet_sam.trainers.sam3d_adapter import SAM3DAdapterTrainer, SAM3DAdapterTrainer_tiny
 from nnunet_sam.training.planning import PatchError, VolumePatchRule, derive_patch, sam_settings
@@ -242,6 +242,9 @@ def test_tiny_trainer_records_the_volume_patch(results):
             "decoder": "aggregating",
             "prompt_encoder": "cross",
             "prompt_levels": [4],
+            "tune_encoder": False,
+            "aggregation": True,
+            "point_embedding": "sampler",
         },
     }
     net = SAM3DAdapterTrainer_tiny.build_network(saved["nnunet_sam"], 1, 3)
@@ -456,3 +459,55 @@ def test_prompt_encoders_at_every_feature_level():
     points, labels = torch.tensor([[[3, 10, 12]]]), torch.tensor([[1]])
     net(torch.randn(1, 1, 8, 32, 32), points, labels, return_all=True)["logits"].square().mean().backward()
     assert all(p.grad is not None for p in net.level_prompt_encoders.parameters() if p.requires_grad)
+
+
+# ---- the poster's other ablation rows (issue 25, item 8) -----------------------------------------------------------
+def _train_step_grads(options: SAM3DAdapterOptions, prompted: bool) -> SAM3DAdapterNetwork:
+    """A tiny network of ``options`` after one backward pass (clicks when ``prompted``)."""
+    torch.manual_seed(0)
+    net = SAM3DAdapterNetwork("tiny", 1, 3, (8, 32, 32), 2, 4, options, 64)
+    points, labels = (torch.tensor([[[3, 10, 12], [5, 20, 2]]]), torch.tensor([[1, 0]])) if prompted else (None, None)
+    net(torch.randn(1, 1, 8, 32, 32), points, labels, return_all=True)["logits"].square().mean().backward()
+    untrained = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert untrained == [], f"trainable parameters without a gradient: {untrained[:5]}"
+    return net
+
+
+def test_adaptation_comparison_rows_swap_the_adapters_of_the_papers_network():
+    """The poster's comparison (automatic): 'Adapter (ICML 2019)' = Houlsby adapters without depth mixing; 'Full
+    fine-tuning' = no adapters, SAM's image-encoder blocks trained."""
+    from nnunet_sam.network_architectures.sam3d_adapter import ADAPTATION_ROWS
+    from nnunet_sam.trainers import sam3d_adapter as trainers
+
+    houlsby = _train_step_grads(ADAPTATION_ROWS["houlsby"], prompted=False)
+    assert all(a.kind == "vanilla" and a.mixer is None for a in houlsby.encoder.adapters)
+    assert not any(p.requires_grad for p in houlsby.sam.image_encoder.blocks[0].attn.parameters())
+    full = _train_step_grads(ADAPTATION_ROWS["fullFT"], prompted=False)
+    assert full.encoder.adapters is None and full.prompt_encoder is None
+    assert all(p.requires_grad for p in full.sam.image_encoder.blocks.parameters())
+    assert not any(p.requires_grad for p in full.sam.image_encoder.neck.parameters())  # replaced by the 3D necks
+    assert trainers.SAM3DAdapterTrainer_paper_fullFT.options == ADAPTATION_ROWS["fullFT"]
+    assert not trainers.SAM3DAdapterTrainer_paper.options.prompted  # the row 'Ours': prompt encoder discarded
+
+
+def test_prompt_ablation_rows_positional_points_and_no_aggregation():
+    """'Visual sampler v.s. positional encoding': a point's token no longer depends on the image there; 'multi-layer
+    aggregation' off: the head reads the final embedding alone and no intermediate neck is built."""
+    from nnunet_sam.network_architectures.sam3d_adapter import PROMPT_ROWS
+
+    positional = _train_step_grads(PROMPT_ROWS["positional"], prompted=True)
+    encoder = positional.prompt_encoder
+    points = torch.tensor([[[3.0, 10.0, 12.0]]])
+    one, other = (encoder.point_tokens(torch.randn(1, 32, 4, 8, 8), points, (8, 32, 32)) for _ in range(2))
+    torch.testing.assert_close(one, other)
+    sampled = _train_step_grads(SAM3DAdapterOptions(prompted=True, **PAPER_CAPACITY), prompted=True).prompt_encoder
+    assert not torch.equal(*(sampled.point_tokens(torch.randn(1, 32, 4, 8, 8), points, (8, 32, 32)) for _ in "ab"))
+    flat = _train_step_grads(PROMPT_ROWS["noAggregation"], prompted=True)
+    assert len(flat.encoder.necks) == 1 and len(flat.decoder.levels) == 1
+    assert {k: v.prompt_levels for k, v in PROMPT_ROWS.items() if k.startswith("levels")} == {
+        "levels14": (1, 4),
+        "levels24": (2, 4),
+        "levels34": (3, 4),
+    }
+    with pytest.raises(AssertionError, match="two-way prompt encoder"):
+        SAM3DAdapterNetwork("tiny", 1, 3, (8, 32, 32), 2, 4, SAM3DAdapterOptions(point_embedding="positional"), 64)
