@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import json
 import os
 import random
 import re
@@ -25,12 +24,11 @@ import numpy as np
 import pytest
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from sam_testing import dataset_json, minimal_plans, nnunet_env
+from sam_testing import dataset_json, minimal_plans, nnunet_env, preprocessed_plans, write_preprocessed_dataset
 
 from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
 from nnunet_sam.training import fault_tolerance
 from nnunet_sam.training.fault_tolerance import CheckpointWriteError, NonFiniteTrainingError, atomic_write
-from nnunet_sam.training.synthetic_plans import nnunet_preprocessing
 
 CPU = torch.device("cpu")
 PATCH = [4, 32, 32]
@@ -802,44 +800,8 @@ def test_continue_loads_a_real_checkpoint_and_refuses_one_that_would_run_code(tm
 
 
 # ---- unreadable preprocessed data (nnunet_sam.training.dataset_checks) --------------------------------------------
-CASES = {"a": "train", "b": "train", "c": "val"}
-
-
-def _write_preprocessed(root: Path) -> Path:
-    """nnU-Net's preprocessed folder of 3 cases (8x48x48, labels 1 and 2) for minimal_plans(PATCH), written with
-    nnU-Net's own blosc2 dataset class: what nnUNetv2_preprocess leaves, in a fraction of its time."""
-    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
-
-    base = root / "nnUNet_preprocessed" / "Dataset999_Test"
-    folder = base / "x"  # minimal_plans' data_identifier
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for case in CASES:
-        seg = np.zeros((1, 8, 48, 48), np.int8)
-        seg[0, 2:6, 8:24, 8:24], seg[0, 2:6, 28:44, 28:44] = 1, 2
-        locations = {c: np.argwhere(seg == c) for c in (1, 2)}
-        data = rng.standard_normal(seg.shape).astype(np.float32)
-        nnUNetDatasetBlosc2.save_case(
-            data, seg, {"class_locations": locations}, str(folder / case), chunks=(1, 8, 48, 48), blocks=(1, 4, 32, 32)
-        )
-    (base / "nnUNetPlans.json").write_text(json.dumps(_preprocessed_plans()))
-    (base / "dataset.json").write_text(json.dumps(dataset_json(2)))
-    (base / "dataset_fingerprint.json").write_text("{}")
-    split = {"train": [c for c, s in CASES.items() if s == "train"], "val": [c for c, s in CASES.items() if s == "val"]}
-    (base / "splits_final.json").write_text(json.dumps([split]))
-    return folder
-
-
-def _preprocessed_plans() -> dict:
-    """minimal_plans(PATCH) with the preprocessing fields nnU-Net's data loading reads."""
-    plans = minimal_plans(PATCH)
-    plans["configurations"]["3d_fullres"].update(nnunet_preprocessing([1.0, 1.0, 1.0]))
-    del plans["continue_training"]
-    return plans
-
-
 def _data_trainer(tmp_path, monkeypatch) -> _Trainer:
-    trainer = _make_trainer(tmp_path, monkeypatch, plans=_preprocessed_plans() | {"continue_training": False})
+    trainer = _make_trainer(tmp_path, monkeypatch, plans=preprocessed_plans(PATCH) | {"continue_training": False})
     trainer._set_batch_size_and_oversample()  # the rest of nnU-Net's initialize
     return trainer
 
@@ -853,7 +815,7 @@ def test_unreadable_preprocessed_case_stops_training_naming_the_file(tmp_path, m
     """Issue 29 item 13: a preprocessed file cut short (a full disk during nnUNetv2_preprocess, a killed copy) ended
     in nnU-Net's traceback from blosc2 or pickle. Now every case's files get a cheap look when training starts:
     ``nnUNetv2_train: error: MESSAGE`` naming the file and the command that writes it again, exit code 2."""
-    folder = _write_preprocessed(tmp_path)
+    folder = write_preprocessed_dataset(tmp_path / "nnUNet_preprocessed", PATCH)
     name = damaged.split()[0]
     (folder / name).unlink() if "missing" in damaged else _cut(folder / name)
     trainer = _data_trainer(tmp_path, monkeypatch)
@@ -876,7 +838,7 @@ def test_case_damaged_during_training_is_named_from_the_worker(tmp_path, monkeyp
     with the worker's reason: the case, its file and the fix (exit code 1: steps ran, checkpoints are kept). The
     worker either fails to open the file (its message is passed on) or dies reading a file cut under it (the files
     are looked at again); both name the file."""
-    folder = _write_preprocessed(tmp_path)
+    folder = write_preprocessed_dataset(tmp_path / "nnUNet_preprocessed", PATCH)
     trainer = _data_trainer(tmp_path, monkeypatch)
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")  # one real worker process
     trainer.num_iterations_per_epoch = 1000  # the worker meets the damaged case long before
@@ -918,7 +880,7 @@ def test_a_failed_load_in_a_worker_process_is_reported_to_the_training_process(t
 
     from nnunet_sam.training.dataset_checks import CheckedDataset, UnreadableCaseError
 
-    folder = _write_preprocessed(tmp_path)
+    folder = write_preprocessed_dataset(tmp_path / "nnUNet_preprocessed", PATCH)
     dataset = CheckedDataset(nnUNetDatasetBlosc2(str(folder), ["a", "b"]), "FIX")
     dataset.load_case("a")
     assert dataset.reported_failure() is None
@@ -938,7 +900,7 @@ def test_a_failed_load_in_a_worker_process_is_reported_to_the_training_process(t
 @pytest.mark.slow
 def test_nnunetv2_train_names_a_truncated_preprocessed_file_without_a_traceback(tmp_path):
     """The same through the real command a user runs: one error line, exit code 2, no traceback."""
-    folder = _write_preprocessed(tmp_path)
+    folder = write_preprocessed_dataset(tmp_path / "nnUNet_preprocessed", PATCH)
     _cut(folder / "a_seg.b2nd")
     env = nnunet_env(tmp_path, OMP_NUM_THREADS="1", nnUNet_preprocessed=str(tmp_path / "nnUNet_preprocessed"))
     cmd = [str(Path(sys.executable).parent / "nnUNetv2_train"), "999", "3d_fullres", "0", "-tr", "MaskSAMTrainer_tiny"]
