@@ -481,7 +481,9 @@ class SAMTrainer(nnUNetTrainer):
 
     def _preprocess_again(self) -> str:
         """How to write this configuration's preprocessed data again (nnUNetv2_preprocess rewrites the folder)."""
-        dataset_id = int(self.plans_manager.dataset_name.removeprefix("Dataset").split("_")[0])
+        name = self.plans_manager.dataset_name  # DatasetXXX_Name; nnUNetv2_preprocess -d takes the number
+        number = name.removeprefix("Dataset").split("_")[0]
+        dataset_id = int(number) if number.isdigit() else name
         plans = self.plans_manager.plans_name
         command = f"nnUNetv2_preprocess -d {dataset_id} -c {self.configuration_name}"
         command += "" if plans == "nnUNetPlans" else f" -plans_name {plans}"

@@ -108,7 +108,9 @@ class CheckedDataset:
         self.fix = fix
         self.failure = multiprocessing.Array("c", 4096, lock=False)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str):  # the rest of nnU-Net's dataset (not while unpickling, before __dict__ is set)
+        if name.startswith("__") or "dataset" not in self.__dict__:
+            raise AttributeError(name)
         return getattr(self.dataset, name)
 
     def __getitem__(self, identifier: str):
