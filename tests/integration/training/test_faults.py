@@ -872,6 +872,23 @@ def test_case_damaged_during_training_is_named_from_the_worker(tmp_path, monkeyp
     ), err[-3000:]
 
 
+def test_every_preprocessed_format_cut_short_is_found(tmp_path):
+    """nnU-Net's older numpy dataset (``.npz``, unpacked ``.npy``) as well as blosc2 and the ``.pkl``: intact files
+    pass the cheap look, the same files cut in half do not."""
+    from nnunet_sam.training.dataset_checks import file_problem
+
+    folder = write_preprocessed_dataset(tmp_path, PATCH)
+    array = np.arange(4096, dtype=np.float32).reshape(16, 256)
+    np.savez_compressed(folder / "n.npz", data=array)
+    np.save(folder / "n.npy", array)
+    files = [folder / n for n in ("a.b2nd", "a_seg.b2nd", "a.pkl", "n.npz", "n.npy")]
+    assert [file_problem(f) for f in files] == [None] * len(files)
+    for f in files:
+        _cut(f)
+        assert file_problem(f).startswith("cut short or damaged ("), f
+    assert file_problem(folder / "gone.b2nd") == "missing"
+
+
 def test_a_failed_load_in_a_worker_process_is_reported_to_the_training_process(tmp_path):
     """The message of a case a forked worker cannot load reaches the process that started the worker."""
     import multiprocessing
