@@ -512,10 +512,8 @@ class SAMTrainer(nnUNetTrainer):
 
     def _refuse(self, message: str) -> None:
         """End the training with ``nnUNetv2_train: error: MESSAGE`` (also in the log): exit code 2 if no step ran."""
-        if self._training_started and self.local_rank == 0:
-            message += (
-                "; this training's last checkpoint is kept: after the fix, continue it with nnUNetv2_train ... --c"
-            )
+        if self._training_started:
+            message += "; after the fix, continue this training from its last checkpoint with nnUNetv2_train ... --c"
         self.print_to_log_file(f"ERROR: {message}")
         print(f"nnUNetv2_train: error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(1 if self._training_started else 2) from None

@@ -866,7 +866,8 @@ def test_case_damaged_during_training_is_named_from_the_worker(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert re.search(
         r"^nnUNetv2_train: error: a data-augmentation worker stopped: .*[ab]\.b2nd is cut short or damaged .*"
-        r"nnUNetv2_preprocess -d 999 -c 3d_fullres .*continue it with nnUNetv2_train ... --c",
+        r"nnUNetv2_preprocess -d 999 -c 3d_fullres .*continue this training from its last checkpoint with "
+        r"nnUNetv2_train ... --c",
         err,
         re.M,
     ), err[-3000:]
