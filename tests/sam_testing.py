@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone, reference_shapes
-from nnunet_sam.training.synthetic_plans import plans_for_patch
+from nnunet_sam.training.synthetic_plans import nnunet_preprocessing, plans_for_patch
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent  # the repository root (tests may sit in subfolders)
@@ -42,6 +44,39 @@ def minimal_plans(patch_size: list[int], configuration: str = "3d_fullres") -> d
 def dataset_json(num_foreground: int = 3, **extra_labels) -> dict:
     labels = {"background": 0, **{f"organ{i}": i for i in range(1, num_foreground + 1)}, **extra_labels}
     return {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 4, "file_ending": ".nii.gz"}
+
+
+def preprocessed_plans(patch_size: list[int]) -> dict:
+    """:func:`minimal_plans` with the preprocessing fields nnU-Net's data loading reads (as nnUNetPlans.json)."""
+    plans = minimal_plans(patch_size)
+    plans["configurations"]["3d_fullres"].update(nnunet_preprocessing([1.0, 1.0, 1.0]))
+    del plans["continue_training"]
+    return plans
+
+
+def write_preprocessed_dataset(preprocessed: Path, patch_size: list[int]) -> Path:
+    """nnU-Net's preprocessed folder of Dataset999_Test for :func:`preprocessed_plans`: cases a, b (training) and c
+    (validation) of 8x48x48 voxels with labels 1 and 2 (:func:`dataset_json` (2)), written with nnU-Net's own blosc2
+    dataset class, as nnUNetv2_preprocess leaves them, in a fraction of its time. Returns the data folder."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    base = Path(preprocessed) / "Dataset999_Test"
+    folder = base / "x"  # minimal_plans' data_identifier
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for case in ("a", "b", "c"):
+        seg = np.zeros((1, 8, 48, 48), np.int8)
+        seg[0, 2:6, 8:24, 8:24], seg[0, 2:6, 28:44, 28:44] = 1, 2
+        locations = {c: np.argwhere(seg == c) for c in (1, 2)}
+        data = rng.standard_normal(seg.shape).astype(np.float32)
+        nnUNetDatasetBlosc2.save_case(
+            data, seg, {"class_locations": locations}, str(folder / case), chunks=(1, 8, 48, 48), blocks=(1, 4, 32, 32)
+        )
+    (base / "nnUNetPlans.json").write_text(json.dumps(preprocessed_plans(patch_size)))
+    (base / "dataset.json").write_text(json.dumps(dataset_json(2)))
+    (base / "dataset_fingerprint.json").write_text("{}")
+    (base / "splits_final.json").write_text(json.dumps([{"train": ["a", "b"], "val": ["c"]}]))
+    return folder
 
 
 def nnunet_env(root: Path, **extra: str) -> dict[str, str]:

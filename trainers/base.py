@@ -42,7 +42,12 @@ from nnunet_sam.blocks.checkpointing import block_checkpointing
 from nnunet_sam.losses.segmentation import DeepSupervisedSegLoss
 from nnunet_sam.model_record import PLANS_KEY, RECORD_FORMAT, ModelRecord, build_from_record, options_to_json
 from nnunet_sam.safe_checkpoints import safe_checkpoint_loading
-from nnunet_sam.training.dataset_checks import check_training_data
+from nnunet_sam.training.dataset_checks import (
+    CheckedDataset,
+    TrainingDataError,
+    case_file_problems,
+    check_training_data,
+)
 from nnunet_sam.training.distributed import batch_per_process, check_batch_split, nnunet_ddp_wrapper, rank_device
 from nnunet_sam.training.fault_tolerance import (
     DamagedCheckpointError,
@@ -211,6 +216,8 @@ class SAMTrainer(nnUNetTrainer):
         self._sam_checkpoint_path = checkpoint_path
         self._continue_training = continue_training
         self._fold_lock = None
+        self._checked_datasets: tuple[CheckedDataset, ...] = ()
+        self._training_started = False  # the first training step is near: a refusal now exits with 1, not 2
         self._weights_from_nnunet_checkpoint = False
         self._nonfinite_steps_in_a_row = 0
         self._slim_record = base_record(checkpoint_path, spec, record["sam_input_size"]) if slim else None
@@ -462,11 +469,54 @@ class SAMTrainer(nnUNetTrainer):
         super()._set_batch_size_and_oversample()
 
     def get_tr_and_val_datasets(self):
-        """nnU-Net's datasets of this fold (built when training starts), checked against dataset.json first."""
+        """nnU-Net's datasets of this fold (built when training starts): every case's files readable, labels as
+        dataset.json declares them (nnunet_sam.training.dataset_checks); a case that fails to load later is named."""
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        fix = self._preprocess_again()
+        case_file_problems((dataset_tr, dataset_val), fix)
         for warning in check_training_data(dataset_tr, dataset_val, self.dataset_json["labels"]):
             self.print_to_log_file(f"WARNING: {warning}")
-        return dataset_tr, dataset_val
+        self._checked_datasets = (CheckedDataset(dataset_tr, fix), CheckedDataset(dataset_val, fix))
+        return self._checked_datasets
+
+    def _preprocess_again(self) -> str:
+        """How to write this configuration's preprocessed data again (nnUNetv2_preprocess rewrites the folder)."""
+        name = self.plans_manager.dataset_name  # DatasetXXX_Name; nnUNetv2_preprocess -d takes the number
+        number = name.removeprefix("Dataset").split("_")[0]
+        dataset_id = int(number) if number.isdigit() else name
+        plans = self.plans_manager.plans_name
+        command = f"nnUNetv2_preprocess -d {dataset_id} -c {self.configuration_name}"
+        command += "" if plans == "nnUNetPlans" else f" -plans_name {plans}"
+        return f"Preprocess the data again ({command} rewrites {self.preprocessed_dataset_folder}), then train again"
+
+    def run_training(self) -> None:
+        """nnU-Net's training; unusable training data end it with ``nnUNetv2_train: error: MESSAGE`` (exit code 2
+        before the first step, 1 after it) instead of a traceback, also when a data-augmentation worker died of a
+        case it could not read (nnU-Net would say only that its background workers are no longer alive)."""
+        try:
+            super().run_training()
+        except TrainingDataError as error:
+            self._refuse(str(error))
+        except RuntimeError as error:
+            if "background workers are no longer alive" not in str(error):
+                raise
+            failures = [m for d in self._checked_datasets if (m := d.reported_failure()) is not None]
+            if not failures:
+                try:  # a worker killed by a signal reports nothing: look at the files
+                    case_file_problems(self._checked_datasets, self._preprocess_again())
+                except TrainingDataError as problem:
+                    failures = [str(problem)]
+            if not failures:
+                raise
+            self._refuse(f"a data-augmentation worker stopped: {failures[0]}")
+
+    def _refuse(self, message: str) -> None:
+        """End the training with ``nnUNetv2_train: error: MESSAGE`` (also in the log): exit code 2 if no step ran."""
+        if self._training_started:
+            message += "; after the fix, continue this training from its last checkpoint with nnUNetv2_train ... --c"
+        self.print_to_log_file(f"ERROR: {message}")
+        print(f"nnUNetv2_train: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(1 if self._training_started else 2) from None
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         self._weights_from_nnunet_checkpoint = True  # every SAM weight comes from the nnU-Net checkpoint
@@ -511,10 +561,10 @@ class SAMTrainer(nnUNetTrainer):
             try:
                 self._fold_lock = lock_folder(self.output_folder)
             except FolderBusyError as error:  # a refusal, not a crash: the convention's message and exit code 2
-                print(f"nnUNetv2_train: error: {error}", file=sys.stderr, flush=True)
-                raise SystemExit(2) from None
+                self._refuse(str(error))
         workers_die_with_parent()  # the augmentation workers nnU-Net starts next end with this process, even on SIGKILL
         super().on_train_start()
+        self._training_started = True
         if self.local_rank == 0:
             for path in remove_stale_temp_files(self.output_folder):
                 self.print_to_log_file(f"Removed {path.name}, a partial checkpoint left by a killed process")

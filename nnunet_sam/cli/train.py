@@ -21,6 +21,8 @@ code in its failure summary (``exitcode: 2``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -48,18 +50,53 @@ def _launch_options(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_known_args(argv)[0]
 
 
+def _own_parser() -> argparse.ArgumentParser:
+    """This command's own options (nnU-Net's parser reads the rest)."""
+    parser = argparse.ArgumentParser(prog=COMMAND, add_help=False)
+    group = parser.add_argument_group(
+        f"{COMMAND}'s own options",
+        "One process of a torchrun job on any number of nodes; without torchrun the command "
+        "is nnUNetv2_train. A restarted torchrun group continues from the last checkpoint by itself.",
+    )
+    group.add_argument(
+        "--batch-per-process",
+        type=int,
+        default=None,
+        metavar="B",
+        help="under torchrun: a global batch of B x the number of processes instead of the plans' batch (the "
+        "learning rate stays the trainer's)",
+    )
+    return parser
+
+
 def _own_options(argv: list[str]) -> tuple[int | None, list[str]]:
     """``--batch-per-process B`` and the arguments left for nnU-Net."""
-    parser = argparse.ArgumentParser(prog=COMMAND, add_help=False)
-    parser.add_argument("--batch-per-process", type=int, default=None)
+    parser = _own_parser()
     own, rest = parser.parse_known_args(argv)
     if own.batch_per_process is not None and own.batch_per_process < 1:
         parser.error(f"--batch-per-process {own.batch_per_process}: expected a whole number >= 1")
     return own.batch_per_process, rest
 
 
+def _help() -> str:
+    """nnU-Net's help of ``nnUNetv2_train`` (its own parser, which prints it) followed by this command's options."""
+    nnunet_help, argv = io.StringIO(), sys.argv
+    sys.argv = [COMMAND, "-h"]
+    try:
+        with contextlib.redirect_stdout(nnunet_help), contextlib.suppress(SystemExit):
+            run_training_entry()
+    finally:
+        sys.argv = argv
+    own = _own_parser().format_help().split("\n\n", 1)[1]  # without its usage line
+    usage = nnunet_help.getvalue().replace("[-h]", "[-h] [--batch-per-process B]", 1)
+    return f"{usage.rstrip()}\n\n{own}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print(_help(), end="")
+        raise SystemExit(0)  # as argparse's help
     per_process, argv = _own_options(argv)
     try:
         info = RankInfo.from_environ()

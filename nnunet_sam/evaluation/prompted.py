@@ -119,6 +119,31 @@ def write_points_file(
     return points
 
 
+def check_images_for_references(image_folder: str | Path, reference_folder: str | Path, ending: str) -> None:
+    """Raise :class:`EvaluationError` unless every reference case has its image (``CASE_XXXX<ending>``) and every
+    image case its reference (``CASE<ending>``): checked before any click is simulated or any case predicted."""
+    from nnunet_sam.inference.predict import cases_in_folder
+
+    for folder, what in ((image_folder, "image folder -i"), (reference_folder, "reference folder -ref")):
+        if not Path(folder).is_dir():
+            raise EvaluationError(f"the {what} {folder} does not exist or is not a folder")
+    images = set(cases_in_folder(str(image_folder), ending)[0])
+    references = {p.name[: -len(ending)] for p in Path(reference_folder).iterdir() if p.name.endswith(ending)}
+    if without_image := sorted(references - images):
+        listed = ", ".join(without_image[:10]) + (" ..." if len(without_image) > 10 else "")
+        raise EvaluationError(
+            f"{len(without_image)} reference case(s) have no image in {image_folder}: {listed} (expected "
+            f"{without_image[0]}_0000{ending}, one file per channel). Add the images, or move these references out "
+            f"of {reference_folder}"
+        )
+    if without_reference := sorted(images - references):
+        listed = ", ".join(without_reference[:10]) + (" ..." if len(without_reference) > 10 else "")
+        raise EvaluationError(
+            f"{len(without_reference)} image case(s) have no reference in {reference_folder}: {listed} (expected "
+            f"{without_reference[0]}{ending}). Add the references, or move these images out of {image_folder}"
+        )
+
+
 def run_prompted_evaluation(
     model_folder: str | Path,
     image_folder: str | Path,
@@ -143,6 +168,7 @@ def run_prompted_evaluation(
     predictor = initialize_predictor(
         str(model_folder), list(folds), checkpoint, mirroring=mirroring, device=device, whole_volume=whole_volume
     )
+    check_images_for_references(image_folder, reference_folder, predictor.dataset_json["file_ending"])
     names, folders = [], []
     for n in num_points:
         for position in positions:

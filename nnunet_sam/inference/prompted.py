@@ -303,7 +303,10 @@ def predict_prompted(
         for name in misnamed
     }
     for case in sorted(set(raw_points) - set(cases)):
-        failures[case] = f"{case}: the points file has points for this case but {input_folder} has no image of it"
+        failures[case] = (
+            f"{case}: no image of this case in {input_folder} (expected {case}_0000{ending}, one file per channel); "
+            f"the points file {points_file} has points for it"
+        )
     for case in sorted(set(cases) - set(raw_points)):
         failures[case] = f"{case}: no points given (the case is missing from {points_file})"
     todo = {case: files for case, files in cases.items() if case in raw_points}

@@ -38,3 +38,11 @@ def test_command_answers_help(name, monkeypatch, capsys):
         assert SCRIPTS[new].value == RENAMED[name][1], "the old name runs the same function as the new one"
     else:
         assert "deprecated" not in err
+
+
+def test_train_help_lists_its_own_options_with_nnunets(monkeypatch, capsys):
+    """Issue 26/29: nnunet_sam_train --help printed nnU-Net's help only, without --batch-per-process."""
+    out, _ = _help("nnunet_sam_train", monkeypatch, capsys)
+    assert out.startswith("usage: nnunet_sam_train [-h] [--batch-per-process B] [-tr TR]")
+    assert "dataset_name_or_id" in out and "-num_gpus NUM_GPUS" in out  # nnU-Net's options
+    assert re.search(r"nnunet_sam_train's own options:.*--batch-per-process B\s+under torchrun", out, re.S)

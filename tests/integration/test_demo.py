@@ -172,3 +172,41 @@ def test_prediction_benchmark_thread_settings_predict_the_same():
         # can flip a label only where two classes are tied within that difference
         assert m["runs"][1]["max_rel_diff"] < 1e-2 and m["runs"][1]["clear_label_changes"] == 0
         assert m["per_forward_s"]["total"] > 0 and m["export_s"] > 0
+
+
+def test_a_seeded_demo_training_repeats_exactly_on_one_machine(tmp_path, monkeypatch):
+    """Issue 29 item 16: the README says a seeded demo run repeats on one machine (not across CPUs). Two fresh
+    trainings of a demo trainer (network built after the seed, nnU-Net's data loading with the single-threaded
+    augmenter, real train steps on preprocessed cases) end with bit-identical weights."""
+    from sam_testing import dataset_json, preprocessed_plans, write_preprocessed_dataset
+
+    from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
+
+    patch = [4, 32, 32]
+    write_preprocessed_dataset(tmp_path / "preprocessed", patch)
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")  # as nnunet_sam_demo trains
+    monkeypatch.delenv("nnUNet_SAM_checkpoints", raising=False)
+    demo_trainer = type("MaskSAMTrainer_tiny_demo_test", (CPUDemo, MaskSAMTrainer_tiny), {})
+
+    def train(run: int) -> dict[str, torch.Tensor]:
+        monkeypatch.setenv("nnUNet_results", str(tmp_path / f"results{run}"))
+        torch.manual_seed(run)  # whatever state the caller left: the demo's own seed must decide
+        plans = preprocessed_plans(patch) | {"continue_training": False}
+        trainer = demo_trainer(plans, "3d_fullres", 0, dataset_json(2), torch.device("cpu"))
+        trainer.logger.plot_progress_png = lambda folder: None
+        trainer.on_train_start()
+        try:
+            for _ in range(3):
+                trainer.train_step(next(trainer.dataloader_train))
+        finally:
+            trainer._fold_lock.close()
+        return {k: v.detach().clone() for k, v in trainer.network.state_dict().items()}
+
+    threads = torch.get_num_threads()
+    try:
+        first, second = train(0), train(1)
+    finally:
+        torch.set_num_threads(threads)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)

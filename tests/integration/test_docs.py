@@ -269,3 +269,14 @@ def test_every_quoted_trainer_is_found_by_nnunet():
 )
 def test_slugs_are_githubs(heading, slug):
     assert _slug(heading.replace("`", "")) == slug
+
+
+def test_the_readme_leads_with_the_prediction_that_cannot_overwrite_its_input():
+    """Issue 29 item 12: the README's first prediction command is nnunet_sam_predict (which refuses an -o that would
+    overwrite an input, and loads checkpoints with weights_only=True); the stock command's risks are stated beside."""
+    readme = ROOT / "README.md"
+    blocks = [c for c in _code(readme) if c.line < 20 and re.search(r"\bpredict\b|_predict\b", c.text)]
+    assert blocks and blocks[0].text.split()[0] == "nnunet_sam_predict", blocks
+    text = readme.read_text(encoding="utf-8")
+    intro = text[: text.index("## Install")]
+    assert "`nnUNetv2_predict`" in intro and "writes over an input file" in intro and "weights_only=False" in intro

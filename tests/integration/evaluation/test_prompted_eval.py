@@ -81,6 +81,33 @@ def test_simulate_predict_evaluate(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "tables.md").read_text().count("1pt_centre") == 3  # Dice, NSD, HD95 tables
 
 
+def test_reference_without_image_is_named_before_any_prediction(tmp_path, monkeypatch, capsys):
+    """Issue 29 item 14: a reference whose image is missing was reported, after the other cases were predicted, as
+    "b: the points file has points for this case but IMAGES has no image of it" (a points file the user never
+    wrote). Now the command names the missing image before anything is predicted; likewise an image without its
+    reference, which was "no points given"."""
+    image = _write_case(tmp_path / "images", "a")
+    (tmp_path / "labels").mkdir()
+    label = sitk.GetImageFromArray(np.ones(SHAPE, dtype=np.uint8))
+    label.CopyInformation(image)
+    for case in ("a", "b"):
+        sitk.WriteImage(label, str(tmp_path / "labels" / f"{case}.nii.gz"))
+    predictor = _predictor(mirroring=False)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "dataset.json").write_text(json.dumps(predictor.dataset_json))
+    monkeypatch.setattr(predict_prompted, "initialize_predictor", lambda *a, **k: predictor)
+    args = ["-m", str(model), "-i", str(tmp_path / "images"), "-ref", str(tmp_path / "labels"), "-device", "cpu"]
+    assert main([*args, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"1 reference case(s) have no image in {tmp_path / 'images'}: b (expected b_0000.nii.gz" in err, err
+    assert not (tmp_path / "out" / "1pt_uniform" / "predictions").exists()
+    (tmp_path / "labels" / "b.nii.gz").unlink()
+    (tmp_path / "labels" / "a.nii.gz").unlink()
+    assert main([*args, "-o", str(tmp_path / "out2")]) == 2
+    assert "1 image case(s) have no reference in" in capsys.readouterr().err
+
+
 def test_command_reports_a_missing_model(tmp_path, capsys):
     assert main(["-m", str(tmp_path / "no_model"), "-i", "x", "-ref", "y", "-o", str(tmp_path / "o")]) == 2
     assert "no_model is not an nnU-Net model folder (no dataset.json)" in capsys.readouterr().err

@@ -141,9 +141,9 @@ def test_plans_edited_after_training_are_refused(tmp_path):
         load_predictor(str(model), [0])
 
 
-@pytest.mark.parametrize("problem", ["not_json", "not_an_object", "label_removed"])
+@pytest.mark.parametrize("problem", ["not_json", "not_an_object", "label_removed", "plans_not_json"])
 def test_damaged_or_edited_dataset_json_is_named(tmp_path, problem):
-    """Before: a traceback without the file's name, or a tensor size mismatch."""
+    """Before: a traceback without the file's name, or a tensor size mismatch (also for plans.json)."""
     import json
 
     model = tmp_path / "model"
@@ -152,6 +152,9 @@ def test_damaged_or_edited_dataset_json_is_named(tmp_path, problem):
     if problem == "not_json":
         path.write_text('{"labels": ')
         message = r"dataset.json is not valid JSON .*restore the file written by training"
+    elif problem == "plans_not_json":
+        (model / "plans.json").write_text('{"configurations": ')
+        message = r"plans.json is not valid JSON .*restore the file written by training"
     elif problem == "not_an_object":
         path.write_text("[1, 2]")
         message = r"dataset.json holds a list, not a JSON object"

@@ -142,7 +142,12 @@ def test_bad_cases_are_reported_and_the_good_one_predicted(tmp_path):
     assert "point 1 at [4.0, 30.0, 7.0]" in failures["outside"]
     assert "unknown class label 3" in failures["unknown"]
     assert 'expected {"position"' in failures["malformed"]
-    assert "missing from" in failures["missing"] and "has no image" in failures["no_image"]
+    assert "missing from" in failures["missing"]
+    # issue 29 item 14: the missing image leads, not the points file
+    assert (
+        failures["no_image"].startswith("no_image: no image of this case in ")
+        and "no_image_0000.nii.gz" in (failures["no_image"])
+    )
     assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["good.nii.gz"]
 
 

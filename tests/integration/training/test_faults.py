@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from sam_testing import dataset_json, minimal_plans, nnunet_env
+from sam_testing import dataset_json, minimal_plans, nnunet_env, preprocessed_plans, write_preprocessed_dataset
 
 from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
 from nnunet_sam.training import fault_tolerance
@@ -123,12 +123,12 @@ def trainer(tmp_path, monkeypatch):
     return _make_trainer(tmp_path, monkeypatch)
 
 
-def _make_trainer(tmp_path, monkeypatch, seed: int = 0) -> _Trainer:
+def _make_trainer(tmp_path, monkeypatch, seed: int = 0, plans: dict | None = None) -> _Trainer:
     for var in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
         monkeypatch.setenv(var, str(tmp_path / var))
     monkeypatch.delenv("nnUNet_SAM_checkpoints", raising=False)
     torch.manual_seed(seed)
-    trainer = _Trainer(minimal_plans(PATCH), "3d_fullres", 0, dataset_json(2), CPU)
+    trainer = _Trainer(plans or minimal_plans(PATCH), "3d_fullres", 0, dataset_json(2), CPU)
     trainer.network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 3)
     trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
     trainer.loss = trainer._build_loss()
@@ -797,3 +797,136 @@ def test_continue_loads_a_real_checkpoint_and_refuses_one_that_would_run_code(tm
     with pytest.raises(UnsafeCheckpointError, match=r"checkpoint_latest.pth is refused: loading it needs io.open"):
         crafted.load_checkpoint(str(latest))
     assert not marker.exists(), "loading the checkpoint ran its code"
+
+
+# ---- unreadable preprocessed data (nnunet_sam.training.dataset_checks) --------------------------------------------
+def _data_trainer(tmp_path, monkeypatch) -> _Trainer:
+    trainer = _make_trainer(tmp_path, monkeypatch, plans=preprocessed_plans(PATCH) | {"continue_training": False})
+    trainer._set_batch_size_and_oversample()  # the rest of nnU-Net's initialize
+    return trainer
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damaged", ["b.b2nd", "b_seg.b2nd", "c.pkl", "c_seg.b2nd (missing)"])
+def test_unreadable_preprocessed_case_stops_training_naming_the_file(tmp_path, monkeypatch, capsys, damaged):
+    """Issue 29 item 13: a preprocessed file cut short (a full disk during nnUNetv2_preprocess, a killed copy) ended
+    in nnU-Net's traceback from blosc2 or pickle. Now every case's files get a cheap look when training starts:
+    ``nnUNetv2_train: error: MESSAGE`` naming the file and the command that writes it again, exit code 2."""
+    folder = write_preprocessed_dataset(tmp_path / "nnUNet_preprocessed", PATCH)
+    name = damaged.split()[0]
+    (folder / name).unlink() if "missing" in damaged else _cut(folder / name)
+    trainer = _data_trainer(tmp_path, monkeypatch)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    with pytest.raises(SystemExit) as exit_:
+        trainer.run_training()
+    assert exit_.value.code == 2
+    problem = "missing" if "missing" in damaged else "cut short or damaged"
+    assert re.search(
+        rf"^nnUNetv2_train: error: 1 preprocessed file\(s\) cannot be read: {re.escape(str(folder / name))} is "
+        rf"{problem}.*Preprocess the data again \(nnUNetv2_preprocess -d 999 -c 3d_fullres rewrites {folder}\)",
+        capsys.readouterr().err,
+        re.M,
+    )
+
+
+def test_case_damaged_during_training_is_named_from_the_worker(tmp_path, monkeypatch, capsys):
+    """Issue 29 item 13: a case that becomes unreadable after training started kills nnU-Net's data-augmentation
+    worker, and nnU-Net reports only "One or more background workers are no longer alive". The training now ends
+    with the worker's reason: the case, its file and the fix (exit code 1: steps ran, checkpoints are kept). The
+    worker either fails to open the file (its message is passed on) or dies reading a file cut under it (the files
+    are looked at again); both name the file."""
+    folder = write_preprocessed_dataset(tmp_path / "nnUNet_preprocessed", PATCH)
+    trainer = _data_trainer(tmp_path, monkeypatch)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")  # one real worker process
+    trainer.num_iterations_per_epoch = 1000  # the worker meets the damaged case long before
+
+    damaged = []
+
+    def step_that_damages_the_data(batch: dict) -> dict:
+        if not damaged:  # at the first step
+            _cut(folder / "a.b2nd")
+            _cut(folder / "b.b2nd")
+            damaged.append(True)
+        return {"loss": np.array(1.0)}
+
+    monkeypatch.setattr(trainer, "train_step", step_that_damages_the_data)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            trainer.run_training()
+    finally:
+        for loader in (trainer.dataloader_train, trainer.dataloader_val):
+            if loader is not None:
+                loader._finish()
+        if trainer._fold_lock is not None:
+            trainer._fold_lock.close()
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert re.search(
+        r"^nnUNetv2_train: error: a data-augmentation worker stopped: .*[ab]\.b2nd is cut short or damaged .*"
+        r"nnUNetv2_preprocess -d 999 -c 3d_fullres .*continue this training from its last checkpoint with "
+        r"nnUNetv2_train ... --c",
+        err,
+        re.M,
+    ), err[-3000:]
+
+
+def test_every_preprocessed_format_cut_short_is_found(tmp_path):
+    """nnU-Net's older numpy dataset (``.npz``, unpacked ``.npy``) as well as blosc2 and the ``.pkl``: intact files
+    pass the cheap look, the same files cut in half do not."""
+    from nnunet_sam.training.dataset_checks import file_problem
+
+    folder = write_preprocessed_dataset(tmp_path, PATCH)
+    array = np.arange(4096, dtype=np.float32).reshape(16, 256)
+    np.savez_compressed(folder / "n.npz", data=array)
+    np.save(folder / "n.npy", array)
+    files = [folder / n for n in ("a.b2nd", "a_seg.b2nd", "a.pkl", "n.npz", "n.npy")]
+    assert [file_problem(f) for f in files] == [None] * len(files)
+    for f in files:
+        _cut(f)
+        assert file_problem(f).startswith("cut short or damaged ("), f
+    assert file_problem(folder / "gone.b2nd") == "missing"
+
+
+def test_a_failed_load_in_a_worker_process_is_reported_to_the_training_process(tmp_path):
+    """The message of a case a forked worker cannot load reaches the process that started the worker."""
+    import multiprocessing
+
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    from nnunet_sam.training.dataset_checks import CheckedDataset, UnreadableCaseError
+
+    folder = write_preprocessed_dataset(tmp_path / "nnUNet_preprocessed", PATCH)
+    dataset = CheckedDataset(nnUNetDatasetBlosc2(str(folder), ["a", "b"]), "FIX")
+    dataset.load_case("a")
+    assert dataset.reported_failure() is None
+    _cut(folder / "b.pkl")
+    worker = multiprocessing.get_context("fork").Process(target=dataset.load_case, args=("b",))
+    worker.start()
+    worker.join()
+    assert worker.exitcode == 1
+    expected = (
+        rf"^preprocessed case b cannot be read: {re.escape(str(folder / 'b.pkl'))} is cut short or damaged .*\. FIX$"
+    )
+    assert re.search(expected, dataset.reported_failure())
+    with pytest.raises(UnreadableCaseError, match=expected):
+        dataset.load_case("b")
+
+
+@pytest.mark.slow
+def test_nnunetv2_train_names_a_truncated_preprocessed_file_without_a_traceback(tmp_path):
+    """The same through the real command a user runs: one error line, exit code 2, no traceback."""
+    folder = write_preprocessed_dataset(tmp_path / "nnUNet_preprocessed", PATCH)
+    _cut(folder / "a_seg.b2nd")
+    env = nnunet_env(tmp_path, OMP_NUM_THREADS="1", nnUNet_preprocessed=str(tmp_path / "nnUNet_preprocessed"))
+    cmd = [str(Path(sys.executable).parent / "nnUNetv2_train"), "999", "3d_fullres", "0", "-tr", "MaskSAMTrainer_tiny"]
+    result = subprocess.run([*cmd, "-device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.search(
+        rf"nnUNetv2_train: error: .*{re.escape(str(folder / 'a_seg.b2nd'))} is cut short or damaged .*"
+        r"nnUNetv2_preprocess -d 999 -c 3d_fullres",
+        result.stderr,
+    ), result.stderr[-3000:]
