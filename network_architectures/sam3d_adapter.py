@@ -35,9 +35,10 @@ class SAM3DAdapterOptions:
     """Network options (class attribute ``options`` of a 3DSAM-adapter trainer, saved in the model's record).
 
     ``prompted``: with the point prompt encoder (clicks), or fully automatic. ``adapter``: the adapter kind of
-    every encoder block (:data:`~nnunet_sam.blocks.adapters.ADAPTER_KINDS`; the method's DConv adapter), None for
-    none. ``tune_encoder``: train every weight of SAM's image encoder (full fine-tuning; its 2D neck stays frozen
-    where ``neck="3d"`` replaces it).
+    every encoder block (:data:`~nnunet_sam.blocks.adapters.ADAPTER_KINDS`; the method's DConv adapter), another
+    method's adapter (:data:`~nnunet_sam.blocks.volumetric_encoder.BLOCK_ADAPTERS`: ``"st_adapter"``,
+    ``"med_adapter"``), None for none. ``tune_encoder``: train every weight of SAM's image encoder (full
+    fine-tuning; its 2D neck stays frozen where ``neck="3d"`` replaces it).
 
     Capacity (defaults: this package's lighter network, 6.5 M trainable parameters at ViT-B; :data:`PAPER_CAPACITY`
     sets the public code's, 25.46 M as the paper reports): ``adapter_ratio`` (adapter hidden width / embedding
@@ -71,9 +72,11 @@ PAPER_CAPACITY = {"adapter_ratio": 0.5, "neck": "3d", "decoder": "multilevel", "
 
 # The paper's (poster's) ablation rows, each the options of one trainer on top of a paper preset (trainers module).
 # Comparison with other adaptations, fully automatic (the prompt encoder discarded): the paper's network with its
-# adapters replaced. "Pro-tuning", "ST-Adapter" and "Med-tuning" are other methods the poster does not specify.
+# adapters replaced, each adapter at the half width of the paper's own. "Pro-tuning" is not offered (docs/presets.md).
 ADAPTATION_ROWS: dict[str, SAM3DAdapterOptions] = {
     "houlsby": SAM3DAdapterOptions(**PAPER_CAPACITY, adapter="vanilla"),  # "Adapter (ICML 2019)"
+    "stAdapter": SAM3DAdapterOptions(**PAPER_CAPACITY, adapter="st_adapter"),  # "ST-Adapter (NeurIPS 2022)"
+    "medTuning": SAM3DAdapterOptions(**PAPER_CAPACITY, adapter="med_adapter"),  # "Med-tuning (arXiv 2023)"
     "fullFT": SAM3DAdapterOptions(**PAPER_CAPACITY, adapter=None, tune_encoder=True),  # "Full fine-tuning"
 }
 # Point-prompt ablations: the feature levels of the prompt encoders ("all four", and the final level with one other,

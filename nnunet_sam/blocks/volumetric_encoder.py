@@ -10,7 +10,9 @@ along every axis with more than one window. Relative positions: SAM's h and w ta
 window, and a depth table = mean of the resized h and w tables + a learnable offset (zero at initialisation,
 so the depth table starts as their mean whatever weights are loaded later). Each block starts with a
 DConv adapter (:mod:`nnunet_sam.blocks.adapters`, bottleneck with a depth-wise 3D conv, up-projection zero), or
-the registered kind ``adapter_kind`` (depth = the depth tokens T).
+the registered kind ``adapter_kind`` (depth = the depth tokens T), or one of :data:`BLOCK_ADAPTERS` (adapters of
+other methods, each in the place its method puts it: ST-Adapter before the block, Med-Adapter after it, the
+Med-Adapters of the last block of each quarter of the blocks linked stage to stage).
 ``attention`` picks how window attention is computed (:mod:`nnunet_sam.blocks.attention`): ``"sam"`` forms the
 (N, N) bias and Swin mask of every window; ``"sdpa"`` folds the per-axis relative positions and the per-axis
 shift masks into the query and key, with no (N, N) tensor. Blocks follow
@@ -37,8 +39,13 @@ from nnunet_sam.blocks.attention import (
     decomposed_attention,
 )
 from nnunet_sam.blocks.checkpointing import run_block_unit
+from nnunet_sam.blocks.med_adapter import MedAdapter
+from nnunet_sam.blocks.st_adapter import STAdapter
 
 Grid = tuple[int, int, int]
+
+# Adapter names of other methods (beside the Adapter kinds) -> where in a block the adapter runs.
+BLOCK_ADAPTERS: dict[str, str] = {"st_adapter": "before", "med_adapter": "after"}
 
 
 def window_dims(grid: Grid, window: int) -> Grid:
@@ -239,10 +246,10 @@ class VolumetricEncoder(nn.Module):
         self.depth_embed = nn.Parameter(torch.zeros(self.grid[0], embed_dim))
         self.rel_pos_d = nn.Parameter(torch.zeros(num_blocks, 2 * window - 1, embed_dim // num_heads))
         self.adapters: nn.ModuleList | None = None  # None: no adapters (the blocks alone, e.g. fully fine-tuned)
+        self.adapter_position = BLOCK_ADAPTERS.get(adapter_kind or "", "before")
         if adapter_kind is not None:
             self.adapters = nn.ModuleList(
-                Adapter(embed_dim, adapter_kind, self.grid[0], ratio=adapter_ratio, skip=True)
-                for _ in range(num_blocks)
+                self._adapter(adapter_kind, embed_dim, adapter_ratio, i, num_blocks) for i in range(num_blocks)
             )
         self.necks: nn.ModuleList | None = None
         if neck_dim is not None:
@@ -259,6 +266,26 @@ class VolumetricEncoder(nn.Module):
             for axis, mask in zip("dhw", shifted_window_axis_masks(self.grid, self.dims, half)):
                 self.register_buffer(f"shift_mask_{axis}", mask, persistent=False)
 
+    def _adapter(self, kind: str, dim: int, ratio: float, i: int, num_blocks: int) -> nn.Module:
+        """The adapter of block i: an Adapter kind, or one of :data:`BLOCK_ADAPTERS`."""
+        if kind == "st_adapter":
+            return STAdapter(dim, ratio)
+        if kind == "med_adapter":  # four stages of equal length; the last adapter of each links to the next stage
+            stage = max(1, num_blocks // 4)
+            return MedAdapter(dim, ratio, inter_stage=(i + 1) % stage == 0)
+        return Adapter(dim, kind, self.grid[0], ratio=ratio, skip=True)
+
+    def _adapt(self, i: int, x: torch.Tensor, carry: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block i's adapter on x (B, T, H, W, C); ``carry``: what a Med-Adapter passes on to the next stage."""
+        b, t, h, w, c = x.shape
+        tokens = x.reshape(b * t, h, w, c)
+        adapter = self.adapters[i]
+        if isinstance(adapter, MedAdapter):
+            tokens, carry = adapter(tokens, t, carry)
+        else:
+            tokens = adapter(tokens, t)
+        return tokens.view(b, t, h, w, c), carry
+
     def rel_tables(self, i: int, attn: Attention) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Depth, height and width tables (2 * window - 1, head_dim) of block i."""
         length = 2 * self.window - 1
@@ -266,10 +293,12 @@ class VolumetricEncoder(nn.Module):
         table_w = resize_rel_table(attn.rel_pos_w, length)
         return (table_h + table_w) / 2 + self.rel_pos_d[i], table_h, table_w
 
-    def _block(self, i: int, block: Block, x: torch.Tensor) -> torch.Tensor:
-        b, t, h, w, c = x.shape
-        if self.adapters is not None:
-            x = self.adapters[i](x.reshape(b * t, h, w, c), t).view(b, t, h, w, c)
+    def _block(
+        self, i: int, block: Block, x: torch.Tensor, carry: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block i (with its adapter) on x (B, T, H, W, C) -> (same shape, the adapters' carry)."""
+        if self.adapters is not None and self.adapter_position == "before":
+            x, carry = self._adapt(i, x, carry)
         shortcut = x
         x = block.norm1(x)
         shift = self.shifts[i]
@@ -287,7 +316,10 @@ class VolumetricEncoder(nn.Module):
         if any(shift):
             x = torch.roll(x, shifts=shift, dims=(1, 2, 3))
         x = shortcut + x
-        return x + block.mlp(block.norm2(x))
+        x = x + block.mlp(block.norm2(x))
+        if self.adapters is not None and self.adapter_position == "after":
+            x, carry = self._adapt(i, x, carry)
+        return x, carry
 
     def forward(self, vit: ImageEncoderViT, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         b, _, d, s, _ = x.shape
@@ -304,8 +336,9 @@ class VolumetricEncoder(nn.Module):
         )
         x = x + vit.pos_embed[:, None] + self.depth_embed[None, :, None, None].to(x.dtype)
         features = []
+        carry = None
         for i, block in enumerate(vit.blocks):
-            x = run_block_unit(self._block, i, block, x)
+            x, carry = run_block_unit(self._block, i, block, x, carry)
             if i in self.feature_indices:
                 features.append(x.permute(0, 4, 1, 2, 3))
         if self.necks is not None:

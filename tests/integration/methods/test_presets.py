@@ -244,6 +244,8 @@ def test_docs_hold_every_preset_table():
 
 def test_nnunet_finds_every_preset_variant_and_ablation_row_by_name(tmp_path):
     names = sorted(set(VARIANTS) | set(ABLATION_PRESETS))
+    comparison = ("houlsby", "stAdapter", "medTuning", "fullFT")  # 3DSAM-adapter's comparison with other adaptations
+    assert {f"SAM3DAdapterTrainer_paper_{row}" for row in comparison} <= set(names)
     code = (
         "import json\n"
         "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"

@@ -490,6 +490,48 @@ def test_adaptation_comparison_rows_swap_the_adapters_of_the_papers_network():
     assert not trainers.SAM3DAdapterTrainer_paper.options.prompted  # the row 'Ours': prompt encoder discarded
 
 
+def test_st_adapter_and_med_tuning_rows_train_their_adapters_in_place_of_the_papers():
+    """'ST-Adapter (NeurIPS 2022)' and 'Med-tuning (arXiv 2023)': one adapter per block of the other method's kind,
+    every other trainable parameter the paper network's own (row 'Ours'), SAM's attention and MLPs frozen."""
+    from nnunet_sam.blocks.med_adapter import MedAdapter
+    from nnunet_sam.blocks.st_adapter import STAdapter
+    from nnunet_sam.network_architectures.sam3d_adapter import ADAPTATION_ROWS
+    from nnunet_sam.trainers import sam3d_adapter as trainers
+
+    def trainable(net: SAM3DAdapterNetwork) -> set[str]:
+        return {n for n, p in net.named_parameters() if p.requires_grad and not n.startswith("encoder.adapters.")}
+
+    ours = trainable(_train_step_grads(trainers.SAM3DAdapterTrainer_paper.options, prompted=False))
+    for row, kind in (("stAdapter", STAdapter), ("medTuning", MedAdapter)):
+        assert getattr(trainers, f"SAM3DAdapterTrainer_paper_{row}").options == ADAPTATION_ROWS[row]
+        net = _train_step_grads(ADAPTATION_ROWS[row], prompted=False)  # every trainable parameter gets a gradient
+        assert len(net.encoder.adapters) == len(net.sam.image_encoder.blocks)
+        assert all(type(a) is kind for a in net.encoder.adapters), row
+        assert all(p.requires_grad for p in net.encoder.adapters.parameters())
+        assert trainable(net) == ours, row
+    med = SAM3DAdapterNetwork("tiny", 1, 3, (8, 32, 32), 2, 4, ADAPTATION_ROWS["medTuning"], 64)
+    assert med.encoder.adapter_position == "after"
+
+
+def test_adaptation_rows_trainable_parameters_at_vit_b():
+    """The comparison's tuned image-encoder parameters (ViT-B, meta device): adapters plus SAM's block norms, the
+    poster's way of counting its other rows (ST-Adapter 7.15 M, Med-tuning 11.10 M there), and with the paper
+    network's 3D necks, depth embeddings and slice grouping, which these rows keep."""
+    from nnunet_sam.benchmarking.configs import on_meta
+    from nnunet_sam.trainers import sam3d_adapter as trainers
+
+    counts = {}
+    for row in ("stAdapter", "medTuning"):
+        cls = getattr(trainers, f"SAM3DAdapterTrainer_paper_{row}")
+        block = cls.sam_block({"patch_size": [64, 160, 160]}, 2)
+        net = on_meta(lambda cls=cls, block=block: cls.build_network(block, 1, 2))
+        norms = _trainable(net.sam.image_encoder)
+        counts[row] = (_trainable(net.encoder.adapters) + norms, _trainable(net.encoder) + norms)
+        if row == "medTuning":  # the inter-stage adapters: after the last block of each stage (ViT-B: 2, 5, 8, 11)
+            assert [i for i, a in enumerate(net.encoder.adapters) if a.inter_stage] == [2, 5, 8, 11]
+    assert counts == {"stAdapter": (7_147_008, 15_055_360), "medTuning": (10_905_600, 18_813_952)}
+
+
 def test_prompt_ablation_rows_positional_points_and_no_aggregation():
     """'Visual sampler v.s. positional encoding': a point's token no longer depends on the image there; 'multi-layer
     aggregation' off: the head reads the final embedding alone and no intermediate neck is built."""

@@ -140,3 +140,72 @@ def test_an_unknown_adapter_kind_names_the_registered_ones():
     with pytest.raises(ValueError, match="Unknown adapter kind 'dcnv' .*vanilla, dmlp, dconv"):
         Adapter(16, "dcnv")
     assert SAM3DAdapterOptions().adapter == "dconv"  # the method's adapter, as before the option existed
+
+
+# ---- other methods' adapters (3DSAM-adapter's comparison rows) ------------------------------------------------------
+def test_st_adapter_starts_as_identity_and_mixes_depth_neighbours_at_the_same_position():
+    """ST-Adapter's depth-wise (3, 1, 1) convolution: a token reaches its two depth neighbours at the same in-plane
+    position (all channels through the projections), nothing else, and no other volume."""
+    from nnunet_sam.blocks.st_adapter import STAdapter
+
+    volumes, depth = 2, 5
+    x = torch.randn(volumes * depth, 6, 6, 8)
+    adapter = STAdapter(8)
+    torch.testing.assert_close(adapter(x, depth), x)  # the convolution starts at zero
+    _randomise(adapter)
+    y = x.clone()
+    y[2, 3, 3] += 1.0  # volume 0, depth 2, token (3, 3)
+    diff = (adapter(y, depth) - adapter(x, depth)).abs().sum(-1).view(volumes, depth, 6, 6) > 1e-6
+    expected = torch.zeros_like(diff)
+    expected[0, 1:4, 3, 3] = True
+    assert torch.equal(diff, expected)
+
+
+def test_med_adapter_reach_and_stage_to_stage_carry():
+    """Med-Adapter: identity at start; its (5, 5, 5) largest scale bounds what one token reaches; an inter-stage
+    adapter merges the carry and hands on its own, the others pass it unchanged."""
+    from nnunet_sam.blocks.med_adapter import MedAdapter
+
+    volumes, depth, dim = 2, 7, 12
+    x = torch.randn(volumes * depth, 8, 8, dim)
+    plain, linked = MedAdapter(dim, 0.5), MedAdapter(dim, 0.5, inter_stage=True)
+    torch.testing.assert_close(linked(x, depth)[0], x)
+    for adapter in (plain, linked):
+        _randomise(adapter)
+        adapter.eval()  # batch norm with its running statistics: no mixing through batch statistics
+    y = x.clone()
+    y[3, 4, 4] += 1.0  # volume 0, depth 3, token (4, 4)
+    with torch.no_grad():
+        out_x, carry = linked(x, depth)
+        diff = (linked(y, depth)[0] - out_x).abs().sum(-1).view(volumes, depth, 8, 8) > 1e-6
+        assert diff[0, 3, 2:7, 2:7].all() and diff[0, 1:6, 4, 4].all(), "the in-plane and through-plane reach"
+        assert not diff[1].any() and not diff[0, 0].any() and not diff[0, :, 7].any(), "beyond the largest kernel"
+        assert carry.shape == (volumes, dim // 2, depth, 8, 8)
+        other = torch.randn_like(carry)
+        assert not torch.allclose(linked(x, depth, other)[0], out_x), "the previous stage must reach the output"
+        out_plain, passed = plain(x, depth, other)
+        assert passed is other and torch.equal(out_plain, plain(x, depth, None)[0])
+
+
+def test_med_adapter_batch_norm_statistics_are_updated_once_per_step_under_checkpointing(monkeypatch):
+    """A checkpointed block runs its forward again in backward; the Med-Adapter's batch norms must not update their
+    running statistics twice (checkpointing changes memory, never what is computed or learnt)."""
+    import copy
+
+    from nnunet_sam.blocks import med_adapter
+    from nnunet_sam.blocks.checkpointing import block_checkpointing, run_block_unit
+
+    adapter = med_adapter.MedAdapter(12, 0.5, inter_stage=True)
+    _randomise(adapter)
+    reference = copy.deepcopy(adapter)
+    x = torch.randn(2 * 4, 6, 6, 12, requires_grad=True)
+    run_block_unit(reference, x, 4)[0].square().sum().backward()
+    with block_checkpointing():
+        run_block_unit(adapter, x, 4)[0].square().sum().backward()
+    for (name, ours), theirs in zip(adapter.named_buffers(), reference.buffers()):
+        assert torch.equal(ours, theirs), name
+    monkeypatch.setattr(med_adapter, "recomputing", lambda: False)  # without the guard: updated twice
+    with block_checkpointing():
+        run_block_unit(adapter, x, 4)[0].square().sum().backward()
+    run_block_unit(reference, x, 4)[0].square().sum().backward()
+    assert not torch.equal(adapter.scales[0][2].running_mean, reference.scales[0][2].running_mean)
