@@ -32,7 +32,7 @@ import torch
 from nnunet_sam.evaluation.metrics import dice
 from nnunet_sam.inference.predict import cases_in_folder
 from nnunet_sam.inference.radsam import Correction, Prompt, RadSAMModel, SliceModel, edit, segment_from_prompt
-from nnunet_sam.prompting.mask_ops import pixel_boxes
+from nnunet_sam.mask_geometry import pixel_boxes
 from nnunet_sam.prompting.radsam_prompts import interior_points
 
 
