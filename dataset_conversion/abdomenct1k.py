@@ -28,7 +28,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nnunet_sam.cli import conventions
 from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
     NIFTI,
@@ -39,6 +38,8 @@ from nnunet_sam.dataset_conversion.common import (
     nifti_cases,
     pair_cases,
     require_folder,
+    run_conversion,
+    same_name_cases,
     staged_dataset,
     write_dataset_json,
     write_record,
@@ -130,7 +131,7 @@ def convert_abdomenct1k(
             protocol="abdomenct1k-external-test",
             source=Path(images[0]),
             label_map={v: v for v in LABELS.values()},
-            cases={c: {"original_id": c, "submission_name": f"{c}{NIFTI}"} for c in cases},
+            cases=same_name_cases(cases),
             splits={"train": [], "val": [], "test": cases},
             labels_source=str(Path(labels).resolve()),
             excluded=excluded,
@@ -158,8 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         "scan are left out (the zero-shot protocol)",
     )
     args = parser.parse_args(argv)
-    try:
-        out = convert_abdomenct1k(
+
+    def report(out: Path) -> str:
+        excluded = json.loads((out / RECORD_FILE).read_text())["excluded"]
+        note = f"excluded {len(excluded)} case(s) whose scan is in {', '.join(args.exclude_like)}\n"
+        return (note if args.exclude_like else "") + f"wrote {out}"
+
+    return run_conversion(
+        COMMAND,
+        lambda: convert_abdomenct1k(
             args.images,
             args.labels,
             args.dataset_id,
@@ -167,14 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             args.skip_unlabelled,
             args.tolerance,
             args.exclude_like,
-        )
-    except ConversionError as e:
-        return conventions.error(COMMAND, e)
-    excluded = json.loads((out / RECORD_FILE).read_text())["excluded"]
-    if args.exclude_like:
-        print(f"excluded {len(excluded)} case(s) whose scan is in {', '.join(args.exclude_like)}")
-    print(f"wrote {out}")
-    return conventions.DONE
+        ),
+        report,
+    )
 
 
 if __name__ == "__main__":
