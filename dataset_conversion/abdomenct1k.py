@@ -119,10 +119,11 @@ def convert_abdomenct1k(
             shutil.copyfile(label_files[case], folder / "labelsTs" / f"{case}{NIFTI}")
         write_dataset_json(
             folder,
+            dataset_id,
+            name,
             {0: "CT"},
             dict(LABELS),
             0,
-            dataset_name=dataset_folder_name(dataset_id, name),
             reference="https://github.com/JunMa11/AbdomenCT-1K",
             numTest=len(cases),
         )

@@ -38,7 +38,6 @@ from nnunet_sam.dataset_conversion.common import (
     NIFTI,
     ConversionError,
     check_case,
-    dataset_folder_name,
     finish_dataset,
     move_cases_to_test,
     require_folder,
@@ -179,10 +178,11 @@ def convert_acdc(
         num_training = len(split["train"]) + len(split["val"])
         write_dataset_json(
             folder,
+            dataset_id,
+            name,
             {0: "cineMRI"},
             dict(ACDC_LABELS),
             num_training,
-            dataset_name=dataset_folder_name(dataset_id, name),
             reference="https://www.creatis.insa-lyon.fr/Challenge/acdc/",
             description=f"ACDC, protocol {protocol}",
         )

@@ -254,9 +254,18 @@ def staged_dataset(dataset_id: int, name: str) -> Iterator[Path]:
         raise
 
 
-def write_dataset_json(folder: Path, channel_names: dict, labels: dict, num_training: int, **extra) -> None:
+def write_dataset_json(
+    folder: Path, dataset_id: int, name: str, channel_names: dict, labels: dict, num_training: int, **extra
+) -> None:
+    """nnU-Net's ``dataset.json`` (NIfTI files) in the staging ``folder``, named as the dataset's folder will be."""
     generate_dataset_json(
-        str(folder), channel_names, labels, num_training_cases=num_training, file_ending=NIFTI, **extra
+        str(folder),
+        channel_names,
+        labels,
+        num_training_cases=num_training,
+        file_ending=NIFTI,
+        dataset_name=dataset_folder_name(dataset_id, name),
+        **extra,
     )
 
 

@@ -39,7 +39,6 @@ from nnunet_sam.dataset_conversion.common import (
     check_files,
     check_geometry,
     check_label_values,
-    dataset_folder_name,
     finish_dataset,
     label_values,
     nifti_cases,
@@ -132,10 +131,11 @@ def convert_nih_pancreas(
         cases = sorted(to_nnunet.values())
         write_dataset_json(
             folder,
+            dataset_id,
+            name,
             {0: "CT"},
             dict(LABELS),
             len(cases),
-            dataset_name=dataset_folder_name(dataset_id, name),
             reference="https://doi.org/10.7937/K9/TCIA.2016.tNB1kqBU",
         )
         return finish_dataset(

@@ -25,7 +25,6 @@ from nnunet_sam.dataset_conversion.common import (
     NIFTI,
     ConversionError,
     check_case,
-    dataset_folder_name,
     finish_dataset,
     move_cases_to_test,
     nifti_cases,
@@ -107,10 +106,11 @@ def convert_synapse(
         move_cases_to_test(folder, test)
         write_dataset_json(
             folder,
+            dataset_id,
+            name,
             {0: "CT"},
             dict(label_names),
             len(train),
-            dataset_name=dataset_folder_name(dataset_id, name),
             reference="https://www.synapse.org/#!Synapse:syn3193805",
             description="BTCV abdomen, TransUNet 18/12 split" + (", 13 BTCV labels" if all_labels else ", 8 organs"),
         )

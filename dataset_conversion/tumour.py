@@ -42,7 +42,6 @@ from nnunet_sam.dataset_conversion.common import (
     RECORD_FILE,
     ConversionError,
     check_case,
-    dataset_folder_name,
     finish_dataset,
     move_cases_to_test,
     nifti_cases,
@@ -194,10 +193,11 @@ def convert_tumour(
         move_cases_to_test(folder, split["test"])
         write_dataset_json(
             folder,
+            dataset_id,
+            name,
             {0: "CT"},
             {"background": 0, spec.tumour_name: 1},
             len(split["train"]) + len(split["val"]),
-            dataset_name=dataset_folder_name(dataset_id, name),
             reference=spec.reference,
             description=f"{spec.title}, tumour only, {how}",
             numTest=len(split["test"]),

@@ -4,9 +4,10 @@ Method trainers subclass :class:`SAMTrainer` and set ``network_class`` and ``opt
 dataclass), plus ``build_loss`` and, where the method's forward needs mode arguments, ``forward_batch``. The network
 is built from the model's saved record only (:mod:`nnunet_sam.model_record`).
 
-The other concerns of a trainer have their own modules: the memory controls (:mod:`.memory_controls`, a mixin of
-:class:`SAMTrainer`), the backbone variants (:mod:`.backbone_variants`), the CPU demo schedule (:mod:`.cpu_demo`) and
-the paper presets' sources (:mod:`.presets`). Their names stay importable from here, as before.
+The other concerns of a trainer have their own modules: the memory controls (:mod:`.memory_controls`) and the fault
+tolerance in nnU-Net's hooks (:mod:`.fault_tolerance`), both mixins of :class:`SAMTrainer`; the backbone variants
+(:mod:`.backbone_variants`), the CPU demo schedule (:mod:`.cpu_demo`) and the paper presets' sources
+(:mod:`.presets`). Their names stay importable from here, as before.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
@@ -37,12 +37,11 @@ from nnunet_sam.backbones.checkpoints import (
     resize_to_input,
 )
 from nnunet_sam.backbones.sam_vit import get_backbone
-from nnunet_sam.exit_codes import UNUSABLE, error
 from nnunet_sam.losses.segmentation import DeepSupervisedSegLoss
 from nnunet_sam.model_record import PLANS_KEY, RECORD_FORMAT, ModelRecord, build_from_record, options_to_json
-from nnunet_sam.safe_checkpoints import safe_checkpoint_loading
 from nnunet_sam.trainers.backbone_variants import LiteMedSAM, MedSAM, Tiny, ViTH, ViTL
 from nnunet_sam.trainers.cpu_demo import CPUDemo, LiteMedSAMCPUDemo
+from nnunet_sam.trainers.fault_tolerance import FaultTolerance
 from nnunet_sam.trainers.memory_controls import AUTOCAST_ENV, CHECKPOINTING_ENV, MemoryControls
 from nnunet_sam.trainers.presets import (
     PRESET_FIELDS,
@@ -64,18 +63,7 @@ from nnunet_sam.training.distributed import (
     rank_device,
     wrap_ddp,
 )
-from nnunet_sam.training.fault_tolerance import (
-    DamagedCheckpointError,
-    FolderBusyError,
-    NonFiniteTrainingError,
-    all_finite,
-    atomic_write,
-    checkpoint_problem,
-    intact_checkpoint,
-    lock_folder,
-    remove_stale_temp_files,
-    workers_die_with_parent,
-)
+from nnunet_sam.training.fault_tolerance import all_finite, atomic_write
 from nnunet_sam.training.lr_schedules import LinearLRScheduler
 from nnunet_sam.training.planning import PatchRule, VolumePatchRule, sam_settings, window_cost_note
 from nnunet_sam.training.slim_checkpoints import SLIM_ENV, attach_expansion, base_record, slim_requested, slim_saving
@@ -113,7 +101,7 @@ class UnsupportedDatasetError(ValueError):
     configuration the method does not have, several structures for a one-structure method)."""
 
 
-class SAMTrainer(MemoryControls, nnUNetTrainer):
+class SAMTrainer(MemoryControls, FaultTolerance, nnUNetTrainer):
     """Base of all SAM trainers. Configure subclasses through these class attributes only."""
 
     network_class: type[nn.Module] | None = None  # the method's network (network_architectures/)
@@ -143,8 +131,7 @@ class SAMTrainer(MemoryControls, nnUNetTrainer):
     epochs: int | None = None
     iterations_per_epoch: int | None = None
     val_iterations_per_epoch: int | None = None
-    # Training stops (NonFiniteTrainingError) after this many steps in a row with a non-finite loss or gradient.
-    max_consecutive_nonfinite_steps: int = 50
+    # max_consecutive_nonfinite_steps (a stop after that many non-finite steps in a row): see FaultTolerance.
     # Checkpoints without the frozen SAM weights, with the base file's SHA-256 (nnunet_sam.training.slim_checkpoints);
     # None: ``$nnUNet_SAM_slim_checkpoints`` decides (default off: self-contained checkpoints, as in nnU-Net).
     slim_checkpoints: bool | None = None
@@ -379,21 +366,7 @@ class SAMTrainer(MemoryControls, nnUNetTrainer):
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         self._weights_from_nnunet_checkpoint = True  # every SAM weight comes from the nnU-Net checkpoint
-        if isinstance(filename_or_checkpoint, str):  # a damaged file: name it; --c falls back to an intact one
-            if self._continue_training:
-                path, note = intact_checkpoint(filename_or_checkpoint)
-                if note is not None:
-                    self.print_to_log_file(f"WARNING: {note}", also_print_to_console=True)
-                filename_or_checkpoint = str(path)
-            elif (problem := checkpoint_problem(filename_or_checkpoint)) is not None:
-                raise DamagedCheckpointError(f"{filename_or_checkpoint} is {problem}")
-        with safe_checkpoint_loading():  # weights_only: a crafted checkpoint cannot run code (UnsafeCheckpointError)
-            super().load_checkpoint(filename_or_checkpoint)
-        # nnU-Net saves checkpoint_latest before it updates _best_ema for that epoch, so after --c a later, worse
-        # EMA could overwrite checkpoint_best. The best EMA so far is the maximum of the logged EMAs.
-        emas = [e for e in self.logger.get_value("ema_fg_dice", step=None) if np.isfinite(e)]
-        if emas:
-            self._best_ema = max(emas)
+        super().load_checkpoint(filename_or_checkpoint)  # checked first (FaultTolerance.load_checkpoint)
 
     def configure_optimizers(self):
         if self._sam_checkpoint_path is None:
@@ -414,34 +387,7 @@ class SAMTrainer(MemoryControls, nnUNetTrainer):
         assert self.lr_schedule == "poly", f"unknown lr_schedule '{self.lr_schedule}' (poly or linear)"
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
-    # ---- fault tolerance (nnunet_sam.training.fault_tolerance) -------------------------------------------------------
-    def on_train_start(self) -> None:
-        if self.local_rank == 0:  # before anything is written: a second training of this fold stops here
-            try:
-                self._fold_lock = lock_folder(self.output_folder)
-            except FolderBusyError as busy:  # a refusal, not a crash: the convention's message and exit code 2
-                error("nnUNetv2_train", busy)
-                raise SystemExit(UNUSABLE) from None
-        workers_die_with_parent()  # the augmentation workers nnU-Net starts next end with this process, even on SIGKILL
-        super().on_train_start()
-        if self.local_rank == 0:
-            for path in remove_stale_temp_files(self.output_folder):
-                self.print_to_log_file(f"Removed {path.name}, a partial checkpoint left by a killed process")
-            best = os.path.join(self.output_folder, "checkpoint_best.pth")
-            if self._best_ema is not None and not os.path.isfile(best):  # killed while the first best was saved
-                self.print_to_log_file("checkpoint_best.pth is missing after the resume: writing it from this state")
-                self.current_epoch -= 1  # the loaded state is the end of the previous epoch, as nnU-Net saves it
-                try:
-                    self.save_checkpoint(best)
-                finally:
-                    self.current_epoch += 1
-
-    def on_train_end(self) -> None:
-        super().on_train_end()
-        if self._fold_lock is not None:
-            self._fold_lock.close()  # releases the lock
-            self._fold_lock = None
-
+    # ---- checkpoints and steps (fault tolerance: nnunet_sam.trainers.fault_tolerance) ----------------------
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, written atomically: a kill or a full disk never leaves a broken ``filename``.
 
@@ -501,28 +447,6 @@ class SAMTrainer(MemoryControls, nnUNetTrainer):
         """The network's output for one training or validation batch, every output the loss needs (hook: a method
         passes its mode arguments here, e.g. its training stage or simulated prompts drawn from ``target``)."""
         return self.network(data, return_all=True)
-
-    def on_nonfinite_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Log a skipped step; raise :class:`NonFiniteTrainingError` after ``max_consecutive_nonfinite_steps``."""
-        self._nonfinite_steps_in_a_row += 1
-        count, limit = self._nonfinite_steps_in_a_row, self.max_consecutive_nonfinite_steps
-        self.print_to_log_file(
-            f"Epoch {self.current_epoch}: non-finite training step (loss {loss.item():.4g}, gradient norm "
-            f"{grad_norm.item():.4g}) skipped, no weight changed ({count} in a row, stop at {limit})"
-        )
-        if count < limit:
-            return
-        names = ("checkpoint_latest.pth", "checkpoint_best.pth")
-        saved = [n for n in names if os.path.isfile(os.path.join(self.output_folder, n))]
-        message = (
-            f"Training stopped: {count} training steps in a row had a non-finite loss or gradient "
-            f"(max_consecutive_nonfinite_steps = {limit}). None of them changed a weight, so every checkpoint "
-            f"holds finite weights; last checkpoints: {', '.join(saved) or 'none written yet'} in "
-            f"{self.output_folder}. Usual causes: a learning rate too high for this model, NaN or infinite values "
-            "in the training data, or float16 overflow. Fix the cause, then continue with --c."
-        )
-        self.print_to_log_file(message)
-        raise NonFiniteTrainingError(message)
 
     # ---- validation ----------------------------------------------------------------------------------------
     def validation_step(self, batch: dict) -> dict:
