@@ -68,7 +68,7 @@ from nnunet_sam.training.lr_schedules import LinearLRScheduler
 from nnunet_sam.training.planning import PatchRule, VolumePatchRule, sam_settings, window_cost_note
 from nnunet_sam.training.slim_checkpoints import SLIM_ENV, attach_expansion, base_record, slim_requested, slim_saving
 
-# Names defined in the modules above and imported from here before they had their own module (old import paths).
+# This module's names, and those that were defined here before they had their own module (old import paths).
 __all__ = [
     "AUTOCAST_ENV",
     "CHECKPOINTING_ENV",

@@ -23,12 +23,11 @@ from nnunet_sam.trainers.pansam import PanSAMTrainer, PanSAMTrainer_NIH
 from nnunet_sam.trainers.radsam import RadSAMTrainer, RadSAMTrainer_AMOS
 from nnunet_sam.trainers.sam3d_adapter import SAM3DAdapterTrainer, SAM3DAdapterTrainer_prompted_paper
 from nnunet_sam.trainers.self_prompt_sam import SelfPromptSAMTrainer, SelfPromptSAMTrainer_paper
-from nnunet_sam.training.memory_estimate import Forward, on_meta, stand_in_trainer, training_forwards
+
+# defined with the memory estimate (a training needs them); the benchmark and its tests import them from here too
+from nnunet_sam.training.memory_estimate import Forward, on_meta, stand_in_trainer, training_forwards  # noqa: F401
 from nnunet_sam.training.planning import PLANS_KEY
 from nnunet_sam.training.synthetic_plans import configuration_name, nnunet_preprocessing, plans_for_patch
-
-# Forward, on_meta, stand_in_trainer, training_forwards: defined with the memory estimate (a training needs them)
-__all__ = ["Forward", "on_meta", "stand_in_trainer", "training_forwards"]
 
 
 @dataclass(frozen=True)
