@@ -32,7 +32,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nnunet_sam.cli import conventions
 from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
     NIFTI,
@@ -43,6 +42,8 @@ from nnunet_sam.dataset_conversion.common import (
     nifti_cases,
     pair_cases,
     require_folder,
+    run_conversion,
+    same_name_cases,
     staged_dataset,
     write_dataset_json,
     write_record,
@@ -193,10 +194,11 @@ def convert_abdomenct1k(
             shutil.copyfile(label_files[case], folder / "labelsTs" / f"{case}{NIFTI}")
         write_dataset_json(
             folder,
+            dataset_id,
+            name,
             {0: "CT"},
             dict(LABELS),
             0,
-            dataset_name=dataset_folder_name(dataset_id, name),
             reference="https://github.com/JunMa11/AbdomenCT-1K",
             numTest=len(cases),
         )
@@ -205,7 +207,7 @@ def convert_abdomenct1k(
             protocol="abdomenct1k-external-test",
             source=Path(images[0]),
             label_map={v: v for v in LABELS.values()},
-            cases={c: {"original_id": c, "submission_name": f"{c}{NIFTI}"} for c in cases},
+            cases=same_name_cases(cases),
             splits={"train": [], "val": [], "test": cases},
             labels_source=str(Path(labels).resolve()),
             excluded=dict(sorted(excluded.items())),
@@ -242,8 +244,18 @@ def main(argv: list[str] | None = None) -> int:
         "same scan are found by content and left out (AbdomenCT-1K publishes no list of them)",
     )
     args = parser.parse_args(argv)
-    try:
-        out = convert_abdomenct1k(
+
+    def report(out: Path) -> str:
+        excluded = json.loads((out / RECORD_FILE).read_text())["excluded"]
+        note = (
+            f"excluded {len(excluded)} case(s) (listed in {out / EXCLUSIONS_FILE}); AbdomenCT-1K holds "
+            f"{NIH_CASES} NIH Pancreas-CT scans (its supplementary Table 1)\n"
+        )
+        return (note if args.exclude_like or args.exclude_cases else "") + f"wrote {out}"
+
+    return run_conversion(
+        COMMAND,
+        lambda: convert_abdomenct1k(
             args.images,
             args.labels,
             args.dataset_id,
@@ -252,17 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             args.tolerance,
             args.exclude_like,
             args.exclude_cases,
-        )
-    except ConversionError as e:
-        return conventions.error(COMMAND, e)
-    excluded = json.loads((out / RECORD_FILE).read_text())["excluded"]
-    if args.exclude_like or args.exclude_cases:
-        print(
-            f"excluded {len(excluded)} case(s) (listed in {out / EXCLUSIONS_FILE}); AbdomenCT-1K holds "
-            f"{NIH_CASES} NIH Pancreas-CT scans (its supplementary Table 1)"
-        )
-    print(f"wrote {out}")
-    return conventions.DONE
+        ),
+        report,
+    )
 
 
 if __name__ == "__main__":

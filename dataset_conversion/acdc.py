@@ -33,19 +33,17 @@ from pathlib import Path
 import numpy as np
 from nnunetv2.dataset_conversion.Dataset027_ACDC import copy_files, create_ACDC_split
 
-from nnunet_sam.cli import conventions
 from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
     NIFTI,
     ConversionError,
     check_case,
-    dataset_folder_name,
+    finish_dataset,
     move_cases_to_test,
     require_folder,
+    run_conversion,
     staged_dataset,
     write_dataset_json,
-    write_record,
-    write_splits,
 )
 
 COMMAND = "nnunet_sam_convert_acdc"
@@ -182,15 +180,19 @@ def convert_acdc(
         num_training = len(split["train"]) + len(split["val"])
         write_dataset_json(
             folder,
+            dataset_id,
+            name,
             {0: "cineMRI"},
             dict(ACDC_LABELS),
             num_training,
-            dataset_name=dataset_folder_name(dataset_id, name),
             reference="https://www.creatis.insa-lyon.fr/Challenge/acdc/",
             description=f"ACDC, protocol {protocol}",
         )
-        write_record(
+        return finish_dataset(
             folder,
+            dataset_id,
+            name,
+            folds,
             protocol=f"acdc-{protocol}",
             source=source,
             label_map={v: v for v in ACDC_LABELS.values()},
@@ -198,8 +200,6 @@ def convert_acdc(
             splits=split,
             seed=seed if protocol == "random" else None,
         )
-        write_splits(dataset_id, name, folds)
-    return folder.parent / dataset_folder_name(dataset_id, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,12 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=12345, help="seed of --protocol random (default 12345)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="image/label geometry tolerance")
     args = parser.parse_args(argv)
-    try:
-        out = convert_acdc(args.input, args.dataset_id, args.protocol, args.seed, args.name, args.tolerance)
-    except ConversionError as e:
-        return conventions.error(COMMAND, e)
-    print(f"wrote {out}")
-    return conventions.DONE
+    return run_conversion(
+        COMMAND, lambda: convert_acdc(args.input, args.dataset_id, args.protocol, args.seed, args.name, args.tolerance)
+    )
 
 
 if __name__ == "__main__":

@@ -16,23 +16,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
-from unittest import mock
 
-from nnunet_sam.cli import conventions
 from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
     NIFTI,
     ConversionError,
+    adopt_nnunet_output,
     check_case,
     check_files,
-    dataset_folder_name,
+    finish_dataset,
     require_folder,
+    run_conversion,
+    same_name_cases,
     staged_dataset,
-    write_record,
-    write_splits,
 )
 
 COMMAND = "nnunet_sam_convert_amos"
@@ -78,13 +76,7 @@ def convert_amos(
     module_name, function = NNUNET_CONVERTERS[task]
     module = importlib.import_module(module_name)
     with staged_dataset(dataset_id, name) as folder:
-        # nnU-Net's converter writes to $nnUNet_raw/Dataset<id>_<its name>: point it at the staging folder
-        with mock.patch.object(module, "nnUNet_raw", str(folder)):
-            getattr(module, function)(str(source), dataset_id)
-        (produced,) = [p for p in folder.iterdir() if p.is_dir()]
-        for item in produced.iterdir():
-            os.replace(item, folder / item.name)
-        produced.rmdir()
+        adopt_nnunet_output(module, folder, lambda: getattr(module, function)(str(source), dataset_id))
         converted = {f.name[: -len(NIFTI)] for f in (folder / "labelsTr").iterdir()}
         test = sorted(f.name[: -len("_0000" + NIFTI)] for f in (folder / "imagesTs").iterdir())
         split = {
@@ -92,16 +84,16 @@ def convert_amos(
             "val": sorted(set(_listed(meta["validation"])) & converted),
             "test": test,
         }
-        write_record(
+        return finish_dataset(
             folder,
+            dataset_id,
+            name,
             protocol=f"amos22-task{task}-official-train-val",
             source=source,
             label_map={v: v for v in allowed},
-            cases={c: {"original_id": c, "submission_name": f"{c}{NIFTI}"} for c in sorted(converted) + test},
+            cases=same_name_cases(sorted(converted) + test),
             splits=split,
         )
-        write_splits(dataset_id, name, [{"train": split["train"], "val": split["val"]}])
-    return folder.parent / dataset_folder_name(dataset_id, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="image/label geometry tolerance")
     args = parser.parse_args(argv)
     dataset_id = args.dataset_id or 217 + args.task
-    try:
-        out = convert_amos(args.input, args.task, dataset_id, args.name or f"AMOS2022_task{args.task}", args.tolerance)
-    except ConversionError as e:
-        return conventions.error(COMMAND, e)
-    print(f"wrote {out}")
-    return conventions.DONE
+    return run_conversion(
+        COMMAND,
+        lambda: convert_amos(
+            args.input, args.task, dataset_id, args.name or f"AMOS2022_task{args.task}", args.tolerance
+        ),
+    )
 
 
 if __name__ == "__main__":

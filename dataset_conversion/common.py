@@ -12,7 +12,11 @@ Every converter follows the same steps:
    original label value, and the protocol's train / val / test case lists. The submission writers read it
    to map predictions back;
 4. write ``splits_final.json`` into ``$nnUNet_preprocessed/DatasetXXX_Name/`` (:func:`write_splits`),
-   the file nnU-Net's trainer reads its folds from.
+   the file nnU-Net's trainer reads its folds from. :func:`finish_dataset` does 3 and 4 together.
+
+Converters that run one of nnU-Net's own converters first take its output into the staging folder with
+:func:`adopt_nnunet_output`. Every command's ``main`` ends in :func:`run_conversion` (the message and exit code of a
+:class:`ConversionError`).
 
 Protocol test cases go to ``imagesTs``/``labelsTs``, never to ``imagesTr``: nnU-Net's ``-f all`` trains on
 every case of ``imagesTr``, whatever the split file says.
@@ -24,9 +28,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
+from unittest import mock
 
 import numpy as np
 import SimpleITK as sitk
@@ -34,6 +40,7 @@ from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_j
 from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
 from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
 
+from nnunet_sam import exit_codes
 from nnunet_sam.file_checks import DamagedFileError, honour_umask, is_nifti, load_nifti
 
 RECORD_FILE = "nnunet_sam_conversion.json"
@@ -247,9 +254,18 @@ def staged_dataset(dataset_id: int, name: str) -> Iterator[Path]:
         raise
 
 
-def write_dataset_json(folder: Path, channel_names: dict, labels: dict, num_training: int, **extra) -> None:
+def write_dataset_json(
+    folder: Path, dataset_id: int, name: str, channel_names: dict, labels: dict, num_training: int, **extra
+) -> None:
+    """nnU-Net's ``dataset.json`` (NIfTI files) in the staging ``folder``, named as the dataset's folder will be."""
     generate_dataset_json(
-        str(folder), channel_names, labels, num_training_cases=num_training, file_ending=NIFTI, **extra
+        str(folder),
+        channel_names,
+        labels,
+        num_training_cases=num_training,
+        file_ending=NIFTI,
+        dataset_name=dataset_folder_name(dataset_id, name),
+        **extra,
     )
 
 
@@ -276,6 +292,46 @@ def write_record(
     }
     (Path(folder) / RECORD_FILE).write_text(json.dumps(record, indent=1))
     return record
+
+
+def same_name_cases(cases: Iterable[str]) -> dict[str, dict]:
+    """The record's ``cases`` where nnU-Net's case id is the original one and the submission file is named by it."""
+    return {c: {"original_id": c, "submission_name": f"{c}{NIFTI}"} for c in cases}
+
+
+def finish_dataset(
+    folder: Path, dataset_id: int, name: str, folds: list[dict[str, list[str]]] | None = None, **record
+) -> Path:
+    """Write the conversion record (``record``: the keywords of :func:`write_record`) into the staging ``folder`` and
+    nnU-Net's split file, ``folds`` or by default one fold of the protocol's own ``train`` and ``val`` cases; return
+    where the dataset stands once :func:`staged_dataset` has renamed it."""
+    write_record(folder, **record)
+    split = record["splits"]
+    write_splits(dataset_id, name, folds if folds is not None else [{"train": split["train"], "val": split["val"]}])
+    return folder.parent / dataset_folder_name(dataset_id, name)
+
+
+def adopt_nnunet_output(module: ModuleType, folder: Path, convert: Callable[[], object]) -> None:
+    """Run one of nnU-Net's converters (``convert``, from ``module``) into the staging ``folder`` and move the one
+    dataset folder it writes (``Dataset<id>_<its name>``) up into ``folder`` itself."""
+    with mock.patch.object(module, "nnUNet_raw", str(folder)):  # it writes to $nnUNet_raw: point it at the staging
+        convert()
+    (produced,) = [p for p in folder.iterdir() if p.is_dir()]
+    for item in produced.iterdir():
+        os.replace(item, folder / item.name)
+    produced.rmdir()
+
+
+def run_conversion(command: str, convert: Callable[[], Path], report: Callable[[Path], str] | None = None) -> int:
+    """A converter command's end: run ``convert``; print ``wrote FOLDER`` (or ``report(folder)``) and return
+    :data:`~nnunet_sam.exit_codes.DONE`, or the :class:`ConversionError`'s message and the exit code of unusable
+    input."""
+    try:
+        out = convert()
+    except ConversionError as e:
+        return exit_codes.error(command, e)
+    print(report(out) if report is not None else f"wrote {out}")
+    return exit_codes.DONE
 
 
 def read_record(dataset_folder: str | os.PathLike) -> dict:

@@ -14,29 +14,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
-from unittest import mock
 
 from nnunetv2.dataset_conversion import convert_MSD_dataset
 
-from nnunet_sam.cli import conventions
 from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
-    NIFTI,
     ConversionError,
+    adopt_nnunet_output,
     check_case,
     dataset_folder_name,
+    finish_dataset,
     move_cases_to_test,
     nifti_cases,
     pair_cases,
     require_folder,
+    run_conversion,
+    same_name_cases,
     split_fractions,
     staged_dataset,
-    write_record,
-    write_splits,
 )
 
 COMMAND = "nnunet_sam_convert_msd_pancreas"
@@ -69,30 +67,25 @@ def convert_msd_pancreas(
     split = split_fractions(cases, FRACTIONS, seed)
 
     with staged_dataset(dataset_id, name) as folder:
-        # nnU-Net's converter writes to $nnUNet_raw/DatasetXXX_<task name>: point it at the staging folder
-        with mock.patch.object(convert_MSD_dataset, "nnUNet_raw", str(folder)):
-            convert_MSD_dataset.convert_msd_dataset(str(source), dataset_id, num_processes)
-        produced = folder / f"Dataset{dataset_id:03d}_{task[1]}"
-        shutil.rmtree(produced / "imagesTs")  # unlabelled MSD test images: not part of the protocol
-        for item in produced.iterdir():
-            os.replace(item, folder / item.name)
-        produced.rmdir()
+        convert = convert_MSD_dataset.convert_msd_dataset
+        adopt_nnunet_output(convert_MSD_dataset, folder, lambda: convert(str(source), dataset_id, num_processes))
+        shutil.rmtree(folder / "imagesTs")  # unlabelled MSD test images: not part of the protocol
         move_cases_to_test(folder, split["test"])
         dataset_json = json.loads((folder / "dataset.json").read_text())
         dataset_json.update(numTraining=len(split["train"]) + len(split["val"]), numTest=len(split["test"]))
         dataset_json["name"] = dataset_folder_name(dataset_id, name)
         (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
-        write_record(
+        return finish_dataset(
             folder,
+            dataset_id,
+            name,
             protocol="msd-pancreas-70-10-20",
             source=source,
             label_map={v: v for v in allowed},
-            cases={c: {"original_id": c, "submission_name": f"{c}{NIFTI}"} for c in cases},
+            cases=same_name_cases(cases),
             splits=split,
             seed=seed,
         )
-        write_splits(dataset_id, name, [{"train": split["train"], "val": split["val"]}])
-    return folder.parent / dataset_folder_name(dataset_id, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,14 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-np", "--num-processes", type=int, default=2, help="processes for nnU-Net's converter")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="image/label geometry tolerance")
     args = parser.parse_args(argv)
-    try:
-        out = convert_msd_pancreas(
+    return run_conversion(
+        COMMAND,
+        lambda: convert_msd_pancreas(
             args.input, args.dataset_id, args.seed, args.name, args.num_processes, args.tolerance
-        )
-    except ConversionError as e:
-        return conventions.error(COMMAND, e)
-    print(f"wrote {out}")
-    return conventions.DONE
+        ),
+    )
 
 
 if __name__ == "__main__":

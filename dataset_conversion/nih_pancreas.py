@@ -31,7 +31,6 @@ from pathlib import Path
 import SimpleITK as sitk
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-from nnunet_sam.cli import conventions
 from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
     NIFTI,
@@ -40,15 +39,14 @@ from nnunet_sam.dataset_conversion.common import (
     check_files,
     check_geometry,
     check_label_values,
-    dataset_folder_name,
+    finish_dataset,
     label_values,
     nifti_cases,
     pair_cases,
     require_folder,
+    run_conversion,
     staged_dataset,
     write_dataset_json,
-    write_record,
-    write_splits,
 )
 
 COMMAND = "nnunet_sam_convert_nih_pancreas"
@@ -133,14 +131,18 @@ def convert_nih_pancreas(
         cases = sorted(to_nnunet.values())
         write_dataset_json(
             folder,
+            dataset_id,
+            name,
             {0: "CT"},
             dict(LABELS),
             len(cases),
-            dataset_name=dataset_folder_name(dataset_id, name),
             reference="https://doi.org/10.7937/K9/TCIA.2016.tNB1kqBU",
         )
-        write_record(
+        return finish_dataset(
             folder,
+            dataset_id,
+            name,
+            generate_crossval_split(cases, seed=12345, n_splits=folds),
             protocol=f"nih-pancreas-{folds}fold",
             source=images,
             label_map={0: 0, 1: 1},
@@ -156,8 +158,6 @@ def convert_nih_pancreas(
             splits={"train": cases, "val": [], "test": []},
             labels_source=str(labels.resolve()),
         )
-        write_splits(dataset_id, name, generate_crossval_split(cases, seed=12345, n_splits=folds))
-    return folder.parent / dataset_folder_name(dataset_id, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,14 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         "grid (only when every label voxel lands on an image voxel centre)",
     )
     args = parser.parse_args(argv)
-    try:
-        out = convert_nih_pancreas(
+    return run_conversion(
+        COMMAND,
+        lambda: convert_nih_pancreas(
             args.images, args.labels, args.dataset_id, args.name, args.folds, args.tolerance, args.align_labels
-        )
-    except ConversionError as e:
-        return conventions.error(COMMAND, e)
-    print(f"wrote {out}")
-    return conventions.DONE
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -20,22 +20,20 @@ from pathlib import Path
 import SimpleITK as sitk
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-from nnunet_sam.cli import conventions
 from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
     NIFTI,
     ConversionError,
     check_case,
-    dataset_folder_name,
+    finish_dataset,
     move_cases_to_test,
     nifti_cases,
     pair_cases,
     relabel,
     require_folder,
+    run_conversion,
     staged_dataset,
     write_dataset_json,
-    write_record,
-    write_splits,
 )
 
 COMMAND = "nnunet_sam_convert_synapse"
@@ -108,15 +106,19 @@ def convert_synapse(
         move_cases_to_test(folder, test)
         write_dataset_json(
             folder,
+            dataset_id,
+            name,
             {0: "CT"},
             dict(label_names),
             len(train),
-            dataset_name=dataset_folder_name(dataset_id, name),
             reference="https://www.synapse.org/#!Synapse:syn3193805",
             description="BTCV abdomen, TransUNet 18/12 split" + (", 13 BTCV labels" if all_labels else ", 8 organs"),
         )
-        write_record(
+        return finish_dataset(
             folder,
+            dataset_id,
+            name,
+            generate_crossval_split(sorted(train), seed=12345, n_splits=5),
             protocol="synapse-transunet-13labels" if all_labels else "synapse-transunet-8organs",
             source=source,
             label_map={dst: src for src, dst in mapping.items()},
@@ -131,8 +133,6 @@ def convert_synapse(
             },
             splits={"train": train, "val": [], "test": test},
         )
-        write_splits(dataset_id, name, generate_crossval_split(sorted(train), seed=12345, n_splits=5))
-    return folder.parent / dataset_folder_name(dataset_id, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,12 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="image/label geometry tolerance")
     args = parser.parse_args(argv)
-    try:
-        out = convert_synapse(args.input, args.dataset_id, args.all_labels, args.name, args.tolerance)
-    except ConversionError as e:
-        return conventions.error(COMMAND, e)
-    print(f"wrote {out}")
-    return conventions.DONE
+    return run_conversion(
+        COMMAND, lambda: convert_synapse(args.input, args.dataset_id, args.all_labels, args.name, args.tolerance)
+    )
 
 
 if __name__ == "__main__":

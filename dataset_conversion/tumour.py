@@ -36,24 +36,22 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from nnunet_sam.cli import conventions
 from nnunet_sam.dataset_conversion.common import (
     DEFAULT_TOLERANCE,
     NIFTI,
     RECORD_FILE,
     ConversionError,
     check_case,
-    dataset_folder_name,
+    finish_dataset,
     move_cases_to_test,
     nifti_cases,
     pair_cases,
     relabel,
     require_folder,
+    run_conversion,
     split_fractions,
     staged_dataset,
     write_dataset_json,
-    write_record,
-    write_splits,
 )
 from nnunet_sam.dataset_conversion.published_splits import PUBLISHED_SPLITS
 
@@ -195,16 +193,19 @@ def convert_tumour(
         move_cases_to_test(folder, split["test"])
         write_dataset_json(
             folder,
+            dataset_id,
+            name,
             {0: "CT"},
             {"background": 0, spec.tumour_name: 1},
             len(split["train"]) + len(split["val"]),
-            dataset_name=dataset_folder_name(dataset_id, name),
             reference=spec.reference,
             description=f"{spec.title}, tumour only, {how}",
             numTest=len(split["test"]),
         )
-        write_record(
+        return finish_dataset(
             folder,
+            dataset_id,
+            name,
             protocol=f"{protocol}-tumour-{'published' if split_kind == 'published' else '70-10-20'}",
             source=source,
             label_map={0: 0, 1: spec.tumour},
@@ -221,8 +222,6 @@ def convert_tumour(
             seed=seed if split_kind == "random" else None,
             unlisted=unlisted,
         )
-        write_splits(dataset_id, name, [{"train": split["train"], "val": split["val"]}])
-    return folder.parent / dataset_folder_name(dataset_id, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,15 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=12345, help="seed of --split random (default 12345)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="image/label geometry tolerance")
     args = parser.parse_args(argv)
-    try:
-        out = convert_tumour(
+
+    def report(out: Path) -> str:
+        splits = json.loads((out / RECORD_FILE).read_text())["splits"]
+        return f"wrote {out}: " + ", ".join(f"{len(v)} {k}" for k, v in splits.items())
+
+    return run_conversion(
+        COMMAND,
+        lambda: convert_tumour(
             args.protocol, args.input, args.dataset_id, args.seed, args.name, args.tolerance, args.split
-        )
-    except ConversionError as e:
-        return conventions.error(COMMAND, e)
-    splits = json.loads((out / RECORD_FILE).read_text())["splits"]
-    print(f"wrote {out}: " + ", ".join(f"{len(v)} {k}" for k, v in splits.items()))
-    return conventions.DONE
+        ),
+        report,
+    )
 
 
 if __name__ == "__main__":

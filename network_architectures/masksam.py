@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_sam.backbones.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.blocks.adapters import AdapterKind
-from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
-from nnunet_sam.blocks.folded_sam import FoldedSAM
+from nnunet_sam.blocks.folded_sam import FoldedSAM, SAMAdditions
 from nnunet_sam.losses.mask_classification import semantic_log_probs
 from nnunet_sam.prompting.from_masks import BoxSource, MaskPromptResize, box_prompts, prompt_mask
 from nnunet_sam.prompting.generators import FeaturePyramidDecoder, MaskBoxPromptGenerator
@@ -88,18 +88,15 @@ class MaskSAMNetwork(FoldedSAM):
         attention: AttentionImpl = DEFAULT_ATTENTION,
     ) -> None:
         options = options or MaskSAMOptions()
-        super().__init__(
-            backbone,
-            in_channels,
-            patch_size,
-            sam_input_size,
-            encoder_adapter=options.encoder_adapter,
-            decoder_token_adapter=options.decoder_token_adapter,
-            decoder_image_adapter=options.decoder_image_adapter,
-            depth_embedding=options.depth_embedding,
+        additions = SAMAdditions(
+            options.encoder_adapter,
+            options.decoder_token_adapter,
+            options.decoder_image_adapter,
+            options.depth_embedding,
+            learned_stem=True,
             gradient_checkpointing=options.gradient_checkpointing,
-            attention=attention,
         )
+        super().__init__(backbone, in_channels, patch_size, sam_input_size, additions, attention)
         self.options = options
         self.num_classes = num_classes
         self.num_queries = num_queries

@@ -29,9 +29,9 @@ import torch
 from skimage.exposure import equalize_adapthist
 from torch import nn
 
+from nnunet_sam.backbones.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.blocks.aggregator_3d import SliceAggregator3D
-from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
-from nnunet_sam.blocks.folded_sam import FoldedSAM
+from nnunet_sam.blocks.folded_sam import STOCK_SAM, FoldedSAM
 from nnunet_sam.prompting.pansam_points import LEGACY_POINTS, PointPromptConfig, generate_points
 
 Output = Literal["coarse", "coarse_aggregated", "refined", "final"]
@@ -126,18 +126,7 @@ class PanSAMNetwork(FoldedSAM):
             f"PanSAM needs 3D patches [D, P, P] (its aggregator works across slices), got {list(patch_size)}"
         )
         assert 1 <= target_label < num_classes, f"target label {target_label} not in 1..{num_classes - 1}"
-        super().__init__(
-            backbone,
-            in_channels,
-            patch_size,
-            sam_input_size,
-            encoder_adapter=None,
-            decoder_token_adapter=None,
-            decoder_image_adapter=None,
-            depth_embedding=False,
-            learned_stem=False,
-            attention=attention,
-        )
+        super().__init__(backbone, in_channels, patch_size, sam_input_size, STOCK_SAM, attention)
         self.options = options
         self.in_channels = in_channels
         self.num_classes = num_classes

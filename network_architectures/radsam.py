@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
+from nnunet_sam.backbones.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.backbones.contract import InputContract, input_contract
-from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
-from nnunet_sam.blocks.folded_sam import FoldedSAM
+from nnunet_sam.blocks.folded_sam import STOCK_SAM, FoldedSAM
 from nnunet_sam.prompting.radsam_prompts import Prompts, SimulatedInteraction
 
 CT_WINDOW_HU = (-500.0, 1000.0)
@@ -230,18 +230,7 @@ class RadSAMNetwork(FoldedSAM):
         attention: AttentionImpl = DEFAULT_ATTENTION,
     ) -> None:
         assert len(patch_size) == 2, f"RadSAM is a 2D model: patch must be [P, P], got {list(patch_size)}"
-        super().__init__(
-            backbone,
-            in_channels,
-            patch_size,
-            sam_input_size,
-            encoder_adapter=None,
-            decoder_token_adapter=None,
-            decoder_image_adapter=None,
-            depth_embedding=False,
-            learned_stem=False,
-            attention=attention,
-        )
+        super().__init__(backbone, in_channels, patch_size, sam_input_size, STOCK_SAM, attention)
         self.options = options or RadSAMOptions()
         self.contract = input_contract(backbone) if self.options.input_contract else None
         if self.contract is not None:

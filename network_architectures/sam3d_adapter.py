@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nnunet_sam.backbones.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.backbones.sam_vit import BackboneSpec, build_sam, get_backbone
 from nnunet_sam.blocks.adapters import AdapterKind
-from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.blocks.mask_decoder_3d import AggregatingMaskDecoder3D, MultiLevelMaskDecoder3D
 from nnunet_sam.blocks.stem import PlainStem
 from nnunet_sam.blocks.volumetric_encoder import VolumetricEncoder

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_sam.backbones.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.blocks.adapters import AdapterKind
-from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
-from nnunet_sam.blocks.folded_sam import FoldedSAM
+from nnunet_sam.blocks.folded_sam import FoldedSAM, SAMAdditions
 from nnunet_sam.blocks.mc_adapter import MCAdapter, binary_to_multiclass
 from nnunet_sam.prompting.from_masks import MaskPromptResize, box_prompts, point_prompts, prompt_mask
 from nnunet_sam.prompting.generators import FeaturePyramidDecoder, MultiScaleMaskGenerator
@@ -115,19 +115,11 @@ class SelfPromptSAMNetwork(FoldedSAM):
     ) -> None:
         options = options or SelfPromptSAMOptions()
         assert num_classes >= 2, "Self-Prompt-SAM needs background and at least one foreground class"
-        super().__init__(
-            backbone,
-            in_channels,
-            patch_size,
-            sam_input_size,
-            encoder_adapter=options.adapter,
-            decoder_token_adapter=options.adapter,
-            decoder_image_adapter=options.adapter,
-            depth_embedding=options.depth_embedding,
-            learned_stem=options.madapter,
-            gradient_checkpointing=options.gradient_checkpointing,
-            attention=attention,
+        kind = options.adapter  # one adapter kind in the encoder and on both sides of the decoder
+        additions = SAMAdditions(
+            kind, kind, kind, options.depth_embedding, options.madapter, options.gradient_checkpointing
         )
+        super().__init__(backbone, in_channels, patch_size, sam_input_size, additions, attention)
         self.options = options
         self.num_classes = num_classes
         spec = self.spec

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from nnunet_sam.blocks.attention import LEGACY_ATTENTION, check_attention
+from nnunet_sam.backbones.attention import LEGACY_ATTENTION, check_attention
 
 PLANS_KEY = "nnunet_sam"
 RECORD_FORMAT = 2
@@ -110,7 +110,7 @@ class ModelRecord:
     options: Any = None  # the method's options dataclass (MaskSAMOptions, ...), or None
     slice_group: int | None = None  # volumetric methods (3DSAM-adapter)
     window: int | None = None
-    attention: str = LEGACY_ATTENTION  # nnunet_sam.blocks.attention; blocks saved before the field: SAM's own
+    attention: str = LEGACY_ATTENTION  # nnunet_sam.backbones.attention; blocks saved before the field: SAM's own
     format: int = RECORD_FORMAT
     extra: dict = field(default_factory=dict)  # top-level fields this version does not interpret
 

@@ -6,18 +6,10 @@ from torch import nn
 
 from nnunet_sam.losses.set_criterion import MASK_BCE_WEIGHT, MASK_DICE_WEIGHT, MaskSetCriterion
 from nnunet_sam.network_architectures.masksam import ABLATION_ROWS, MaskSAMNetwork, MaskSAMOptions
-from nnunet_sam.trainers.base import (
-    CPUDemo,
-    LiteMedSAM,
-    LiteMedSAMCPUDemo,
-    MedSAM,
-    SAMTrainer,
-    Tiny,
-    ViTH,
-    ViTL,
-    ablation_trainers,
-    with_sources,
-)
+from nnunet_sam.trainers.backbone_variants import LiteMedSAM, MedSAM, Tiny, ViTH, ViTL
+from nnunet_sam.trainers.base import SAMTrainer
+from nnunet_sam.trainers.cpu_demo import CPUDemo, LiteMedSAMCPUDemo
+from nnunet_sam.trainers.presets import ablation_trainers, with_sources
 
 
 class MaskSAMTrainer(SAMTrainer):

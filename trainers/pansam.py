@@ -16,22 +16,15 @@ import torch
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
-from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunet_sam.losses.segmentation import FocalDiceLoss
 from nnunet_sam.network_architectures.pansam import STAGE_OUTPUT, PanSAMNetwork, PanSAMOptions
 from nnunet_sam.prompting.pansam_points import PointPromptConfig
-from nnunet_sam.trainers.base import (
-    CPUDemo,
-    LiteMedSAM,
-    MedSAM,
-    SAMTrainer,
-    Tiny,
-    UnsupportedDatasetError,
-    ViTH,
-    ViTL,
-    with_sources,
-)
+from nnunet_sam.trainers.backbone_variants import LiteMedSAM, MedSAM, Tiny, ViTH, ViTL
+from nnunet_sam.trainers.base import SAMTrainer, UnsupportedDatasetError
+from nnunet_sam.trainers.cpu_demo import CPUDemo
+from nnunet_sam.trainers.presets import with_sources
+from nnunet_sam.training.lr_schedules import StagePolyLRScheduler
 
 
 def stage_starts(fractions: tuple[float, float, float], num_epochs: int) -> tuple[int, int, int]:
@@ -39,27 +32,6 @@ def stage_starts(fractions: tuple[float, float, float], num_epochs: int) -> tupl
     assert len(fractions) == 3 and abs(sum(fractions) - 1) < 1e-6, f"stage fractions must sum to 1, got {fractions}"
     first = round(fractions[0] * num_epochs)
     return 0, first, round((fractions[0] + fractions[1]) * num_epochs)
-
-
-class StagePolyLRScheduler(_LRScheduler):
-    """nnU-Net's poly schedule (exponent 0.9) restarted at the first epoch of every stage."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, starts: tuple[int, ...], num_epochs: int):
-        self.initial_lr = initial_lr
-        self.starts = starts
-        self.num_epochs = num_epochs
-        self.ctr = 0
-        super().__init__(optimizer, -1)
-
-    def step(self, current_step: int | None = None) -> None:
-        if current_step is None or current_step == -1:
-            current_step = self.ctr
-            self.ctr += 1
-        start = max(s for s in self.starts if s <= current_step)
-        end = min([s for s in self.starts if s > current_step] + [self.num_epochs])
-        lr = self.initial_lr * (1 - (current_step - start) / max(1, end - start)) ** 0.9
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
 
 class PanSAMTrainer(SAMTrainer):

@@ -35,17 +35,10 @@ from nnunet_sam.prompting.radsam_prompts import (
     pick_structures,
     structure_masks,
 )
-from nnunet_sam.trainers.base import (
-    CPUDemo,
-    LiteMedSAM,
-    MedSAM,
-    SAMTrainer,
-    Tiny,
-    UnsupportedDatasetError,
-    ViTH,
-    ViTL,
-    with_sources,
-)
+from nnunet_sam.trainers.backbone_variants import LiteMedSAM, MedSAM, Tiny, ViTH, ViTL
+from nnunet_sam.trainers.base import SAMTrainer, UnsupportedDatasetError
+from nnunet_sam.trainers.cpu_demo import CPUDemo
+from nnunet_sam.trainers.presets import with_sources
 
 
 class RadSAMTrainer(SAMTrainer):

@@ -18,7 +18,10 @@ from nnunet_sam.network_architectures.sam3d_adapter import (
     SAM3DAdapterOptions,
 )
 from nnunet_sam.prompting.point_sampler import random_clicks, simulate_points
-from nnunet_sam.trainers.base import CPUDemo, MedSAM, SAMTrainer, Tiny, ViTH, ViTL, ablation_trainers, with_sources
+from nnunet_sam.trainers.backbone_variants import MedSAM, Tiny, ViTH, ViTL
+from nnunet_sam.trainers.base import SAMTrainer
+from nnunet_sam.trainers.cpu_demo import CPUDemo
+from nnunet_sam.trainers.presets import ablation_trainers, with_sources
 from nnunet_sam.training.planning import VolumePatchRule
 
 

@@ -9,17 +9,10 @@ from nnunet_sam.network_architectures.self_prompt_sam import (
     SelfPromptSAMNetwork,
     SelfPromptSAMOptions,
 )
-from nnunet_sam.trainers.base import (
-    CPUDemo,
-    LiteMedSAM,
-    LiteMedSAMCPUDemo,
-    MedSAM,
-    SAMTrainer,
-    Tiny,
-    ViTH,
-    ViTL,
-    ablation_trainers,
-)
+from nnunet_sam.trainers.backbone_variants import LiteMedSAM, MedSAM, Tiny, ViTH, ViTL
+from nnunet_sam.trainers.base import SAMTrainer
+from nnunet_sam.trainers.cpu_demo import CPUDemo, LiteMedSAMCPUDemo
+from nnunet_sam.trainers.presets import ablation_trainers
 
 
 class SelfPromptSAMTrainer(SAMTrainer):

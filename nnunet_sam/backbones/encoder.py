@@ -8,7 +8,7 @@ runs one with two hooks:
   addition, and returns what is added instead;
 * ``beside_mlp(h)`` receives the MLP's normalised input and returns a term added to the MLP's output.
 
-``attention`` names how a block computes its attention (:mod:`nnunet_sam.blocks.attention`: ``"sam"``, the stock
+``attention`` names how a block computes its attention (:mod:`nnunet_sam.backbones.attention`: ``"sam"``, the stock
 module, or ``"sdpa"``, the same function without N x N tensors); backbones whose blocks have one way only ignore it.
 
 With identity / zero hooks every block computes exactly what the stock block computes. Block widths and grids

@@ -25,9 +25,9 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition
 from torch import nn
 
+from nnunet_sam.backbones.attention import AttentionImpl, sam_attention
 from nnunet_sam.backbones.encoder import BlockwiseEncoder, Hook, register_block, register_encoder
 from nnunet_sam.backbones.lite_medsam import LiteMedSAMSpec
-from nnunet_sam.blocks.attention import AttentionImpl, sam_attention
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ def run_vit_block(
     block: Block, x: torch.Tensor, after_attention: Hook, beside_mlp: Hook, attention: AttentionImpl = "sam"
 ) -> torch.Tensor:
     """One ViT block; windowed attention is partitioned and unpartitioned around ``block.attn`` only, which runs
-    as ``attention`` says (:func:`nnunet_sam.blocks.attention.sam_attention`)."""
+    as ``attention`` says (:func:`nnunet_sam.backbones.attention.sam_attention`)."""
     shortcut = x
     h = block.norm1(x)
     if block.window_size > 0:

@@ -1,9 +1,10 @@
 """What the SAM trainers cost next to nnU-Net's default U-Net, on any machine (``nnunet_sam_benchmark``).
 
 Modules: ``configs`` (what is measured, built through the trainers' own builders; the preset table),
-``counting`` (parameters, FLOPs), ``memory`` (estimated peak training memory; also used by the trainers to decide
-checkpointing and autocast), ``timing`` (measured on this CPU), ``gpu`` (measured on a CUDA device), ``report``;
+``counting`` (parameters, FLOPs), ``timing`` (measured on this CPU), ``gpu`` (measured on a CUDA device), ``report``;
 ``prediction`` (``nnunet_sam_benchmark_prediction``: where the time of a sliding-window prediction goes on a CPU).
+The estimated peak training memory comes from ``nnunet_sam.training.memory_estimate``, where the trainers take it
+from to decide checkpointing and autocast.
 
 Figures and how each is obtained:
 
@@ -28,8 +29,8 @@ Figures and how each is obtained:
   ``torch.cuda.max_memory_allocated`` per preset and for nnU-Net's ResEnc U-Net at the same patch, and one short
   real ``nnUNetv2_train`` of a preset on phantom data; each part within a time budget (about 8 minutes in all).
 * **Training step of a preset**: the trainer's own ``forward_batch`` hook (run on a stand-in trainer,
-  ``configs.stand_in_trainer``) for each of its training phases (stages), with the parameters its
-  ``configure_optimizers`` trains; memory and FLOPs of the costliest phase.
+  ``nnunet_sam.training.memory_estimate.stand_in_trainer``) for each of its training phases (stages), with the
+  parameters its ``configure_optimizers`` trains; memory and FLOPs of the costliest phase.
 * **Peak training memory** = fp32 parameters + fp32 gradients and optimiser state of the trainable parameters +
   activations. Activations = bytes of the tensors saved for backward at the end of the forward pass, summed
   through ``torch.autograd.graph.saved_tensors_hooks`` and deduplicated by storage (parameters excluded), on fake

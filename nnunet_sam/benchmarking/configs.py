@@ -9,11 +9,9 @@ adding a row.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
-import torch
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -25,6 +23,9 @@ from nnunet_sam.trainers.pansam import PanSAMTrainer, PanSAMTrainer_NIH
 from nnunet_sam.trainers.radsam import RadSAMTrainer, RadSAMTrainer_AMOS
 from nnunet_sam.trainers.sam3d_adapter import SAM3DAdapterTrainer, SAM3DAdapterTrainer_prompted_paper
 from nnunet_sam.trainers.self_prompt_sam import SelfPromptSAMTrainer, SelfPromptSAMTrainer_paper
+
+# defined with the memory estimate (a training needs them); the benchmark and its tests import them from here too
+from nnunet_sam.training.memory_estimate import Forward, on_meta, stand_in_trainer, training_forwards  # noqa: F401
 from nnunet_sam.training.planning import PLANS_KEY
 from nnunet_sam.training.synthetic_plans import configuration_name, nnunet_preprocessing, plans_for_patch
 
@@ -124,61 +125,12 @@ def build_sam_network(trainer: type, record: dict, in_channels: int, num_classes
     return trainer.build_network(record, in_channels, num_classes)
 
 
-def stand_in_trainer(trainer: type, net: nn.Module, num_classes: int, epoch: int = 0) -> nnUNetTrainer:
-    """An instance of ``trainer`` without nnU-Net's initialisation (no plans, data or output folder) that holds what
-    its training hooks (``forward_batch``, ``configure_optimizers``, ``stage``) read: ``net``, the epoch, the
-    schedule and a pretrained SAM checkpoint (the presets train from SAM's weights: SAM frozen where the method
-    freezes it). The benchmark runs the trainers' own hooks on it instead of restating what they do."""
-    stand_in = object.__new__(trainer)
-    stand_in.network = net
-    stand_in.current_epoch = epoch
-    stand_in.num_epochs = trainer.epochs or 1000
-    stand_in.initial_lr = trainer.learning_rate or 1e-2
-    stand_in.weight_decay = 3e-5 if trainer.optimizer_weight_decay is None else trainer.optimizer_weight_decay
-    stand_in._sam_checkpoint_path = "pretrained"  # only whether there is one is read
-    stand_in.label_manager = SimpleNamespace(num_segmentation_heads=num_classes)
-    return stand_in
-
-
 def training_network(trainer: type, record: dict, in_channels: int, num_classes: int) -> nn.Module:
     """The trainer's network from a record with the parameters its ``configure_optimizers`` trains (e.g. all of SAM
     for RadSAM, every stage's modules for PanSAM), as in a training from SAM's pretrained weights."""
     net = build_sam_network(trainer, record, in_channels, num_classes)
     stand_in_trainer(trainer, net, num_classes).configure_optimizers()
     return net
-
-
-Forward = Callable[[nn.Module, torch.Tensor], object]
-
-
-def training_forwards(trainer: type, num_classes: int) -> dict[str, Forward]:
-    """The training forward of each phase of ``trainer`` (its stages, for trainers with a ``stage(epoch)``): what
-    its ``forward_batch`` hook runs on a batch x (B, M, ...) with an all-background target (B, 1, ...).
-
-    The hook draws its prompts (RadSAM's simulated interaction, 3DSAM-adapter's clicks) from the target itself, so
-    a trace on tensors without values runs the same operations on the same shapes as a real step; where a branch
-    depends on values (RadSAM decodes mask prompts only when a row has one) the network takes the costlier one.
-    A trainer with stages gets its network set to each stage first (``set_stage``, as at the stage's first epoch)."""
-    epochs = [0]
-    if callable(getattr(trainer, "stage", None)):
-        stand_in = stand_in_trainer(trainer, nn.Identity(), num_classes)
-        stages = [stand_in.stage(e) for e in range(stand_in.num_epochs)]
-        epochs = [e for e in range(len(stages)) if e == 0 or stages[e] != stages[e - 1]]
-
-    def forward(epoch: int) -> Forward:
-        def run(net: nn.Module, x: torch.Tensor) -> object:
-            stand_in = stand_in_trainer(trainer, net, num_classes, epoch)
-            if len(epochs) > 1 and callable(getattr(net, "set_stage", None)):
-                net.set_stage(stand_in.stage(epoch))  # as the trainer's epoch start: only this stage trains
-            target = torch.zeros(x.shape[0], 1, *x.shape[2:], device=x.device)
-            return stand_in.forward_batch(x, target)
-
-        return run
-
-    if len(epochs) == 1:
-        return {"training": forward(0)}
-    stand_in = stand_in_trainer(trainer, nn.Identity(), num_classes)
-    return {f"stage {stand_in.stage(e)}": forward(e) for e in epochs}
 
 
 def unet_plans(patch: Sequence[int], num_classes: int) -> dict:
@@ -224,9 +176,3 @@ def build_unet(patch: Sequence[int], in_channels: int, num_classes: int) -> nn.M
     plans = PlansManager(unet_plans(patch, num_classes))
     config = plans.get_configuration(configuration_name(patch))
     return nnUNetTrainer.build_network_architecture(plans, config, in_channels, num_classes, False)
-
-
-def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
-    """Build a module on the meta device (no memory, no init cost); tensors a builder pins to the CPU move too."""
-    with torch.device("meta"):
-        return build().to("meta")

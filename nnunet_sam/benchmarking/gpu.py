@@ -7,7 +7,7 @@ Three parts, each with a wall-clock budget so that the whole run stays within ab
    parameters its ``configure_optimizers`` trains, SAM frozen where the method freezes it), the trainer's own
    training forward (``forward_batch`` of each stage, prompts simulated from an all-background target) + surrogate
    loss (the mean of every output the losses read) + backward + optimiser step, with the memory setting the trainer
-   would choose from the estimate (:func:`~nnunet_sam.benchmarking.memory.choose_memory_options` against this
+   would choose from the estimate (:func:`~nnunet_sam.training.memory_estimate.choose_memory_options` against this
    GPU): median step time after a warm-up and ``torch.cuda.max_memory_allocated``. The same for nnU-Net's
    residual-encoder U-Net (the ResEnc M/L architecture) at the preset's patch with nnU-Net's Dice + CE under fp16
    autocast. The slowest presets (ViT-H, 1024 px) take about half a minute each.
@@ -37,9 +37,9 @@ from nnunet_sam.backbones.checkpoints import CHECKPOINT_DIR_ENV, find_checkpoint
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone
 from nnunet_sam.benchmarking.configs import Forward, Preset, on_meta, training_forwards, training_network
 from nnunet_sam.benchmarking.counting import parameter_counts, surrogate_loss
-from nnunet_sam.benchmarking.memory import GIB, OPTIMIZER_STATE, choose_memory_options, memory_row
 from nnunet_sam.benchmarking.timing import unet_loss
 from nnunet_sam.blocks.checkpointing import block_checkpointing
+from nnunet_sam.training.memory_estimate import GIB, OPTIMIZER_STATE, choose_memory_options, memory_row
 
 BUDGET_S = {"presets": 300.0, "short_training": 180.0}  # about 8 minutes with start-up
 SHORT_TRAINING = "MaskSAMTrainer_ACDC"  # the headline preset: ViT-B at 1024 px, batch 2, <= 24 GiB

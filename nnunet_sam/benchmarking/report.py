@@ -1,6 +1,6 @@
 """The benchmark's report: what is counted for each configuration, how the run is put together, and its table.
 
-See :mod:`nnunet_sam.benchmarking.counting` (parameters, FLOPs), :mod:`~nnunet_sam.benchmarking.memory`
+See :mod:`nnunet_sam.benchmarking.counting` (parameters, FLOPs), :mod:`~nnunet_sam.training.memory_estimate`
 (estimated peak training memory) and :mod:`~nnunet_sam.benchmarking.timing` (what is measured on this CPU).
 """
 
@@ -41,7 +41,11 @@ from nnunet_sam.benchmarking.counting import (
     parameter_counts,
     train_step_flops,
 )
-from nnunet_sam.benchmarking.memory import (
+from nnunet_sam.benchmarking.timing import attention_comparison, cpu_timings, sliding_window_times
+from nnunet_sam.blocks.checkpointing import block_checkpointing
+from nnunet_sam.inference.bound_forward import BoundForward
+from nnunet_sam.trainers.masksam import MaskSAMTrainer
+from nnunet_sam.training.memory_estimate import (
     GIB,
     MEMORY_OPTIONS,
     OPTIMIZER_STATE,
@@ -52,10 +56,6 @@ from nnunet_sam.benchmarking.memory import (
     memory_row,
     memory_table,
 )
-from nnunet_sam.benchmarking.timing import attention_comparison, cpu_timings, sliding_window_times
-from nnunet_sam.blocks.checkpointing import block_checkpointing
-from nnunet_sam.inference.bound_forward import BoundForward
-from nnunet_sam.trainers.masksam import MaskSAMTrainer
 
 
 def benchmark_config(
@@ -241,7 +241,7 @@ def format_presets(rows: list[dict], attention: list[dict]) -> list[str]:
         lines += [
             "",
             "Presets: parameters, GFLOP per sample, estimated peak training memory (GiB) at the preset's batch size;",
-            "attention 'sam' = segment-anything's, 'sdpa' = ours (nnunet_sam.blocks.attention); ckpt = block "
+            "attention 'sam' = segment-anything's, 'sdpa' = ours (nnunet_sam.backbones.attention); ckpt = block "
             "checkpointing, 16-bit = autocast. Estimates on fake tensors, not GPU measurements.",
         ]
         head = (

@@ -1,7 +1,7 @@
 """Activation checkpointing of encoder blocks, switched on by a network option or by the trainer for one step.
 
 Checkpointing changes how much memory a training step needs, never what it computes, so it is not part of a
-saved model: the trainer decides it per run (``nnunet_sam.trainers.base.SAMTrainer.memory_controls``) and
+saved model: the trainer decides it per run (``nnunet_sam.trainers.memory_controls``) and
 turns it on around its forward passes with :func:`block_checkpointing`, the way ``torch.autocast`` is used.
 Encoders run each block through :func:`run_block_unit`; a checkpointed block keeps only its input and recomputes
 its activations in backward. A layer with state that its forward pass updates (batch norm's running statistics)

@@ -9,21 +9,40 @@ fastest so that depth adapters see neighbouring slices of one volume and prompt.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder
 from torch import nn
 
+from nnunet_sam.backbones.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone
 from nnunet_sam.blocks.adapters import AdapterKind
-from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl
 from nnunet_sam.blocks.injection import DecoderAdditions, EncoderAdditions
 from nnunet_sam.blocks.stem import ModalityStem, PlainStem
 
 
+@dataclass(frozen=True)
+class SAMAdditions:
+    """What a method adds around the frozen SAM: adapter kinds in the encoder blocks and on the decoder's tokens and
+    image (None: none), depth embeddings, a learned stem (else SAM's own intensity normalisation), and activation
+    checkpointing of the encoder blocks. The defaults are SAM as published (:data:`STOCK_SAM`)."""
+
+    encoder_adapter: AdapterKind | None = None
+    decoder_token_adapter: AdapterKind | None = None
+    decoder_image_adapter: AdapterKind | None = None
+    depth_embedding: bool = False
+    learned_stem: bool = False
+    gradient_checkpointing: bool = False
+
+
+STOCK_SAM = SAMAdditions()  # SAM's encoder and decoder unchanged (PanSAM, RadSAM)
+
+
 class FoldedSAM(nn.Module):
-    """SAM (frozen, under ``self.sam``), a stem, and adapters/depth embeddings for encoder and decoder."""
+    """SAM (frozen, under ``self.sam``), a stem, and adapters/depth embeddings for encoder and decoder, as
+    ``additions`` say."""
 
     def __init__(
         self,
@@ -31,12 +50,7 @@ class FoldedSAM(nn.Module):
         in_channels: int,
         patch_size: Sequence[int],
         sam_input_size: int,
-        encoder_adapter: AdapterKind | None,
-        decoder_token_adapter: AdapterKind | None,
-        decoder_image_adapter: AdapterKind | None,
-        depth_embedding: bool = True,
-        learned_stem: bool = True,
-        gradient_checkpointing: bool = False,
+        additions: SAMAdditions = STOCK_SAM,
         attention: AttentionImpl = DEFAULT_ATTENTION,
     ) -> None:
         super().__init__()
@@ -52,26 +66,26 @@ class FoldedSAM(nn.Module):
         self.sam.requires_grad_(False)
         self.stem = (
             ModalityStem(in_channels, self.patch, sam_input_size)
-            if learned_stem
+            if additions.learned_stem
             else PlainStem(self.patch, sam_input_size)
         )
         self.encoder_additions = EncoderAdditions(
             self.spec.block_dims,
             len(self.spec.block_dims),
             self.depth,
-            kind=encoder_adapter,
-            depth_embedding=depth_embedding,
+            kind=additions.encoder_adapter,
+            depth_embedding=additions.depth_embedding,
             feature_indices=self.spec.feature_indices,
-            gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing=additions.gradient_checkpointing,
             attention=attention,
         )
         self.decoder_additions = DecoderAdditions(
             self.spec.prompt_dim,
             len(self.sam.mask_decoder.transformer.layers),
             self.depth,
-            token_kind=decoder_token_adapter,
-            image_kind=decoder_image_adapter,
-            depth_embedding=depth_embedding,
+            token_kind=additions.decoder_token_adapter,
+            image_kind=additions.decoder_image_adapter,
+            depth_embedding=additions.depth_embedding,
         )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -14,9 +14,9 @@ from segment_anything.modeling import MaskDecoder
 from segment_anything.modeling.transformer import TwoWayAttentionBlock
 from torch import nn
 
+from nnunet_sam.backbones.attention import DEFAULT_ATTENTION, AttentionImpl, check_attention
 from nnunet_sam.backbones.encoder import blockwise, run_block
 from nnunet_sam.blocks.adapters import Adapter, AdapterKind
-from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, AttentionImpl, check_attention
 from nnunet_sam.blocks.checkpointing import run_block_unit
 from nnunet_sam.blocks.depth import DepthPositionalEmbedding
 
@@ -50,7 +50,7 @@ class EncoderAdditions(nn.Module):
     (V * depth, prompt_dim, g, g) and the token maps after the blocks in ``feature_indices``, each
     (V * depth, g, g, block width) at the embedding grid g. ``block_dims`` gives the width of every block (one int:
     ``num_blocks`` blocks of that width, as in a ViT); the depth embedding is added to the stem's tokens.
-    ``attention`` names the blocks' attention implementation (:mod:`nnunet_sam.blocks.attention`); blocks are
+    ``attention`` names the blocks' attention implementation (:mod:`nnunet_sam.backbones.attention`); blocks are
     checkpointed if ``gradient_checkpointing`` or :func:`~nnunet_sam.blocks.checkpointing.block_checkpointing`.
     """
 

@@ -13,7 +13,7 @@ DConv adapter (:mod:`nnunet_sam.blocks.adapters`, bottleneck with a depth-wise 3
 the registered kind ``adapter_kind`` (depth = the depth tokens T), or one of :data:`BLOCK_ADAPTERS` (adapters of
 other methods, each in the place its method puts it: ST-Adapter before the block, Med-Adapter after it, the
 Med-Adapters of the last block of each quarter of the blocks linked stage to stage).
-``attention`` picks how window attention is computed (:mod:`nnunet_sam.blocks.attention`): ``"sam"`` forms the
+``attention`` picks how window attention is computed (:mod:`nnunet_sam.backbones.attention`): ``"sam"`` forms the
 (N, N) bias and Swin mask of every window; ``"sdpa"`` folds the per-axis relative positions and the per-axis
 shift masks into the query and key, with no (N, N) tensor. Blocks follow
 :func:`~nnunet_sam.blocks.checkpointing.block_checkpointing`.
@@ -30,14 +30,14 @@ from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.image_encoder import Attention, Block
 from torch import nn
 
-from nnunet_sam.blocks.adapters import Adapter, AdapterKind
-from nnunet_sam.blocks.attention import (
+from nnunet_sam.backbones.attention import (
     DEFAULT_ATTENTION,
     MASKED,
     AttentionImpl,
     check_attention,
     decomposed_attention,
 )
+from nnunet_sam.blocks.adapters import Adapter, AdapterKind
 from nnunet_sam.blocks.checkpointing import run_block_unit
 from nnunet_sam.blocks.med_adapter import MedAdapter
 from nnunet_sam.blocks.st_adapter import STAdapter
@@ -95,7 +95,7 @@ def shifted_window_axis_masks(grid: Grid, dims: Grid, shift: Grid) -> list[torch
     Two tokens of a window were neighbours before the roll exactly when they lie in the same region along every
     axis, so the mask is a sum of per-axis terms: entry a (nW, N, wd_a) is 0 where the key coordinate along axis a
     is in the query's region along a and ``MASKED`` elsewhere (None for an axis without shift). Added to the
-    per-axis relative-position terms, it needs no (N, N) tensor (:mod:`nnunet_sam.blocks.attention`).
+    per-axis relative-position terms, it needs no (N, N) tensor (:mod:`nnunet_sam.backbones.attention`).
     """
     windows = [n // w for n, w in zip(grid, dims)]
     masks: list[torch.Tensor | None] = []

@@ -1,9 +1,7 @@
-"""The one convention of every ``nnunet_sam_*`` command: messages, exit codes.
+"""The one convention of every ``nnunet_sam_*`` command: messages, exit codes, nnU-Net's model flags.
 
-* Exit code 0: everything done. 2 (as ``argparse``): the arguments or input files cannot be used; nothing was
-  done. 1: the command ran but some cases (or a step) failed; what succeeded is written.
-* Every error line reads ``COMMAND: error: MESSAGE`` on stderr, the format of ``argparse``'s own errors, so an
-  unusable argument and an unusable file read the same. A list of failed cases follows one header line.
+* Exit codes and error lines (``COMMAND: error: MESSAGE``, 0 done, 1 some cases failed, 2 unusable input) are
+  defined in :mod:`nnunet_sam.exit_codes`, below the command layer, and re-exported here for the command faces.
 * Flags follow nnU-Net's own commands where they overlap (``-i``, ``-o``, ``-m``, ``-d``, ``-tr``, ``-c``,
   ``-f``, ``-chk``, ``-device``, ``--disable_tta``); other flags are ``--long-names``.
 """
@@ -11,30 +9,21 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Mapping
 
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-DONE = 0
-FAILED = 1  # the command ran; some cases or a step failed
-UNUSABLE = 2  # arguments or inputs unusable; nothing was done
+from nnunet_sam.exit_codes import DONE, FAILED, UNUSABLE, error, failed_cases
 
-
-def error(command: str, message: object, code: int = UNUSABLE) -> int:
-    """Print ``COMMAND: error: MESSAGE`` to stderr; return ``code`` for ``main`` to return."""
-    print(f"{command}: error: {message}", file=sys.stderr, flush=True)
-    return code
-
-
-def failed_cases(command: str, failures: Mapping[str, str], what: str = "case(s)") -> int:
-    """Report the cases that failed (one line each, after a header); return :data:`FAILED` (:data:`DONE` if none)."""
-    if not failures:
-        return DONE
-    error(command, f"{len(failures)} {what} failed:", FAILED)
-    for message in failures.values():
-        print(f"  {message}", file=sys.stderr)
-    return FAILED
+__all__ = [
+    "DONE",
+    "FAILED",
+    "UNUSABLE",
+    "add_model_arguments",
+    "error",
+    "failed_cases",
+    "fold",
+    "model_folder_and_folds",
+]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, trainer: str, configuration: str | None) -> None:

@@ -47,7 +47,7 @@ from nnunet_sam.inference.radsam import (
     network_propagation,
     segment_from_prompt,
 )
-from nnunet_sam.prompting.mask_ops import pixel_boxes
+from nnunet_sam.mask_geometry import pixel_boxes
 from nnunet_sam.prompting.radsam_prompts import interior_points
 
 LEVELS = ("volume", "slice")

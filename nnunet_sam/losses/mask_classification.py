@@ -5,13 +5,11 @@ mask) pairs instead of per-pixel class scores. This module holds the conversions
 
 - ``segments_from_labels``: the "dataset mapping" that turns a multi-class label map into one binary mask,
   class id and bounding box per class present in the slice (background, label 0, counts as a class).
-- ``boxes_from_masks``: the project's single, vectorised box-from-mask utility.
+- ``boxes_from_masks`` (defined in :mod:`nnunet_sam.mask_geometry`, re-exported here): the box of each mask.
 - ``semantic_log_probs``: the inverse direction for inference; combines the N query predictions into
   per-class log-probabilities that nnU-Net's predictor can argmax / softmax like any other network output.
 
-Box convention everywhere: normalised ``(x1, y1, x2, y2)`` with x along W and y along H,
-``x1 = min column / W``, ``x2 = (max column + 1) / W`` and likewise for y with rows, so a mask covering the
-whole slice has the box ``(0, 0, 1, 1)``.
+Boxes are normalised ``(x1, y1, x2, y2)``, as :mod:`nnunet_sam.mask_geometry` states.
 """
 
 from __future__ import annotations
@@ -21,7 +19,9 @@ import contextlib
 import torch
 from torch import Tensor
 
-from nnunet_sam.prompting.mask_ops import pixel_boxes
+from nnunet_sam.mask_geometry import boxes_from_masks
+
+__all__ = ["boxes_from_masks", "no_autocast", "segments_from_labels", "semantic_log_probs"]
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -30,33 +30,6 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
         return torch.autocast(device_type=device.type, enabled=False)
     except RuntimeError:  # device types without autocast support (e.g. "meta")
         return contextlib.nullcontext()
-
-
-def boxes_from_masks(masks: Tensor, threshold: float = 0.5) -> tuple[Tensor, Tensor]:
-    """Bounding boxes of the foreground ``masks > threshold``.
-
-    Arguments:
-      masks (Tensor): (..., H, W) masks of any dtype (bool, integer, float, half) on any device. A bool
-        tensor is used as the foreground directly; pass ``threshold=0`` for mask logits.
-      threshold (float): foreground threshold for non-bool inputs.
-
-    Returns:
-      boxes (Tensor): (..., 4) float32 boxes ``(x1, y1, x2, y2)`` in [0, 1] (see the module docstring for
-        the convention). Empty masks give the box ``(0, 0, 0, 0)``.
-      nonempty (Tensor): (...) bool, False where the mask has no foreground pixel.
-    """
-    assert masks.dim() >= 2, f"masks must have shape (..., H, W), got {tuple(masks.shape)}"
-    height, width = masks.shape[-2:]
-    assert height > 0 and width > 0, f"masks must have non-zero spatial size, got {tuple(masks.shape)}"
-    foreground = masks if masks.dtype == torch.bool else masks > threshold
-    boxes, nonempty = pixel_boxes(foreground)
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    x2, y2 = x2 + 1, y2 + 1  # exclusive ends
-
-    scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=masks.device)
-    boxes = torch.stack([x1, y1, x2, y2], dim=-1).to(torch.float32) / scale
-    boxes = torch.where(nonempty.unsqueeze(-1), boxes, torch.zeros((), device=masks.device))
-    return boxes, nonempty
 
 
 def _labels_to_long(labels: Tensor, num_classes: int) -> Tensor:

@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from nnunet_sam.losses.mask_classification import boxes_from_masks
+from nnunet_sam.mask_geometry import boxes_from_masks
 
 BoxSource = Literal["mask", "learned", "mean"]
 MaskPromptResize = Literal["area", "bilinear"]

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from nnunet_sam.prompting.mask_ops import dilate, erode
+from nnunet_sam.mask_geometry import dilate, erode
 
 # One pixel of SAM's 256-px low-res mask when a 512-px slice of about 0.8 mm pixels (NIH Pancreas-CT) is resized to
 # SAM's 1024 px, where the public code runs the paper's morphology: 2 slice pixels of 0.8 mm.

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import distance_transform_edt
 
+from nnunet_sam.mask_geometry import dilate, erode, pixel_boxes
 from nnunet_sam.prompting.from_masks import distance_transform_2d
-from nnunet_sam.prompting.mask_ops import dilate, erode, pixel_boxes
 
 #: structures with fewer label pixels on a slice are no training sample (the paper's data curation)
 MIN_LABEL_PIXELS = 15

@@ -9,7 +9,7 @@ instead of letting them wait in a collective.
 nnU-Net's trainer does the rest as for ``nnUNetv2_train -num_gpus``: it splits the global batch over the
 ``WORLD_SIZE`` ranks (``_set_batch_size_and_oversample``), and writes checkpoints, logs and progress.png on global
 rank 0 only (its ``local_rank`` attribute holds the global rank). The SAM trainers add the rest through
-:func:`rank_device`, :func:`nnunet_ddp_wrapper` and :func:`check_batch_split`.
+:func:`rank_device`, :func:`nnunet_ddp_wrapper` with :func:`wrap_ddp`, and :func:`check_batch_split`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from nnunet_sam.cli import conventions
+from nnunet_sam import exit_codes
 from nnunet_sam.training.fault_tolerance import end_process_tree, workers_die_with_parent
 
 TIMEOUT_ENV = "nnUNet_SAM_dist_timeout"
@@ -148,6 +149,20 @@ def nnunet_ddp_wrapper(wrap: Callable[[nn.Module], nn.Module]) -> Iterator[None]
         yield
     finally:
         nnunet_trainer_module.DDP = original
+
+
+def wrap_ddp(network: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """DistributedDataParallel for SAM networks, with unused-parameter detection.
+
+    Some trainable parameters get no gradient in some steps: Self-Prompt-SAM's stage 1 skips SAM's decoder and
+    its adapters, and a backbone that trains its SAM weights (tiny, no checkpoint) never uses SAM's IoU head,
+    three of its four mask hypernetworks and some prompt embeddings. nnU-Net's wrapper
+    (``find_unused_parameters=False``) then stops at the next step; with detection on, such parameters keep
+    ``grad=None`` on every rank, as in a one-GPU run, so the optimiser leaves them alone. Frozen parameters
+    (``requires_grad=False``) are not in DDP's buckets.
+    """
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(network, device_ids=device_ids, find_unused_parameters=True)
 
 
 class RankMonitor:
@@ -360,11 +375,11 @@ def _on_signal(info: RankInfo, monitor: RankMonitor) -> Callable[[int, object], 
 def stop_message(rank: int, reason: str) -> None:
     """Print why this rank stops (stderr, flushed: the caller may end the process with ``os._exit``)."""
     sys.stdout.flush()
-    conventions.error(
+    exit_codes.error(
         "nnunet_sam_train",
         f"training stopped on rank {rank}: {reason}. Continue with --c on the nodes left (any number of processes "
         "that divides the batch size).",
-        conventions.FAILED,
+        exit_codes.FAILED,
     )
 
 
@@ -441,7 +456,7 @@ def run_as_rank(work: Callable[[], object], info: RankInfo, device_type: str) ->
     try:
         monitor = start(info, device_type)
     except DistributedSetupError as error:
-        return conventions.error("nnunet_sam_train", error)
+        return exit_codes.error("nnunet_sam_train", error)
     if threading.current_thread() is threading.main_thread():
         monitor.watch_signals(_on_signal(info, monitor))
     workers_die_with_parent()
@@ -451,13 +466,13 @@ def run_as_rank(work: Callable[[], object], info: RankInfo, device_type: str) ->
         claim_stop()
         monitor.report_failure(error)
         monitor.stop_watching()
-        conventions.error("nnunet_sam_train", error)
-        stop_process(conventions.UNUSABLE)
+        exit_codes.error("nnunet_sam_train", error)
+        stop_process(exit_codes.UNUSABLE)
     except SystemExit as error:  # nnU-Net's argument parser (its message is printed): the same on every rank
         claim_stop()
         monitor.report_failure(RuntimeError(f"exited with code {error.code}"))
         monitor.stop_watching()
-        stop_process(error.code if isinstance(error.code, int) else conventions.FAILED)
+        stop_process(error.code if isinstance(error.code, int) else exit_codes.FAILED)
     except BaseException as error:
         traceback.print_exc()  # this rank's own error first, whatever the others did
         sys.stderr.flush()
@@ -467,7 +482,7 @@ def run_as_rank(work: Callable[[], object], info: RankInfo, device_type: str) ->
         monitor.stop_watching()
         own = f"{type(error).__name__} on this rank (traceback above)"
         stop_message(info.rank, own if others is None else f"{others}; then {own}")
-        stop_process(conventions.FAILED)
+        stop_process(exit_codes.FAILED)
     monitor.stop()
     dist.destroy_process_group()
     return 0

@@ -9,7 +9,7 @@ Rule (applied when the configuration in the plans has no ``nnunet_sam`` block):
 * SAM input size = P unless the trainer fixes ``sam_input_size`` or an ``input_scale`` s (SAM input = s * P:
   SAM sees the patch at s times its size, one token = ViT patch / s voxels);
 * queries N = max(8, ceil(1.5 * C)) with C classes including background, unless the trainer fixes it.
-* ``attention``: how SAM's attention is computed (:mod:`nnunet_sam.blocks.attention`); new trainings record
+* ``attention``: how SAM's attention is computed (:mod:`nnunet_sam.backbones.attention`); new trainings record
   ``"sdpa"``, and a saved block without the field (trained before it existed) is rebuilt with ``"sam"``.
 
 A trainer (a paper preset) may also fix the patch itself (``fixed_patch``) instead of deriving it from the plan.
@@ -25,8 +25,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from nnunet_sam.backbones.attention import DEFAULT_ATTENTION, check_attention
 from nnunet_sam.backbones.sam_vit import BackboneSpec
-from nnunet_sam.blocks.attention import DEFAULT_ATTENTION, check_attention
 from nnunet_sam.model_record import PLANS_KEY
 
 

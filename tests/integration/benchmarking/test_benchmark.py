@@ -12,8 +12,9 @@ import torch
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone
-from nnunet_sam.benchmarking import configs, counting, memory, timing
+from nnunet_sam.benchmarking import configs, counting, timing
 from nnunet_sam.cli import benchmark
+from nnunet_sam.training import memory_estimate
 
 SMALL = [
     "--trainers", "MaskSAMTrainer", "SelfPromptSAMTrainer",
@@ -85,13 +86,13 @@ def test_parameter_counts_match_the_modules(report, trainer, backbone):
     assert p["total"] == p["trainable"] + p["frozen"]
     ckpt = c["checkpoint_bytes"]
     assert 4 * p["total"] <= ckpt["full_state_dict"] < 1.01 * 4 * p["total"], "fp32 weights + a few buffers"
-    assert ckpt["optimizer_state"] == 4 * p["trainable"] * memory.OPTIMIZER_STATE[c["optimizer"]]
+    assert ckpt["optimizer_state"] == 4 * p["trainable"] * memory_estimate.OPTIMIZER_STATE[c["optimizer"]]
     assert 4 * p["trainable"] <= ckpt["trainable_only"] < ckpt["full_state_dict"]
 
 
 def test_memory_estimates_are_consistent(report):
     for c in report["configs"]:
-        p, buffers = c["params"], memory.OPTIMIZER_STATE[c["optimizer"]]
+        p, buffers = c["params"], memory_estimate.OPTIMIZER_STATE[c["optimizer"]]
         one, two = c["memory_bytes"]["batch1"], c["memory_bytes"]["batch2"]
         for row in (one, two):
             assert row["none"] == 4 * p["total"] + 4 * (1 + buffers) * p["trainable"] + row["activations_fp32"]
@@ -160,8 +161,8 @@ def test_bf16_trace_halves_most_activations():
     def build():
         return configs.build_sam_network(trainer, record, 1, 4)
 
-    fp32 = memory.activation_bytes(build, 2, False, 1, record["patch_size"])
-    bf16 = memory.activation_bytes(build, 2, True, 1, record["patch_size"])
+    fp32 = memory_estimate.activation_bytes(build, 2, False, 1, record["patch_size"])
+    bf16 = memory_estimate.activation_bytes(build, 2, True, 1, record["patch_size"])
     assert 0.4 * fp32["total"] < bf16["total"] < 0.9 * fp32["total"]
     assert bf16["checkpointed"] < bf16["total"] and fp32["checkpointed"] < fp32["total"]
 
@@ -222,10 +223,10 @@ def test_training_forward_trace_equals_a_real_step(trainer, planned, classes):
         return configs.training_network(trainer, record, 1, classes)
 
     for phase, forward in configs.training_forwards(trainer, classes).items():
-        fake = memory.activation_bytes(build, 2, False, 1, record["patch_size"], forward)
+        fake = memory_estimate.activation_bytes(build, 2, False, 1, record["patch_size"], forward)
         net = build().train()
         x = torch.randn(2, 1, *record["patch_size"])
-        real = memory.SavedTensorTrace(net).run(lambda f=forward, n=net, x=x: f(n, x))
+        real = memory_estimate.SavedTensorTrace(net).run(lambda f=forward, n=net, x=x: f(n, x))
         assert fake == real, phase
         assert fake["total"] > 0, phase
 
@@ -244,8 +245,8 @@ def test_radsam_training_forward_trains_sam_and_traces_its_prompts():
     net = build().train()
     assert all(p.requires_grad for p in net.parameters()), "RadSAM's configure_optimizers trains all of SAM"
     (forward,) = configs.training_forwards(RadSAMTrainer_tiny, 3).values()
-    fake = memory.activation_bytes(build, 2, False, 1, record["patch_size"], forward)
-    real = memory.SavedTensorTrace(net).run(lambda: forward(net, torch.randn(2, 1, *record["patch_size"])))
+    fake = memory_estimate.activation_bytes(build, 2, False, 1, record["patch_size"], forward)
+    real = memory_estimate.SavedTensorTrace(net).run(lambda: forward(net, torch.randn(2, 1, *record["patch_size"])))
     assert real["total"] <= fake["total"] < 1.05 * real["total"]
     assert fake["checkpointed"] is not None, "SAM's encoder blocks store activations: they train"
 
@@ -343,7 +344,7 @@ def test_trainer_memory_controls_estimate_the_training_forward(tmp_path, monkeyp
     trainer.initialize()
     logged = []
     monkeypatch.setattr(trainer, "print_to_log_file", lambda *args, **kwargs: logged.append(" ".join(map(str, args))))
-    gpu = SimpleNamespace(total_memory=2 * memory.GIB)
+    gpu = SimpleNamespace(total_memory=2 * memory_estimate.GIB)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     trainer.device = torch.device("cuda")
@@ -354,13 +355,13 @@ def test_trainer_memory_controls_estimate_the_training_forward(tmp_path, monkeyp
     record = trainer.sam_record
     (forward,) = configs.training_forwards(RadSAMTrainer_tiny, 3).values()
     net = trainer._plain_network()
-    activations = memory.activation_bytes(
+    activations = memory_estimate.activation_bytes(
         lambda: configs.training_network(RadSAMTrainer_tiny, record, 1, 3), trainer.batch_size, True, 1,
         record["patch_size"], forward,
     )["total"]  # fmt: skip
     params = sum(p.numel() for p in net.parameters())
-    expected = memory.memory_estimate({"total": params, "trainable": params}, 1, activations)
-    assert f"estimated peak {expected / memory.GIB:.1f} GiB" in line
+    expected = memory_estimate.memory_estimate({"total": params, "trainable": params}, 1, activations)
+    assert f"estimated peak {expected / memory_estimate.GIB:.1f} GiB" in line
 
 
 @pytest.mark.parametrize("option", ["--backbones", "--cpu-backbones"])

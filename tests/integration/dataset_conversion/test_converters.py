@@ -264,15 +264,15 @@ def test_command_line_reports_error_without_traceback(nnunet_env, capsys):
 
 
 def test_error_while_writing_removes_staging_and_split(nnunet_env, monkeypatch):
-    import nnunet_sam.dataset_conversion.synapse as synapse
+    import nnunet_sam.dataset_conversion.common as common  # finish_dataset writes every converter's split file
 
-    write_splits = synapse.write_splits
+    write_splits = common.write_splits
 
     def fail(*args, **kwargs):
         write_splits(*args, **kwargs)  # the split file exists ...
         raise OSError("disk full")  # ... and then the conversion fails
 
-    monkeypatch.setattr(synapse, "write_splits", fail)
+    monkeypatch.setattr(common, "write_splits", fail)
     with pytest.raises(ConversionError, match=r"writing the dataset into .* failed \(OSError: disk full\)"):
         convert_synapse(make_btcv(nnunet_env / "btcv"), dataset_id=120)  # a message since issue 29
     assert _leftovers(nnunet_env) == []

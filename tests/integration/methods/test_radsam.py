@@ -25,8 +25,8 @@ from nnunet_sam.inference.radsam import (
     segment_from_prompt,
 )
 from nnunet_sam.losses.segmentation import RadSAMLoss
+from nnunet_sam.mask_geometry import pixel_boxes
 from nnunet_sam.network_architectures.radsam import RadSAMNetwork, RadSAMOptions, intensity_windows
-from nnunet_sam.prompting.mask_ops import pixel_boxes
 from nnunet_sam.prompting.radsam_prompts import (
     Prompts,
     SimulatedInteraction,

@@ -76,7 +76,7 @@ def test_vit_b_token_grid_positions_and_relative_positions_at_the_default_patch(
             assert [t.shape for t in enc.rel_tables(i, vit.blocks[i].attn)] == [(15, 64)] * 3  # 2 * 8 - 1
         assert enc.rel_pos_d.shape == (12, 15, 64)
         assert enc.shifts[:4] == [(0, 0, 0), (4, 4, 4), (0, 0, 0), (4, 4, 4)]
-        # per-axis shift masks (nnunet_sam.blocks.attention): 8 windows x 512 queries x 8 key coordinates per axis
+        # per-axis shift masks (nnunet_sam.backbones.attention): 8 windows x 512 queries x 8 key coordinates per axis
         assert [m.shape for m in (enc.shift_mask_d, enc.shift_mask_h, enc.shift_mask_w)] == [(8, 512, 8)] * 3
         out = net(torch.zeros(1, 1, *patch), return_all=False)
     assert out.shape == (1, 3, 64, 256, 256)

@@ -7,10 +7,10 @@ import torch
 
 from nnunet_sam.benchmarking.configs import build_sam_network, on_meta, sam_record
 from nnunet_sam.benchmarking.counting import parameter_counts
-from nnunet_sam.benchmarking.memory import GIB, choose_memory_options, memory_row
 from nnunet_sam.blocks.checkpointing import block_checkpointing, checkpointing_active, run_block_unit
 from nnunet_sam.trainers.base import AUTOCAST_ENV, CHECKPOINTING_ENV
 from nnunet_sam.trainers.masksam import MaskSAMTrainer_tiny
+from nnunet_sam.training.memory_estimate import GIB, choose_memory_options, memory_row
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,22 @@ tensors saved outside the encoder blocks + the input of every block (kept for th
 single block (recomputed in backward). Not included: the CUDA context and allocator fragmentation (about
 0.5-1 GiB) and transient backward buffers.
 
-:func:`choose_memory_options` is how a trainer turns these estimates into its checkpointing / autocast setting.
+:func:`choose_memory_options` is how a trainer turns these estimates into its checkpointing / autocast setting
+(``nnunet_sam.trainers.memory_controls``); :func:`training_forwards` runs the trainer's own training forward on the
+fake tensors. The benchmark (``nnunet_sam.benchmarking``) reports the same estimates for every preset.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from nnunet_sam.benchmarking.configs import Forward, on_meta
 from nnunet_sam.blocks.injection import EncoderAdditions
 from nnunet_sam.blocks.volumetric_encoder import VolumetricEncoder
 
@@ -32,6 +35,61 @@ MEMORY_OPTIONS = ("none", "checkpointing", "autocast", "checkpointing+autocast")
 
 
 OPTIMIZER_STATE = {"sgd": 1, "adamw": 2}  # fp32 buffers per trainable parameter (momentum; Adam's two moments)
+
+
+Forward = Callable[[nn.Module, torch.Tensor], object]
+
+
+def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """Build a module on the meta device (no memory, no init cost); tensors a builder pins to the CPU move too."""
+    with torch.device("meta"):
+        return build().to("meta")
+
+
+def stand_in_trainer(trainer: type, net: nn.Module, num_classes: int, epoch: int = 0) -> nnUNetTrainer:
+    """An instance of ``trainer`` without nnU-Net's initialisation (no plans, data or output folder) that holds what
+    its training hooks (``forward_batch``, ``configure_optimizers``, ``stage``) read: ``net``, the epoch, the
+    schedule and a pretrained SAM checkpoint (the presets train from SAM's weights: SAM frozen where the method
+    freezes it). The memory estimate and the benchmark run the trainers' own hooks on it, not a restatement."""
+    stand_in = object.__new__(trainer)
+    stand_in.network = net
+    stand_in.current_epoch = epoch
+    stand_in.num_epochs = trainer.epochs or 1000
+    stand_in.initial_lr = trainer.learning_rate or 1e-2
+    stand_in.weight_decay = 3e-5 if trainer.optimizer_weight_decay is None else trainer.optimizer_weight_decay
+    stand_in._sam_checkpoint_path = "pretrained"  # only whether there is one is read
+    stand_in.label_manager = SimpleNamespace(num_segmentation_heads=num_classes)
+    return stand_in
+
+
+def training_forwards(trainer: type, num_classes: int) -> dict[str, Forward]:
+    """The training forward of each phase of ``trainer`` (its stages, for trainers with a ``stage(epoch)``): what
+    its ``forward_batch`` hook runs on a batch x (B, M, ...) with an all-background target (B, 1, ...).
+
+    The hook draws its prompts (RadSAM's simulated interaction, 3DSAM-adapter's clicks) from the target itself, so
+    a trace on tensors without values runs the same operations on the same shapes as a real step; where a branch
+    depends on values (RadSAM decodes mask prompts only when a row has one) the network takes the costlier one.
+    A trainer with stages gets its network set to each stage first (``set_stage``, as at the stage's first epoch)."""
+    epochs = [0]
+    if callable(getattr(trainer, "stage", None)):
+        stand_in = stand_in_trainer(trainer, nn.Identity(), num_classes)
+        stages = [stand_in.stage(e) for e in range(stand_in.num_epochs)]
+        epochs = [e for e in range(len(stages)) if e == 0 or stages[e] != stages[e - 1]]
+
+    def forward(epoch: int) -> Forward:
+        def run(net: nn.Module, x: torch.Tensor) -> object:
+            stand_in = stand_in_trainer(trainer, net, num_classes, epoch)
+            if len(epochs) > 1 and callable(getattr(net, "set_stage", None)):
+                net.set_stage(stand_in.stage(epoch))  # as the trainer's epoch start: only this stage trains
+            target = torch.zeros(x.shape[0], 1, *x.shape[2:], device=x.device)
+            return stand_in.forward_batch(x, target)
+
+        return run
+
+    if len(epochs) == 1:
+        return {"training": forward(0)}
+    stand_in = stand_in_trainer(trainer, nn.Identity(), num_classes)
+    return {f"stage {stand_in.stage(e)}": forward(e) for e in epochs}
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int]:
@@ -107,7 +165,7 @@ def activation_bytes(
     """Saved-for-backward bytes of one training forward on fake CPU tensors, float32 or under bf16 autocast.
 
     ``forward(net, x)`` is the training forward (e.g. a trainer's ``forward_batch``,
-    :func:`~nnunet_sam.benchmarking.configs.training_forwards`); default ``net(x)``. Fake CPU tensors, not the meta
+    :func:`training_forwards`); default ``net(x)``. Fake CPU tensors, not the meta
     device: on meta, ``scaled_dot_product_attention`` runs its math path, which keeps the full attention matrix for
     backward, while fake CPU tensors dispatch to the fused kernel that the real run uses (and that stores no
     (N, N) tensor).

@@ -1,9 +1,19 @@
-"""Binary mask operations shared by the prompt code: square-window dilation and erosion, tight pixel boxes."""
+"""Box and mask geometry, shared by the prompt code, the losses and the evaluation: boxes of masks, square-window
+dilation and erosion.
+
+Two box forms:
+
+* pixel boxes (:func:`pixel_boxes`): ``(x0, y0, x1, y1)`` long, first and last column and row, inclusive;
+* normalised boxes (:func:`boxes_from_masks`): ``(x1, y1, x2, y2)`` float in [0, 1] with x along W and y along H,
+  ``x1 = min column / W``, ``x2 = (max column + 1) / W`` and likewise for y with rows, so a mask covering the whole
+  slice has the box ``(0, 0, 1, 1)``. MaskSAM's segments and box prompts use this form.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 
 def _check_mask(mask: torch.Tensor) -> None:
@@ -52,3 +62,30 @@ def pixel_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         -1,
     )
     return boxes, rows.any(-1)
+
+
+def boxes_from_masks(masks: Tensor, threshold: float = 0.5) -> tuple[Tensor, Tensor]:
+    """Normalised bounding boxes of the foreground ``masks > threshold``.
+
+    Arguments:
+      masks (Tensor): (..., H, W) masks of any dtype (bool, integer, float, half) on any device. A bool
+        tensor is used as the foreground directly; pass ``threshold=0`` for mask logits.
+      threshold (float): foreground threshold for non-bool inputs.
+
+    Returns:
+      boxes (Tensor): (..., 4) float32 boxes ``(x1, y1, x2, y2)`` in [0, 1] (see the module docstring for
+        the convention). Empty masks give the box ``(0, 0, 0, 0)``.
+      nonempty (Tensor): (...) bool, False where the mask has no foreground pixel.
+    """
+    assert masks.dim() >= 2, f"masks must have shape (..., H, W), got {tuple(masks.shape)}"
+    height, width = masks.shape[-2:]
+    assert height > 0 and width > 0, f"masks must have non-zero spatial size, got {tuple(masks.shape)}"
+    foreground = masks if masks.dtype == torch.bool else masks > threshold
+    boxes, nonempty = pixel_boxes(foreground)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    x2, y2 = x2 + 1, y2 + 1  # exclusive ends
+
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=masks.device)
+    boxes = torch.stack([x1, y1, x2, y2], dim=-1).to(torch.float32) / scale
+    boxes = torch.where(nonempty.unsqueeze(-1), boxes, torch.zeros((), device=masks.device))
+    return boxes, nonempty

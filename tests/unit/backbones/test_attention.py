@@ -11,8 +11,8 @@ import pytest
 import torch
 from segment_anything.modeling.image_encoder import Attention, Block
 
+from nnunet_sam.backbones.attention import check_attention, decomposed_attention, sam_attention
 from nnunet_sam.backbones.sam_vit import build_sam, get_backbone, run_vit_block
-from nnunet_sam.blocks.attention import check_attention, decomposed_attention, sam_attention
 from nnunet_sam.blocks.checkpointing import block_checkpointing
 from nnunet_sam.blocks.volumetric_encoder import VolumetricEncoder, shifted_window_axis_masks, shifted_window_mask
 from nnunet_sam.model_record import ModelRecord
