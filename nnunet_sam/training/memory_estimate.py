@@ -119,13 +119,14 @@ class SavedTensorTrace:
             unit._block = self._traced(unit._block)  # instance attribute shadows the method
 
     def _traced(self, run_block: Callable) -> Callable:
-        def block(i: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        def block(i: int, module: nn.Module, x: torch.Tensor, *rest: object) -> object:
+            # rest: what a unit passes on beside x (VolumetricEncoder's stage-to-stage carry of Med-Adapters)
             key, size = _storage(x)
             self.block_inputs[key] = size
             self.keep.append(x)
             self.where = i
             try:
-                return run_block(i, module, x)
+                return run_block(i, module, x, *rest)
             finally:
                 self.where = None
 
