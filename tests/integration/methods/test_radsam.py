@@ -24,7 +24,7 @@ from nnunet_sam.inference.radsam import (
     segment_from_prompt,
 )
 from nnunet_sam.losses.segmentation import RadSAMLoss
-from nnunet_sam.network_architectures.radsam import RadSAMNetwork, intensity_windows
+from nnunet_sam.network_architectures.radsam import RadSAMNetwork, RadSAMOptions, intensity_windows
 from nnunet_sam.prompting.mask_ops import pixel_boxes
 from nnunet_sam.prompting.radsam_prompts import (
     Prompts,
@@ -349,6 +349,34 @@ def test_real_network_is_deterministic_and_shrinks_large_slices():
     assert results[0].shape == (6, 48, 40)
     np.testing.assert_array_equal(results[0], results[1])
     assert not results[0][[0, 5]].any()
+
+
+@pytest.mark.parametrize("propagation", ["mask", "box"])
+def test_kept_slice_masks_change_no_result_and_spare_the_decodes_of_unchanged_prompts(propagation):
+    torch.manual_seed(0)
+    net = RadSAMNetwork("tiny", 1, [32, 32], 32, RadSAMOptions(input_contract=False, propagation=propagation))
+    rng = np.random.default_rng(0)
+    volume = np.zeros((1, 10, 32, 32), np.float32)
+    volume[:, 1:9, 8:24, 8:24] = 3.0
+    volume += rng.normal(scale=0.3, size=volume.shape).astype(np.float32)
+    steps = [[Correction(6, 12, 12, True)], [Correction(3, 20, 20, False)], [Correction(6, 15, 10, True)]]
+    plain, kept = SliceModel(net, volume), SliceModel(net, volume, cache_bytes=2**20)
+    segmentations = []
+    for model in (plain, kept):
+        seg = segment_from_prompt(model, Prompt("box", 4, box=(8, 8, 23, 23)), (0, 9))
+        for step in steps:
+            seg = edit(model, seg, step)
+        segmentations.append(seg)
+    np.testing.assert_array_equal(segmentations[0].mask, segmentations[1].mask)
+    assert segmentations[1].mask.any()
+    assert kept.decoded < plain.decoded, "no slice prediction was taken from the kept masks"
+    before = kept.decoded
+    again = edit(kept, segmentations[1], steps[-1])  # the same click once more (e.g. after an undo)
+    np.testing.assert_array_equal(again.mask, edit(plain, segmentations[0], steps[-1]).mask)
+    assert kept.decoded - before < plain.decoded, "kept masks were not used"
+    tiny = SliceModel(net, volume, cache_bytes=1)  # a budget under one mask keeps none and still answers
+    np.testing.assert_array_equal(tiny.predict(4, box=(8, 8, 23, 23)), plain.predict(4, box=(8, 8, 23, 23)))
+    assert not tiny._masks
 
 
 # ---- 4. bad prompts and prompt files ----------------------------------------------------------------------------
