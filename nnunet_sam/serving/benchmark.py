@@ -11,7 +11,8 @@ and the zero-shot LiteMedSAM model folder of ``nnunet_sam_make_zero_shot`` (the 
 ``nnunet_sam_serve`` as its own process with ``--threads`` CPU threads and drives it with the real
 ``nninteractive-client``:
 
-* ``set_image`` (upload), then a 2D box around ``--structure`` on its middle slice (LiteMedSAM's prompt): the
+* ``set_image`` (upload), then a 3D box over the slices of ``--structure`` with the rectangle around it on its
+  middle slice (RadSAM's box prompt on that slice, LiteMedSAM's prompt, propagated within the box's slices): the
   time to the first mask, which holds the whole propagated 3D mask;
 * ``--edits`` correction clicks, each at the innermost voxel of the largest error against the reference label
   (positive where the structure was missed), the same rule in every run.
@@ -162,7 +163,13 @@ def run(
         raise SystemExit(f"label {structure} is not in {label_file}")
     z = int(zs[len(zs) // 2])
     ys, xs = np.nonzero(reference[z])
-    box = [[z, z + 1], [int(ys.min()) - 3, int(ys.max()) + 4], [int(xs.min()) - 3, int(xs.max()) + 4]]
+    # a 3D box over the structure's slices with the rectangle of its middle slice: RadSAM's box prompt on that
+    # slice, propagated within the box's slices (the same in earlier versions of the server)
+    box = [
+        [int(zs[0]), int(zs[-1]) + 1],
+        [int(ys.min()) - 3, int(ys.max()) + 4],
+        [int(xs.min()) - 3, int(xs.max()) + 4],
+    ]
 
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))

@@ -321,9 +321,9 @@ class RadSAMEditor(Editor):
         return self._correct([Correction(int(z), y, x, positive)])
 
     def box(self, box: list[list[int]], positive: bool) -> np.ndarray:
-        """Axis-0 box: RadSAM's box prompt on its slice. 3D box: the box prompt on its middle slice, propagated
-        within its slice range. Box across axis 1 or 2: a click at its centre, propagated within its slice range.
-        Negative: negative clicks on the mask inside the box."""
+        """Axis-0 box: RadSAM's box prompt on its slice, propagated over every slice. 3D box: the box prompt on its
+        middle slice, propagated within its slice range. Box across axis 1 or 2: a click at its centre, propagated
+        within its slice range. Negative: negative clicks on the mask inside the box."""
         (z0, y0, x0), (z1, y1, x1) = self._grid(np.array([[lo for lo, _ in box], [hi - 1 for _, hi in box]]))
         if not positive:
             region = np.zeros(self.data.shape[1:], bool)
@@ -333,6 +333,8 @@ class RadSAMEditor(Editor):
         middle = int(round((z0 + z1) / 2))
         if axis in (1, 2):
             return self._start(Prompt("point", middle, ((y0 + y1) / 2, (x0 + x1) / 2)), (int(z0), int(z1)))
+        if axis == 0:  # drawn on one slice: the structure's extent is not given, propagate as far as it goes
+            return self._start(Prompt("box", middle, box=(y0, x0, y1, x1)))
         return self._start(Prompt("box", middle, box=(y0, x0, y1, x1)), (int(z0), int(z1)))
 
     def lasso(self, mask: np.ndarray, positive: bool) -> np.ndarray:

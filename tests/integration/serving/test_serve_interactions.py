@@ -143,6 +143,11 @@ def test_a_3d_box_is_radsams_box_on_its_middle_slice_within_its_slices(case, rad
         client.add_point_interaction((z + 3, y, x), include_interaction=True)
         expected = radsam.edit(ref.slices, expected, [radsam.Correction(ref.grid.slice(z + 3), *ref.yx(y, x), True)])
         np.testing.assert_array_equal(buffer, ref.original(expected))
+        # a 2D box on an axial slice gives no slice range: propagated over every slice
+        client.add_bbox_interaction([[z, z + 1], [y - 5, y + 6], [x - 5, x + 6]], include_interaction=True)
+        expected = ref.start(radsam.Prompt("box", ref.grid.slice(z), box=(y0, x0, y1, x1)))
+        assert expected.mask.any((1, 2)).sum() > 1, "the propagation dies at once: the check proves nothing"
+        np.testing.assert_array_equal(buffer, ref.original(expected))
 
 
 def test_a_prompted_3d_box_is_clicks_inside_it_and_bounds_the_prediction(case, folders):
