@@ -292,7 +292,9 @@ def _inputs_key(
     box = None if box is None else tuple(float(v) for v in box)
     digest = None
     if mask is not None and np.asarray(mask).any():
-        digest = hashlib.blake2b(np.packbits(np.asarray(mask, dtype=bool)).tobytes(), digest_size=16).digest()
+        mask = np.ascontiguousarray(mask)
+        digest = hashlib.blake2b(mask.tobytes(), digest_size=16, person=f"{mask.dtype}{mask.shape}".encode()[:16])
+        digest = digest.digest()
     return int(z), clicks, box, digest
 
 
