@@ -316,10 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     results = {}
     for name in args.runs:
-        options = [*RUNS[name], "--threads", str(args.threads)]
         path = args.before_path if name == "before" else None
-        if path:
-            options = []  # an older checkout may not know the newer options
+        # the wait for encode-ahead sends no interaction: the idle timeout must outlast it
+        options = ["--idle-timeout", "7200"] + ([] if path else [*RUNS[name], "--threads", str(args.threads)])
         results[name] = run(
             model, image_file, label_file, STRUCTURES[args.structure], args.edits, args.threads, options, path,
             wait_for_encoding=name == "encode-ahead",
