@@ -37,6 +37,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity; all of the machine's where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunet_sam_serve",
@@ -77,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="RadSAM: encode every slice in the background after an image arrives (faster first mask and edits "
         "once done; costs CPU/GPU time and the embeddings' memory for every slice)",
     )
+    parser.add_argument(
+        "--prediction-cache-mb",
+        type=float,
+        default=16.0,
+        help="RadSAM: memory per session for slice masks kept by their exact prompts, so an edit decodes only the "
+        "slices whose prompts changed (default 16; 0: off; results are the same either way)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of the network (default: the CPUs this process may run on, which torch's own default, "
+        "the machine's cores, ignores in a container or under taskset)",
+    )
     parser.add_argument("--label", type=int, help="prompted 3DSAM-adapter: class served (default: the first)")
     parser.add_argument("-step_size", type=float, default=0.5, help="prompted 3DSAM-adapter: sliding window step")
     parser.add_argument("--disable_tta", action="store_true", help="prompted 3DSAM-adapter: no mirroring")
@@ -107,6 +128,10 @@ def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     for name, value in positive.items():
         if not (math.isfinite(value) and value > 0):
             parser.error(f"{name} must be a positive number, got {value:g}")
+    if not (math.isfinite(args.prediction_cache_mb) and args.prediction_cache_mb >= 0):
+        parser.error(f"--prediction-cache-mb must be 0 (off) or a positive number, got {args.prediction_cache_mb:g}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     if not 0 < args.step_size <= 1:
         parser.error(f"-step_size must lie in (0, 1], got {args.step_size:g}")
     if args.liveness_timeout >= args.idle_timeout:
@@ -158,12 +183,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         except DicomError as error:
             parser.error(str(error))
 
+    import torch
+
     from nnunet_sam.serving.app import make_app
     from nnunet_sam.serving.editors import load_model
 
+    torch.set_num_threads(args.threads or available_cpus())
     try:
         model = load_model(
-            args.m, args.f, args.chk, args.device, args.label, args.step_size, not args.disable_tta, args.encode_ahead
+            args.m,
+            args.f,
+            args.chk,
+            args.device,
+            args.label,
+            args.step_size,
+            not args.disable_tta,
+            args.encode_ahead,
+            args.prediction_cache_mb,
         )
     except (ValueError, FileNotFoundError) as error:
         return conventions.error(COMMAND, error)

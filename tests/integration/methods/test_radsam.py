@@ -352,6 +352,78 @@ def test_real_network_is_deterministic_and_shrinks_large_slices():
     assert not results[0][[0, 5]].any()
 
 
+@pytest.mark.parametrize("propagation", ["mask", "box"])
+def test_kept_slice_masks_change_no_result_and_spare_the_decodes_of_unchanged_prompts(propagation):
+    torch.manual_seed(0)
+    net = RadSAMNetwork("tiny", 1, [32, 32], 32, RadSAMOptions(input_contract=False, propagation=propagation))
+    rng = np.random.default_rng(0)
+    volume = np.zeros((1, 10, 32, 32), np.float32)
+    volume[:, 1:9, 8:24, 8:24] = 3.0
+    volume += rng.normal(scale=0.3, size=volume.shape).astype(np.float32)
+    steps = [[Correction(6, 12, 12, True)], [Correction(3, 20, 20, False)], [Correction(6, 15, 10, True)]]
+    plain, kept = SliceModel(net, volume), SliceModel(net, volume, cache_bytes=2**20)
+    segmentations = []
+    for model in (plain, kept):
+        seg = segment_from_prompt(model, Prompt("box", 4, box=(8, 8, 23, 23)), (0, 9))
+        for step in steps:
+            seg = edit(model, seg, step)
+        segmentations.append(seg)
+    np.testing.assert_array_equal(segmentations[0].mask, segmentations[1].mask)
+    assert segmentations[1].mask.any()
+    assert kept.decoded < plain.decoded, "no slice prediction was taken from the kept masks"
+    before = kept.decoded
+    again = edit(kept, segmentations[1], steps[-1])  # the same click once more (e.g. after an undo)
+    np.testing.assert_array_equal(again.mask, edit(plain, segmentations[0], steps[-1]).mask)
+    assert kept.decoded - before < plain.decoded, "kept masks were not used"
+    tiny = SliceModel(net, volume, cache_bytes=1)  # a budget under one mask keeps none and still answers
+    np.testing.assert_array_equal(tiny.predict(4, box=(8, 8, 23, 23)), plain.predict(4, box=(8, 8, 23, 23)))
+    assert not tiny._masks
+
+
+@pytest.mark.parametrize("transpose", [[0, 1, 2], [2, 0, 1]])
+def test_a_mask_goes_back_to_the_image_as_nnunets_export_puts_it(transpose, monkeypatch):
+    """mask_to_original without resampling (it skips the logits) equals nnU-Net's export of the logits it stood
+    for; with resampling it is that export."""
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_sam.inference import geometry as geometry_module
+    from nnunet_sam.inference.geometry import mask_to_original
+    from nnunet_sam.training.synthetic_plans import nnunet_preprocessing, plans_for_patch
+
+    plans = plans_for_patch([16, 16, 16], "3d_fullres", **nnunet_preprocessing([2.0, 1.0, 1.5]))
+    plans["transpose_forward"] = transpose
+    plans["transpose_backward"] = [int(i) for i in np.argsort(transpose)]
+    manager = PlansManager(plans)
+    configuration = manager.get_configuration("3d_fullres")
+    labels = manager.get_label_manager(dataset_json(2))
+    rng = np.random.default_rng(0)
+    spacing = [float(configuration.spacing[i]) for i in manager.transpose_backward]
+    for grid, shape_after in (((6, 10, 12), (6, 10, 12)), ((6, 10, 12), (5, 12, 9))):
+        mask = rng.random(grid) > 0.6
+        properties = {
+            "spacing": spacing,
+            "shape_before_cropping": [8, 13, 15],
+            "bbox_used_for_cropping": [[1, 1 + shape_after[0]], [2, 2 + shape_after[1]], [0, shape_after[2]]],
+            "shape_after_cropping_and_before_resampling": list(shape_after),
+        }
+        properties["shape_before_cropping"] = [
+            properties["shape_before_cropping"][i] for i in manager.transpose_backward
+        ]
+        logits = torch.full((3, *grid), -10.0)
+        logits[0] = 0
+        logits[1] = torch.from_numpy(np.where(mask, 10.0, -10.0))
+        expected = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits, manager, configuration, labels, properties
+        )
+        with monkeypatch.context() as patched:
+            if grid == shape_after:  # the direct way, not the export
+                patched.setattr(geometry_module, "convert_predicted_logits_to_segmentation_with_correct_shape", None)
+            result = mask_to_original(mask, manager, configuration, labels, properties)
+        assert result.dtype == np.uint8 and result.any()
+        np.testing.assert_array_equal(result, expected)
+
+
 # ---- 4. bad prompts and prompt files ----------------------------------------------------------------------------
 @pytest.fixture
 def geometry() -> Geometry:

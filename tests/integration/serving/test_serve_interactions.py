@@ -20,7 +20,7 @@ from nnInteractive.inference.remote import nnInteractiveRemoteInferenceSession  
 
 from nnunet_sam.inference import radsam  # noqa: E402
 from nnunet_sam.serving.app import make_app  # noqa: E402
-from nnunet_sam.serving.editors import load_model, spread_points  # noqa: E402
+from nnunet_sam.serving.editors import box_clicks, load_model, spread_points  # noqa: E402
 from nnunet_sam.serving.licenses import model_license  # noqa: E402
 
 
@@ -126,7 +126,7 @@ def test_radsam_takes_drawings_in_any_view_and_negative_boxes_and_lassos(case, r
 
 
 # ---- item 2: a 3D box ------------------------------------------------------------------------------------------
-def test_a_3d_box_is_radsams_box_on_its_middle_slice_within_its_slices(case, radsam_model, server, folders):
+def test_a_3d_box_is_radsams_box_on_its_middle_slice_within_its_slices(case, radsam_model, server):
     _, image, spacing, (z, y, x) = case
     ref = Reference(radsam_model, image, spacing)
     box = [[z - 1, z + 2], [y - 5, y + 6], [x - 5, x + 6]]
@@ -143,15 +143,48 @@ def test_a_3d_box_is_radsams_box_on_its_middle_slice_within_its_slices(case, rad
         client.add_point_interaction((z + 3, y, x), include_interaction=True)
         expected = radsam.edit(ref.slices, expected, [radsam.Correction(ref.grid.slice(z + 3), *ref.yx(y, x), True)])
         np.testing.assert_array_equal(buffer, ref.original(expected))
+        # a 2D box on an axial slice gives no slice range: propagated over every slice
+        client.add_bbox_interaction([[z, z + 1], [y - 5, y + 6], [x - 5, x + 6]], include_interaction=True)
+        expected = ref.start(radsam.Prompt("box", ref.grid.slice(z), box=(y0, x0, y1, x1)))
+        assert expected.mask.any((1, 2)).sum() > 1, "the propagation dies at once: the check proves nothing"
+        np.testing.assert_array_equal(buffer, ref.original(expected))
 
-    # prompted 3DSAM-adapter: the method takes clicks, so a box is a click at its centre
+
+def test_a_prompted_3d_box_is_clicks_inside_it_and_bounds_the_prediction(case, folders):
+    """3DSAM-adapter takes clicks: a box is its centre and the points a quarter of its size either side along each
+    axis, all inside it, and nothing of the prediction is kept outside the box."""
+    _, image, spacing, (z, y, x) = case
+    box = [[z - 2, z + 3], [y - 8, y + 9], [x - 8, x + 9]]
+    assert [list(map(float, c)) for c in box_clicks(box)] == [
+        [z, y, x], [z - 1.25, y, x], [z + 1.25, y, x], [z, y - 4.25, x], [z, y + 4.25, x], [z, y, x - 4.25],
+        [z, y, x + 4.25],
+    ]  # fmt: skip
     prompted = load_model(str(folders[2]), mirroring=False)
-    with ThreadedServer(make_app(prompted)) as other, nnInteractiveRemoteInferenceSession(other.url) as a:
-        with nnInteractiveRemoteInferenceSession(other.url) as b:
+    inside = np.zeros(image.shape[1:], bool)
+    inside[tuple(slice(lo, hi) for lo, hi in box)] = True
+    with ThreadedServer(make_app(prompted)) as running:
+        with (
+            nnInteractiveRemoteInferenceSession(running.url) as a,
+            nnInteractiveRemoteInferenceSession(running.url) as b,
+        ):
             boxed, clicked = _start(a, image, spacing), _start(b, image, spacing)
             a.add_bbox_interaction(box, include_interaction=True)
-            b.add_point_interaction((z, y, x), include_interaction=True)
+            for position in box_clicks(box):  # the same clicks, one prediction (manual mode), no box
+                b.add_point_interaction(tuple(position), include_interaction=True, run_prediction=False)
+            b._predict()
+            assert clicked[~inside].any(), "the clicks alone predict nothing outside the box: the test proves nothing"
             _nontrivial(boxed)
+            assert not boxed[~inside].any(), "the prediction outside the box was kept"
+            np.testing.assert_array_equal(boxed[inside], clicked[inside])
+            # a later positive click inside the box keeps the bound; one outside it lifts the bound
+            a.add_point_interaction((z, y + 2, x), include_interaction=True)
+            assert not boxed[~inside].any()
+            b.add_point_interaction((z, y + 2, x), include_interaction=True)
+            np.testing.assert_array_equal(boxed[inside], clicked[inside])
+            assert a.undo() and not boxed[~inside].any()
+            a.add_point_interaction((z, y, x + 12), include_interaction=True)
+            b.undo()
+            b.add_point_interaction((z, y, x + 12), include_interaction=True)
             np.testing.assert_array_equal(boxed, clicked)
 
 
