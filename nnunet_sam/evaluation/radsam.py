@@ -211,7 +211,7 @@ def run_benchmark(
         image, properties = model.read(cases[case])
         original = model.reader.read_seg(label_file)[0]
         data, seg, properties = model.preprocess(image, properties, original.astype(np.int16))
-        slices = SliceModel(model.network, data, model.device, propagation)
+        slices = SliceModel(model.network, data, model.device, propagation=propagation)
         for label, name in sorted(label_names.items()):
             reference = seg[0] == label
             if not reference.any():

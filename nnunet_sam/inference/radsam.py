@@ -182,6 +182,7 @@ class SliceModel:
         network: torch.nn.Module,
         volume: np.ndarray | torch.Tensor,
         device: str = "cpu",
+        *,
         propagation: str | None = None,
         cache_bytes: int = 0,
     ) -> None:

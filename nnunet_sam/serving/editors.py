@@ -195,7 +195,7 @@ class RadSAMEditor(Editor):
         self.image, self.spacing = image, list(spacing)
         self.shape = tuple(image.shape[1:])
         self.data, _, self.properties = model.preprocess(image, {"spacing": self.spacing})
-        self.slices = SliceModel(model.network, self.data, model.device, cache_bytes)
+        self.slices = SliceModel(model.network, self.data, model.device, cache_bytes=cache_bytes)
         self.boundaries = (0, self.data.shape[1] - 1)  # every slice: a later click may extend the mask anywhere
         self.segmentation = None
         self._stop = threading.Event()
