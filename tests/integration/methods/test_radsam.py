@@ -242,14 +242,15 @@ def test_edit_changes_only_from_the_edited_slice_outward():
     seg = segment_from_prompt(model, Prompt("box", 5, box=(4, 4, 11, 11)), (1, 10))
     model.calls.clear()
     edited = edit(model, seg, [Correction(7, 6, 9, positive=False)])
-    assert sorted(z for z, _ in model.calls) == [6, 7, 8, 9, 10], "both ways, down to the prompt slice 5"
+    # both ways (down to the prompt slice 5), each way only as far as the first slice the edit leaves unchanged
+    assert sorted(z for z, _ in model.calls) == [6, 7, 8]
     np.testing.assert_array_equal(edited.mask[:7], seg.mask[:7])
     assert not edited.mask[7, :, 9].any() and seg.mask[7, :, 9].any()
     assert edited.mask[8:11].any() and not edited.mask[11:].any()
     # below the seed: only slices 3 .. 1 change
     model.calls.clear()
     below = edit(model, edited, [Correction(3, 6, 5, positive=False)])
-    assert sorted(z for z, _ in model.calls) == [1, 2, 3, 4]
+    assert sorted(z for z, _ in model.calls) == [2, 3, 4]
     np.testing.assert_array_equal(below.mask[4:], edited.mask[4:])
     assert not below.mask[3, :, 5].any() and below.mask[3, :, 9].all() == edited.mask[3, :, 9].all()
 
@@ -274,7 +275,7 @@ def test_an_edit_on_the_seed_slice_repropagates_both_ways():
     seg = segment_from_prompt(model, Prompt("point", 5, point=(8, 8)), (2, 9))
     model.calls.clear()
     edit(model, seg, [Correction(5, 6, 6, positive=False)])
-    assert sorted(z for z, _ in model.calls) == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert sorted(z for z, _ in model.calls) == [4, 5, 6], "both ways, each to the first slice it leaves unchanged"
 
 
 class DyingPropagation(FakeSlices):
@@ -304,8 +305,8 @@ def test_a_click_beyond_a_gap_fills_it_back_to_the_prompt_slice():
     model.calls.clear()
     edited = edit(model, seg, [Correction(20, 8, 22, positive=True)])
     np.testing.assert_array_equal(edited.mask, model.truth)  # 15-19 filled downward from 20, 21-29 upward
-    # down to slice 11, not through the prompt slice 10
-    assert sorted(z for z, _ in model.calls) == list(range(11, 30))
+    # down to slice 14, the first one the fill leaves unchanged (never through the prompt slice 10)
+    assert sorted(z for z, _ in model.calls) == list(range(14, 30))
 
 
 def test_propagation_towards_a_fixed_slice_stops_where_it_dies():
@@ -329,7 +330,8 @@ def test_seeding_from_an_existing_mask():
     assert seg.boundaries == (2, 11) and 2 <= seg.seed <= 11
     model = FakeSlices(_cylinder())
     edited = edit(model, seg, [Correction(11, 5, 5, positive=False)])
-    assert sorted(z for z, _ in model.calls) == list(range(2, 12)), "no slice of a given mask is fixed"
+    # no slice of a given mask is fixed: from 11 downwards up to the first slice the click leaves unchanged
+    assert sorted(z for z, _ in model.calls) == [10, 11]
     with pytest.raises(PromptError, match="empty"):
         from_mask(np.zeros((3, 4, 4), dtype=bool))
     np.testing.assert_array_equal(edited.mask[:11], auto[:11])
