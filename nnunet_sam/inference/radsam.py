@@ -247,6 +247,11 @@ class SliceModel:
 
 BOX_MARGIN = 0.025  # box propagation: margin as a fraction of the slice's longest side
 CONTINUITY = 0.5  # box propagation: least fraction of a new slice mask inside its neighbour's mask
+# box propagation: how far (pixels) a structure's outline may move out from its neighbour's between two slices. On the
+# real CT of nnunet_sam_benchmark_real (mean 3D Dice of 7 structures from one box): no limit 0.893, 1 px 0.896 (the
+# stomach loses its growing parts), 2 px 0.902, 3 px 0.897, 4 px 0.896; the box alone lets the mask drift into a
+# touching structure (the liver's dome into the heart, 0.907 -> 0.934 with the limit).
+GROWTH = 2
 
 
 def _component(mask: np.ndarray, point: tuple[int, int]) -> np.ndarray:
@@ -345,8 +350,9 @@ def follow(model, z: int, previous: np.ndarray, clicks: Sequence[tuple[float, fl
 
     "mask" propagation: the neighbour's mask is the mask prompt (RadSAM's training). "box" propagation: the box of
     the neighbour's mask (and the positive clicks on z); the result counts only if at least half of it overlaps the
-    neighbour's mask (otherwise the box found another structure: this one has ended, the slice is empty); negative
-    clicks on z then remove what they point at."""
+    neighbour's mask (otherwise the box found another structure: this one has ended, the slice is empty), and
+    without a positive click only within ``GROWTH`` pixels of the neighbour's mask; negative clicks on z then remove
+    what they point at."""
     if _propagation(model) != "box":
         return model.predict(z, clicks, mask=previous)
     positive = [(y, x) for y, x, p in clicks if p]
@@ -356,8 +362,10 @@ def follow(model, z: int, previous: np.ndarray, clicks: Sequence[tuple[float, fl
         new = model.predict(z, box=_box_around(model, previous, positive))
     else:
         new = _around_clicks(model, z, positive)
-    if previous.any() and not positive and (new & previous).sum() < CONTINUITY * max(1, new.sum()):
-        return np.zeros(model.shape[1:], dtype=bool)
+    if previous.any() and not positive:
+        if (new & previous).sum() < CONTINUITY * max(1, new.sum()):
+            return np.zeros(model.shape[1:], dtype=bool)
+        new &= binary_dilation(previous, iterations=GROWTH)  # city-block distance
     return _apply_negative_clicks(new, clicks)
 
 
