@@ -323,6 +323,41 @@ def test_propagation_towards_a_fixed_slice_stops_where_it_dies():
     np.testing.assert_array_equal(removed.mask[:13], model.truth[:13])
 
 
+class FakeBoxSlices:
+    """A box model (never trained with clicks or masks): everything of ``anatomy`` inside the box."""
+
+    propagation = "box"
+
+    def __init__(self, anatomy: np.ndarray) -> None:
+        self.anatomy, self.shape = anatomy, anatomy.shape
+
+    def predict(self, z, clicks=(), box=None, mask=None):
+        y0, x0, y1, x1 = box
+        out = np.zeros_like(self.anatomy[z])
+        rows, cols = slice(int(np.ceil(y0)), int(y1) + 1), slice(int(np.ceil(x0)), int(x1) + 1)
+        out[rows, cols] = self.anatomy[z][rows, cols]
+        return out
+
+
+def test_a_click_changes_only_its_own_error_region_and_edits_never_spread_beyond_it():
+    target = np.zeros((6, 32, 32), dtype=bool)
+    target[:, 10:20, 10:16] = True
+    other = np.zeros_like(target)
+    other[:, 10:12, 18:20] = True  # a separate structure the box model also finds
+    model = FakeBoxSlices(target | other)
+    mask = target.copy()
+    mask[2] |= other[2]  # an earlier slice took the other structure in
+    mask[3] = False  # the structure was lost on slice 3
+    seg = from_mask(mask, (0, 5))
+    edited = edit(model, seg, [Correction(3, 15, 12, positive=True)])
+    # the box of slice 2's mask finds both structures on slice 3: only the part holding the click is added
+    np.testing.assert_array_equal(edited.mask[3], target[3])
+    np.testing.assert_array_equal(np.delete(edited.mask, 3, 0), np.delete(mask, 3, 0))
+    # a negative click on the other structure removes it on slice 2 and nowhere it does not continue
+    edited = edit(model, edited, [Correction(2, 10, 18, positive=False)])
+    np.testing.assert_array_equal(edited.mask, target)
+
+
 def test_seeding_from_an_existing_mask():
     auto = _cylinder()
     auto[:2] = False
