@@ -11,9 +11,12 @@ the slice axis):
   propagation starts again from j in both directions, each slice from the new mask of its neighbour plus the
   clicks stored on it earlier, up to the boundary or up to (not including) the nearest slice the user fixed: the
   prompt slice of :func:`segment_from_prompt` and every slice holding a click. So a click beyond a slice where
-  propagation had died fills the gap back to the fixed slice, and a click never undoes another click's slice;
+  propagation had died fills the gap back to the fixed slice, and a click never undoes another click's slice. A
+  click changes only its own connected error region (a positive one only adds, a negative one only removes), each
+  further slice takes only the changes that continue its neighbour's and are no larger, and re-propagation stops at
+  the first slice that does not change (:func:`correct`, :func:`_propagate`);
 * :func:`from_mask` starts editing from an existing 3D mask (e.g. one class of any nnU-Net model's prediction);
-  no slice of it is fixed, so a click re-propagates both ways to the boundaries.
+  no slice of it is fixed, so a click re-propagates both ways (as far as it changes slices).
 
 A slice whose neighbour's mask is empty and that holds no click stays empty: towards a boundary the structure has
 ended, so the slices beyond are emptied; towards a fixed slice (which holds the structure) propagation just stops
