@@ -30,6 +30,7 @@ from skimage.exposure import equalize_adapthist
 from torch import nn
 
 from nnunet_sam.backbones.attention import DEFAULT_ATTENTION, AttentionImpl
+from nnunet_sam.backbones.contract import SOFT_TISSUE_WINDOW_HU
 from nnunet_sam.blocks.aggregator_3d import SliceAggregator3D
 from nnunet_sam.blocks.folded_sam import STOCK_SAM, FoldedSAM
 from nnunet_sam.prompting.pansam_points import LEGACY_POINTS, PointPromptConfig, generate_points
@@ -44,9 +45,14 @@ NEGATIVE_LOGIT = -1e4  # classes other than background and the target in a multi
 class PanSAMOptions:
     """Network options (class attribute ``options`` of a PanSAM trainer, saved in the model's record).
 
-    ``target_label``: the label value of the structure (the trainer fills in its ``target_label``)."""
+    ``target_label``: the label value of the structure (the trainer fills in its ``target_label``).
+    ``ct_window_hu``: CT channels are clipped to this window in HU (nnU-Net's ``NoNormalization`` of the HU plans, or
+    HU recovered from ``CTNormalization`` z-scores, exact inside nnU-Net's clipping range) and scaled to [0, 1]
+    before CLAHE, as RadSAM windows them; other channels go to CLAHE's min-max as they are."""
 
     target_label: int = 1
+    # CT channels windowed in HU before CLAHE (None: CLAHE's min-max of nnU-Net's values, as models saved before did)
+    ct_window_hu: tuple[float, float] | None = field(default=SOFT_TISSUE_WINDOW_HU, metadata={"legacy": None})
     clahe: bool = True
     clahe_tiles: int = 8
     clahe_clip: float = 2.0  # OpenCV's clipLimit (a multiple of the mean histogram bin count)
@@ -135,6 +141,7 @@ class PanSAMNetwork(FoldedSAM):
         self.refine_decoder = copy.deepcopy(self.sam.mask_decoder)
         self.aggregator = SliceAggregator3D(self.options.aggregator_hidden, self.options.aggregator_layers)
         self.pixel_spacing: tuple[float, float] | None = None  # mm per row/column of the patch (set_pixel_spacing)
+        self.windows: list[tuple[float, float] | None] = [None] * in_channels  # (scale, shift) of CT channels
         for m in self.stage_modules(1) + self.stage_modules(2) + self.stage_modules(3):
             m.requires_grad_(True)
 
@@ -160,6 +167,12 @@ class PanSAMNetwork(FoldedSAM):
         """In-plane spacing (mm per row, per column) of the patches, from the plans' configuration: the point
         generator's windows are in millimetres (``options.points.window_unit_mm``); unset, they count pixels."""
         self.pixel_spacing = (float(spacing[-2]), float(spacing[-1]))
+
+    def set_intensity_windows(self, windows: Sequence[tuple[float, float] | None]) -> None:
+        """Per input channel the (scale, shift) that maps nnU-Net's values to the CT window's [0, 1] (``clip(scale * x
+        + shift, 0, 1)``, from the plans: see :meth:`PanSAMTrainer.configure_from_plans`), None for other channels."""
+        assert len(windows) == self.in_channels, f"{len(windows)} windows for {self.in_channels} channels"
+        self.windows = list(windows)
 
     def init_prompt_stage_from_sam(self) -> None:
         """Start stage 2's prompt encoder and mask decoder from SAM's (after SAM's weights were loaded)."""
@@ -208,13 +221,19 @@ class PanSAMNetwork(FoldedSAM):
         return out if return_all else out["semantic"]
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Optional CLAHE per slice and channel, then SAM's pixel normalisation. x (B, M, D, P, P), same shape."""
-        if not self.options.clahe:
+        """CT window (``options.ct_window_hu``), optional CLAHE per slice and channel, then SAM's pixel normalisation.
+        x (B, M, D, P, P), same shape. Models saved before the window: CLAHE (or nothing) on nnU-Net's values."""
+        if self.options.ct_window_hu is not None:
+            windowed = [c if w is None else (c * w[0] + w[1]).clamp(0, 1) for c, w in zip(x.unbind(1), self.windows)]
+            x = torch.stack(windowed, 1)
+        elif not self.options.clahe:
             return x
         shape = x.shape
-        eq = clahe_slices(x.reshape(-1, *shape[-2:]), self.options.clahe_tiles, self.options.clahe_clip)
         mean = self.sam.pixel_mean.mean() / 255.0  # one channel, repeated to SAM's 3 by the plain stem
         std = self.sam.pixel_std.mean() / 255.0
+        if not self.options.clahe:
+            return (x - mean) / std
+        eq = clahe_slices(x.reshape(-1, *shape[-2:]), self.options.clahe_tiles, self.options.clahe_clip)
         return ((eq - mean) / std).reshape(shape)
 
     def _to_classes(self, logits: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 
 from nnunet_sam.losses.segmentation import FocalDiceLoss
 from nnunet_sam.network_architectures.pansam import STAGE_OUTPUT, PanSAMNetwork, PanSAMOptions
+from nnunet_sam.network_architectures.radsam import CT_SCHEMES, intensity_windows
 from nnunet_sam.prompting.pansam_points import PointPromptConfig
 from nnunet_sam.trainers.backbone_variants import LiteMedSAM, MedSAM, Tiny, ViTH, ViTL
 from nnunet_sam.trainers.base import SAMTrainer, UnsupportedDatasetError
@@ -100,10 +101,16 @@ class PanSAMTrainer(SAMTrainer):
     def configure_from_plans(
         cls, network: nn.Module, plans_manager: PlansManager, configuration_manager: ConfigurationManager
     ) -> None:
-        """The point generator's windows (millimetres) follow the configuration's in-plane spacing."""
+        """The point generator's windows (millimetres) follow the configuration's in-plane spacing; CT channels get
+        the record's HU window through the plans' normalisation (as RadSAM's)."""
         spacing = configuration_manager.configuration.get("spacing")  # nnU-Net's plans always have it
         if spacing is not None:
             network.set_pixel_spacing(spacing[-2:])
+        if network.options.ct_window_hu is not None:
+            schemes = configuration_manager.normalization_schemes
+            properties = plans_manager.plans.get("foreground_intensity_properties_per_channel", {})
+            windows = intensity_windows(schemes, properties, network.options.ct_window_hu)
+            network.set_intensity_windows([w if s in CT_SCHEMES else None for w, s in zip(windows, schemes)])
 
     @classmethod
     def build_loss(cls, num_classes: int, ddp: bool = False) -> nn.Module:

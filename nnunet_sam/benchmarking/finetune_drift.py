@@ -108,3 +108,46 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def decoder_trained_radsam(zero_shot: SliceModel, labels: np.ndarray, steps: int = 60) -> SliceModel:
+    """A trained RadSAM on one volume without re-encoding it: LiteMedSAM's encoder frozen (its embeddings taken from
+    ``zero_shot``, a zero-shot :class:`SliceModel` of the same preprocessed volume), SAM's prompt encoder and mask
+    decoder trained ``steps`` AdamW steps (LR 1e-4, batch 2 slices) with RadSAM's simulated interaction (box, point or
+    mask prompt, then two correction rounds with clicks and the previous mask) and RadSAM's loss on the liver, spleen
+    and kidneys of ``labels`` (Z, Y, X) (TotalSegmentator's ids). Returns the trained model on the volume's slices,
+    propagating with mask prompts as every trained RadSAM does. Seeded."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    depth, h, w = zero_shot.shape
+    size = max(h, w)  # the whole slice as one square patch, the slice at its top left as in the embedding's frame
+    target = np.zeros((depth, size, size), dtype=np.int64)
+    for source, cls in TRAINED.items():
+        target[:, :h, :w][labels == source] = cls
+    embeddings = torch.cat([zero_shot.embedding(z) for z in range(depth)])
+    net = RadSAMNetwork("lite_medsam", 1, [size, size], 256, RadSAMOptions(ct_window_hu=SOFT_TISSUE_WINDOW_HU))
+    net.load_state_dict(zero_shot.network.state_dict(), strict=False)
+    net.requires_grad_(False)
+    trained = [net.sam.prompt_encoder, net.sam.mask_decoder]
+    for module in trained:
+        module.requires_grad_(True)
+    params = [p for m in trained for p in m.parameters()]
+    opt = torch.optim.AdamW(params, 1e-4, weight_decay=3e-5)
+    loss_fn = RadSAMLoss()
+    usable = [z for z in range(depth) if (target[z] > 0).sum() > 50]
+    net.train()
+    for _ in range(steps):
+        zs = rng.choice(usable, 2, replace=False)
+        net.embed = lambda x, zs=zs: embeddings[zs]  # noqa: B023 (the frozen encoder's embeddings of these slices)
+        structures = pick_structures(torch.from_numpy(target[zs])[:, None], len(TRAINED) + 1)
+        loss = loss_fn(net(torch.zeros(2, 1, size, size), interaction=SimulatedInteraction(structures[:, 0].bool(), 2)),
+                       structures)  # fmt: skip
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 12)
+        opt.step()
+    del net.embed
+    net.eval()
+    model = SliceModel(net, zero_shot.volume)
+    model._embeddings = dict(zero_shot._embeddings)
+    return model

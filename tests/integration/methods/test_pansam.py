@@ -260,6 +260,35 @@ def test_clahe_slices():
     torch.testing.assert_close(prepared[0, 0, 0], (eq[0] - mean) / std)
 
 
+def test_ct_is_windowed_in_hu_before_clahe_and_old_records_keep_min_max():
+    from types import SimpleNamespace
+
+    from nnunet_sam.model_record import options_from_json
+
+    hu = torch.linspace(-1000, 1000, 4 * 32 * 32).reshape(1, 1, 4, 32, 32)
+    expected = clahe_slices(((hu + 160) / 400).clamp(0, 1).reshape(-1, 32, 32)).reshape(hu.shape)
+
+    def prepared(x, scheme, options=None, properties=None):
+        net = PanSAMNetwork("tiny", 1, 2, PATCH, 32, options)
+        plans = SimpleNamespace(plans={"foreground_intensity_properties_per_channel": {"0": properties or {}}})
+        config = SimpleNamespace(configuration={"spacing": [3.0, 1.0, 1.0]}, normalization_schemes=[scheme])
+        trainers.PanSAMTrainer.configure_from_plans(net, plans, config)
+        mean, std = net.sam.pixel_mean.mean() / 255, net.sam.pixel_std.mean() / 255
+        return net._prepare(x) * std + mean  # undo SAM's pixel normalisation
+
+    # the HU plans (NoNormalization): the soft-tissue window of the scanner's HU, then CLAHE
+    torch.testing.assert_close(prepared(hu, "NoNormalization"), expected)
+    # nnU-Net's CT z-scores (clipped to [-300, 600] HU, wider than the window): HU recovered, the same image
+    z = (hu.clamp(-300, 600) - 50) / 200
+    torch.testing.assert_close(prepared(z, "CTNormalization", properties={"mean": 50, "std": 200}), expected)
+    # a model saved before the window (its record lacks the field): CLAHE's min-max of nnU-Net's values, as before
+    legacy = options_from_json({"target_label": 1}, PanSAMOptions())
+    assert legacy.ct_window_hu is None
+    old = clahe_slices(z.reshape(-1, 32, 32)).reshape(z.shape)
+    torch.testing.assert_close(prepared(z, "CTNormalization", legacy, {"mean": 50, "std": 200}), old)
+    assert (old - expected).abs().max() > 0.1
+
+
 # ---- trainer --------------------------------------------------------------------------------------------------
 @pytest.fixture
 def nnunet_folders(tmp_path, monkeypatch):

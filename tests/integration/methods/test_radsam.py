@@ -243,14 +243,15 @@ def test_edit_changes_only_from_the_edited_slice_outward():
     seg = segment_from_prompt(model, Prompt("box", 5, box=(4, 4, 11, 11)), (1, 10))
     model.calls.clear()
     edited = edit(model, seg, [Correction(7, 6, 9, positive=False)])
-    assert sorted(z for z, _ in model.calls) == [6, 7, 8, 9, 10], "both ways, down to the prompt slice 5"
+    # both ways (down to the prompt slice 5), each way only as far as the first slice the edit leaves unchanged
+    assert sorted(z for z, _ in model.calls) == [6, 7, 8]
     np.testing.assert_array_equal(edited.mask[:7], seg.mask[:7])
     assert not edited.mask[7, :, 9].any() and seg.mask[7, :, 9].any()
     assert edited.mask[8:11].any() and not edited.mask[11:].any()
     # below the seed: only slices 3 .. 1 change
     model.calls.clear()
     below = edit(model, edited, [Correction(3, 6, 5, positive=False)])
-    assert sorted(z for z, _ in model.calls) == [1, 2, 3, 4]
+    assert sorted(z for z, _ in model.calls) == [2, 3, 4]
     np.testing.assert_array_equal(below.mask[4:], edited.mask[4:])
     assert not below.mask[3, :, 5].any() and below.mask[3, :, 9].all() == edited.mask[3, :, 9].all()
 
@@ -275,7 +276,7 @@ def test_an_edit_on_the_seed_slice_repropagates_both_ways():
     seg = segment_from_prompt(model, Prompt("point", 5, point=(8, 8)), (2, 9))
     model.calls.clear()
     edit(model, seg, [Correction(5, 6, 6, positive=False)])
-    assert sorted(z for z, _ in model.calls) == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert sorted(z for z, _ in model.calls) == [4, 5, 6], "both ways, each to the first slice it leaves unchanged"
 
 
 class DyingPropagation(FakeSlices):
@@ -305,8 +306,8 @@ def test_a_click_beyond_a_gap_fills_it_back_to_the_prompt_slice():
     model.calls.clear()
     edited = edit(model, seg, [Correction(20, 8, 22, positive=True)])
     np.testing.assert_array_equal(edited.mask, model.truth)  # 15-19 filled downward from 20, 21-29 upward
-    # down to slice 11, not through the prompt slice 10
-    assert sorted(z for z, _ in model.calls) == list(range(11, 30))
+    # down to slice 14, the first one the fill leaves unchanged (never through the prompt slice 10)
+    assert sorted(z for z, _ in model.calls) == list(range(14, 30))
 
 
 def test_propagation_towards_a_fixed_slice_stops_where_it_dies():
@@ -323,6 +324,41 @@ def test_propagation_towards_a_fixed_slice_stops_where_it_dies():
     np.testing.assert_array_equal(removed.mask[:13], model.truth[:13])
 
 
+class FakeBoxSlices:
+    """A box model (never trained with clicks or masks): everything of ``anatomy`` inside the box."""
+
+    propagation = "box"
+
+    def __init__(self, anatomy: np.ndarray) -> None:
+        self.anatomy, self.shape = anatomy, anatomy.shape
+
+    def predict(self, z, clicks=(), box=None, mask=None):
+        y0, x0, y1, x1 = box
+        out = np.zeros_like(self.anatomy[z])
+        rows, cols = slice(int(np.ceil(y0)), int(y1) + 1), slice(int(np.ceil(x0)), int(x1) + 1)
+        out[rows, cols] = self.anatomy[z][rows, cols]
+        return out
+
+
+def test_a_click_changes_only_its_own_error_region_and_edits_never_spread_beyond_it():
+    target = np.zeros((6, 32, 32), dtype=bool)
+    target[:, 10:20, 10:16] = True
+    other = np.zeros_like(target)
+    other[:, 10:12, 18:20] = True  # a separate structure the box model also finds
+    model = FakeBoxSlices(target | other)
+    mask = target.copy()
+    mask[2] |= other[2]  # an earlier slice took the other structure in
+    mask[3] = False  # the structure was lost on slice 3
+    seg = from_mask(mask, (0, 5))
+    edited = edit(model, seg, [Correction(3, 15, 12, positive=True)])
+    # the box of slice 2's mask finds both structures on slice 3: only the part holding the click is added
+    np.testing.assert_array_equal(edited.mask[3], target[3])
+    np.testing.assert_array_equal(np.delete(edited.mask, 3, 0), np.delete(mask, 3, 0))
+    # a negative click on the other structure removes it on slice 2 and nowhere it does not continue
+    edited = edit(model, edited, [Correction(2, 10, 18, positive=False)])
+    np.testing.assert_array_equal(edited.mask, target)
+
+
 def test_seeding_from_an_existing_mask():
     auto = _cylinder()
     auto[:2] = False
@@ -330,7 +366,8 @@ def test_seeding_from_an_existing_mask():
     assert seg.boundaries == (2, 11) and 2 <= seg.seed <= 11
     model = FakeSlices(_cylinder())
     edited = edit(model, seg, [Correction(11, 5, 5, positive=False)])
-    assert sorted(z for z, _ in model.calls) == list(range(2, 12)), "no slice of a given mask is fixed"
+    # no slice of a given mask is fixed: from 11 downwards up to the first slice the click leaves unchanged
+    assert sorted(z for z, _ in model.calls) == [10, 11]
     with pytest.raises(PromptError, match="empty"):
         from_mask(np.zeros((3, 4, 4), dtype=bool))
     np.testing.assert_array_equal(edited.mask[:11], auto[:11])
