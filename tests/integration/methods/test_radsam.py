@@ -256,8 +256,17 @@ def test_edit_changes_only_from_the_edited_slice_outward():
     assert not below.mask[3, :, 5].any() and below.mask[3, :, 9].all() == edited.mask[3, :, 9].all()
 
 
+class MaskFollowingSlices(FakeSlices):
+    """FakeSlices that also keeps out what its mask prompt leaves out, so a correction continues to the next slice
+    (edits spread only as far as the change continues)."""
+
+    def predict(self, z, clicks=(), box=None, mask=None):
+        out = super().predict(z, clicks, box, mask)
+        return out & mask if mask is not None and mask.any() else out
+
+
 def test_earlier_corrections_are_reused_when_their_slice_is_reached_again():
-    model = FakeSlices(_cylinder())
+    model = MaskFollowingSlices(_cylinder())
     seg = segment_from_prompt(model, Prompt("point", 5, point=(8, 8)), (0, 11))
     seg = edit(model, seg, [Correction(8, 6, 10, positive=False)])
     model.calls.clear()
