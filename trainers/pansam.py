@@ -106,8 +106,12 @@ class PanSAMTrainer(SAMTrainer):
         spacing = configuration_manager.configuration.get("spacing")  # nnU-Net's plans always have it
         if spacing is not None:
             network.set_pixel_spacing(spacing[-2:])
-        if network.options.ct_window_hu is not None:
+        # plans without normalisation schemes (hand-made ones) give no CT channel to window: min-max as before
+        try:
             schemes = configuration_manager.normalization_schemes
+        except KeyError:
+            schemes = None
+        if network.options.ct_window_hu is not None and schemes:
             properties = plans_manager.plans.get("foreground_intensity_properties_per_channel", {})
             windows = intensity_windows(schemes, properties, network.options.ct_window_hu)
             network.set_intensity_windows([w if s in CT_SCHEMES else None for w, s in zip(windows, schemes)])
