@@ -11,12 +11,11 @@ checkpoint write and the skip of a non-finite step are part of :class:`~nnunet_s
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import torch
 
-from nnunet_sam.exit_codes import FAILED, UNUSABLE
+from nnunet_sam.exit_codes import FAILED, UNUSABLE, error
 from nnunet_sam.safe_checkpoints import safe_checkpoint_loading
 from nnunet_sam.training.dataset_checks import (
     CheckedDataset,
@@ -111,8 +110,7 @@ class FaultTolerance:
         if self._training_started:
             message += "; after the fix, continue this training from its last checkpoint with nnUNetv2_train ... --c"
         self.print_to_log_file(f"ERROR: {message}")
-        print(f"nnUNetv2_train: error: {message}", file=sys.stderr, flush=True)
-        raise SystemExit(FAILED if self._training_started else UNUSABLE) from None
+        raise SystemExit(error("nnUNetv2_train", message, FAILED if self._training_started else UNUSABLE)) from None
 
     def on_train_end(self) -> None:
         super().on_train_end()
