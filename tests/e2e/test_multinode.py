@@ -728,7 +728,8 @@ exec bash "$script" "$@"
 FAKE_SCONTROL = """#!/bin/bash
 echo "scontrol $*" >> "$FAKE_SLURM_LOG"
 case "$1 $2" in
-    "show hostnames") for i in $(seq "$SLURM_NNODES"); do echo 127.0.0.1; done ;;  # every node is this machine
+    "show hostnames")  # every node is this machine; FAKE_NODES_LISTED: a long node list (more than a pipe holds)
+        for i in $(seq "${FAKE_NODES_LISTED:-$SLURM_NNODES}"); do echo 127.0.0.1; done ;;
     "requeue "*) kill "$(cat "$FAKE_SLURM_LOG.srun_pid")" ;;  # Slurm ends the running step
 esac
 """
@@ -801,8 +802,9 @@ def test_slurm_script_starts_two_nodes_as_one_group(tmp_path):
 
 def test_slurm_script_requeues_on_preemption_and_continues_with_c(tmp_path):
     """Issue 26 item 6: SLURM's USR1 notice (#SBATCH --signal=B:USR1@120) requeues the job; started again
-    (SLURM_RESTART_COUNT=1), the script continues with --c."""
-    env, log = _fake_slurm(tmp_path, FAKE_SRUN_HOLD="1")
+    (SLURM_RESTART_COUNT=1), the script continues with --c. The node list is longer than a pipe holds: the script
+    must read all of it (`scontrol show hostnames | head -n 1` ended the job with SIGPIPE under pipefail)."""
+    env, log = _fake_slurm(tmp_path, FAKE_SRUN_HOLD="1", FAKE_NODES_LISTED="20000")
     job = subprocess.Popen(["sbatch", str(SLURM_SCRIPT), "1", "3d_fullres", "0"], env=env, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 60
