@@ -127,6 +127,8 @@ setup(
         "dicom": ["pydicom>=3.0", "highdicom>=0.23"],
         "test": [
             "pytest>=7",
+            # CI runs the slow end-to-end tests in two processes, a file per process (most train with one thread)
+            "pytest-xdist>=3.5",
             "ruff>=0.5",
             # tests/integration/test_docs.py reads the markdown as GitHub does (CommonMark + tables)
             "markdown-it-py>=3",
