@@ -29,6 +29,13 @@ loop):
 
 For these fixtures that is at most about 1 % of the largest logit; a change of the network, its record or the
 preprocessing moves logits by more (:func:`test_bound_catches_a_changed_model`).
+
+PanSAM's network takes discrete steps inside: CLAHE puts each pixel into one of 256 bins, and its prompts are points
+picked from its own stage-1 map. A last-bit difference can move one pixel to the neighbouring bin or pick another
+point on one slice, which changes a few logits by more than rounding (seen: on an AVX-512 CPU, 1 of the fixture's
+131 072 logits moved by 0.005, bound 0.0029, segmentation identical). For it, at most
+:data:`DISCRETE_STEP_SHARE` of the logits may leave the bound; the segmentation rule is unchanged, and a changed
+model still fails (:func:`test_bound_catches_a_changed_model`).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ FLOAT16_EPS = 2.0**-10  # spacing of float16 numbers relative to their value (nn
 FLOAT32_EPS = 2.0**-23  # the same for float32 (the prompted predictor's tile sums)
 FLOAT16_TINY = 2.0**-24  # float16's subnormal spacing (values near zero)
 NETWORK_ALLOWANCE = 2.0**-8  # two CPUs' float32 network outputs, relative to the largest logit magnitude
+DISCRETE_STEP_SHARE = 1e-3  # networks with discrete steps (PanSAM): share of logits allowed outside the bound
 
 
 @pytest.fixture(autouse=True)
@@ -117,13 +125,17 @@ def _record_tiles(predictor, method: str) -> tuple[list, list]:
     return slicers, tiles
 
 
-def assert_same_segmentation_within(logits: np.ndarray, expected: np.ndarray, bound: np.ndarray) -> None:
-    """Logits (C, Z, Y, X) within ``bound`` of the stored ones; segmentation (argmax over channels, as nnU-Net's
-    label manager) identical wherever the stored two best classes are more than twice the bound apart."""
+def assert_same_segmentation_within(
+    logits: np.ndarray, expected: np.ndarray, bound: np.ndarray, outside_share: float = 0.0
+) -> None:
+    """Logits (C, Z, Y, X) within ``bound`` of the stored ones (all but ``outside_share`` of them); segmentation
+    (argmax over channels, as nnU-Net's label manager) identical wherever the stored two best classes are more than
+    twice the bound apart."""
     excess = np.abs(logits - expected) - bound
     worst = np.unravel_index(excess.argmax(), excess.shape)
-    assert excess.max() <= 0, (
-        f"{int((excess > 0).sum())} logits differ by more than float rounding allows; worst at {worst}: "
+    outside = int((excess > 0).sum())
+    assert outside <= outside_share * excess.size, (
+        f"{outside} logits differ by more than float rounding allows; worst at {worst}: "
         f"{logits[worst]} instead of {expected[worst]} (bound {bound[worst]:.3g})"
     )
     found, stored = logits.argmax(0), expected.argmax(0)
@@ -153,7 +165,11 @@ def test_saved_model_predicts_as_when_it_was_trained(folder: Path):
     assert logits.dtype == (torch.float32 if prompted else torch.float16), "the sums' float type changed: see eps"
     logits = logits.float().numpy()
     bound = logit_bound(expected.shape, slicers, tiles, FLOAT32_EPS if prompted else FLOAT16_EPS)
-    assert_same_segmentation_within(logits, expected, bound)
+    assert_same_segmentation_within(logits, expected, bound, _outside_share(folder))
+
+
+def _outside_share(folder: Path) -> float:
+    return DISCRETE_STEP_SHARE if folder.name.startswith("PanSAM") else 0.0
 
 
 @pytest.mark.parametrize("folder", [f for f in FOLDERS if f.name.startswith("RadSAM")], ids=lambda f: f.name)
@@ -177,23 +193,34 @@ def test_saved_radsam_model_segments_as_when_it_was_trained(folder: Path):
 
 def test_bound_catches_a_changed_model():
     """Real changes leave the bound (the test is not blind): the last layer's weights 1 % larger (18 times the
-    bound), or the preprocessed image shifted by 1 % of its standard deviation (1.9 times)."""
+    bound), or the preprocessed image shifted by 1 % of its standard deviation (1.9 times); PanSAM's changed weights
+    also with its share of logits allowed outside the bound."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    folder = next(f for f in FOLDERS if f.name.startswith("MaskSAM"))
-    expected = np.load(folder / "expected_logits.npy")
-    for change in ("weights", "image"):
+    masksam = next(f for f in FOLDERS if f.name.startswith("MaskSAM"))
+    pansam = next(f for f in FOLDERS if f.name.startswith("PanSAM"))
+    # PanSAM min-max normalises each slice before and after CLAHE: a shifted image is the same image to it
+    cases = [(masksam, "weights"), (masksam, "image"), (pansam, "weights")]
+    for folder, change in cases:
+        expected = np.load(folder / "expected_logits.npy")
         predictor = nnUNetPredictor(
             tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False
         )
         predictor.initialize_from_trained_model_folder(str(folder), [0], "checkpoint_final.pth")
         data = torch.from_numpy(_preprocessed(predictor, folder))
         if change == "weights":  # the predictor loads these into the network for every fold
-            last = [v for v in predictor.list_of_parameters[0].values() if v.is_floating_point() and v.ndim > 1][-1]
-            last.mul_(1.01)
+            weights = predictor.list_of_parameters[0]
+            # MaskSAM's last layer; PanSAM's last is the aggregator's, unused by the final output: the refining
+            # decoder's mask hypernetworks' output layers
+            names = [k for k, v in weights.items() if v.is_floating_point() and v.ndim > 1][-1:]
+            if folder == pansam:
+                names = [k for k in weights if k.startswith("refine_decoder.output_hyper") and "layers.2.w" in k]
+            for name in names:
+                weights[name].mul_(1.01)
         else:
             data = data + 0.01
         slicers, tiles = _record_tiles(predictor, "_internal_maybe_mirror_and_predict")
         logits = predictor.predict_logits_from_preprocessed_data(data).float().numpy()
+        bound = logit_bound(expected.shape, slicers, tiles, FLOAT16_EPS)
         with pytest.raises(AssertionError, match="float rounding allows"):
-            assert_same_segmentation_within(logits, expected, logit_bound(expected.shape, slicers, tiles, FLOAT16_EPS))
+            assert_same_segmentation_within(logits, expected, bound, _outside_share(folder))
