@@ -210,11 +210,10 @@ def test_bound_catches_a_changed_model():
         data = torch.from_numpy(_preprocessed(predictor, folder))
         if change == "weights":  # the predictor loads these into the network for every fold
             weights = predictor.list_of_parameters[0]
-            # MaskSAM's last layer; PanSAM's last is the aggregator's, unused by the final output: the refining
-            # decoder's mask hypernetworks' output layers
-            names = [k for k, v in weights.items() if v.is_floating_point() and v.ndim > 1][-1:]
-            if folder == pansam:
+            if folder == pansam:  # its last layer is the aggregator's, unused by the final output
                 names = [k for k in weights if k.startswith("refine_decoder.output_hyper") and "layers.2.w" in k]
+            else:  # the last layer
+                names = [k for k, v in weights.items() if v.is_floating_point() and v.ndim > 1][-1:]
             for name in names:
                 weights[name].mul_(1.01)
         else:
